@@ -1,0 +1,97 @@
+"""Fused ops for the Llama-2 block, each with its plain-torch reference beside it.
+
+One switch picks the implementation for every op: the environment variable `C2A_KERNELS=torch|triton`.
+Unset, Triton runs on CUDA tensors and the torch reference everywhere else; `C2A_KERNELS=triton
+TRITON_INTERPRET=1` runs the Triton kernels on CPU tensors through Triton's interpreter. Asking for Triton
+never silently falls back to torch.
+
+This package imports nothing from the rest of c2a.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton")
+
+
+def backend(device: torch.device) -> str:
+    """The implementation the ops use for tensors on `device`: "torch" or "triton"."""
+    choice = os.environ.get("C2A_KERNELS", "").strip().lower()
+    if not choice:
+        return "triton" if device.type == "cuda" else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"C2A_KERNELS must be one of {', '.join(BACKENDS)} (or unset), got {choice!r}")
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"C2A_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 (Triton's CPU interpreter); "
+            "unset C2A_KERNELS to use the torch path"
+        )
+    return choice
+
+
+# The ops the model calls. Each picks its implementation from the switch above; the Triton modules are
+# imported only when chosen, so the torch path never needs a working Triton.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> [..., D]."""
+    if backend(x.device) == "triton":
+        from .rmsnorm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    from .rmsnorm import rms_norm_reference
+
+    return rms_norm_reference(x, weight, eps)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k)."""
+    if backend(q.device) == "triton":
+        from .rotary import apply_rotary as triton_apply_rotary
+
+        return triton_apply_rotary(q, k, position_ids, theta)
+    from .rotary import rotary_reference
+
+    return rotary_reference(q, k, position_ids, theta)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SwiGLU gate silu(a) · b, elementwise."""
+    if backend(a.device) == "triton":
+        from .swiglu import swiglu as triton_swiglu
+
+        return triton_swiglu(a, b)
+    from .swiglu import swiglu_reference
+
+    return swiglu_reference(a, b)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """q [B, T, H, Hd], k and v [B, T, K, Hd] -> [B, T, H, Hd]; documents restart where position_ids is 0."""
+    if backend(q.device) == "triton":
+        from .attention import flash_attention
+
+        return flash_attention(q, k, v, position_ids)
+    from .attention import attention_reference
+
+    return attention_reference(q, k, v, position_ids)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Σ CE(h·Wᵀ, labels) over labels ≠ -100, divided by `normalizer` (default: their count)."""
+    if backend(h.device) == "triton":
+        from .cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
+
+        return triton_linear_cross_entropy(h, weight, labels, normalizer)
+    from .cross_entropy import linear_cross_entropy_chunked
+
+    return linear_cross_entropy_chunked(h, weight, labels, normalizer)

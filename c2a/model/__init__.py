@@ -1,0 +1,7 @@
+"""The Llama-2 network, checkpoint import/export, and generation."""
+
+from c2a.config import LlamaConfig
+from c2a.model.llama import Llama
+from c2a.model.weights import CheckpointError, CheckpointReader, load_pretrained, save_pretrained
+
+__all__ = ["LlamaConfig", "Llama", "load_pretrained", "save_pretrained", "CheckpointReader", "CheckpointError"]

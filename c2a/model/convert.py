@@ -1,0 +1,49 @@
+"""Convert a checkpoint between Meta's layout and HF safetensors.
+
+    python -m c2a.model.convert SRC DST [--to hf|meta] [--dtype bf16|fp16|fp32]
+
+SRC is an HF directory (config.json + safetensors) or a Meta directory (params.json + consolidated.NN
+shards, any model-parallel count). DST is written in the other format unless --to says otherwise: an HF
+directory, or params.json + consolidated.00.safetensors with Meta's names. Tensors stream one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from c2a.model.weights import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointReader, save_hf, save_meta
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m c2a.model.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="HF or Meta checkpoint directory")
+    parser.add_argument("dst", help="output directory (must not exist or be empty)")
+    parser.add_argument("--to", choices=("hf", "meta"), help="output format (default: the other one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast tensors (default: as stored)")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3, help="HF shard size limit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        reader = CheckpointReader(args.src)
+        to = args.to or ("meta" if reader.format == "hf" else "hf")
+        dtype = DTYPES.get(args.dtype)
+        tensors = ((n, t.to(dtype) if dtype else t) for n, t in reader.items())
+        if to == "hf":
+            save_hf(reader.config, tensors, args.dst, int(args.max_shard_gb * 1024**3))
+        else:
+            save_meta(reader.config, tensors, args.dst)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.info("wrote %s checkpoint of %s (%s) to %s", to, args.src, reader.format, args.dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Llama-2 (Touvron et al. 2023), bottom-up: RMSNorm, rotary, attention, feed-forward, block, model.
+
+Shapes: B batch, T sequence, D model dim, H query heads, K key/value heads, Hd head dim (D / H),
+F feed-forward width, V vocabulary.
+
+Parameter names and the rotary layout are Meta's (tok_embeddings, layers.N.attention.wq, ...), so a
+Meta state dict loads as it is. The fused ops come from c2a.kernels, which picks Triton or torch.
+The model holds no distributed, optimizer or checkpoint code: the trainer applies those from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from c2a.config import LlamaConfig
+from c2a.kernels import apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
+        q, k = apply_rotary(q, k, position_ids, self.rope_theta)
+        o = causal_attention(q, k, v, documents)  # [B, T, H, Hd]
+        return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), position_ids, documents)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Llama-2 with an untied output head.
+
+    `Llama(cfg)` is initialised and ready on the current default device. Built under
+    `torch.device("meta")`, it holds no storage: shard it, `to_empty()` it, then call `init_weights()`
+    (or load pretrained weights into it).
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if self.output.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, with the two residual-branch outputs (wo, w2) scaled by
+        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        normalizer: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; or, given `labels`, the loss as `loss()` computes it.
+
+        The loss path lives in forward (not only in `loss()`) so that module hooks, FSDP2's unsharding
+        among them, run for the output head too.
+        """
+        _check_inputs(input_ids, position_ids, labels)
+        B, T = input_ids.shape
+        documents = position_ids
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.tok_embeddings(input_ids)  # [B, T, D]
+        for layer in self.layers:
+            h = layer(h, position_ids, documents)
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)  # [B, T, V]
+        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(), normalizer)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        normalizer: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the targets that are not -100 (labels are already shifted).
+
+        `normalizer` replaces the local count of trained targets as the divisor, so gradient
+        accumulation and data-parallel ranks can all divide by the global count. The [B·T, V] logits are
+        never materialised at once (c2a.kernels.linear_cross_entropy).
+        """
+        return self(input_ids, position_ids=position_ids, labels=labels, normalizer=normalizer)
+
+
+def _check_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"Llama: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    for name, t in (("position_ids", position_ids), ("labels", labels)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"Llama: {name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")

@@ -1,0 +1,499 @@
+"""Checkpoint import and export: HF safetensors directories and Meta's consolidated.NN shards.
+
+Inside c2a every tensor keeps Meta's name and Meta's interleaved-pair rotary layout. HF checkpoints use
+the rotate-half layout, so their q/k projection rows are permuted per head; that permutation is applied
+and undone here and nowhere else (with n_kv_heads heads for wk: permuting wk with n_heads is the classic
+GQA conversion bug).
+
+Reading is lazy: `CheckpointReader.get(name)` maps one tensor (safetensors and `.pth` files are
+memory-mapped), so a trainer can copy each tensor into its shard without any rank holding the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from c2a.config import LlamaConfig, meta_ffn_hidden_dim
+from c2a.model.llama import Llama
+
+log = logging.getLogger(__name__)
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+# c2a (Meta) name suffix -> HF name suffix, for the tensors of block N.
+_BLOCK_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_HF_TO_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
+_HF_TO_TOP = {v: k for k, v in _TOP_NAMES.items()}
+_HF_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_BLOCK_RE = re.compile(r"layers\.(\d+)\.(.+)")
+
+# Meta's model-parallel layout (fairscale): how each tensor was split across consolidated.NN shards.
+_META_CAT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_META_CAT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+_META_IGNORED = ("rope.freqs",)  # a buffer of the original code, recomputed by c2a
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: the message names the file and tensor."""
+
+
+def hf_name(name: str) -> str:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _BLOCK_RE.fullmatch(name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        raise KeyError(f"no HF name for c2a tensor {name!r}")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+
+
+def c2a_name(hf: str) -> str | None:
+    """The c2a name of an HF tensor, or None if it is not part of a Llama."""
+    if hf in _HF_TO_TOP:
+        return _HF_TO_TOP[hf]
+    m = _HF_BLOCK_RE.fullmatch(hf)
+    if m is None or m.group(2) not in _HF_TO_BLOCK:
+        return None
+    return f"layers.{m.group(1)}.{_HF_TO_BLOCK[m.group(2)]}"
+
+
+def to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved pairs -> HF's rotate-half: per head, rows (x0, x1, x0, x1, ...) -> (x0..., x1...)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def from_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a c2a Llama with its shape, in state-dict order."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class CheckpointReader:
+    """A lazy view of an HF or Meta checkpoint directory in c2a's names and layout.
+
+    `config` is the model's LlamaConfig; `names` lists the tensors; `get(name)` reads one tensor.
+    Construction validates the whole directory (files present, every expected tensor present with the
+    expected shape, nothing unexpected) before any tensor data is read.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected an HF or Meta checkpoint directory)")
+        if (self.path / "config.json").is_file():
+            self.format = "hf"
+            self.config, self._where = self._open_hf()
+        elif (self.path / "params.json").is_file():
+            self.format = "meta"
+            self.config, self._where = self._open_meta()
+        else:
+            raise CheckpointError(
+                f"{self.path}: neither an HF checkpoint (config.json + *.safetensors) nor a Meta checkpoint "
+                f"(params.json + consolidated.NN.pth); found: {sorted(p.name for p in self.path.iterdir())[:20]}"
+            )
+        self._validate()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._get_hf(name) if self.format == "hf" else self._get_meta(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._where:
+            yield name, self.get(name)
+
+    def dtype(self) -> torch.dtype:
+        return self.get("norm.weight").dtype
+
+    # ----- HF
+
+    def _open_hf(self) -> tuple[LlamaConfig, dict[str, Any]]:
+        raw = _read_json(self.path / "config.json")
+        cfg = config_from_hf(raw, self.path / "config.json")
+        index = self.path / HF_INDEX
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+        elif (self.path / HF_SINGLE).is_file():
+            with safe_open(self.path / HF_SINGLE, framework="pt") as f:
+                weight_map = {k: HF_SINGLE for k in f.keys()}
+        else:
+            found = sorted(p.name for p in self.path.iterdir())
+            raise CheckpointError(f"{self.path}: HF checkpoint without {HF_SINGLE} or {HF_INDEX} (only safetensors are read); found {found[:20]}")
+        self._handles: dict[str, Any] = {}
+        where: dict[str, tuple[str, str]] = {}
+        for hf, file in weight_map.items():
+            if hf.endswith("rotary_emb.inv_freq"):
+                continue
+            name = c2a_name(hf)
+            if name is None:
+                raise CheckpointError(f"{self.path / file}: unexpected tensor {hf!r} (not part of a Llama-2 model)")
+            where[name] = (hf, file)
+        for file in sorted(set(f for _, f in where.values())):
+            if not (self.path / file).is_file():
+                raise CheckpointError(f"{self.path}: missing shard {file} (listed in {HF_INDEX})")
+        if "output.weight" not in where and raw.get("tie_word_embeddings") and "tok_embeddings.weight" in where:
+            where["output.weight"] = where["tok_embeddings.weight"]  # tied head: HF stores it once
+        self._hf_nkv = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+        return cfg, where
+
+    def _hf_handle(self, file: str) -> Any:
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.path / file, framework="pt")
+        return self._handles[file]
+
+    def _get_hf(self, name: str) -> torch.Tensor:
+        hf, file = self._where[name]
+        f = self._hf_handle(file)
+        if hf not in f.keys():
+            raise CheckpointError(f"{self.path / file}: tensor {hf!r} listed in {HF_INDEX} is not in the file")
+        t = f.get_tensor(hf)
+        kind = name.split(".", 2)[-1]
+        if kind in self._hf_nkv:
+            t = from_hf_rotary(t, self._hf_nkv[kind])
+        return t
+
+    # ----- Meta
+
+    def _open_meta(self) -> tuple[LlamaConfig, dict[str, Any]]:
+        params_path = self.path / "params.json"
+        params = _read_json(params_path)
+        pth = sorted(self.path.glob("consolidated.*.pth"))
+        sft = sorted(self.path.glob("consolidated.*.safetensors"))
+        if pth and sft:
+            raise CheckpointError(f"{self.path}: both consolidated.*.pth and consolidated.*.safetensors present; keep one")
+        files = pth or sft
+        if not files:
+            raise CheckpointError(f"{self.path}: Meta checkpoint without consolidated.NN.pth or consolidated.NN.safetensors shards")
+        suffix = files[0].suffix
+        for i in range(len(files)):
+            want = self.path / f"consolidated.{i:02d}{suffix}"
+            if want not in files:
+                raise CheckpointError(f"{self.path}: missing shard {want.name} (found {[f.name for f in files]})")
+        self._shards = [_Shard(f) for f in files]
+        self._shard_files = files
+        keys0 = set(self._shards[0].keys()) - set(_META_IGNORED)
+        for f, shard in zip(files[1:], self._shards[1:]):
+            keys = set(shard.keys()) - set(_META_IGNORED)
+            if keys != keys0:
+                diff = sorted(keys ^ keys0)
+                raise CheckpointError(f"{f}: holds different tensors from {files[0].name}: {diff[:5]}")
+        if params.get("vocab_size", -1) == -1:
+            if "tok_embeddings.weight" not in keys0:
+                raise CheckpointError(f"{params_path}: vocab_size is -1 and {files[0]} has no tok_embeddings.weight to take it from")
+            params = {**params, "vocab_size": self._shards[0].shape("tok_embeddings.weight")[0]}
+        cfg = config_from_meta(params, params_path)
+        return cfg, {name: None for name in self._shards[0].keys() if name not in _META_IGNORED}
+
+    def _get_meta(self, name: str) -> torch.Tensor:
+        parts = [shard[name] for shard in self._shards]
+        if len(parts) == 1:
+            return parts[0]
+        kind = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        if kind in _META_CAT_DIM0:
+            return torch.cat(parts, dim=0)
+        if kind in _META_CAT_DIM1:
+            return torch.cat(parts, dim=1)
+        return parts[0]  # norms are replicated on every model-parallel rank
+
+    def _merged_shape(self, name: str) -> tuple[int, ...]:
+        shapes = [s.shape(name) for s in self._shards]
+        kind = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        dim = 0 if kind in _META_CAT_DIM0 else 1 if kind in _META_CAT_DIM1 else None
+        for f, shape in zip(self._shard_files[1:], shapes[1:]):
+            if [d for i, d in enumerate(shape) if i != dim] != [d for i, d in enumerate(shapes[0]) if i != dim]:
+                raise CheckpointError(f"{f}: tensor {name!r} has shape {shape}, incompatible with {shapes[0]} in {self._shard_files[0].name}")
+        if dim is None or len(shapes) == 1:
+            return shapes[0]
+        merged = list(shapes[0])
+        merged[dim] = sum(s[dim] for s in shapes)
+        return tuple(merged)
+
+    # ----- checks
+
+    def _source_of(self, name: str) -> str:
+        if self.format == "hf":
+            hf, file = self._where[name]
+            return f"{self.path / file}: tensor {hf!r}"
+        return f"{self._shard_files[0]}{' (merged over ' + str(len(self._shards)) + ' shards)' if len(self._shards) > 1 else ''}: tensor {name!r}"
+
+    def _validate(self) -> None:
+        want = expected_shapes(self.config)
+        cfg_file = "config.json" if self.format == "hf" else "params.json"
+        missing = [n for n in want if n not in self._where]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(want)})")
+        for name in self._where:
+            if name not in want:
+                raise CheckpointError(f"{self._source_of(name)} is unexpected for the model {cfg_file} describes")
+            shape = self._stored_shape(name)
+            if shape != want[name]:
+                raise CheckpointError(f"{self._source_of(name)} has shape {shape}, but {self.path / cfg_file} implies {want[name]}")
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        if self.format == "meta":
+            return self._merged_shape(name)
+        hf, file = self._where[name]
+        f = self._hf_handle(file)
+        if hf not in f.keys():
+            raise CheckpointError(f"{self.path / file}: tensor {hf!r} listed in {HF_INDEX} is not in the file")
+        return tuple(f.get_slice(hf).get_shape())
+
+
+class _Shard:
+    """One Meta shard, read lazily: `.pth` through torch.load's mmap, safetensors through safe_open."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            if file.suffix == ".safetensors":
+                self._st = safe_open(file, framework="pt")
+                self._keys = list(self._st.keys())
+                return
+            # weights_only: never unpickle arbitrary objects; mmap: tensors are read when touched
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable shard is the same error for the user
+            raise CheckpointError(f"{file}: cannot be read as a checkpoint shard ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{file}: expected a dict of tensors")
+        self._st = None
+        self._state = state
+        self._keys = list(state)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._st.get_tensor(name) if self._st is not None else self._state[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._st.get_slice(name).get_shape()) if self._st is not None else tuple(self._state[name].shape)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> LlamaConfig:
+    """An HF LlamaConfig dict (transformers 4.x or 5.x) -> c2a LlamaConfig."""
+    if raw.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{where}: model_type {raw.get('model_type')!r} is not 'llama'")
+    unsupported = {
+        "attention_bias": bool(raw.get("attention_bias")),
+        "mlp_bias": bool(raw.get("mlp_bias")),
+        "hidden_act": raw.get("hidden_act", "silu") != "silu",
+    }
+    rope = raw.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or (raw.get("rope_scaling") or {}).get("rope_type") or (raw.get("rope_scaling") or {}).get("type") or "default"
+    unsupported["rope scaling"] = rope_type != "default"
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise CheckpointError(f"{where}: unsupported Llama variant ({', '.join(bad)}); c2a implements Llama-2")
+    try:
+        heads = raw["num_attention_heads"]
+        cfg = LlamaConfig(
+            dim=raw["hidden_size"],
+            n_layers=raw["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=raw.get("num_key_value_heads") or heads,
+            vocab_size=raw["vocab_size"],
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            max_seq_len=raw.get("max_position_embeddings", 4096),
+            ffn_hidden_dim=raw["intermediate_size"],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    if raw.get("head_dim") not in (None, cfg.head_dim):
+        raise CheckpointError(f"{where}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
+    return cfg
+
+
+_META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "ffn_hidden_dim")
+
+
+def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") -> LlamaConfig:
+    """Meta's params.json -> LlamaConfig. Keys c2a does not use are logged and ignored."""
+    extra = sorted(set(params) - set(_META_FIELDS))
+    if extra:
+        log.warning("%s: ignoring keys %s", where, extra)
+    if params.get("use_scaled_rope"):
+        raise CheckpointError(f"{where}: use_scaled_rope (Llama-3.1) is not supported; c2a implements Llama-2")
+    try:
+        return LlamaConfig(**{k: params[k] for k in _META_FIELDS if k in params and params[k] is not None})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama:
+    """A Llama with the weights of an HF or Meta checkpoint directory, in `dtype` (default: as stored)."""
+    reader = CheckpointReader(path)
+    dtype = dtype or reader.dtype()
+    with torch.device("meta"):
+        model = Llama(reader.config)
+    model = model.to(dtype).to_empty(device=device)
+    load_into(model, reader)
+    return model
+
+
+@torch.no_grad()
+def load_into(model: Llama, reader: CheckpointReader) -> None:
+    """Copies every tensor of `reader` into the model's parameters (converting dtype)."""
+    params = dict(model.named_parameters())
+    if set(params) != set(reader.names):
+        raise CheckpointError(f"{reader.path}: tensors {sorted(set(params) ^ set(reader.names))[:8]} do not match the model")
+    for name, p in params.items():
+        p.copy_(reader.get(name))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for transformers' LlamaForCausalLM (4.x reads rope_theta, 5.x rope_parameters)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
+    """params.json in Meta's format; `ffn_hidden_dim` is added only where Meta's formula would not give it."""
+    params = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
+    if meta_ffn_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier) != cfg.ffn_hidden_dim:
+        params["ffn_hidden_dim"] = cfg.ffn_hidden_dim
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: output directory exists and is not empty; refusing to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def save_hf(
+    cfg: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
+    """Writes c2a-named tensors as an HF checkpoint: config.json and safetensors shards (with an index
+    when there is more than one). Tensors are consumed one at a time; at most one shard is held."""
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    shapes = expected_shapes(cfg)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    dtype = None
+    seen = set()
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+    for name, t in tensors:
+        if name not in shapes or tuple(t.shape) != shapes[name]:
+            raise CheckpointError(f"save_hf: tensor {name!r} with shape {tuple(t.shape)} does not belong to {cfg}")
+        seen.add(name)
+        dtype = dtype or t.dtype
+        kind = name.split(".", 2)[-1]
+        t = t.detach().to("cpu")
+        if kind in heads:
+            t = to_hf_rotary(t, heads[kind])
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][hf_name(name)] = t.contiguous()
+        sizes[-1] += nbytes
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise CheckpointError(f"save_hf: missing tensors {missing[:8]}")
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out / HF_SINGLE, metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / file, metadata=meta)
+            weight_map.update({k: file for k in shard})
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
+    return out
+
+
+def save_meta(cfg: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path) -> Path:
+    """Writes c2a-named tensors in Meta's layout as params.json + consolidated.00.safetensors."""
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in tensors}
+    shapes = expected_shapes(cfg)
+    if {n: tuple(t.shape) for n, t in state.items()} != shapes:
+        raise CheckpointError(f"save_meta: tensors do not match {cfg}")
+    save_file(state, out / "consolidated.00.safetensors", metadata={"format": "pt"})
+    (out / "params.json").write_text(json.dumps(meta_params(cfg), indent=2) + "\n")
+    return out
+
+
+def save_pretrained(model: Llama, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Writes an unsharded Llama as an HF directory that transformers' LlamaForCausalLM loads."""
+    return save_hf(model.cfg, ((n, p) for n, p in model.named_parameters()), out_dir, max_shard_bytes)
