@@ -93,16 +93,9 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights, with the two residual-branch outputs (wo, w2) scaled by
-        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        """Re-initialises every parameter in place by `init_parameter`'s rule."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+            init_parameter(p, name, self.cfg, std)
 
     def forward(
         self,
@@ -143,6 +136,18 @@ class Llama(nn.Module):
         never materialised at once (c2a.kernels.linear_cross_entropy).
         """
         return self(input_ids, position_ids=position_ids, labels=labels, normalizer=normalizer)
+
+
+@torch.no_grad()
+def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Norm weights 1; other weights Normal(0, std), the two residual-branch outputs (wo, w2) with std
+    scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
+    if name.endswith("norm.weight"):
+        p.fill_(1.0)
+    elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        p.normal_(0.0, std / math.sqrt(2 * cfg.n_layers), generator=generator)
+    else:
+        p.normal_(0.0, std, generator=generator)
 
 
 def _check_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> None:
