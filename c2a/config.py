@@ -90,3 +90,169 @@ PRESETS: dict[str, LlamaConfig] = {
     # is the demo SentencePiece tokenizer's (c2a/data/assets/demo_tokenizer.model).
     "demo": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64, max_seq_len=512),
 }
+
+
+# ------------------------------------------------------------------------------------ training config
+#
+# The defaults below ARE the embedded demo run (`torchrun -m c2a.train` with no --config); configs/demo.toml
+# spells the same values out. The claude2-alpaca recipes (configs/claude2-alpaca-*.toml) override them.
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = _f("demo", "LlamaConfig preset when no checkpoint is given: " + ", ".join(PRESETS))
+    checkpoint: str = _f("", "pretrained HF or Meta checkpoint directory to fine-tune ('' = train from scratch)")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = _f("demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name")
+    tokenizer: str = _f("", "SentencePiece tokenizer.model ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model)")
+    max_len: int = _f(512, "maximum tokens per example and packed row length")
+    packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
+    skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
+    workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
+    demo_train_size: int = _f(20000, "examples generated for the demo task's training split")
+    demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    epochs: int = _f(1, "passes over the training data")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide); the schedule spans the steps actually run")
+    global_batch: int = _f(64, "sequences per optimizer step (padded: examples; packed: the equivalent number of packed rows)")
+    micro_batch: int = _f(16, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)")
+    lr: float = _f(2e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
+    warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices (norm weights never decay)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    dtype: str = _f("auto", "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
+    ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
+    compile: bool = _f(False, "torch.compile each transformer block")
+    replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
+    seed: int = _f(0, "seed for weight init and data order")
+    save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
+    keep_last: int = _f(2, "complete checkpoints to keep")
+    log_every: int = _f(10, "optimizer steps between metrics.jsonl records")
+    max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
+    tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
+    progress: bool = _f(True, "show a progress bar on rank 0")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    demo_accuracy: bool = _f(True, "with data.path = 'demo': held-out exact-match accuracy before and after training")
+    max_examples: int = _f(500, "held-out examples to evaluate")
+    max_new_tokens: int = _f(48, "generation limit per held-out answer")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = _f("out/demo", "run directory: config.toml, metrics.jsonl, checkpoints/, final/")
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        checks = {
+            "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing in ("none", "full", "selective"),
+            "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
+            "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(t.global_batch, t.micro_batch, t.epochs, self.data.max_len) > 0,
+            "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
+            "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps) >= 1,
+            "train.max_steps and train.save_every must be >= 0": min(t.max_steps, t.save_every) >= 0,
+            "train.lr must be positive": t.lr > 0,
+        }
+        bad = [msg for msg, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid config: " + "; ".join(bad))
+
+
+def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every settable key, dotted ("train.lr"), with its dataclass field."""
+    keys = {}
+    for f in dataclasses.fields(cfg_type):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys.update(config_keys(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = f
+    return keys
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any, from_text: bool) -> Any:
+    want = {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+    if from_text:
+        if want is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config key {key} expects true or false, got {value!r}")
+            return value.lower() in ("true", "1")
+        try:
+            return want(value)
+        except ValueError:
+            raise ValueError(f"config key {key} expects {want.__name__}, got {value!r}") from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise ValueError(f"config key {key} expects {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_config(values: dict[str, Any], overrides: dict[str, str] | None = None, source: str = "config") -> TrainConfig:
+    """TrainConfig from a nested dict (as TOML gives) plus dotted text overrides; unknown keys are errors."""
+    keys = config_keys()
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+                continue
+            key = prefix + k
+            if key not in keys:
+                raise KeyError(f"{source}: unknown key {key!r}; valid keys: {', '.join(keys)}")
+            flat[key] = _coerce(key, keys[key], v, from_text=False)
+
+    walk(values, "")
+    for key, text in (overrides or {}).items():
+        if key not in keys:
+            raise KeyError(f"unknown option --{key}; valid keys: {', '.join(keys)}")
+        flat[key] = _coerce(key, keys[key], text, from_text=True)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, v in flat.items():
+        if "." in key:
+            sec, name = key.split(".", 1)
+            sections.setdefault(sec, {})[name] = v
+        else:
+            top[key] = v
+    section_types = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if f.default_factory is not dataclasses.MISSING}
+    return TrainConfig(**top, **{sec: section_types[sec](**vals) for sec, vals in sections.items()})
+
+
+def config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (every key, so a run directory documents itself)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"out_dir = {fmt(cfg.out_dir)}"]
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            lines += ["", f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(section, g.name))}" for g in dataclasses.fields(section)]
+    return "\n".join(lines) + "\n"
