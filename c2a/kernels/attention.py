@@ -5,13 +5,48 @@ A document starts at t = 0 and wherever `position_ids` restarts at 0; `position_
 document per row. Each of the K key/value heads serves H/K consecutive query heads (Llama-2 70B: 64/8).
 
 Torch reference first (scaled_dot_product_attention per document: no [T, T] mask is built, and no FLOPs
-are spent across documents); the Triton kernel follows (attention issue).
+are spent across documents), then a FlashAttention-2 kernel in Triton (Dao 2023, arXiv:2307.08691):
+
+Forward, per query tile, streaming key/value tiles with an online softmax (running max m and sum l, fp32):
+    S = Q Kᵀ / sqrt(Hd) + mask,  O = softmax(S) V,  L = logsumexp(S)  (saved; base 2, see the kernels)
+Backward, with P recomputed tile by tile from Q, K and L (the [T, T] matrices never exist):
+    delta = rowsum(dO ∘ O),  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),
+    dQ = dS K / sqrt(Hd),  dK = dSᵀ Q / sqrt(Hd)
+Saved for backward: q, k, v, o and L [B, H, T] fp32. Recomputed: P.
+Dtypes: matmul operands in the input dtype (bf16/fp16) with fp32 accumulation; softmax statistics, delta
+and the dQ/dK/dV accumulators in fp32; outputs in the input dtype. fp32 inputs (CPU tests) use IEEE fp32
+dots. Under Triton's CPU interpreter every dot runs in fp32 (its bf16 arithmetic is wrong in Triton 3.9).
+
+Documents reach the kernels not as cu_seqlens (whose lengths live on the host) but as each token's
+document start and end (`_document_index`, built on the device with running max/min): a query tile reads
+the start of its first and last rows and skips key tiles before them, a key tile reads the end of its
+documents and skips the query tiles after. Causal tiles above the diagonal are never visited; masks are
+computed only on diagonal tiles and tiles that straddle a document start.
+
+Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat),
+and the dK/dV pass loops over a K/V head's query heads so dK and dV are reduced without atomics.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # Triton ships for Linux only (pyproject.toml): the torch reference must still import.
+    from types import SimpleNamespace
+
+    HAS_TRITON = False
+    triton = SimpleNamespace(jit=lambda fn: fn)  # the kernels stay plain functions; the launcher refuses them
+    tl = SimpleNamespace(constexpr=lambda value: value)
 
 
 def document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -47,3 +82,649 @@ def attention_reference(
         ]
         rows.append(torch.cat(docs, dim=2))  # [1, H, T, Hd]
     return torch.cat(rows, dim=0).transpose(1, 2)  # [B, T, H, Hd]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels.
+#
+# Layout: q, dq [B, T, H, Hd]; k, v, dk, dv [B, T, K, Hd], any strides with the head dim contiguous (the
+# kernels read the model's [B, T, heads, Hd] views directly: one row of a tile is Hd contiguous elements,
+# 128 or 256 bytes at Hd 64/128 in bf16, a full memory transaction, so no transpose copy is needed).
+# lse, delta [B, H, T] fp32, contiguous. doc_start, doc_end [B, T] int32, contiguous (see _document_index).
+# Softmax runs in base 2: scores are pre-multiplied by qk_scale = log2(e)/sqrt(Hd), so exp2 replaces exp
+# (one MUFU.EX2 instead of a multiply and an EX2) and lse is stored as log2 of the row's softmax normaliser.
+# ---------------------------------------------------------------------------------------------------------
+
+# Running-max floor instead of -inf: a query row can meet a key tile in which every key is masked (keys
+# before its document, or past T), and exp2(-inf - -inf) would be NaN. With a finite floor, masked scores
+# (-inf) give exp2(-inf) = 0 and the rescale factor exp2(m_old - m_new) stays finite. Real scores are far
+# above it: |q·k| / sqrt(Hd) is bounded by the bf16/fp16 range of the inputs.
+_M_FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, doc_q, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MMA_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Streams key/value tiles [lo, hi) through the online softmax of one query tile.
+
+    MASKED=False is the bulk of the work (keys that every query of the tile may see): no mask arithmetic,
+    no bounds checks. MASKED=True is for the diagonal tile(s) and the tiles that straddle a document start.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(MMA_DTYPE)
+        else:
+            k = tl.load(k_ptrs).to(MMA_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if MASKED:
+            # key s is visible to query t iff doc_start[t] <= s <= t (s < T follows from s <= t < T)
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= doc_q[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = s - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            s = s * qk_scale - m_new[:, None]
+        p = tl.math.exp2(s)
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old running max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(MMA_DTYPE)
+        else:
+            v = tl.load(v_ptrs).to(MMA_DTYPE)
+        acc = tl.dot(p.to(MMA_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, H, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch row, query head, query tile of BLOCK_M tokens); grid (B·H, cdiv(T, BLOCK_M)).
+
+    Heaviest tiles first: causal work grows with the tile index, so tiles are issued last-to-first and the
+    short ones fill the final wave. Key tiles split in three ranges (BLOCK_M is a multiple of BLOCK_N):
+      [lo, mid_lo)      masked: tiles that contain a document start of some query in the tile;
+      [mid_lo, mid_hi)  unmasked: every key visible to every query of the tile;
+      [mid_hi, hi)      masked: the diagonal, where causality cuts the tile.
+    Tiles before the earliest document start of the tile, or after its last query, are never visited.
+    """
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP  # grouped-query attention: heads [kv_h·GROUP, (kv_h+1)·GROUP) share this K/V head
+    b64 = b.to(tl.int64)  # base offsets in int64: B·T·H·Hd passes 2^31 at long context
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q_base = q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(MMA_DTYPE)
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    if PACKED:
+        doc_row = doc_start_ptr + b64 * T
+        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
+        # doc_start is non-decreasing in t, so the tile's first and last rows hold its min and max
+        first_doc = tl.load(doc_row + m0)
+        last_doc = tl.load(doc_row + hi - 1)
+        lo = (first_doc // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, hi)
+    else:
+        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        mid_lo = 0
+    mid_hi = tl.maximum(mid_lo, m0)
+
+    m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q,
+                               lo, mid_lo, T, qk_scale, HEAD_DIM, BLOCK_N, True, MMA_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q,
+                               mid_lo, mid_hi, T, qk_scale, HEAD_DIM, BLOCK_N, False, MMA_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q,
+                               mid_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_N, True, MMA_DTYPE, DOT_PRECISION)
+
+    # Every real row (t < T) saw at least its own key, so l_i > 0 there; rows past T have l_i = 0 and
+    # are not stored, but are kept finite anyway.
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_i[:, None]
+    o_base = o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    T, H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, t] = Σ_d dO[b, t, h, d] · O[b, t, h, d] in fp32; grid (B·H, cdiv(T, BLOCK_M))."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < T
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+    offs_n, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PACKED: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulates one query head's contribution to dK, dV of a key tile over query tiles [lo, hi).
+
+    Works on the transposed scores (keys × queries) so dK, dV accumulate as [BLOCK_N, Hd] without
+    transposing them: Pᵀ = exp2(K Qᵀ·qk_scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta),
+    dK += dSᵀ Q (the 1/sqrt(Hd) is applied once, at the end).
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            row_ok = offs_m < T
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(MMA_DTYPE)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs).to(MMA_DTYPE)
+            lse = tl.load(lse_base + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            # query t sees key s iff doc_start[t] <= s <= t and t < T; where() (not a product) so an inf
+            # from a masked pair never reaches the sums
+            visible = (offs_m[None, :] >= offs_n[:, None]) & row_ok[None, :]
+            if PACKED:
+                doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
+                visible = visible & (offs_n[:, None] >= doc_q[None, :])
+            p_t = tl.where(visible, p_t, 0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(MMA_DTYPE)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            do = tl.load(do_ptrs).to(MMA_DTYPE)
+            delta = tl.load(delta_base + offs_m)
+        dv = tl.dot(p_t.to(MMA_DTYPE), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(MMA_DTYPE), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_end_ptr, doc_start_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    T, H, K, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch row, KV head, key tile of BLOCK_N tokens); grid (B·K, cdiv(T, BLOCK_N)).
+
+    The program loops over the GROUP query heads that share its KV head, so dK and dV are summed over the
+    group in registers and written once: no atomics, no [B, T, H, Hd] dK/dV expansion, deterministic.
+    Tile 0 has the most causal work and is issued first. Query tiles split in three ranges (BLOCK_N is a
+    multiple of BLOCK_M, and query tiles start at the key tile's start n0):
+      [n0, c_hi)        masked: the diagonal;
+      [c_hi, full_hi)   unmasked: queries of the document holding key n0, past the diagonal;
+      [full_hi, t_hi)   masked: the query tile where that document (or a later key's) ends.
+    Queries in later documents, which never see these keys, are never visited.
+    """
+    pid_bk = tl.program_id(0)
+    b = pid_bk // K
+    kv_h = pid_bk % K
+    b64 = b.to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n[:, None] < T
+    k = tl.load(k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt
+                + offs_d[None, :], mask=key_ok, other=0.0).to(MMA_DTYPE)
+    v = tl.load(v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt
+                + offs_d[None, :], mask=key_ok, other=0.0).to(MMA_DTYPE)
+
+    if PACKED:
+        # doc_end[t]: exclusive end of t's document; non-decreasing, so the first and last keys of the
+        # tile bound the queries that can see any of its keys
+        end_first = tl.load(doc_end_ptr + b64 * T + n0)
+        end_last = tl.load(doc_end_ptr + b64 * T + tl.minimum(n0 + BLOCK_N, T) - 1)
+    else:
+        end_first = T
+        end_last = T
+    t_hi = tl.cdiv(end_last, BLOCK_M) * BLOCK_M
+    c_hi = tl.minimum(n0 + BLOCK_N, t_hi)
+    full_hi = tl.maximum(c_hi, (end_first // BLOCK_M) * BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    doc_row = doc_start_ptr + b64 * T
+    for g in range(GROUP):
+        h = (kv_h * GROUP + g).to(tl.int64)
+        q_base = q_ptr + b64 * stride_qb + h * stride_qh
+        do_base = do_ptr + b64 * stride_dob + h * stride_doh
+        lse_base = lse_ptr + (b64 * H + h) * T
+        delta_base = delta_ptr + (b64 * H + h) * T
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+                             offs_n, n0, c_hi, T, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, PACKED, MMA_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+                             offs_n, c_hi, full_hi, T, qk_scale,
+                             HEAD_DIM, BLOCK_M, False, PACKED, MMA_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+                             offs_n, full_hi, t_hi, T, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, PACKED, MMA_DTYPE, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    dk_base = dk_ptr + b64 * stride_dkb + kv_h.to(tl.int64) * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh
+    tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=key_ok)
+    tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta,
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, doc_q, lo, hi, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ += dS K over key tiles [lo, hi), with P = exp2(Q Kᵀ·qk_scale − lse), dS = P ∘ (dO Vᵀ − delta)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0).to(MMA_DTYPE)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0).to(MMA_DTYPE)
+        else:
+            k = tl.load(k_ptrs).to(MMA_DTYPE)
+            v = tl.load(v_ptrs).to(MMA_DTYPE)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= doc_q[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(MMA_DTYPE), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    T, H, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch row, query head, query tile); the key ranges of the forward kernel."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP
+    b64 = b.to(tl.int64)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(MMA_DTYPE)
+    do = tl.load(do_ptr + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(MMA_DTYPE)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    if PACKED:
+        doc_row = doc_start_ptr + b64 * T
+        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
+        lo = (tl.load(doc_row + m0) // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.cdiv(tl.load(doc_row + hi - 1), BLOCK_N) * BLOCK_N, hi)
+    else:
+        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        mid_lo = 0
+    mid_hi = tl.maximum(mid_lo, m0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q, lo, mid_lo, T,
+                   qk_scale, HEAD_DIM, BLOCK_N, True, MMA_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q, mid_lo, mid_hi, T,
+                   qk_scale, HEAD_DIM, BLOCK_N, False, MMA_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q, mid_hi, hi, T,
+                   qk_scale, HEAD_DIM, BLOCK_N, True, MMA_DTYPE, DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launcher: validation, document index, tile sizes, allocation, launches.
+# ---------------------------------------------------------------------------------------------------------
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; tl.arange needs a power of two
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Tests set this to fill every buffer the kernels write (O, lse, delta, dQ, dK, dV) with NaN before the
+# launch, so an element a kernel forgets to write cannot pass by holding a plausible stale value.
+_POISON_OUTPUTS = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# Tile sizes, one function per kernel. Under the interpreter (CPU tests) the tiles are small and unequal so
+# that T <= 128 crosses many tile, diagonal and document boundaries; warps/stages do not matter there.
+# GPU choices are for Hopper (H100: 228 KiB shared memory, 64K registers per SM) and fit Ampere's 164 KiB.
+# They follow register arithmetic, not yet a measurement on this kernel: `benchmarks/attention.py --sweep`
+# times the alternatives when a GPU is at hand.
+
+
+def _fwd_blocks(head_dim: int) -> _Blocks:
+    if _interpreting():
+        return _Blocks(32, 16, 4, 1)
+    # 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper pick): the [128, Hd] fp32 accumulator costs
+    # 64 registers per thread at Hd 64 with 4 warps and at Hd 128 with 8 warps. 3 stages of K and V tiles:
+    # 3 · 2 · 64 · Hd · 2 B = 96 KiB at Hd 128, plus the 32 KiB Q tile.
+    return _Blocks(128, 64, 4 if head_dim <= 64 else 8, 3)
+
+
+def _bwd_dkdv_blocks(head_dim: int) -> _Blocks:
+    if _interpreting():
+        return _Blocks(16, 32, 4, 1)
+    # dK and dV accumulate in registers: 2 · BLOCK_N · Hd fp32. At Hd 64, 128 keys × 32 queries (the
+    # tutorial's shape) is 128 registers per thread over 4 warps; at Hd 128 that would double, so 64 × 64 over
+    # 8 warps (64 registers per thread for the accumulators; 3 stages of Q and dO tiles = 96 KiB).
+    if head_dim <= 64:
+        return _Blocks(32, 128, 4, 3)
+    return _Blocks(64, 64, 8, 3)
+
+
+def _bwd_dq_blocks(head_dim: int) -> _Blocks:
+    if _interpreting():
+        return _Blocks(32, 16, 4, 1)
+    # The dQ pass mirrors the forward: 128 query rows resident (Q, dO, dQ), keys streamed in narrow tiles
+    # because each key tile costs three dots (Q Kᵀ, dO Vᵀ, dS K) per query tile.
+    if head_dim <= 64:
+        return _Blocks(128, 32, 4, 3)
+    return _Blocks(128, 64, 8, 3)
+
+
+def _check_blocks(blocks: _Blocks, bigger: int, smaller: int, kernel: str) -> None:
+    # the three-range tile split needs the outer tile to be a whole number of inner tiles
+    if bigger % smaller:
+        raise ValueError(f"flash_attention {kernel}: tile sizes {blocks} need {bigger} to be a multiple of {smaller}")
+
+
+def _mma_dtype(dtype: torch.dtype):
+    """The dtype of tl.dot operands: the input's on GPU (fp32 accumulation); fp32 under the interpreter,
+    whose bf16 arithmetic and bf16 dots are wrong in Triton 3.9."""
+    if _interpreting():
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 dots, not TF32's 10-bit mantissa, so fp32 runs match a float64 reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _POISON_OUTPUTS else out
+
+
+def _head_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # Any strides are passed to the kernels, but a tile row must be contiguous in the head dim. The model's
+    # q/k/v are views of Linear outputs ([B, T, heads·Hd] viewed as [B, T, heads, Hd]), which already are.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _document_index(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the [start, end) of its document, as int32 [B, T] tensors, computed on the device.
+
+    doc_start[b, t] = max{s <= t : s = 0 or position_ids[b, s] = 0}   (a running max)
+    doc_end[b, t]   = min{s > t : position_ids[b, s] = 0}, or T        (a reversed running min)
+
+    This is `document_bounds` per token, and the sync-free stand-in for cu_seqlens: reading document
+    boundaries on the host would stall the GPU stream once per layer. Any integer position ids work; only
+    their zeros matter.
+    """
+    B, T = position_ids.shape
+    t = torch.arange(T, device=position_ids.device, dtype=torch.int32).expand(B, T)
+    starts = position_ids == 0
+    starts[:, 0] = True
+    doc_start = torch.where(starts, t, 0).cummax(dim=1).values
+    # next_start[b, t] = t + 1 if a document starts there, else T; its running min from the right is doc_end
+    next_start = torch.full((B, T), T, dtype=torch.int32, device=position_ids.device)
+    next_start[:, :-1] = torch.where(starts[:, 1:], t[:, 1:], T)
+    doc_end = next_start.flip(1).cummin(dim=1).values.flip(1)
+    return doc_start.contiguous(), doc_end.contiguous()
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"flash_attention: {name} must be [B, T, heads, Hd], got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, T, H, Hd = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != Hd:
+        raise ValueError(
+            f"flash_attention: k/v must be [B={B}, T={T}, K, Hd={Hd}] to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    K = k.shape[2]
+    if K == 0 or H % K:
+        raise ValueError(f"flash_attention: query heads ({H}) must be a multiple of key/value heads ({K})")
+    if Hd not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head dim must be one of {SUPPORTED_HEAD_DIMS}, got {Hd}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"flash_attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if position_ids is not None:
+        if position_ids.shape != (B, T):
+            raise ValueError(f"flash_attention: position_ids must be [B={B}, T={T}], got {tuple(position_ids.shape)}")
+        if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise TypeError(f"flash_attention: position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.device != q.device:
+            raise ValueError(f"flash_attention: position_ids on {position_ids.device}, q on {q.device}")
+    if not HAS_TRITON:
+        raise RuntimeError("flash_attention: Triton is not installed; use C2A_KERNELS=torch (attention_reference)")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"flash_attention: {q.device.type} tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter) "
+            "set before Triton is imported"
+        )
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)  # batch, token, head; the head dim is contiguous
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_start: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, T, H, Hd] in q's dtype and lse [B, H, T] fp32 (log2 of each row's softmax normaliser, in units
+    of the log2(e)/sqrt(Hd)-scaled scores). doc_start from `_document_index`, or None for one document per row."""
+    q, k, v = (_head_dim_contiguous(x) for x in (q, k, v))
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    o = _empty((B, T, H, Hd), q.dtype, q.device)
+    lse = _empty((B, H, T), torch.float32, q.device)
+    blocks = _fwd_blocks(Hd)
+    _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
+    sm_scale = 1.0 / math.sqrt(Hd)
+    grid = (B * H, triton.cdiv(T, blocks.block_m))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, q if doc_start is None else doc_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        T, H, H // K, sm_scale * math.log2(math.e),
+        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=doc_start is not None,
+        MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return o, lse
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq [B, T, H, Hd], dk and dv [B, T, K, Hd], in the inputs' dtype, from dO and the forward's o and lse.
+
+    dQ has its own pass rather than fp32 atomics from the dK/dV pass. Atomics would save recomputing
+    Q Kᵀ and dO Vᵀ (7 matmuls of the causal T²·Hd/2 size instead of 5, so +40% backward FLOPs) but add,
+    per (key tile, query tile) pair, BLOCK_M·Hd fp32 read-modify-writes to L2: at T = 4096, Hd 128 and
+    64 × 64 tiles, 2080 pairs × 32 KiB = 65 MiB per head against a 1 MiB bf16 dQ, plus a conversion pass,
+    and the result would depend on the order the atomics land in. The Triton tutorial makes the same
+    choice; FA2's CUDA kernel takes the atomic route. To be settled by measurement on an H100.
+    """
+    q, k, v, do = (_head_dim_contiguous(x) for x in (q, k, v, do))
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    group = H // K
+    sm_scale = 1.0 / math.sqrt(Hd)
+    qk_scale = sm_scale * math.log2(math.e)
+    packed = doc_start is not None
+    mma_dtype, dot_precision = _mma_dtype(q.dtype), _dot_precision(q.dtype)
+
+    delta = _empty((B, H, T), torch.float32, q.device)
+    delta_block = 64
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(T, delta_block))](
+        o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=delta_block,
+    )
+
+    dk = _empty(tuple(k.shape), k.dtype, k.device)
+    dv = _empty(tuple(v.shape), v.dtype, v.device)
+    blocks = _bwd_dkdv_blocks(Hd)
+    _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
+    _attn_bwd_dkdv_kernel[(B * K, triton.cdiv(T, blocks.block_n))](
+        q, k, v, do, lse, delta, dk, dv,
+        q if doc_end is None else doc_end, q if doc_start is None else doc_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        T, H, K, group, qk_scale, sm_scale,
+        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed,
+        MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+
+    dq = _empty(tuple(q.shape), q.dtype, q.device)
+    blocks = _bwd_dq_blocks(Hd)
+    _check_blocks(blocks, blocks.block_m, blocks.block_n, "backward dQ")
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, blocks.block_m))](
+        q, k, v, do, lse, delta, dq, q if doc_start is None else doc_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        T, H, group, qk_scale, sm_scale,
+        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed,
+        MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd.Function and the public function.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, o and the fp32 lse [B, H, T]; the backward recomputes P tile by tile from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_start, doc_end):  # type: ignore[override]
+        o, lse = attention_forward(q, k, v, doc_start)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, doc_start, doc_end)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal grouped-query attention over packed documents; same contract as `attention_reference`.
+
+    q [B, T, H, Hd], k and v [B, T, K, Hd] (H a multiple of K, Hd in 16/32/64/128), position_ids [B, T]
+    integer or None -> [B, T, H, Hd] in q's dtype. Differentiable in q, k, v. Never syncs with the host.
+    """
+    _check_inputs(q, k, v, position_ids)
+    if q.numel() == 0:
+        return q.clone()  # nothing to attend; keeps the graph to q
+    doc_start, doc_end = (None, None) if position_ids is None else _document_index(position_ids)
+    return FlashAttentionFunction.apply(q, k, v, doc_start, doc_end)
