@@ -5,17 +5,34 @@ Pair i of a head at position p is rotated by the angle p · θ^(-2i/Hd):
 Positions come from `position_ids`, so packed documents restart at 0. HF checkpoints use the
 rotate-half layout instead; c2a converts their q/k weights at the HF boundary (model/weights.py).
 
-Torch reference first; the Triton kernels follow (kernels issue).
+Triton kernel: one program per token (b, t) rotates that token's H query heads and K key heads in one
+launch (GQA: K may be smaller than H), with the angles computed once per token from position_ids[b, t]
+and the fp32 inverse frequencies the reference uses. The backward is the same kernel rotating by −θ
+(a rotation's inverse is its transpose): dx0 = g0·cos + g1·sin, dx1 = −g0·sin + g1·cos. Nothing is
+saved but position_ids; cos and sin are recomputed. dtype policy: q and k in fp32, bf16 or fp16; the
+rotation in fp32; outputs in the input dtype.
+
+Torch reference first (the spec), then the Triton kernel, the launcher, the autograd.Function and the
+public function `apply_rotary`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
+
+
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """θ^(-2i/Hd) for the Hd/2 pairs, fp32 [Hd/2], computed as Meta and HF do."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
 
 
 def rotary_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, fp32, [B, T, Hd/2]; computed in fp32 as Meta and HF do."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    inv_freq = rotary_inv_freq(head_dim, theta, position_ids.device)
     angles = position_ids.float()[..., None] * inv_freq  # [B, T, Hd/2]
     return angles.cos(), angles.sin()
 
@@ -34,3 +51,181 @@ def rotary_reference(
     cos, sin = rotary_angles(position_ids, q.shape[-1], theta)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, Hd/2], broadcast over heads
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@triton.jit
+def _rotate_heads(
+    in_ptr, out_ptr, in_offset, out_offset, n_heads, head_dim, cos, sin, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr
+):
+    # One token's [n_heads, head_dim] tile (head stride head_dim, unit feature stride), loaded whole so the
+    # load is contiguous, then split into its interleaved pairs (x0, x1) = (x[2i], x[2i+1]).
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HD)
+    offs = heads[:, None] * head_dim + dims[None, :]
+    mask = (heads[:, None] < n_heads) & (dims[None, :] < head_dim)  # head_dim is even: pairs mask together
+    x = tl.load(in_ptr + in_offset + offs, mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HD // 2, 2)))  # [BLOCK_H, BLOCK_HD/2] each
+    out = tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos)  # [BLOCK_H, BLOCK_HD/2, 2]
+    out = tl.reshape(out, (BLOCK_H, BLOCK_HD))
+    tl.store(out_ptr + out_offset + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    inv_freq_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_q_b,
+    stride_q_t,
+    stride_k_b,
+    stride_k_t,
+    stride_qo_b,
+    stride_qo_t,
+    stride_ko_b,
+    stride_ko_t,
+    stride_pos_b,
+    stride_pos_t,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    head_dim,
+    SIGN: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    # q [B, T, H, Hd] and k [B, T, K, Hd] with packed (heads, Hd) per token and any token strides; one
+    # program per token. SIGN = +1 rotates by +θ (forward), −1 by −θ (backward).
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // seq_len
+    t = pid % seq_len
+    pos = tl.load(pos_ptr + b * stride_pos_b + t * stride_pos_t).to(tl.float32)
+    pairs = tl.arange(0, BLOCK_HD // 2)
+    inv_freq = tl.load(inv_freq_ptr + pairs, mask=pairs < head_dim // 2, other=0.0)
+    angle = pos * inv_freq  # fp32 product, as the reference's position_ids.float() * inv_freq
+    cos = tl.cos(angle)[None, :]
+    sin = (SIGN * tl.sin(angle))[None, :]
+    _rotate_heads(
+        q_ptr, q_out_ptr, b * stride_q_b + t * stride_q_t, b * stride_qo_b + t * stride_qo_t,
+        n_q_heads, head_dim, cos, sin, BLOCK_HQ, BLOCK_HD,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr, k_out_ptr, b * stride_k_b + t * stride_k_t, b * stride_ko_b + t * stride_ko_t,
+        n_k_heads, head_dim, cos, sin, BLOCK_HK, BLOCK_HD,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launcher
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """BLOCK_HQ, BLOCK_HK, BLOCK_HD and num_warps for one token's tiles.
+
+    Blocks are the sizes rounded up to powers of two (masked). Warps: the q tile over 512 elements a warp
+    (16 fp32 values a thread, two 16-byte bf16 vectors), 1..8: Llama-2 7B's 32 x 128 tile gets 8 warps.
+    Chosen by reasoning, not yet measured on an H100; benchmarks/kernels.py is the measurement to revisit.
+    """
+    block_hq, block_hk = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
+    block_hd = max(triton.next_power_of_2(head_dim), 2)
+    return block_hq, block_hk, block_hd, min(max(block_hq * block_hd // 512, 1), 8)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return rotary_inv_freq(head_dim, theta, device)
+
+
+def _packed_heads(t: torch.Tensor) -> bool:
+    """True when each token's [heads, Hd] block is contiguous (what the kernel indexes)."""
+    return t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float) -> None:
+    op = "apply_rotary"
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q and k must be [B, T, heads, Hd], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, _, Hd = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != Hd:
+        raise ValueError(f"{op}: k must be [B, T, K, Hd] = [{B}, {T}, K, {Hd}] to match q, got {tuple(k.shape)}")
+    if Hd % 2:
+        raise ValueError(f"{op}: head dim must be even (rotary pairs), got {Hd}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise TypeError(f"{op}: q and k must share a dtype among float32, bfloat16, float16, got {q.dtype} and {k.dtype}")
+    if position_ids.shape != (B, T):
+        raise ValueError(f"{op}: position_ids must be [B, T] = [{B}, {T}], got {tuple(position_ids.shape)}")
+    if position_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: position_ids must be int64 or int32, got {position_ids.dtype}")
+    for name, t in (("k", k), ("position_ids", position_ids)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    for name, t in (("q", q), ("k", k)):
+        if not _packed_heads(t):
+            raise ValueError(
+                f"{op}: {name} must have contiguous [heads, Hd] per token (strides (..., Hd, 1)), "
+                f"got shape {tuple(t.shape)} strides {t.stride()}"
+            )
+    if not theta > 0:
+        raise ValueError(f"{op}: theta must be positive, got {theta}")
+
+
+def rotary_launch(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, sign: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by sign·θ in one launch -> new contiguous (q_out, k_out)."""
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    inv_freq = _cached_inv_freq(Hd, float(theta), q.device)
+    block_hq, block_hk, block_hd, num_warps = _settings(H, K, Hd)
+    if B * T > 0:
+        _rotary_kernel[(B * T,)](
+            q, k, position_ids, inv_freq, q_out, k_out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            position_ids.stride(0), position_ids.stride(1),
+            T, H, K, Hd,
+            SIGN=sign, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HD=block_hd, num_warps=num_warps,
+        )  # fmt: skip
+    return q_out, k_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float):
+        ctx.save_for_backward(position_ids)
+        ctx.theta = theta
+        return rotary_launch(q, k, position_ids, theta, sign=1)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        (position_ids,) = ctx.saved_tensors
+        dq = dq if _packed_heads(dq) else dq.contiguous()
+        dk = dk if _packed_heads(dk) else dk.contiguous()
+        dq, dk = rotary_launch(dq, dk, position_ids, ctx.theta, sign=-1)
+        return dq, dk, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public function
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k), through one Triton launch."""
+    _check(q, k, position_ids, theta)
+    return RotaryFunction.apply(q, k, position_ids, theta)
