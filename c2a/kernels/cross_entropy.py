@@ -3,14 +3,38 @@
 `normalizer` n defaults to the number of trained targets in this call; the trainer passes the global
 count so that gradient accumulation and data-parallel ranks divide by the same number.
 
+Optional z-loss (PaLM, Chowdhery et al. 2022, §5): z · lse² per trained target, lse = log Σ_v exp(logit_v),
+which keeps the softmax normaliser near 1.
+
+The Triton path never holds more than one chunk of logits. Per chunk of C tokens:
+    logits = h_c · Wᵀ                      fp32 [C, V] (GEMM with fp32 accumulation and fp32 output)
+    one kernel program per token:          online logsumexp over V, the target's logit, the row's loss,
+                                           and in place of the logits the gradient
+                                           dlogits = (softmax · (1 + 2z·lse) − onehot(y)) / n   (0 if ignored)
+    dh_c  = dlogits · W                    written into dh [N, D]
+    dW   += dlogitsᵀ · h_c                 accumulated across chunks in fp32 [V, D]
+and the chunk is discarded. Both gradients are complete when the forward returns; the backward only scales
+them by grad_output. dtype policy: h and W in fp32, bf16 or fp16 (the same); logits, logsumexp and the loss
+in fp32; dlogits in h's dtype for the two gradient GEMMs (each accumulating in fp32); dh in h's dtype; dW in
+fp32 until the last chunk, then W's dtype. The normaliser may be a device tensor: it is read by the kernel,
+never by the host, so there is no .item() and no host sync. A target outside [0, V) that is not -100 makes
+the loss NaN (a kernel cannot raise; NaN cannot go unnoticed).
+
 Torch reference (the spec, materialises the logits), torch's chunked path (the model's torch backend),
-then the Triton kernels (kernels issue).
+then the Triton kernel, the launcher, the autograd.Function and the public function
+`linear_cross_entropy`.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -23,11 +47,19 @@ def _normalise(loss_sum: torch.Tensor, labels: torch.Tensor, normalizer: torch.T
 
 
 def linear_cross_entropy_reference(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+    *,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """h [N, D], weight [V, D], labels [N] -> scalar fp32 (fp64 for fp64 inputs). Builds all [N, V] logits."""
     logits = (h @ weight.T).float() if h.dtype != torch.float64 else h @ weight.T  # [N, V]
     loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)  # [N]
+        loss_sum = loss_sum + z_loss * (lse.square() * (labels != IGNORE_INDEX)).sum()
     return _normalise(loss_sum, labels, normalizer)
 
 
@@ -43,3 +75,245 @@ def linear_cross_entropy_chunked(
         h, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, options=torch.nn.LinearCrossEntropyOptions()
     )
     return _normalise(loss_sum.float(), labels, normalizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernel: the softmax part of one chunk. The GEMMs around it are cuBLAS's (torch.mm).
+
+
+@triton.jit
+def _cross_entropy_chunk_kernel(
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    inv_n_ptr,
+    loss_ptr,
+    stride_logits_row,
+    stride_grad_row,
+    stride_labels,
+    n_vocab,
+    ignore_index,
+    z_loss,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # logits [C, V] fp32, grad [C, V] in h's dtype (may alias logits when that is fp32), labels [C] int,
+    # inv_n [1] fp32 (1 / normaliser, on the device), loss [C] fp32. One program per token row.
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row * stride_labels).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+
+    # Pass 1: online logsumexp (running max m, running Σ exp(x − m)) and the target's logit.
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    target = tl.zeros([], tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(logits_row + cols, mask=cols < n_vocab, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < n_vocab)
+    loss = tl.where(in_range, lse - target + z_loss * lse * lse, float("nan"))
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+
+    # Pass 2: dlogits = (softmax · (1 + 2z·lse) − onehot) / n, zero for an ignored row.
+    if COMPUTE_GRAD:
+        scale = tl.where(ignored, 0.0, tl.load(inv_n_ptr))
+        p_scale = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx = 2z·lse·softmax
+        grad_row = grad_ptr + row * stride_grad_row
+        for start in range(0, n_vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < n_vocab
+            x = tl.load(logits_row + cols, mask=mask, other=0.0)
+            g = tl.exp(x - lse) * p_scale - tl.where(cols == label, 1.0, 0.0)
+            tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launcher
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_settings(n_vocab: int) -> tuple[int, int]:
+    """BLOCK_V and num_warps of the chunk kernel.
+
+    The kernel streams a row of V fp32 logits twice (the second pass mostly from L2) and writes it once.
+    4096 logits over 8 warps is 16 a thread per step: Llama-2's V = 32000 takes 8 steps a pass. Chosen by
+    reasoning, not yet measured on an H100 (benchmarks/kernels.py is the measurement to revisit it with).
+    """
+    return min(triton.next_power_of_2(n_vocab), 4096), 8
+
+
+def _chunk_rows(n_rows: int, dim: int, n_vocab: int) -> int:
+    """Tokens per chunk: as many as make the chunk's [C, V] logits about as large as h [N, D] itself, so
+    peak memory stays proportional to the activations whatever the vocabulary; rounded down to a power of
+    two and kept within [256, 8192] so that each chunk's GEMMs stay large enough to fill an H100 (16k
+    tokens x 4096 -> 32000 gives 2048-token chunks: 8 chunks, 262 MB of fp32 logits each)."""
+    rows = max(1, n_rows * dim // n_vocab)
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(n_rows, max(256, min(rows, 8192))))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32) = a · b with fp32 accumulation and no rounding to a's dtype on the way out."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, torch.float32, out=out)  # cuBLAS, bf16/fp16 operands, fp32 output
+    # CPU (the interpreter tests): no out_dtype there; upcasting first is the same arithmetic, since the
+    # product of two bf16/fp16 numbers is exact in fp32.
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+_ADDMM_OUT_DTYPE_OK = True  # cleared once if this torch's CUDA addmm rejects an fp32 accumulator
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a · b, accumulating in fp32 without a rounded intermediate."""
+    global _ADDMM_OUT_DTYPE_OK
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        if _ADDMM_OUT_DTYPE_OK:
+            try:
+                torch.addmm(acc, a, b, torch.float32, out=acc)  # one GEMM, fp32 C read and written
+                return
+            except RuntimeError as err:  # a host-side dtype check: nothing ran on the device
+                _ADDMM_OUT_DTYPE_OK = False
+                log.warning("addmm with an fp32 accumulator unsupported (%s); using mm + add (more memory)", err)
+        acc.add_(torch.mm(a, b, torch.float32))
+        return
+    acc.addmm_(a.float(), b.float())
+
+
+def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer, z_loss: float) -> None:
+    op = "linear_cross_entropy"
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: h must be [N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if labels.shape != (h.shape[0],):
+        raise ValueError(f"{op}: labels must be [N] = [{h.shape[0]}], got {tuple(labels.shape)}")
+    if h.dtype not in _DTYPES or weight.dtype != h.dtype:
+        raise TypeError(
+            f"{op}: h and weight must share a dtype among float32, bfloat16, float16, got {h.dtype} and {weight.dtype}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
+    for name, t in (("weight", weight), ("labels", labels)):
+        if t.device != h.device:
+            raise ValueError(f"{op}: {name} must be on h's device {h.device}, got {t.device}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"{op}: normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+    elif normalizer is not None and not normalizer > 0:
+        raise ValueError(f"{op}: normalizer must be positive, got {normalizer}")
+    if not z_loss >= 0:
+        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
+
+
+def linear_cross_entropy_forward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | float | None,
+    z_loss: float,
+    need_dh: bool,
+    need_dw: bool,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """-> (loss fp32 scalar, dh [N, D] or None, dW [V, D] or None), the gradients of the loss itself."""
+    N, D = h.shape
+    V = weight.shape[0]
+    device = h.device
+    if normalizer is None:
+        n = (labels != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)  # stays on the device: no sync
+    elif isinstance(normalizer, torch.Tensor):
+        n = normalizer.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        n = torch.full((1,), float(normalizer), dtype=torch.float32, device=device)
+    inv_n = (1.0 / n).reshape(1)
+    compute_grad = need_dh or need_dw
+
+    C = chunk_size if chunk_size is not None else _chunk_rows(N, D, V)
+    C = max(1, min(C, N))
+    loss_rows = torch.empty(N, dtype=torch.float32, device=device)
+    logits = torch.empty((C, V), dtype=torch.float32, device=device)
+    # dlogits go to the GEMMs in h's dtype; for fp32 inputs they overwrite the logits in place
+    grad = logits if h.dtype == torch.float32 or not compute_grad else torch.empty((C, V), dtype=h.dtype, device=device)
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=device) if need_dw else None
+    block_v, num_warps = _kernel_settings(V)
+
+    for start in range(0, N, C):
+        end = min(start + C, N)
+        rows = end - start
+        h_c = h[start:end]  # [rows, D]
+        logits_c, grad_c = logits[:rows], grad[:rows]  # [rows, V]
+        _mm_fp32(h_c, weight.T, out=logits_c)  # [rows, D] · [D, V]
+        _cross_entropy_chunk_kernel[(rows,)](
+            logits_c, grad_c, labels[start:end], inv_n, loss_rows[start:end],
+            logits_c.stride(0), grad_c.stride(0), labels.stride(0),
+            V, IGNORE_INDEX, float(z_loss),
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+        )  # fmt: skip
+        if need_dh:
+            torch.mm(grad_c, weight, out=dh[start:end])  # [rows, V] · [V, D]
+        if need_dw:
+            _addmm_fp32_(dw, grad_c.T, h_c)  # [V, rows] · [rows, D]
+
+    loss = loss_rows.sum() / n.reshape(())
+    return loss, dh, dw.to(weight.dtype) if dw is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, normalizer, z_loss, chunk_size):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = linear_cross_entropy_forward(h, weight, labels, normalizer, z_loss, need_dh, need_dw, chunk_size)
+        # Intermediates, not inputs: saving them (rather than ctx attributes) frees them once backward ran
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        # Scale by grad_output on the device (usually 1.0; comparing it on the host would be a sync)
+        dh, dw = ctx.saved_tensors
+        # out of place, so that a retained graph's second backward scales the stored gradients afresh
+        dh = dh * grad_output.to(dh.dtype) if dh is not None else None
+        dw = dw * grad_output.to(dw.dtype) if dw is not None else None
+        return dh, dw, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public function
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+    *,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Σ CE(h·Wᵀ, labels) (+ z·lse²) over labels ≠ -100, divided by `normalizer` (default: their count,
+    at least 1) -> fp32 scalar, without materialising the [N, V] logits.
+
+    h [N, D], weight [V, D], labels [N]. `chunk_size` overrides the tokens per chunk (tests use it to put
+    chunk boundaries at odd places).
+    """
+    _check(h, weight, labels, normalizer, z_loss)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    return LinearCrossEntropyFunction.apply(h, weight, labels, normalizer, z_loss, chunk_size)
