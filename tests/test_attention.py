@@ -1,0 +1,242 @@
+"""The Triton attention kernel (c2a/kernels/attention.py) against float64 references, under the interpreter.
+
+Every test here runs with the kernels' output buffers (O, lse, delta, dQ, dK, dV) filled with NaN before
+each launch (the autouse fixture), so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import c2a.kernels
+from c2a.kernels import attention
+from c2a.kernels.attention import _document_index, attention_reference, document_bounds, flash_attention
+
+FP32_TOL = dict(rtol=1e-4, atol=2e-5)
+# CPU under the interpreter (conftest.py sets TRITON_INTERPRET=1 there); the real kernels where there is a GPU
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(attention, "_POISON_OUTPUTS", True)
+
+
+def positions(lengths: list[int]) -> torch.Tensor:
+    """Position ids of documents of these lengths packed into one row."""
+    return torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+
+
+def random_qkv(B: int, T: int, H: int, K: int, Hd: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v and an upstream gradient dO, float64."""
+    q = torch.randn(B, T, H, Hd, dtype=torch.float64)
+    k = torch.randn(B, T, K, Hd, dtype=torch.float64)
+    v = torch.randn(B, T, K, Hd, dtype=torch.float64)
+    do = torch.randn(B, T, H, Hd, dtype=torch.float64)
+    return tuple(x.to(DEVICE) for x in (q, k, v, do))
+
+
+def run(fn, q, k, v, do, position_ids, dtype):
+    """(o, dq, dk, dv) of fn on copies of q, k, v cast to dtype."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves, position_ids)
+    o.backward(do.to(dtype))
+    return (o, *(x.grad for x in leaves))
+
+
+def assert_matches_reference(q, k, v, do, position_ids, dtype=torch.float32, tol=FP32_TOL):
+    got = run(flash_attention, q, k, v, do, position_ids, dtype)
+    want = run(attention_reference, q, k, v, do, position_ids, torch.float64)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, (name, g.dtype, g.shape)
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_poison_fixture_is_active():
+    assert torch.isnan(attention._empty((3,), torch.float32, DEVICE)).all()
+
+
+def dense_masked_attention(q, k, v, position_ids):
+    """softmax(q kᵀ/sqrt(Hd) + mask) v with the [T, T] mask built explicitly, from the spec alone."""
+    B, T, H, Hd = q.shape
+    group = H // k.shape[2]
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))  # [B, T, H, Hd]
+    # document id = number of position-id zeros up to and including t
+    doc = torch.zeros(B, T, dtype=torch.long) if position_ids is None else (position_ids == 0).long().cumsum(1).cpu()
+    t = torch.arange(T)
+    allowed = (t[None, :, None] >= t[None, None, :]) & (doc[:, :, None] == doc[:, None, :])  # [B, Tq, Tk]
+    allowed = allowed.to(q.device)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(Hd)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("H,K", [(4, 1), (4, 2), (6, 6)])
+def test_reference_equals_dense_masked_softmax(H, K):
+    B, T, Hd = 2, 40, 8
+    q, k, v, _ = random_qkv(B, T, H, K, Hd)
+    pos = torch.stack([positions([1, 12, 20, 7]), torch.cat([torch.arange(3, 25).to(DEVICE), positions([18])])])
+    for position_ids in (None, pos):
+        want = dense_masked_attention(q, k, v, position_ids)
+        torch.testing.assert_close(attention_reference(q, k, v, position_ids), want, rtol=1e-12, atol=1e-12)
+
+
+def test_document_index_matches_document_bounds():
+    rows = [
+        positions([1, 5, 1, 30, 3]),
+        positions([40]),
+        torch.arange(7, 47).to(DEVICE),  # no zero: one document that starts at t = 0
+        torch.cat([torch.arange(2, 11).to(DEVICE), positions([1, 1, 29])]),  # first document does not start at 0
+        torch.tensor([0, 1, 5, 9, 0, 0, 3, 1] * 5).to(DEVICE),  # only the zeros matter
+    ]
+    position_ids = torch.stack(rows)
+    doc_start, doc_end = _document_index(position_ids)
+    assert doc_start.dtype == doc_end.dtype == torch.int32
+    for b, spans in enumerate(document_bounds(position_ids)):
+        for s, e in spans:
+            assert (doc_start[b, s:e] == s).all() and (doc_end[b, s:e] == e).all(), (b, s, e)
+
+
+@pytest.mark.parametrize(
+    "B,T,H,K,Hd",
+    [
+        (1, 1, 4, 1, 16),
+        (2, 37, 4, 2, 16),
+        (1, 128, 4, 4, 16),
+        (2, 100, 4, 1, 32),
+        (1, 64, 4, 2, 32),
+        (1, 77, 4, 4, 64),
+        (1, 128, 4, 2, 64),
+    ],
+)
+def test_one_document_per_row_matches_float64(B, T, H, K, Hd):
+    assert_matches_reference(*random_qkv(B, T, H, K, Hd), None)
+
+
+PACKED_ROWS = {
+    "one-doc": [[45]],
+    "1-to-4-docs": [[1, 44], [13, 17, 15], [5, 1, 30, 9], [45]],
+    "length-1-docs": [[1, 1, 1, 42], [40, 1, 3, 1]],
+    "tile-straddling": [[16, 17, 12], [33, 12]],
+}
+
+
+@pytest.mark.parametrize("rows", sorted(PACKED_ROWS))
+@pytest.mark.parametrize("H,K,Hd", [(4, 1, 16), (4, 2, 32), (4, 4, 64)])
+def test_packed_documents_match_float64(rows, H, K, Hd):
+    lengths = PACKED_ROWS[rows]
+    position_ids = torch.stack([positions(row) for row in lengths])
+    assert_matches_reference(*random_qkv(len(lengths), position_ids.shape[1], H, K, Hd), position_ids)
+
+
+def test_packed_longer_rows_match_float64():
+    lengths = [[50, 1, 37, 40], [100, 28], [1, 126, 1]]
+    position_ids = torch.stack([positions(row) for row in lengths])
+    assert_matches_reference(*random_qkv(3, 128, 4, 2, 32), position_ids)
+
+
+def test_trailing_padding_document_gets_zero_gradient():
+    """c2a packs padding as its own trailing document with labels -100, so dO is 0 there: its tokens must
+    give finite outputs, no gradient to anything, and leave the real documents' gradients exact."""
+    B, T, H, K, Hd = 2, 48, 4, 2, 32
+    position_ids = torch.stack([positions([20, 9, 19]), positions([45, 3])])  # last doc of each row = padding
+    q, k, v, do = random_qkv(B, T, H, K, Hd)
+    do[0, 29:] = 0
+    do[1, 45:] = 0
+    got = run(flash_attention, q, k, v, do, position_ids, torch.float32)
+    assert all(torch.isfinite(x).all() for x in got)
+    for grad in got[1:]:
+        assert (grad[0, 29:] == 0).all() and (grad[1, 45:] == 0).all()
+    assert_matches_reference(q, k, v, do, position_ids)
+
+
+def test_strided_views_are_read_in_place():
+    """q, k, v as the model can produce them: slices of one fused [B, T, H + 2K, Hd] projection, a
+    [B, H, T, Hd] tensor transposed, and a tensor whose head dim is not contiguous."""
+    B, T, H, K, Hd = 2, 50, 4, 2, 16
+    qkv = torch.randn(B, T, H + 2 * K, Hd, dtype=torch.float64, device=DEVICE)
+    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + K], qkv[:, :, H + K :]
+    do = torch.randn(B, H, T, Hd, dtype=torch.float64, device=DEVICE).transpose(1, 2)
+    position_ids = torch.stack([positions([20, 30]), positions([50])])
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]  # fp32 copies; odd layouts rebuilt below
+    fused = torch.cat(leaves, dim=2)
+    qf, kf, vf = fused[:, :, :H], fused[:, :, H : H + K], fused[:, :, H + K :]
+    vf = vf.transpose(-1, -2).contiguous().transpose(-1, -2)  # head-dim stride K, not 1
+    assert qf.stride(1) == (H + 2 * K) * Hd and vf.stride(-1) != 1
+    o = flash_attention(qf, kf, vf, position_ids)
+    o.backward(do.float())
+    want = run(attention_reference, q, k, v, do, position_ids, torch.float64)
+    for name, g, w in zip(("o", "dq", "dk", "dv"), (o, *(x.grad for x in leaves)), want):
+        torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("Hd", [64, 128])
+def test_gpu_tile_sizes(monkeypatch, Hd):
+    """The tiles chosen for the GPU (128 × 64 and friends, not the interpreter's small ones) on rows
+    longer than two of them, packed and not."""
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_interpreting", lambda: False)
+        gpu = {name: getattr(attention, name)(Hd) for name in ("_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks")}
+    for name, blocks in gpu.items():
+        assert blocks.block_m >= 32 and blocks.block_n >= 32, (name, blocks)
+        monkeypatch.setattr(attention, name, lambda head_dim, blocks=blocks: blocks)
+    T = 300
+    position_ids = torch.stack([positions([1, 140, 29, 130]), positions([300])])
+    q, k, v, do = random_qkv(2, T, 4, 2, Hd)
+    assert_matches_reference(q, k, v, do, position_ids)
+    assert_matches_reference(q[:1], k[:1], v[:1], do[:1], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_plumbing(dtype):
+    """bf16/fp16 in and out. The interpreter computes their dots in fp32, so this checks loads, stores and
+    dtypes, with a tolerance for the inputs' and outputs' rounding (8 and 11 significant bits)."""
+    position_ids = torch.stack([positions([30, 1, 33])])
+    q, k, v, do = random_qkv(1, 64, 4, 2, 32)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=3e-3, atol=3e-3)
+    # the reference sees the same rounded inputs, so only the kernel's own rounding is measured
+    q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
+    assert_matches_reference(q, k, v, do, position_ids, dtype=dtype, tol=tol)
+
+
+def test_switch_dispatches_to_the_kernel(monkeypatch):
+    calls = []
+
+    def counting(*args):
+        calls.append(args[3])
+        return flash_attention(*args)
+
+    monkeypatch.setattr(attention, "flash_attention", counting)
+    monkeypatch.setenv("C2A_KERNELS", "triton")
+    q, k, v, _ = random_qkv(1, 20, 4, 2, 16)
+    pos = positions([9, 11])[None]
+    out = c2a.kernels.causal_attention(q.float(), k.float(), v.float(), pos)
+    assert len(calls) == 1 and calls[0] is pos
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, pos), **FP32_TOL)
+
+
+def test_validation_errors():
+    q = torch.randn(1, 8, 4, 16, device=DEVICE)
+    k = torch.randn(1, 8, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"q must be \[B, T, heads, Hd\]"):
+        flash_attention(q[0], k, k)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        flash_attention(q, k, k[:, :, :1])
+    with pytest.raises(ValueError, match=r"k/v must be \[B=1, T=8, K, Hd=16\]"):
+        flash_attention(q, k[:, :5], k[:, :5])
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of key/value heads \(3\)"):
+        flash_attention(q, k.new_zeros(1, 8, 3, 16), k.new_zeros(1, 8, 3, 16))
+    with pytest.raises(ValueError, match=r"head dim must be one of \(16, 32, 64, 128\), got 24"):
+        flash_attention(q.new_zeros(1, 8, 4, 24), k.new_zeros(1, 8, 2, 24), k.new_zeros(1, 8, 2, 24))
+    with pytest.raises(TypeError, match="must share a dtype"):
+        flash_attention(q, k.half(), k.half())
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        flash_attention(q.double(), k.double(), k.double())
+    with pytest.raises(ValueError, match=r"position_ids must be \[B=1, T=8\]"):
+        flash_attention(q, k, k, positions([7])[None])
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
+        flash_attention(q, k, k, positions([8])[None].float())
