@@ -3,8 +3,9 @@
 Batching lives in `c2a.data.batching` (it imports torch) and the bundled demo task in `c2a.data.demo`.
 """
 
+from typing import Any
+
 from c2a.data.alpaca import IGNORE_INDEX, DataError, LoadedRecords, encode_example, encode_example_full, format_prompt, load_records
-from c2a.data.prepare import CacheMismatchError, TokenizedDataset
 from c2a.data.tokenizer import Tokenizer
 
 __all__ = [
@@ -19,3 +20,13 @@ __all__ = [
     "format_prompt",
     "load_records",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that `python -m c2a.data.prepare` does not find its own module already
+    # imported by the package (runpy warns about that).
+    if name in ("TokenizedDataset", "CacheMismatchError"):
+        from c2a.data import prepare
+
+        return getattr(prepare, name)
+    raise AttributeError(f"module 'c2a.data' has no attribute {name!r}")

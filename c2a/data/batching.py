@@ -214,7 +214,10 @@ class MicroBatchLoader:
                 labels[b, t:t + n] = y
                 pos[b, t:t + n] = arange[:n]
                 t += n
-            pos[b, t:] = arange[:T - t]  # the padding tail counts from 0: a document of its own
+            if self.mode == "packed":
+                pos[b, t:] = arange[:T - t]  # the padding tail counts from 0: a document of its own
+            else:
+                pos[b] = arange  # right padding: plain causal attention is exact for the real tokens
         n_examples = sum(len(r) for r in rows)
         return MicroBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_examples)
 
