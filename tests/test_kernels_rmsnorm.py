@@ -1,0 +1,119 @@
+"""Triton RMSNorm and fused residual-add RMSNorm against float64 references: outputs, dx, dw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c2a.kernels import rmsnorm
+from c2a.kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
+
+EPS = 1e-5
+
+
+def rms_norm_float64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The formula in float64 throughout (rms_norm_reference itself normalises in fp32, by design)."""
+    x, w = x.double(), w.double()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + EPS) * w
+
+
+def add_rms_norm_float64(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x.double() + r.double()
+    return h, rms_norm_float64(h, w)
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, a weight away from 1 (so a missing or transposed weight shows), and an upstream gradient."""
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    w = (1 + 0.5 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    return x, w, dy
+
+
+def grads(fn, tensors: list[torch.Tensor], outputs_grads: list[torch.Tensor]):
+    """Run fn on fresh leaf copies of tensors -> (outputs, grads of the leaves)."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, outputs_grads)
+    return outs, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 80), (7, 80), (129, 80), (7, 4097), (3, 5, 80)], ids=str)
+def test_rms_norm_matches_float64(shape, dtype, monkeypatch):
+    fwd = count_launches(monkeypatch, rmsnorm, "_rms_norm_fwd_kernel")
+    bwd = count_launches(monkeypatch, rmsnorm, "_rms_norm_bwd_kernel")
+    x, w, dy = inputs(shape, dtype)
+    (y,), (dx, dw) = grads(lambda x, w: rms_norm(x, w, EPS), [x, w], [dy])
+    (y_t,), (dx_t, dw_t) = grads(lambda x, w: rms_norm_reference(x, w, EPS), [x, w], [dy])
+    (y64,), (dx64, dw64) = grads(rms_norm_float64, [x.double(), w.double()], [dy.double()])
+    assert (fwd.launches, bwd.launches) == (1, 1)
+    assert_within_torch_error("y", y, y_t, y64)
+    assert_within_torch_error("dx", dx, dx_t, dx64)
+    assert_within_torch_error("dw", dw, dw_t, dw64)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 80), (129, 80), (7, 4097)], ids=str)
+def test_add_rms_norm_matches_float64(shape, dtype):
+    x, w, dy = inputs(shape, dtype)
+    r = torch.randn(shape, device=DEVICE).to(dtype)
+    dh = torch.randn(shape, device=DEVICE).to(dtype)
+    (h, y), (dx, dr, dw) = grads(lambda x, r, w: add_rms_norm(x, r, w, EPS), [x, r, w], [dh, dy])
+    (h_t, y_t), (dx_t, dr_t, dw_t) = grads(lambda x, r, w: add_rms_norm_reference(x, r, w, EPS), [x, r, w], [dh, dy])
+    (h64, y64), (dx64, dr64, dw64) = grads(
+        add_rms_norm_float64, [x.double(), r.double(), w.double()], [dh.double(), dy.double()]
+    )
+    torch.testing.assert_close(h, h_t, rtol=0, atol=0)  # the same single rounding of x + r
+    assert_within_torch_error("y", y, y_t, y64)
+    assert_within_torch_error("dx", dx, dx_t, dx64)
+    assert_within_torch_error("dresidual", dr, dr_t, dr64)
+    assert_within_torch_error("dw", dw, dw_t, dw64)
+
+
+def test_weight_without_grad_skips_dw():
+    x, w, dy = inputs((7, 80), torch.float32)
+    x.requires_grad_()
+    rms_norm(x, w, EPS).backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    rms_norm_float64(x64, w).backward(dy.double())
+    assert w.grad is None
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dw_partial_sums_are_fp32(monkeypatch):
+    """dw of fp16 rows that sum far past fp16's precision: only an fp32 reduction keeps it."""
+    rows, D = 129, 80
+    x = torch.ones(rows, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.ones(D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    dy = torch.full((rows, D), 1.0 + 2**-10, device=DEVICE, dtype=torch.float16)  # 1 + 1 ulp
+    rms_norm(x, w, 0.0).backward(dy)
+    # exact: Σ rows (1 + 2^-10) · 1 = 129.126 -> fp16 129.125; a running fp16 sum would stall at 129.0
+    assert torch.all(w.grad == torch.tensor(129.125, dtype=torch.float16))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(4, 8).double(), torch.ones(8).double()), "x must be float32, bfloat16 or float16, got torch.float64"),
+        (lambda: (torch.randn(4, 8), torch.ones(7)), r"weight must be \[D\] = \[8\]"),
+        (lambda: (torch.randn(4, 8), torch.ones(8).half()), "weight must have x's dtype torch.float32, got torch.float16"),
+        (lambda: (torch.randn(8, 4).T, torch.ones(8)), "x must be contiguous"),
+        (lambda: (torch.randn(4, 8), torch.ones(8, device="meta")), "weight must be on x's device"),
+        (lambda: (torch.randn(1, 40000), torch.ones(40000)), "D must be at most 32768"),
+    ],
+)
+def test_rms_norm_rejects_bad_inputs(make, message):
+    x, w = make()
+    with pytest.raises((ValueError, TypeError), match=f"rms_norm: {message}"):
+        rms_norm(x.to(DEVICE), w if w.device.type == "meta" else w.to(DEVICE), EPS)
+
+
+def test_add_rms_norm_rejects_mismatched_residual():
+    x, w, _ = inputs((4, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"add_rms_norm: residual must match x \(\(4, 8\), torch.float32\), got \(\(4, 7\)"):
+        add_rms_norm(x, torch.randn(4, 7, device=DEVICE), torch.ones(8, device=DEVICE), EPS)
