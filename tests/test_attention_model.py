@@ -1,0 +1,95 @@
+"""The Triton attention kernel inside c2a.model.Llama: a packed batch trains exactly like its documents alone.
+
+The other ops (RMSNorm, rotary, SwiGLU, cross-entropy) stay on their torch references (C2A_KERNELS=torch) so
+that a difference here can only come from attention; the model's attention call is routed to the kernel
+and counted, so the test cannot pass on the reference by accident.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import c2a.kernels
+import c2a.model.llama
+from c2a.config import LlamaConfig
+from c2a.kernels.attention import flash_attention
+from c2a.model import Llama
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=32)  # Hd 16, GQA 2:1
+PAD = 0
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Routes the model's attention to the Triton kernel; returns the list of position_ids it was called with."""
+    calls = []
+
+    def counting(q, k, v, position_ids):
+        calls.append(position_ids)
+        return flash_attention(q, k, v, position_ids)
+
+    monkeypatch.setenv("C2A_KERNELS", "torch")
+    monkeypatch.setattr(c2a.model.llama, "causal_attention", counting)
+    return calls
+
+
+def make_documents(lengths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) per document; the first third of each document's targets is an untrained prompt."""
+    docs = []
+    for n in lengths:
+        ids = torch.randint(1, CFG.vocab_size, (n,))
+        labels = torch.randint(1, CFG.vocab_size, (n,))
+        labels[: n // 3] = -100
+        docs.append((ids, labels))
+    return docs
+
+
+def pack(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], T: int) -> tuple[torch.Tensor, ...]:
+    """Rows of documents packed to length T, the rest a padding document (labels -100), as c2a packs them."""
+    out = []
+    for row in rows:
+        used = sum(len(ids) for ids, _ in row)
+        ids = torch.cat([d[0] for d in row] + [torch.full((T - used,), PAD)])
+        labels = torch.cat([d[1] for d in row] + [torch.full((T - used,), -100)])
+        pos = torch.cat([torch.arange(len(d[0])) for d in row] + [torch.arange(T - used)])
+        out.append((ids, labels, pos))
+    return tuple(torch.stack(x).to(DEVICE) for x in zip(*out))
+
+
+def loss_and_grads(model: Llama, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model.loss(*args, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_packed_batch_equals_documents_alone(kernel_calls, monkeypatch):
+    model = Llama(CFG).to(DEVICE)
+    rows = [make_documents([7, 1, 19, 13, 8]), make_documents([30, 15])]
+    ids, labels, pos = pack(rows, T=48)  # row 1 ends with a 3-token padding document
+    n_targets = (labels != -100).sum()
+
+    packed_loss, packed_grads = loss_and_grads(model, ids, labels, position_ids=pos)
+    assert len(kernel_calls) == CFG.n_layers and all(p is pos for p in kernel_calls)
+
+    # the same documents one at a time, each loss divided by the packed batch's target count, summed
+    model.zero_grad()
+    alone_loss = torch.zeros((), device=DEVICE)
+    for row in rows:
+        for doc_ids, doc_labels in row:
+            loss = model.loss(doc_ids[None].to(DEVICE), doc_labels[None].to(DEVICE), normalizer=n_targets)
+            loss.backward()
+            alone_loss += loss.detach()
+    assert len(kernel_calls) == CFG.n_layers * 8 and all(p is None for p in kernel_calls[CFG.n_layers :])
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    # and the packed batch through the torch reference (per-document SDPA) gives the same numbers
+    monkeypatch.setattr(c2a.model.llama, "causal_attention", c2a.kernels.causal_attention)
+    ref_loss, ref_grads = loss_and_grads(model, ids, labels, position_ids=pos)
+    torch.testing.assert_close(packed_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
