@@ -1,0 +1,368 @@
+"""Attention throughput: c2a's Triton FlashAttention-2 kernel against torch SDPA (flash backend) and
+flash-attn (where installed), forward and forward + backward.
+
+    python benchmarks/attention.py [--out DIR] [--seqlens 512,1024,...] [--head-dims 64,128] [--sweep]
+
+Cases (bf16, 32 query heads, batch × T = 16384 tokens so every T fills the card alike):
+  dense   causal, MHA, T = 512 … 16384, head dims 64 and 128;
+  gqa     32 query heads on 8 key/value heads against 32 on 32, Hd 128, T = 4096 and 8192;
+  packed  Alpaca-like documents (lengths log-uniform in 50…1500 tokens, median ≈ 270) packed first-fit into
+          4 rows of 4096, the rest of each row a padding document; against SDPA run per document (and
+          flash-attn's varlen kernel), TFLOP/s counting only the real documents' causal FLOPs.
+FLOPs: causal forward = half the dense 4·B·H·T²·Hd; backward = 2.5 × forward (its five matmuls against
+the forward's two), so forward + backward = 3.5 × forward, whatever a kernel actually recomputes.
+Every c2a row first checks its forward output against SDPA's (max |difference| in the table).
+
+Without CUDA the script says so and runs a smoke mode (`--smoke` asks for it on a GPU too): tiny fp32 shapes,
+under Triton's CPU interpreter and timed with a wall clock there (times of the interpreter, not the kernel).
+Writes DIR/attention.json and DIR/attention.png; prints a table; never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported, which reads it at decoration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from c2a.kernels import attention  # noqa: E402
+from c2a.kernels.attention import flash_attention  # noqa: E402
+
+try:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+SDPA_NAME = "sdpa-flash" if CUDA else "sdpa-math"
+
+
+@dataclass
+class Row:
+    case: str  # dense | gqa | packed
+    provider: str  # c2a | sdpa-flash (sdpa-math on CPU) | flash-attn | sdpa-per-doc | flash-attn-varlen
+    mode: str  # fwd | fwd+bwd
+    B: int
+    T: int
+    H: int
+    K: int
+    Hd: int
+    ms: float
+    tflops: float
+    max_diff: float | None = None  # c2a's forward against SDPA's, same inputs
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor]) -> float:
+    """Mean milliseconds per call: triton.testing.do_bench on CUDA (L2 flushed between calls), else a
+    wall clock over a few calls (the interpreter's time, not the kernel's)."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none)
+    fn()  # trace once
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def causal_flops(H: int, Hd: int, lengths: list[int]) -> float:
+    """Forward FLOPs of causal attention over documents of these lengths: half of 4·L²·Hd per head."""
+    return sum(2.0 * H * Hd * L * L for L in lengths)
+
+
+def timed(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], do: torch.Tensor, mode: str) -> float:
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench_ms(fwd, [])
+    return bench_ms(lambda: fwd().backward(do), leaves)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def make_qkv(B: int, T: int, H: int, K: int, Hd: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """q [B, T, H, Hd], k, v [B, T, K, Hd] (leaves that require grad), dO [B, T, H, Hd]."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (
+        torch.randn(B, T, n, Hd, device=DEVICE, dtype=dtype, generator=gen).requires_grad_() for n in (H, K, K)
+    )
+    do = torch.randn(B, T, H, Hd, device=DEVICE, dtype=dtype, generator=gen)
+    return q, k, v, do
+
+
+def alpaca_like_rows(rows: int, T: int, lo: int = 50, hi: int = 1500, seed: int = 0) -> list[list[int]]:
+    """Per row, the document lengths packed first-fit into T tokens; a last padding document fills the
+    rest (marked by a negative length)."""
+    gen = torch.Generator().manual_seed(seed)
+    packed: list[list[int]] = [[] for _ in range(rows)]
+    free = [T] * rows
+    while True:
+        n = int(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand((), generator=gen).item()))
+        n = min(n, T)
+        fits = [r for r in range(rows) if free[r] >= n]
+        if not fits:
+            break
+        packed[fits[0]].append(n)
+        free[fits[0]] -= n
+    for r in range(rows):
+        if free[r]:
+            packed[r].append(-free[r])
+    return packed
+
+
+def position_ids_of(rows: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(abs(n)) for n in row]) for row in rows]).to(DEVICE)
+
+
+# ------------------------------------------------------------------------------------------------ providers
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch SDPA on the same [B, T, heads, Hd] tensors (transposed views, as a model would pass them),
+    flash backend on CUDA; GQA through enable_gqa."""
+    backends = [SDPBackend.FLASH_ATTENTION] if CUDA else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
+        )
+    return o.transpose(1, 2)
+
+
+def sdpa_per_document(q, k, v, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """SDPA once per document, spans precomputed on the host (so no sync is timed), outputs concatenated."""
+    rows = []
+    for b, row in enumerate(spans):
+        rows.append(torch.cat([sdpa(q[b : b + 1, s:e], k[b : b + 1, s:e], v[b : b + 1, s:e]) for s, e in row], dim=1))
+    return torch.cat(rows)
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    B, T, H, Hd = q.shape
+    o = flash_attn_varlen_func(
+        q.reshape(B * T, H, Hd), k.reshape(B * T, -1, Hd), v.reshape(B * T, -1, Hd),
+        cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
+    )
+    return o.view(B, T, H, Hd)
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def run_dense(seqlens: list[int], head_dims: list[int], H: int, tokens: int, dtype, rows: list[Row]) -> None:
+    for Hd in head_dims:
+        for T in seqlens:
+            B = max(1, tokens // T)
+            run_case("dense", B, T, H, H, Hd, dtype, None, rows)
+
+
+def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing, rows: list[Row]) -> None:
+    q, k, v, do = make_qkv(B, T, H, K, Hd, dtype)
+    leaves = [q, k, v]
+    if packing is None:
+        flops = B * causal_flops(H, Hd, [T])
+        position_ids = None
+        providers = {"c2a": lambda: flash_attention(q, k, v), SDPA_NAME: lambda: sdpa(q, k, v)}
+        if flash_attn_func is not None:
+            providers["flash-attn"] = lambda: flash_attn_func(q, k, v, causal=True)
+    else:
+        flops = causal_flops(H, Hd, [n for row in packing for n in row if n > 0])  # real documents only
+        position_ids = position_ids_of(packing)
+        spans = attention.document_bounds(position_ids)
+        providers = {
+            "c2a": lambda: flash_attention(q, k, v, position_ids),
+            "sdpa-per-doc": lambda: sdpa_per_document(q, k, v, spans),
+        }
+        if flash_attn_varlen_func is not None:
+            starts = [b * T + s for b, row in enumerate(spans) for s, _ in row] + [B * T]
+            cu = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+            max_len = max(e - s for row in spans for s, e in row)
+            providers["flash-attn-varlen"] = lambda: flash_attn_varlen(q, k, v, cu, max_len)
+    with torch.no_grad():
+        want = sdpa(q, k, v) if packing is None else sdpa_per_document(q, k, v, spans)
+        max_diff = (flash_attention(q, k, v, position_ids).float() - want.float()).abs().max().item()
+    for mode in ("fwd", "fwd+bwd"):
+        for name, fwd in providers.items():
+            try:
+                ms = timed(fwd, leaves, do, mode)
+            except Exception as err:  # a baseline without this shape/dtype/GQA support: report, go on
+                print(f"  {case} {name} {mode} T={T} Hd={Hd}: skipped ({type(err).__name__}: {str(err)[:100]})")
+                continue
+            total = flops * (1.0 if mode == "fwd" else 3.5)
+            rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, max_diff if name == "c2a" else None))
+            print(format_row(rows[-1]), flush=True)
+
+
+def format_row(r: Row) -> str:
+    diff = "" if r.max_diff is None else f"{r.max_diff:9.2e}"
+    return (f"{r.case:7s} {r.provider:18s} {r.mode:8s} {r.B:3d} {r.T:6d} {r.H:3d} {r.K:3d} {r.Hd:4d} "
+            f"{r.ms:10.3f} {r.tflops:8.4g} {diff}")
+
+
+HEADER = f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s} {'K':>3s} {'Hd':>4s} {'ms':>10s} {'TFLOP/s':>8s} {'max|diff|':>9s}"
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+SWEEP = {
+    "_fwd_blocks": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
+    "_bwd_dkdv_blocks": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 4, 3)],
+    "_bwd_dq_blocks": [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+}
+
+
+def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
+    """Times each kernel's alternative tile sizes (BLOCK_M, BLOCK_N, warps, stages), the others at their
+    defaults: the forward by forward time, the two backward passes by forward + backward time."""
+    B = max(1, tokens // T)
+    q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
+    results = []
+    for name, candidates in SWEEP.items():
+        default = getattr(attention, name)
+        mode = "fwd" if name == "_fwd_blocks" else "fwd+bwd"
+        for cand in candidates:
+            setattr(attention, name, lambda head_dim, c=cand: attention._Blocks(*c))
+            try:
+                ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode)
+            except Exception as err:  # e.g. out of shared memory for this tile/stage count
+                ms = float("nan")
+                print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
+            finally:
+                setattr(attention, name, default)
+            results.append({"kernel": name, "blocks": cand, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
+            print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head_dims = sorted({r.Hd for r in rows if r.case == "dense"})
+    fig, axes = plt.subplots(2, len(head_dims) + 1, figsize=(5 * (len(head_dims) + 1), 8), squeeze=False)
+    for row_i, mode in enumerate(("fwd", "fwd+bwd")):
+        for col, Hd in enumerate(head_dims):
+            ax = axes[row_i][col]
+            for provider in sorted({r.provider for r in rows if r.case == "dense"}):
+                pts = sorted((r.T, r.tflops) for r in rows if (r.case, r.provider, r.mode, r.Hd) == ("dense", provider, mode, Hd))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"dense causal, Hd {Hd}, {mode}")
+            ax.set_xlabel("T (tokens)")
+            ax.set_ylabel("TFLOP/s")
+            ax.legend()
+        ax = axes[row_i][-1]
+        others = [r for r in rows if r.case != "dense" and r.mode == mode]
+        ax.barh([f"{r.case} {r.provider} K={r.K} T={r.T}" for r in others], [r.tflops for r in others])
+        ax.set_title(f"GQA and packed, {mode}")
+        ax.set_xlabel("TFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def environment(smoke: bool) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()}), Triton interpreter",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+        "smoke": smoke,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--tokens", type=int, default=16384, help="batch × T of every dense case")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tile sizes (Hd 128, T 4096)")
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    smoke = args.smoke or not CUDA
+    if not CUDA:
+        print("no CUDA: smoke mode, tiny fp32 shapes under Triton's CPU interpreter; times are the interpreter's")
+    if not smoke:
+        dtype, H, tokens = torch.bfloat16, 32, args.tokens
+        seqlens = [int(x) for x in args.seqlens.split(",")]
+        head_dims = [int(x) for x in args.head_dims.split(",")]
+        gqa_T, gqa, pack_T, pack_rows, doc_lengths = [4096, 8192], (32, 8), 4096, 4, (50, 1500)
+    else:
+        dtype, H, tokens = torch.float32, 4, 128
+        seqlens, head_dims = [64], [16, 32]
+        gqa_T, gqa, pack_T, pack_rows, doc_lengths = [64], (4, 2), 128, 1, (5, 60)
+    print(HEADER)
+    rows: list[Row] = []
+    run_dense(seqlens, head_dims, H, tokens, dtype, rows)
+    gqa_hd = max(head_dims)
+    for T in gqa_T:
+        B = max(1, tokens // T)
+        for n_heads, n_kv in ((gqa[0], gqa[0]), gqa):
+            run_case("gqa", B, T, n_heads, n_kv, gqa_hd, dtype, None, rows)
+    packing = alpaca_like_rows(pack_rows, pack_T, *doc_lengths)
+    run_case("packed", pack_rows, pack_T, H, H, gqa_hd, dtype, packing, rows)
+    if not any((r.case, r.B, r.T, r.Hd) == ("dense", pack_rows, pack_T, gqa_hd) for r in rows):
+        run_case("dense", pack_rows, pack_T, H, H, gqa_hd, dtype, None, rows)  # the packed case's yardstick
+
+    summary = {}
+    for mode in ("fwd", "fwd+bwd"):
+        rate = {(r.case, r.B, r.T, r.K, r.Hd): r.tflops for r in rows if r.provider == "c2a" and r.mode == mode}
+        dense = rate.get(("dense", pack_rows, pack_T, H, gqa_hd))
+        packed = rate.get(("packed", pack_rows, pack_T, H, gqa_hd))
+        if dense and packed:
+            summary[f"c2a packed / dense, {mode}"] = packed / dense
+        for T in gqa_T:
+            B = max(1, tokens // T)
+            grouped, full = rate.get(("gqa", B, T, gqa[1], gqa_hd)), rate.get(("gqa", B, T, gqa[0], gqa_hd))
+            if grouped and full:
+                summary[f"c2a GQA {gqa[0]}:{gqa[1]} / MHA, T={T}, {mode}"] = grouped / full
+    for key, value in summary.items():
+        print(f"{key}: {value:.3f}")
+
+    sweep_results = sweep(4096, 128, 32, args.tokens, dtype) if args.sweep and not smoke else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(smoke), "rows": [asdict(r) for r in rows], "summary": summary, "sweep": sweep_results}
+    (args.out / "attention.json").write_text(json.dumps(result, indent=1))
+    plot(rows, args.out / "attention.png")
+    print(f"wrote {args.out / 'attention.json'} and {args.out / 'attention.png'}")
+
+
+if __name__ == "__main__":
+    main()
