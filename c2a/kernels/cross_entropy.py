@@ -114,11 +114,14 @@ def _cross_entropy_chunk_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
-    lse = m + tl.log(s)
+    # lse = m + log s, kept in two parts: x − m is exact near the maximum, so (x − m) − log s (and
+    # (m − target) + log s) round once at the small magnitude, as torch's log_softmax does
+    log_s = tl.log(s)
+    lse = m + log_s
 
     ignored = label == ignore_index
     in_range = (label >= 0) & (label < n_vocab)
-    loss = tl.where(in_range, lse - target + z_loss * lse * lse, float("nan"))
+    loss = tl.where(in_range, (m - target) + log_s + z_loss * lse * lse, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
 
     # Pass 2: dlogits = (softmax · (1 + 2z·lse) − onehot) / n, zero for an ignored row.
@@ -130,7 +133,7 @@ def _cross_entropy_chunk_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < n_vocab
             x = tl.load(logits_row + cols, mask=mask, other=0.0)
-            g = tl.exp(x - lse) * p_scale - tl.where(cols == label, 1.0, 0.0)
+            g = tl.exp((x - m) - log_s) * p_scale - tl.where(cols == label, 1.0, 0.0)
             tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 

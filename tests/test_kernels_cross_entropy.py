@@ -1,0 +1,159 @@
+"""Fused linear cross-entropy against the float64 reference: loss, dh, dW; ignored targets, chunking,
+normalisers, z-loss, which inputs want gradients, and that nothing reads a device value on the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c2a.kernels import cross_entropy
+from c2a.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
+
+
+def problem(N: int, D: int, V: int, dtype: torch.dtype, ignored: float = 0.3):
+    """h, W scaled so the logits spread over several units (a peaked softmax, as in a trained model),
+    labels with a fraction set to -100."""
+    h = torch.randn(N, D, device=DEVICE).to(dtype)
+    w = (torch.randn(V, D, device=DEVICE) * 2 / D**0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < ignored] = IGNORE_INDEX
+    return h, w, labels
+
+
+def run(fn, h, w, labels, grad_h: bool = True, grad_w: bool = True, scale: float = 1.0, **kwargs):
+    h = h.detach().clone().requires_grad_(grad_h)
+    w = w.detach().clone().requires_grad_(grad_w)
+    loss = fn(h, w, labels, **kwargs)
+    if grad_h or grad_w:
+        (loss * scale).backward()
+    return loss, h.grad, w.grad
+
+
+def check_against_float64(h, w, labels, grad_h=True, grad_w=True, scale=1.0, chunk_size=None, **kwargs):
+    loss, dh, dw = run(linear_cross_entropy, h, w, labels, grad_h, grad_w, scale, chunk_size=chunk_size, **kwargs)
+    loss_t, dh_t, dw_t = run(linear_cross_entropy_reference, h, w, labels, grad_h, grad_w, scale, **kwargs)
+    loss64, dh64, dw64 = run(linear_cross_entropy_reference, h.double(), w.double(), labels, grad_h, grad_w, scale, **kwargs)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_within_torch_error("loss", loss, loss_t, loss64)
+    if grad_h:
+        assert_within_torch_error("dh", dh, dh_t, dh64)
+    else:
+        assert dh is None
+    if grad_w:
+        assert_within_torch_error("dW", dw, dw_t, dw64)
+    else:
+        assert dw is None
+    return loss
+
+
+# Chunks whose boundaries fall at odd rows. With V = 32000 the dh GEMM sums 32000-long dot products, and
+# on CPU the BLAS picks its kernel by the row count: for rows not a multiple of 4 it sums them 5-10x less
+# accurately (measured: 1.1e-8 at 4 rows, 1.3e-7 at 2 or 7 rows, same data). So the 32000-vocab case uses
+# 12 rows in chunks of 8 and 4 (the reference's GEMM has 12), lest the test measure the BLAS, not the kernel.
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "N, D, V, chunk",
+    [(1, 80, 1000, None), (7, 80, 1000, 3), (129, 80, 1000, 50), (7, 4097, 1000, 4), (12, 80, 32000, 8)],
+    ids=["1tok", "7tok-chunk3", "129tok-chunk50", "hidden4097", "vocab32000"],
+)
+def test_linear_cross_entropy_matches_float64(N, D, V, chunk, dtype, monkeypatch):
+    launches = count_launches(monkeypatch, cross_entropy, "_cross_entropy_chunk_kernel")
+    h, w, labels = problem(N, D, V, dtype)
+    check_against_float64(h, w, labels, chunk_size=chunk)
+    assert launches.launches == -(-N // (chunk or N))  # one launch per chunk; the default chunk covers N < 256
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_all_ignored_gives_zero_not_nan(z_loss):
+    h, w, labels = problem(7, 80, 1000, torch.float32, ignored=1.0)
+    loss, dh, dw = run(linear_cross_entropy, h, w, labels, z_loss=z_loss, chunk_size=3)
+    assert loss.item() == 0.0
+    assert torch.all(dh == 0) and torch.all(dw == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_z_loss(dtype):
+    h, w, labels = problem(32, 80, 1000, dtype)
+    plain = check_against_float64(h, w, labels, chunk_size=12)
+    with_z = check_against_float64(h, w, labels, chunk_size=12, z_loss=1e-2)
+    assert with_z > plain  # the z term is positive for these logits (lse well above 0)
+
+
+@pytest.mark.parametrize("normalizer", [None, 11.0, torch.tensor(11), torch.tensor(11.0)], ids=["count", "float", "int-tensor", "tensor"])
+def test_normalizer_and_grad_output(normalizer):
+    """The divisor from outside (gradient accumulation, data parallel) and a loss scaled before backward."""
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    normalizer = normalizer.to(DEVICE) if isinstance(normalizer, torch.Tensor) else normalizer
+    check_against_float64(h, w, labels, scale=2.5, chunk_size=4, normalizer=normalizer)
+
+
+@pytest.mark.parametrize("grad_h, grad_w", [(True, False), (False, True)])
+def test_only_some_inputs_want_gradients(grad_h, grad_w, monkeypatch):
+    """A frozen head (W without grad) and a frozen trunk (h without grad); the skipped GEMM never runs."""
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    calls = {"addmm": 0}
+    real = cross_entropy._addmm_fp32_
+    monkeypatch.setattr(cross_entropy, "_addmm_fp32_", lambda *a: (calls.__setitem__("addmm", calls["addmm"] + 1), real(*a)))
+    check_against_float64(h, w, labels, grad_h=grad_h, grad_w=grad_w, chunk_size=4)
+    assert calls["addmm"] == (3 if grad_w else 0)
+
+
+def test_no_grad_gives_the_loss():
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h.requires_grad_(), w, labels, chunk_size=4)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(h.detach(), w, labels), rtol=1e-6, atol=1e-6)
+    assert not loss.requires_grad
+
+
+def test_no_host_reads(monkeypatch):
+    """No .item(), bool(), int() or float() of a tensor anywhere in forward or backward: on a GPU each
+    would stall the host until the device catches up."""
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("linear_cross_entropy read a tensor's value on the host")
+
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    h.requires_grad_()
+    w.requires_grad_()
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss = linear_cross_entropy(h, w, labels, torch.tensor(7.0, device=DEVICE), chunk_size=4)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss).item() and h.grad is not None and w.grad is not None
+
+
+def test_out_of_range_target_makes_the_loss_nan():
+    h, w, labels = problem(5, 80, 1000, torch.float32, ignored=0.0)
+    labels[2] = 1000
+    assert linear_cross_entropy(h, w, labels).isnan().item()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: (torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long)), r"h must be \[N, D\] and weight \[V, D\]"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)), r"labels must be \[N\] = \[4\], got \(5,\)"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8).half(), torch.zeros(4, dtype=torch.long)), "h and weight must share a dtype"),
+        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)), "labels must be int64 or int32, got torch.float32"),
+    ],
+    ids=["shapes", "labels-shape", "dtype", "labels-dtype"],
+)
+def test_rejects_bad_inputs(make, message):
+    h, w, labels = (t.to(DEVICE) for t in make())
+    with pytest.raises((ValueError, TypeError), match=f"linear_cross_entropy: {message}"):
+        linear_cross_entropy(h, w, labels)
+
+
+def test_rejects_bad_normalizer_and_z_loss():
+    h, w, labels = problem(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="linear_cross_entropy: normalizer must be positive, got 0"):
+        linear_cross_entropy(h, w, labels, 0)
+    with pytest.raises(ValueError, match="linear_cross_entropy: normalizer must be a number or a one-element tensor"):
+        linear_cross_entropy(h, w, labels, torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="linear_cross_entropy: z_loss must be >= 0, got -1"):
+        linear_cross_entropy(h, w, labels, z_loss=-1.0)
