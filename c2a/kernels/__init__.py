@@ -47,6 +47,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual, y = RMSNorm(h) -> (h, y); the Triton path does both in one pass over the rows."""
+    if backend(x.device) == "triton":
+        from .rmsnorm import add_rms_norm as triton_add_rms_norm
+
+        return triton_add_rms_norm(x, residual, weight, eps)
+    from .rmsnorm import add_rms_norm_reference
+
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,87 @@
+"""The model on the Triton kernels (interpreted on CPU) against the same model on the torch references.
+
+Attention is the attention issue's kernel and is tested in tests/test_attention*.py; here it is pinned to
+its torch reference on both paths, so that this test isolates RMSNorm, rotary, SwiGLU and the fused
+linear cross-entropy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c2a.config import LlamaConfig
+from c2a.kernels import attention, cross_entropy, rmsnorm, rotary, swiglu
+from c2a.model import Llama
+from kernel_checks import DEVICE, count_launches
+
+# GQA (4 query heads over 2 kv heads), head dim 16, an FFN width that is not a power of two
+CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=96, max_seq_len=64)
+KERNELS = {
+    rmsnorm: ["_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"],
+    rotary: ["_rotary_kernel"],
+    swiglu: ["_swiglu_fwd_kernel", "_swiglu_bwd_kernel"],
+    cross_entropy: ["_cross_entropy_chunk_kernel"],
+}
+# Launches in one forward + backward of CFG: RMSNorm 2 per layer (the ffn one fused with the residual
+# add) + the final norm, each once forward and once backward; rotary once per layer each way; SwiGLU
+# once per layer each way; the loss kernel once (26 tokens fit one chunk).
+EXPECTED_LAUNCHES = {
+    "_rms_norm_fwd_kernel": 5, "_rms_norm_bwd_kernel": 5, "_rotary_kernel": 4,
+    "_swiglu_fwd_kernel": 2, "_swiglu_bwd_kernel": 2, "_cross_entropy_chunk_kernel": 1,
+}  # fmt: skip
+
+
+def loss_and_grads(model: Llama, backend: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """-> (loss, logits, parameter grads, kernel launches) with C2A_KERNELS=backend."""
+    monkeypatch.setenv("C2A_KERNELS", backend)
+    counters = {name: count_launches(monkeypatch, module, name) for module, names in KERNELS.items() for name in names}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CFG.vocab_size, (2, 13), generator=g).to(DEVICE)
+    labels = ids.roll(-1, dims=1)
+    labels[0, :4] = -100  # a prompt
+    labels[:, -1] = -100
+    positions = torch.tensor([list(range(13)), list(range(6)) + list(range(7))], device=DEVICE)  # row 1: 2 docs
+    model.zero_grad()
+    loss = model.loss(ids, labels, position_ids=positions)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    launches = {name: c.launches for name, c in counters.items()}
+    with torch.no_grad():
+        logits = model(ids, position_ids=positions)
+    monkeypatch.undo()  # restores the kernels and the environment before the next backend's run
+    return loss.detach(), logits, grads, launches
+
+
+def test_triton_model_matches_torch_model(monkeypatch):
+    # Attention on its torch reference under both backends (see the module docstring)
+    monkeypatch.setattr(attention, "flash_attention", attention.attention_reference)
+    torch.manual_seed(0)
+    model = Llama(CFG).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn_like(p))  # norms away from their init of 1, so dw matters
+
+    loss_t, logits_t, grads_t, launches_t = loss_and_grads(model, "torch", monkeypatch)
+    monkeypatch.setattr(attention, "flash_attention", attention.attention_reference)
+    loss_k, logits_k, grads_k, launches_k = loss_and_grads(model, "triton", monkeypatch)
+
+    assert launches_t == {name: 0 for name in EXPECTED_LAUNCHES}
+    assert launches_k == EXPECTED_LAUNCHES  # the Triton kernels, not the references, produced the numbers
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits_k, logits_t, rtol=1e-4, atol=1e-5)
+    assert grads_k.keys() == grads_t.keys()
+    for name in grads_t:
+        assert grads_t[name].abs().max() > 0, f"{name}: zero gradient proves nothing"
+        torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_requested_without_interpreter_is_an_error(monkeypatch):
+    """No silent fallback: Triton asked for on CPU without the interpreter refuses rather than runs torch."""
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU the Triton path is available")
+    monkeypatch.setenv("C2A_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        Llama(CFG).loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
