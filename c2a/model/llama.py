@@ -11,9 +11,11 @@ The model holds no distributed, optimizer or checkpoint code: the trainer applie
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from c2a.config import LlamaConfig
 from c2a.kernels import add_rms_norm, apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
@@ -29,6 +31,36 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values of every layer, for generation (prefill, then a token at a time).
+
+    `k`, `v`: [n_layers, B, S, K, Hd]. `valid[b, s]` says slot s of row b holds a real token (left padding
+    of a batch of prompts does not). `length` slots are filled, the same number in every row.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, cfg: LlamaConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, max_len, dtype=torch.bool, device=device))
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of a KVCache for one forward call: new keys go to slots [start, start + T)."""
+
+    k: torch.Tensor  # [B, S, K, Hd]
+    v: torch.Tensor  # [B, S, K, Hd]
+    start: int
+    mask: torch.Tensor  # [B, 1, T, start + T] bool: which cached slots each new query may attend to
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -39,13 +71,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None, cache: LayerKV | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
         q, k = apply_rotary(q, k, position_ids, self.rope_theta)
-        o = causal_attention(q, k, v, documents)  # [B, T, H, Hd]
+        if cache is None:
+            o = causal_attention(q, k, v, documents)  # [B, T, H, Hd]
+        else:  # generation: attend over every cached slot the mask allows
+            end = cache.start + T
+            cache.k[:, cache.start : end] = k
+            cache.v[:, cache.start : end] = v
+            q, k, v = (t.transpose(1, 2) for t in (q, cache.k[:, :end], cache.v[:, :end]))  # [B, heads, *, Hd]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            o = o.transpose(1, 2)  # [B, T, H, Hd]
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -68,9 +110,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None, cache: LayerKV | None = None
+    ) -> torch.Tensor:
         # h = x + attention(...) and ffn_norm(h) in one op: one pass over the residual stream instead of two
-        attn = self.attention(self.attention_norm(x), position_ids, documents)
+        attn = self.attention(self.attention_norm(x), position_ids, documents, cache)
         h, h_normed = add_rms_norm(x, attn, self.ffn_norm.weight, self.ffn_norm.eps)
         return h + self.feed_forward(h_normed)
 
@@ -105,20 +149,29 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         normalizer: torch.Tensor | float | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; or, given `labels`, the loss as `loss()` computes it.
 
         The loss path lives in forward (not only in `loss()`) so that module hooks, FSDP2's unsharding
-        among them, run for the output head too.
+        among them, run for the output head too. With a `cache` (generation), the tokens are appended to
+        it, attention spans the cache, and only the last position's logits are computed: [B, 1, V].
         """
         _check_inputs(input_ids, position_ids, labels)
         B, T = input_ids.shape
         documents = position_ids
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        layer_caches: list[LayerKV | None] = [None] * len(self.layers)
+        if cache is not None:
+            documents = None
+            layer_caches = [LayerKV(cache.k[i], cache.v[i], cache.length, _cache_mask(cache, T)) for i in range(len(self.layers))]
         h = self.tok_embeddings(input_ids)  # [B, T, D]
-        for layer in self.layers:
-            h = layer(h, position_ids, documents)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, position_ids, documents, layer_cache)
+        if cache is not None:
+            cache.length += T
+            h = h[:, -1:]  # [B, 1, D]
         h = self.norm(h)
         if labels is None:
             return self.output(h)  # [B, T, V]
@@ -150,6 +203,18 @@ def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.
         p.normal_(0.0, std / math.sqrt(2 * cfg.n_layers), generator=generator)
     else:
         p.normal_(0.0, std, generator=generator)
+
+
+def _cache_mask(cache: KVCache, T: int) -> torch.Tensor:
+    """[B, 1, T, start + T]: query slot i sees valid key slots s <= i, and always itself, so a padding
+    query never has an empty softmax (which would put NaN into the padded rows)."""
+    start, end = cache.length, cache.length + T
+    if end > cache.k.shape[2]:
+        raise ValueError(f"KVCache: {end} positions do not fit the {cache.k.shape[2]} allocated")
+    slots = torch.arange(end, device=cache.valid.device)
+    query = slots[start:, None]  # [T, 1]
+    mask = (slots[None, :] <= query) & cache.valid[:, None, :end]  # [B, T, end]
+    return (mask | (slots[None, :] == query))[:, None]  # [B, 1, T, end]
 
 
 def _check_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor | None, labels: torch.Tensor | None) -> None:
