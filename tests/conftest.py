@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The interpreter runs tl.dot as numpy matmul; OpenBLAS's worker threads, spinning against torch's on 2
+# busy cores, made one interpreted attention backward take 2-12 s instead of 0.7 s (set before numpy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
