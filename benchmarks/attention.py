@@ -32,7 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+# Smoke mode's interpreter runs tl.dot as numpy matmul: keep OpenBLAS to one thread (see tests/conftest.py)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -241,7 +244,7 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
         default = getattr(attention, name)
         mode = "fwd" if name == "_fwd_blocks" else "fwd+bwd"
         for cand in candidates:
-            setattr(attention, name, lambda head_dim, c=cand: attention._Blocks(*c))
+            setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
                 ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode)
             except Exception as err:  # e.g. out of shared memory for this tile/stage count

@@ -16,6 +16,8 @@ from c2a.kernels import attention
 from c2a.kernels.attention import _document_index, attention_reference, document_bounds, flash_attention
 
 FP32_TOL = dict(rtol=1e-4, atol=2e-5)
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # bf16 outputs carry 8 significant bits: 2^-8 ≈ 4e-3 relative each
+FP16_TOL = dict(rtol=3e-3, atol=3e-3)
 # CPU under the interpreter (conftest.py sets TRITON_INTERPRET=1 there); the real kernels where there is a GPU
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -176,19 +178,26 @@ def test_strided_views_are_read_in_place():
 
 @pytest.mark.parametrize("Hd", [64, 128])
 def test_gpu_tile_sizes(monkeypatch, Hd):
-    """The tiles chosen for the GPU (128 × 64 and friends, not the interpreter's small ones) on rows
-    longer than two of them, packed and not."""
-    with monkeypatch.context() as m:
-        m.setattr(attention, "_interpreting", lambda: False)
-        gpu = {name: getattr(attention, name)(Hd) for name in ("_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks")}
-    for name, blocks in gpu.items():
-        assert blocks.block_m >= 32 and blocks.block_n >= 32, (name, blocks)
-        monkeypatch.setattr(attention, name, lambda head_dim, blocks=blocks: blocks)
+    """The bf16 tiles chosen for the GPU (128 × 64 and friends, not the interpreter's small ones) on rows
+    longer than two of them, packed and not. Under the interpreter the data stays fp32."""
+    dtype, tol = torch.float32, FP32_TOL
+    if DEVICE.type == "cuda":
+        dtype, tol = torch.bfloat16, BF16_TOL  # the GPU picks these tiles for bf16 by itself
+    else:
+        with monkeypatch.context() as m:
+            m.setattr(attention, "_interpreting", lambda: False)
+            names = ("_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks")
+            gpu = {name: getattr(attention, name)(Hd, torch.bfloat16) for name in names}
+        for name, blocks in gpu.items():
+            assert blocks.block_m >= 32 and blocks.block_n >= 32, (name, blocks)
+            monkeypatch.setattr(attention, name, lambda head_dim, dtype, blocks=blocks: blocks)
     T = 300
     position_ids = torch.stack([positions([1, 140, 29, 130]), positions([300])])
     q, k, v, do = random_qkv(2, T, 4, 2, Hd)
-    assert_matches_reference(q, k, v, do, position_ids)
-    assert_matches_reference(q[:1], k[:1], v[:1], do[:1], None)
+    if dtype != torch.float32:  # the reference sees the same rounded inputs
+        q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
+    assert_matches_reference(q, k, v, do, position_ids, dtype=dtype, tol=tol)
+    assert_matches_reference(q[:1], k[:1], v[:1], do[:1], None, dtype=dtype, tol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -197,7 +206,7 @@ def test_half_precision_plumbing(dtype):
     dtypes, with a tolerance for the inputs' and outputs' rounding (8 and 11 significant bits)."""
     position_ids = torch.stack([positions([30, 1, 33])])
     q, k, v, do = random_qkv(1, 64, 4, 2, 32)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=3e-3, atol=3e-3)
+    tol = BF16_TOL if dtype == torch.bfloat16 else FP16_TOL
     # the reference sees the same rounded inputs, so only the kernel's own rounding is measured
     q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
     assert_matches_reference(q, k, v, do, position_ids, dtype=dtype, tol=tol)

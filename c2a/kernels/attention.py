@@ -192,11 +192,12 @@ def _attn_fwd_kernel(
         last_doc = tl.load(doc_row + hi - 1)
         lo = (first_doc // BLOCK_N) * BLOCK_N
         mid_lo = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, hi)
+        mid_hi = tl.maximum(mid_lo, m0)
     else:
         doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
         lo = 0
         mid_lo = 0
-    mid_hi = tl.maximum(mid_lo, m0)
+        mid_hi = m0
 
     m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -431,11 +432,12 @@ def _attn_bwd_dq_kernel(
         doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
         lo = (tl.load(doc_row + m0) // BLOCK_N) * BLOCK_N
         mid_lo = tl.minimum(tl.cdiv(tl.load(doc_row + hi - 1), BLOCK_N) * BLOCK_N, hi)
+        mid_hi = tl.maximum(mid_lo, m0)
     else:
         doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
         lo = 0
         mid_lo = 0
-    mid_hi = tl.maximum(mid_lo, m0)
+        mid_hi = m0
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, doc_q, lo, mid_lo, T,
@@ -475,23 +477,28 @@ class _Blocks:
 
 # Tile sizes, one function per kernel. Under the interpreter (CPU tests) the tiles are small and unequal so
 # that T <= 128 crosses many tile, diagonal and document boundaries; warps/stages do not matter there.
-# GPU choices are for Hopper (H100: 228 KiB shared memory, 64K registers per SM) and fit Ampere's 164 KiB.
-# They follow register arithmetic, not yet a measurement on this kernel: `benchmarks/attention.py --sweep`
-# times the alternatives when a GPU is at hand.
+# GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM) and fit
+# Ampere's 164 KiB. They follow register and shared-memory arithmetic, not yet a measurement of this kernel:
+# `benchmarks/attention.py --sweep` times the alternatives when a GPU is at hand. fp32 inputs (tests on a
+# GPU) take half-size tiles and 2 stages: their tiles are twice the bytes.
 
 
-def _fwd_blocks(head_dim: int) -> _Blocks:
+def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(32, 16, 4, 1)
+    if dtype == torch.float32:
+        return _Blocks(64, 32, 4, 2)
     # 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper pick): the [128, Hd] fp32 accumulator costs
     # 64 registers per thread at Hd 64 with 4 warps and at Hd 128 with 8 warps. 3 stages of K and V tiles:
     # 3 · 2 · 64 · Hd · 2 B = 96 KiB at Hd 128, plus the 32 KiB Q tile.
     return _Blocks(128, 64, 4 if head_dim <= 64 else 8, 3)
 
 
-def _bwd_dkdv_blocks(head_dim: int) -> _Blocks:
+def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(16, 32, 4, 1)
+    if dtype == torch.float32:
+        return _Blocks(32, 64, 4, 2)
     # dK and dV accumulate in registers: 2 · BLOCK_N · Hd fp32. At Hd 64, 128 keys × 32 queries (the
     # tutorial's shape) is 128 registers per thread over 4 warps; at Hd 128 that would double, so 64 × 64 over
     # 8 warps (64 registers per thread for the accumulators; 3 stages of Q and dO tiles = 96 KiB).
@@ -500,9 +507,11 @@ def _bwd_dkdv_blocks(head_dim: int) -> _Blocks:
     return _Blocks(64, 64, 8, 3)
 
 
-def _bwd_dq_blocks(head_dim: int) -> _Blocks:
+def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(32, 16, 4, 1)
+    if dtype == torch.float32:
+        return _Blocks(64, 32, 4, 2)
     # The dQ pass mirrors the forward: 128 query rows resident (Q, dO, dQ), keys streamed in narrow tiles
     # because each key tile costs three dots (Q Kᵀ, dO Vᵀ, dS K) per query tile.
     if head_dim <= 64:
@@ -617,7 +626,7 @@ def attention_forward(
     K = k.shape[2]
     o = _empty((B, T, H, Hd), q.dtype, q.device)
     lse = _empty((B, H, T), torch.float32, q.device)
-    blocks = _fwd_blocks(Hd)
+    blocks = _fwd_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
     sm_scale = 1.0 / math.sqrt(Hd)
     grid = (B * H, triton.cdiv(T, blocks.block_m))
@@ -668,7 +677,7 @@ def attention_backward(
 
     dk = _empty(tuple(k.shape), k.dtype, k.device)
     dv = _empty(tuple(v.shape), v.dtype, v.device)
-    blocks = _bwd_dkdv_blocks(Hd)
+    blocks = _bwd_dkdv_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
     _attn_bwd_dkdv_kernel[(B * K, triton.cdiv(T, blocks.block_n))](
         q, k, v, do, lse, delta, dk, dv,
@@ -681,7 +690,7 @@ def attention_backward(
     )
 
     dq = _empty(tuple(q.shape), q.dtype, q.device)
-    blocks = _bwd_dq_blocks(Hd)
+    blocks = _bwd_dq_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "backward dQ")
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, blocks.block_m))](
         q, k, v, do, lse, delta, dq, q if doc_start is None else doc_start,
