@@ -166,7 +166,10 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                 x, w = randn(N, D), randn(D, scale=0.1)
                 with torch.no_grad():
                     w.add_(1)
-                providers = {"c2a": lambda x, w: rms_norm(x, w, EPS), "torch": lambda x, w: rms_norm_reference(x, w, EPS)}
+                providers = {
+                    "c2a": lambda x, w: rms_norm(x, w, EPS),
+                    "torch": lambda x, w: rms_norm_reference(x, w, EPS),
+                }
                 providers |= maybe_compile(lambda x, w: rms_norm_reference(x, w, EPS), use_compile)
                 if liger:
                     norm = liger.LigerRMSNorm(D, eps=EPS).to(DEVICE, dtype)
@@ -198,7 +201,9 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                 if liger:
                     # Liger rotates HF's rotate-half layout on [B, H, T, Hd]: the same bytes and FLOPs
                     cos, sin = (torch.cat([t, t], dim=-1).to(dtype) for t in rotary_angles(pos, Hd, THETA))
-                    providers["liger"] = lambda q, k: liger.liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                    providers["liger"] = lambda q, k: liger.liger_rotary_pos_emb(
+                        q.transpose(1, 2), k.transpose(1, 2), cos, sin
+                    )
                     notes["liger"] = "HF rotate-half layout, [B,H,T,Hd] views"
                 qk = 2 * q.numel() * s
                 cases.append(Case("rotary", f"{shape} H={H} Hd={Hd}", [q, k], providers,
@@ -300,7 +305,8 @@ def plot(rows: list[Row], path: Path, smoke: bool, copy_gbps: float | None) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, "gbps", "GB/s") for k in KERNELS[:4]] + [("cross_entropy", "ms", "ms"), ("cross_entropy", "peak_mb", "peak MiB")]
+    panels = [(k, "gbps", "GB/s") for k in KERNELS[:4]]
+    panels += [("cross_entropy", "ms", "ms"), ("cross_entropy", "peak_mb", "peak MiB")]
     fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     for ax, (kernel, field, label) in zip(axes.flat, panels):
         mine = [r for r in rows if r.kernel == kernel and getattr(r, field) is not None]

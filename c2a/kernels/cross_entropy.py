@@ -213,7 +213,9 @@ def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normaliz
             raise ValueError(f"{op}: {name} must be on h's device {h.device}, got {t.device}")
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1:
-            raise ValueError(f"{op}: normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+            raise ValueError(
+                f"{op}: normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
+            )
     elif normalizer is not None and not normalizer > 0:
         raise ValueError(f"{op}: normalizer must be positive, got {normalizer}")
     if not z_loss >= 0:

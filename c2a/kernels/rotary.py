@@ -160,7 +160,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: 
     if Hd % 2:
         raise ValueError(f"{op}: head dim must be even (rotary pairs), got {Hd}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise TypeError(f"{op}: q and k must share a dtype among float32, bfloat16, float16, got {q.dtype} and {k.dtype}")
+        raise TypeError(
+            f"{op}: q and k must share a dtype among float32, bfloat16, float16, got {q.dtype} and {k.dtype}"
+        )
     if position_ids.shape != (B, T):
         raise ValueError(f"{op}: position_ids must be [B, T] = [{B}, {T}], got {tuple(position_ids.shape)}")
     if position_ids.dtype not in (torch.int64, torch.int32):
@@ -184,7 +186,8 @@ def rotary_launch(
     """Rotate q and k by sign·θ in one launch -> new contiguous (q_out, k_out)."""
     B, T, H, Hd = q.shape
     K = k.shape[2]
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous whatever q's token strides
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     inv_freq = _cached_inv_freq(Hd, float(theta), q.device)
     block_hq, block_hk, block_hd, num_warps = _settings(H, K, Hd)
     if B * T > 0:

@@ -70,7 +70,9 @@ def _settings() -> tuple[int, int]:
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     op = "swiglu"
     if a.dtype not in _DTYPES or b.dtype != a.dtype:
-        raise TypeError(f"{op}: a and b must share a dtype among float32, bfloat16, float16, got {a.dtype} and {b.dtype}")
+        raise TypeError(
+            f"{op}: a and b must share a dtype among float32, bfloat16, float16, got {a.dtype} and {b.dtype}"
+        )
     if a.shape != b.shape:
         raise ValueError(f"{op}: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
