@@ -258,8 +258,7 @@ def test_demo_dataset_packs_into_demo_rows() -> None:
     tok = Tokenizer(DEMO_TOKENIZER)
     ds = TokenizedDataset.from_records(demo_split(n_train=2000, n_heldout=0)[0], tok, max_len=512)
     loader = MicroBatchLoader(ds, seq_len=512, micro_batch_size=8, global_batch_rows=16, pad_id=tok.eos_id)
-    # 38-65-token examples in rows of 512: the leftover of a row is often smaller than any example
-    assert loader.padding_fraction(0) < 0.05
+    assert loader.padding_fraction(0) < 0.02
     mb = next(iter(loader))
     starts = (mb.position_ids[0] == 0).nonzero().flatten().tolist() + [512]
     for s, e in zip(starts[:-1], starts[1:], strict=True):  # every document starts with BOS, or is padding

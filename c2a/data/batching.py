@@ -20,7 +20,9 @@ example's number of input positions) and `ds[i] -> (input_ids, labels)`.
 The global row order. For epoch e, one ordered list of rows is built from (seed, e) alone:
   - mode="packed": the examples are shuffled, then packed window by window (best-fit decreasing over
     `pack_window` examples) into rows of exactly `seq_len` positions, whole examples only, never split
-    across rows; the rows are then shuffled. Padding waste is ~0.1% on Alpaca-like lengths in rows of 2048.
+    across rows; the rows are then shuffled. Padding waste: 0.27% of positions on Alpaca-like lengths
+    (prompts 20-150 + responses 10-600 tokens, 52k examples) in rows of 2048, packed in 0.2 s per epoch;
+    1.1% for the demo task's 10-26-token examples in rows of 512.
   - mode="padded" (Stanford Alpaca's way): one example per row, examples shuffled; a micro-batch is padded
     on the right to its longest example (rounded up to `pad_to_multiple_of`).
 Every example is in exactly one row of each epoch. The list is then padded with empty rows (all labels
@@ -85,7 +87,7 @@ class MicroBatch:
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins (lists of indices into `lengths`) of total length <= capacity: longest item first, each into
-    the fullest bin it still fits (Johnson 1973; at most 11/9 OPT + 1 bins, near-optimal for many small items)."""
+    the fullest bin it still fits (Johnson 1973: within 11/9 of the optimal bin count plus a constant)."""
     open_bins: list[tuple[int, int]] = []  # (remaining capacity, bin id), sorted
     bins: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
@@ -228,7 +230,8 @@ class MicroBatchLoader:
             self.epoch, self._step, self._micro = self.epoch + 1, 0, 0
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        """This rank's micro-batches from the current position to the end of the current epoch."""
+        """This rank's micro-batches from the current position to the end of the current epoch (one live
+        iterator at a time: they share the loader's position)."""
         self._normalise()
         epoch = self.epoch
         while self.epoch == epoch and self._step < self.steps_in_epoch(epoch):

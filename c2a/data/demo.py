@@ -16,8 +16,9 @@ max, spell. Each has several phrasings, with the data in the `input` field or in
 The tokenizer asset c2a/data/assets/demo_tokenizer.model (vocab 512, the `demo` preset's vocab_size) is
 made by `make_tokenizer`: SentencePiece BPE trained on demo texts, identity normalization (no charsmap,
 so the file stays a few KB), digits split, no byte fallback, unk=0 BOS=1 EOS=2 as in Llama, "\\n" a piece,
-and every closed-list word a single piece both with and without its leading space (the first word of an
-input follows "\\n" and the first word of a response follows "### Response:", with no space).
+the template's fixed text as five pieces, and every closed-list word a single piece both with and without
+its leading space (the first word of an input follows "\\n" and the first word of a response follows
+"### Response:", with no space). Demo examples are 10-26 tokens (mean 18), answers 1-6 tokens + EOS.
 """
 
 from __future__ import annotations
@@ -209,6 +210,16 @@ def closed_words() -> list[str]:
     return list(WORDS) + [w.upper() for w in WORDS] + list(DIGIT_WORDS)
 
 
+def _template_pieces() -> list[str]:
+    """The fixed text of Alpaca's two templates as five pieces, written as SentencePiece sees it (spaces as
+    U+2581, the first one the dummy prefix). BPE would spend ~35 tokens of every ~50-token example on the
+    template; as five pieces, a CPU run spends its compute on the task (examples shrink to ~18 tokens)."""
+    texts = ["Below is an instruction that describes a task", ", paired with an input that provides further context",
+             ". Write a response that appropriately completes the request.\n\n### Instruction:\n", "\n\n### Input:\n",
+             "\n\n### Response:"]
+    return ["\u2581" * (i == 0) + t.replace(" ", "\u2581") for i, t in enumerate(texts)]
+
+
 def _piece_words() -> list[str]:
     """Closed-list words and digits forced to be single pieces, with and without the leading space mark.
     (BPE at 512 pieces spends its merges on the template and splits uppercase words into fragments.)"""
@@ -231,7 +242,7 @@ def make_tokenizer(out: str | Path, seed: int = 0) -> Path:
         sentence_iterator=iter(tokenizer_corpus(seed)), model_writer=model, vocab_size=DEMO_VOCAB_SIZE,
         model_type="bpe", character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=True, split_digits=True, byte_fallback=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=["\n", *_piece_words()], num_threads=1, minloglevel=2,
+        user_defined_symbols=[*_template_pieces(), "\n", *_piece_words()], num_threads=1, minloglevel=2,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,7 @@ class TokenizedDataset:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every rank and user
         try:
             for name in ARRAYS:
                 _write_synced(tmp / f"{name}.npy", lambda f, a=getattr(self, name): np.save(f, a, allow_pickle=False))
