@@ -38,7 +38,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
+COMPILE_ONLY = "--compile-only" in sys.argv  # compiles for a GPU target: needs Triton's compiler, not its interpreter
+if not CUDA and not COMPILE_ONLY:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported, which reads it at decoration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
@@ -227,10 +228,11 @@ HEADER = f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s
 # ------------------------------------------------------------------------------------------------ sweep
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) alternatives to each kernel's default, for Hd 128
 SWEEP = {
-    "_fwd_blocks": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
-    "_bwd_dkdv_blocks": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 4, 3)],
-    "_bwd_dq_blocks": [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+    "_fwd_blocks": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+    "_bwd_dkdv_blocks": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
+    "_bwd_dq_blocks": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 
 
@@ -254,6 +256,75 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
                 setattr(attention, name, default)
             results.append({"kernel": name, "blocks": cand, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
             print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ compile only
+
+
+def compile_report(arch: int, head_dims: list[int]) -> list[dict]:
+    """Builds every kernel for CUDA sm_<arch> on a machine without a GPU (Triton's compiler and its bundled
+    ptxas) and reports registers per thread, bytes spilled and shared memory: the defaults for bf16, packed
+    and not, then the SWEEP alternatives at Hd 128. Uses Triton internals (ASTSource, GPUTarget)."""
+    import re
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    kernels = {
+        "_fwd_blocks": attention._attn_fwd_kernel,
+        "_bwd_dkdv_blocks": attention._attn_bwd_dkdv_kernel,
+        "_bwd_dq_blocks": attention._attn_bwd_dq_kernel,
+    }
+
+    def build(kernel, Hd: int, packed: bool, blocks) -> dict:
+        constexprs = {"HEAD_DIM": Hd, "BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "PACKED": packed,
+                      "MMA_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}
+        names = kernel.arg_names
+        signature, attrs = {}, {}
+        for i, name in enumerate(names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i32" if name.startswith("doc") else "*fp32" if name[:3] in ("lse", "del") else "*bf16"
+            else:
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+            if name.endswith("_ptr") or name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specializes aligned tensors at launch
+        src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+        compiled = triton.compile(src, target=target, options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(compiled.asm["ptx"])
+            f.flush()
+            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None,
+                "shared_kib": compiled.metadata.shared / 1024}
+
+    jobs = [(name, Hd, packed, getattr(attention, name)(Hd, torch.bfloat16), "default")
+            for Hd in head_dims for packed in (False, True) for name in kernels]
+    jobs += [(name, 128, True, attention._Blocks(*c), "sweep") for name, cands in SWEEP.items() for c in cands]
+    results = []
+    print(f"{'kernel':18s} {'Hd':>4s} {'packed':6s} {'blocks (M, N, warps, stages)':30s} {'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
+    for name, Hd, packed, blocks, kind in jobs:
+        try:
+            r = build(kernels[name], Hd, packed, blocks)
+        except Exception as err:  # e.g. a tile that does not fit: report and go on
+            r = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        shape = (blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages)
+        results.append({"kernel": name, "Hd": Hd, "packed": packed, "blocks": shape, "kind": kind, "arch": arch, **r})
+        if "error" in r:
+            print(f"{name:18s} {Hd:4d} {str(packed):6s} {str(shape) + ' ' + kind:30s} {r['error']}")
+        else:
+            print(f"{name:18s} {Hd:4d} {str(packed):6s} {str(shape) + ' ' + kind:30s} {r['registers']!s:>5s} "
+                  f"{r['spill_bytes']!s:>8s} {r['shared_kib']:9.0f}", flush=True)
     return results
 
 
@@ -316,8 +387,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="batch × T of every dense case")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile sizes (Hd 128, T 4096)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no GPU needed: build the kernels for sm_<arch> and report registers, spills, shared memory")
+    parser.add_argument("--arch", type=int, default=90, help="with --compile-only: CUDA compute capability, e.g. 90, 80")
     args = parser.parse_args()
     torch.manual_seed(0)
+
+    if args.compile_only:
+        results = compile_report(args.arch, [int(x) for x in args.head_dims.split(",")])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "attention_compile.json").write_text(json.dumps({"environment": environment(False), "kernels": results}, indent=1))
+        print(f"wrote {args.out / 'attention_compile.json'}")
+        return
 
     smoke = args.smoke or not CUDA
     if not CUDA:

@@ -477,10 +477,13 @@ class _Blocks:
 
 # Tile sizes, one function per kernel. Under the interpreter (CPU tests) the tiles are small and unequal so
 # that T <= 128 crosses many tile, diagonal and document boundaries; warps/stages do not matter there.
-# GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM) and fit
-# Ampere's 164 KiB. They follow register and shared-memory arithmetic, not yet a measurement of this kernel:
-# `benchmarks/attention.py --sweep` times the alternatives when a GPU is at hand. fp32 inputs (tests on a
-# GPU) take half-size tiles and 2 stages: their tiles are twice the bytes.
+# GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM). Not yet timed
+# on a GPU (`benchmarks/attention.py --sweep` does that); what was measured is the compiled code:
+# `benchmarks/attention.py --compile-only` builds each kernel for sm_90a on a CPU machine (Triton 3.9,
+# ptxas 13.4) and reports registers, spills and shared memory, quoted below for the packed variant (the
+# unpacked one needs no more). Among the shapes the FA2 paper and the Triton tutorial use, the picks are
+# those that compile without register spills, or with the fewest. fp32 inputs (tests on a GPU) take small
+# tiles and 2 stages: IEEE fp32 dots run on FMA units, not wgmma, and their tiles are twice the bytes.
 
 
 def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
@@ -488,35 +491,38 @@ def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
         return _Blocks(32, 16, 4, 1)
     if dtype == torch.float32:
         return _Blocks(64, 32, 4, 2)
-    # 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper pick): the [128, Hd] fp32 accumulator costs
-    # 64 registers per thread at Hd 64 with 4 warps and at Hd 128 with 8 warps. 3 stages of K and V tiles:
-    # 3 · 2 · 64 · Hd · 2 B = 96 KiB at Hd 128, plus the 32 KiB Q tile.
-    return _Blocks(128, 64, 4 if head_dim <= 64 else 8, 3)
+    # 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper shape), 8 warps: the [128, Hd] fp32 accumulator
+    # is 64 registers per thread at Hd 128. sm_90a: Hd 128 255 registers, 0 spills, 128 KiB shared (3 stages
+    # of K and V: 3 · 2 · 64 · 128 · 2 B = 96 KiB, plus Q); Hd 64 166 registers, 0 spills, 64 KiB.
+    # 4 warps spill: 20 B at Hd 64, 1288 B at Hd 128.
+    return _Blocks(128, 64, 8, 3)
 
 
 def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(16, 32, 4, 1)
     if dtype == torch.float32:
-        return _Blocks(32, 64, 4, 2)
-    # dK and dV accumulate in registers: 2 · BLOCK_N · Hd fp32. At Hd 64, 128 keys × 32 queries (the
-    # tutorial's shape) is 128 registers per thread over 4 warps; at Hd 128 that would double, so 64 × 64 over
-    # 8 warps (64 registers per thread for the accumulators; 3 stages of Q and dO tiles = 96 KiB).
+        return _Blocks(16, 32, 4, 2)
+    # K, V and the fp32 dK, dV accumulators stay resident: 2 · BLOCK_N · Hd · (2 + 4) B, so the key tile
+    # is what registers allow. sm_90a, 8 warps: Hd 64, 128 keys × 32 queries: 252 registers, 0 spills,
+    # 57 KiB (4 warps: 396 B spilled). Hd 128, 64 keys × 32 queries: 255 registers, 32 B spilled, 81 KiB;
+    # every larger tile spills more (64 × 64: 432 B; 128 × 32: 160 B).
     if head_dim <= 64:
-        return _Blocks(32, 128, 4, 3)
-    return _Blocks(64, 64, 8, 3)
+        return _Blocks(32, 128, 8, 3)
+    return _Blocks(32, 64, 8, 3)
 
 
 def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(32, 16, 4, 1)
     if dtype == torch.float32:
-        return _Blocks(64, 32, 4, 2)
-    # The dQ pass mirrors the forward: 128 query rows resident (Q, dO, dQ), keys streamed in narrow tiles
-    # because each key tile costs three dots (Q Kᵀ, dO Vᵀ, dS K) per query tile.
+        return _Blocks(32, 16, 4, 2)
+    # Mirrors the forward: 128 query rows resident (Q, dO, dQ), keys streamed; each key tile costs three
+    # dots (Q Kᵀ, dO Vᵀ, dS K). sm_90a: Hd 64, 32-key tiles, 4 warps: 221 registers, 0 spills, 56 KiB.
+    # Hd 128, 64-key tiles, 8 warps, 2 stages: 254 registers, 0 spills, 128 KiB (3 stages spill 40 B).
     if head_dim <= 64:
         return _Blocks(128, 32, 4, 3)
-    return _Blocks(128, 64, 8, 3)
+    return _Blocks(128, 64, 8, 2)
 
 
 def _check_blocks(blocks: _Blocks, bigger: int, smaller: int, kernel: str) -> None:
@@ -656,9 +662,9 @@ def attention_backward(
     dQ has its own pass rather than fp32 atomics from the dK/dV pass. Atomics would save recomputing
     Q Kᵀ and dO Vᵀ (7 matmuls of the causal T²·Hd/2 size instead of 5, so +40% backward FLOPs) but add,
     per (key tile, query tile) pair, BLOCK_M·Hd fp32 read-modify-writes to L2: at T = 4096, Hd 128 and
-    64 × 64 tiles, 2080 pairs × 32 KiB = 65 MiB per head against a 1 MiB bf16 dQ, plus a conversion pass,
-    and the result would depend on the order the atomics land in. The Triton tutorial makes the same
-    choice; FA2's CUDA kernel takes the atomic route. To be settled by measurement on an H100.
+    64-key × 32-query tiles, 4160 pairs × 16 KiB = 65 MiB per head against a 1 MiB bf16 dQ, plus a
+    conversion pass, and the result would depend on the order the atomics land in. The Triton tutorial
+    makes the same choice; FA2's CUDA kernel takes the atomic route. To be settled by measurement on an H100.
     """
     q, k, v, do = (_head_dim_contiguous(x) for x in (q, k, v, do))
     B, T, H, Hd = q.shape
