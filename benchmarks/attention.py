@@ -212,7 +212,8 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
                 print(f"  {case} {name} {mode} T={T} Hd={Hd}: skipped ({type(err).__name__}: {str(err)[:100]})")
                 continue
             total = flops * (1.0 if mode == "fwd" else 3.5)
-            rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, max_diff if name == "c2a" else None))
+            diff = max_diff if name == "c2a" else None
+            rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, diff))
             print(format_row(rows[-1]), flush=True)
 
 
@@ -222,7 +223,8 @@ def format_row(r: Row) -> str:
             f"{r.ms:10.3f} {r.tflops:8.4g} {diff}")
 
 
-HEADER = f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s} {'K':>3s} {'Hd':>4s} {'ms':>10s} {'TFLOP/s':>8s} {'max|diff|':>9s}"
+HEADER = (f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s} {'K':>3s} {'Hd':>4s} "
+          f"{'ms':>10s} {'TFLOP/s':>8s} {'max|diff|':>9s}")
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -291,28 +293,36 @@ def compile_report(arch: int, head_dims: list[int]) -> list[dict]:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = "*i32" if name.startswith("doc") else "*fp32" if name[:3] in ("lse", "del") else "*bf16"
+                fp32 = name.startswith(("lse", "delta"))
+                signature[name] = "*i32" if name.startswith("doc") else "*fp32" if fp32 else "*bf16"
             else:
                 signature[name] = "fp32" if name.endswith("scale") else "i32"
             if name.endswith("_ptr") or name.startswith("stride_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specializes aligned tensors at launch
-        src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-        compiled = triton.compile(src, target=target, options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
+        src = ASTSource(kernel, signature, attrs=attrs,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=target,
+                                  options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(compiled.asm["ptx"])
             f.flush()
-            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+            gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # 90a: wgmma, as Triton builds for Hopper
+            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", f.name, "-o", os.devnull],
                                  capture_output=True, text=True).stderr
         regs = re.search(r"Used (\d+) registers", log)
         spills = re.search(r"(\d+) bytes spill stores", log)
-        return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None,
-                "shared_kib": compiled.metadata.shared / 1024}
+        return {
+            "registers": int(regs.group(1)) if regs else None,
+            "spill_bytes": int(spills.group(1)) if spills else None,
+            "shared_kib": compiled.metadata.shared / 1024,
+        }
 
     jobs = [(name, Hd, packed, getattr(attention, name)(Hd, torch.bfloat16), "default")
             for Hd in head_dims for packed in (False, True) for name in kernels]
     jobs += [(name, 128, True, attention._Blocks(*c), "sweep") for name, cands in SWEEP.items() for c in cands]
     results = []
-    print(f"{'kernel':18s} {'Hd':>4s} {'packed':6s} {'blocks (M, N, warps, stages)':30s} {'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
+    print(f"{'kernel':18s} {'Hd':>4s} {'packed':6s} {'blocks (M, N, warps, stages)':30s} "
+          f"{'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
     for name, Hd, packed, blocks, kind in jobs:
         try:
             r = build(kernels[name], Hd, packed, blocks)
@@ -343,7 +353,8 @@ def plot(rows: list[Row], path: Path) -> None:
         for col, Hd in enumerate(head_dims):
             ax = axes[row_i][col]
             for provider in sorted({r.provider for r in rows if r.case == "dense"}):
-                pts = sorted((r.T, r.tflops) for r in rows if (r.case, r.provider, r.mode, r.Hd) == ("dense", provider, mode, Hd))
+                key = ("dense", provider, mode, Hd)
+                pts = sorted((r.T, r.tflops) for r in rows if (r.case, r.provider, r.mode, r.Hd) == key)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=provider)
             ax.set_xscale("log", base=2)
@@ -370,7 +381,7 @@ def environment(smoke: bool) -> dict:
     import triton
 
     return {
-        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()}), Triton interpreter",
+        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "commit": commit,
@@ -388,15 +399,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile sizes (Hd 128, T 4096)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
     parser.add_argument("--compile-only", action="store_true",
-                        help="no GPU needed: build the kernels for sm_<arch> and report registers, spills, shared memory")
-    parser.add_argument("--arch", type=int, default=90, help="with --compile-only: CUDA compute capability, e.g. 90, 80")
+                        help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory")
+    parser.add_argument("--arch", type=int, default=90, help="with --compile-only: compute capability, e.g. 90, 80")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     if args.compile_only:
         results = compile_report(args.arch, [int(x) for x in args.head_dims.split(",")])
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "attention_compile.json").write_text(json.dumps({"environment": environment(False), "kernels": results}, indent=1))
+        report = {"environment": environment(False), "kernels": results}
+        (args.out / "attention_compile.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out / 'attention_compile.json'}")
         return
 
@@ -442,7 +454,8 @@ def main() -> None:
 
     sweep_results = sweep(4096, 128, 32, args.tokens, dtype) if args.sweep and not smoke else []
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(smoke), "rows": [asdict(r) for r in rows], "summary": summary, "sweep": sweep_results}
+    result = {"environment": environment(smoke), "rows": [asdict(r) for r in rows], "summary": summary,
+              "sweep": sweep_results}
     (args.out / "attention.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "attention.png")
     print(f"wrote {args.out / 'attention.json'} and {args.out / 'attention.png'}")

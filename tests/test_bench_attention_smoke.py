@@ -1,4 +1,4 @@
-"""benchmarks/attention.py --smoke runs end to end (tiny shapes; under the interpreter without CUDA) and writes its outputs."""
+"""benchmarks/attention.py --smoke runs end to end (tiny shapes; the interpreter without CUDA), writes its outputs."""
 
 from __future__ import annotations
 

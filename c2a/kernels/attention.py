@@ -126,7 +126,7 @@ def _fwd_tiles(
             k = tl.load(k_ptrs).to(MMA_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if MASKED:
-            # key s is visible to query t iff doc_start[t] <= s <= t (s < T follows from s <= t < T)
+            # key s is visible to query t iff doc_start[t] <= s <= t (for real rows t < T, so s < T too)
             visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= doc_q[:, None])
             s = tl.where(visible, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -252,8 +252,8 @@ def _dkdv_tiles(
     """Accumulates one query head's contribution to dK, dV of a key tile over query tiles [lo, hi).
 
     Works on the transposed scores (keys × queries) so dK, dV accumulate as [BLOCK_N, Hd] without
-    transposing them: Pᵀ = exp2(K Qᵀ·qk_scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta),
-    dK += dSᵀ Q (the 1/sqrt(Hd) is applied once, at the end).
+    transposing them: Pᵀ = exp2(K Qᵀ·qk_scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ,
+    dSᵀ = Pᵀ ∘ (dPᵀ − delta), dK += dSᵀ Q (the 1/sqrt(Hd) is applied once, at the end).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
@@ -583,7 +583,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_id
         if x.dim() != 4:
             raise ValueError(f"flash_attention: {name} must be [B, T, heads, Hd], got shape {tuple(x.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     B, T, H, Hd = q.shape
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != Hd:
         raise ValueError(
