@@ -21,7 +21,10 @@ EOS_ID = 2  # Llama-2's </s>
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
-    if temperature <= 0.0:
+    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
+        # top_p = 0 would keep no token at all and multinomial would fail on an all-zero row
+        raise ValueError(f"generate: temperature must be >= 0 and top_p in (0, 1], got temperature={temperature}, top_p={top_p}")
+    if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
