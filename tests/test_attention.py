@@ -17,7 +17,7 @@ from c2a.kernels.attention import _document_index, attention_reference, document
 
 FP32_TOL = dict(rtol=1e-4, atol=2e-5)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # bf16 outputs carry 8 significant bits: 2^-8 ≈ 4e-3 relative each
-FP16_TOL = dict(rtol=3e-3, atol=3e-3)
+FP16_TOL = dict(rtol=3e-3, atol=3e-3)  # 11 significant bits
 # CPU under the interpreter (conftest.py sets TRITON_INTERPRET=1 there); the real kernels where there is a GPU
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,10 +52,18 @@ def run(fn, q, k, v, do, position_ids, dtype):
 def assert_matches_reference(q, k, v, do, position_ids, dtype=torch.float32, tol=FP32_TOL):
     got = run(flash_attention, q, k, v, do, position_ids, dtype)
     want = run(attention_reference, q, k, v, do, position_ids, torch.float64)
-    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+    # On a GPU, bf16/fp16 kernels round P and dS to the input dtype before their matmuls, as every flash
+    # kernel does; there they are held to twice the error of torch's own attention in that dtype instead.
+    gpu_half = DEVICE.type == "cuda" and dtype != torch.float32
+    torch_own = run(attention_reference, q, k, v, do, position_ids, dtype) if gpu_half else got
+    for name, g, w, t in zip(("o", "dq", "dk", "dv"), got, want, torch_own):
         assert g.dtype == dtype and g.shape == w.shape, (name, g.dtype, g.shape)
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{name}: {m}")
+        if gpu_half:
+            err, torch_err = ((x.double() - w).abs().max().item() for x in (g, t))
+            assert err <= 2 * torch_err + tol["atol"], f"{name}: max error {err:.3g}, torch's {torch_err:.3g}"
+        else:
+            torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_poison_fixture_is_active():
