@@ -1,0 +1,188 @@
+"""Evaluate a checkpoint on held-out Alpaca-format data.
+
+    python -m c2a.eval --model DIR --data FILE|demo [--limit N] [--alpaca-eval-out answers.json]
+
+Reports, for the records of FILE (.json / .jsonl / .parquet, validated as training validates them) or of
+the demo task's held-out split (`--data demo`, the split `python -m c2a.train` holds out):
+  - loss: the mean cross-entropy over the response + EOS targets, exactly the training objective
+    (`c2a.data.encode_example` with --max-len, prompt targets masked), summed over every target and divided
+    by their count (so a batch of long answers weighs as much as its tokens), and perplexity = exp(loss);
+  - for the demo task, greedy exact-match accuracy overall and per task type;
+  - with --alpaca-eval-out, the model's answers as AlpacaEval reads them: a JSON list of
+    {"instruction", "output", "generator"} (`alpaca_eval --model_outputs FILE`). AlpacaEval merges a
+    model's outputs with its reference outputs on "instruction", and its own set folds any input into the
+    instruction, so a record with an input is written as instruction + "\\n\\n" + input.
+--json-out writes the numbers as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from c2a.config import DataSection, EvalSection
+from c2a.data import IGNORE_INDEX, Tokenizer, encode_example, format_prompt, load_records
+from c2a.generate import USER_ERRORS, add_device_arguments, load_model_and_tokenizer
+from c2a.model import Llama
+from c2a.model.generate import generate_batch
+
+DEMO_MAX_NEW_TOKENS = EvalSection().max_new_tokens  # demo answers are at most 7 tokens with EOS
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@torch.no_grad()
+def heldout_loss(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_len: int, batch_size: int) -> tuple[float, int]:
+    """(mean CE over every response + EOS target, number of targets). Examples are batched by length
+    (right-padded, padding targets -100) so little compute goes to padding; the order does not change the
+    sum."""
+    device = next(model.parameters()).device
+    encoded = [encode_example(r, tok, max_len) for r in records]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]), reverse=True)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    targets = 0
+    for start in range(0, len(order), batch_size):
+        chunk = [encoded[i] for i in order[start : start + batch_size]]
+        T = len(chunk[0][0])
+        ids = torch.full((len(chunk), T), tok.eos_id, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        for b, (x, y) in enumerate(chunk):
+            ids[b, : len(x)] = torch.tensor(x)
+            labels[b, : len(y)] = torch.tensor(y)
+        # normalizer 1: the loss comes back as the sum over this batch's targets
+        total += model.loss(ids.to(device), labels.to(device), normalizer=1.0).double()
+        targets += int((labels != IGNORE_INDEX).sum())
+    return float(total) / max(targets, 1), targets
+
+
+def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy responses to every record, `batch_size` prompts at a time."""
+    out = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [tok.encode(format_prompt(r["instruction"], r["input"]), bos=True) for r in chunk]
+        for p, new in zip(prompts, generate_batch(model, prompts, max_new_tokens, stop_ids=(tok.eos_id,))):
+            if new and new[-1] == tok.eos_id:
+                new = new[:-1]
+            out.append(tok.decode_continuation(p, new))
+    return out
+
+
+def demo_exact_match(records: Sequence[dict[str, str]], responses: Sequence[str]) -> dict[str, Any]:
+    from c2a.data.demo import exact_match
+
+    hits: dict[str, list[bool]] = {}
+    for r, text in zip(records, responses, strict=True):
+        hits.setdefault(r["task"], []).append(exact_match(r, text))
+    every = [h for v in hits.values() for h in v]
+    return {"accuracy": sum(every) / len(every), "examples": len(every),
+            "per_task": {t: {"accuracy": sum(v) / len(v), "examples": len(v)} for t, v in sorted(hits.items())}}  # fmt: skip
+
+
+def alpaca_eval_records(records: Sequence[dict[str, str]], responses: Sequence[str], generator: str) -> list[dict[str, str]]:
+    # outputs stripped of surrounding whitespace, as AlpacaEval's own decoding does (is_strip_output)
+    return [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""), "output": text.strip(), "generator": generator}
+            for r, text in zip(records, responses, strict=True)]  # fmt: skip
+
+
+def load_eval_records(data: str, limit: int | None, demo_heldout_size: int, skip_bad_rows: bool = False) -> tuple[list[dict[str, str]], str]:
+    if data == "demo":
+        from c2a.data.demo import demo_split
+
+        # the held-out split is drawn first and record by record, so its first N records are the same for
+        # any split size: --limit N evaluates a prefix of what training held out
+        n = min(limit, demo_heldout_size) if limit else demo_heldout_size
+        return demo_split(n_train=0, n_heldout=n)[1], f"demo task, held-out split ({n} examples)"
+    loaded = load_records(data, skip_bad_rows=skip_bad_rows)
+    records = loaded.records[:limit] if limit else loaded.records
+    return records, f"{data} ({len(records)} of {len(loaded.records)} records)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m c2a.eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap.add_argument("--model", required=True, help="HF or Meta checkpoint directory")
+    ap.add_argument("--data", required=True, help="'demo' or an Alpaca-format .json / .jsonl / .parquet file")
+    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
+    ap.add_argument("--max-len", type=int, default=DataSection().max_len, help="tokens per example, as in training (data.max_len)")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (loss) and per generation batch")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N records")
+    ap.add_argument("--skip-bad-rows", action="store_true", help="skip malformed records (counted in a warning) instead of stopping")
+    ap.add_argument("--demo-heldout-size", type=int, default=DataSection().demo_heldout_size,
+                    help="size of the demo's held-out split (as data.demo_heldout_size in training)")  # fmt: skip
+    ap.add_argument("--max-new-tokens", type=int,
+                    help=f"generation limit ({DEMO_MAX_NEW_TOKENS} for the demo task, else {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+    ap.add_argument("--alpaca-eval-out", type=Path, help="write the model's answers as AlpacaEval model outputs (JSON)")
+    ap.add_argument("--generator", help="the model's name in the AlpacaEval file (default: the model directory's name)")
+    ap.add_argument("--json-out", type=Path, help="also write the results as JSON")
+    add_device_arguments(ap)
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("max_len", "batch_size", "limit", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    records, described = load_eval_records(args.data, args.limit, args.demo_heldout_size, args.skip_bad_rows)  # bad data fails before loading weights
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    result: dict[str, Any] = {"model": str(args.model), "data": described, "examples": len(records), "max_len": args.max_len}
+    start = time.perf_counter()
+    loss, targets = heldout_loss(model, tok, records, args.max_len, args.batch_size)
+    result.update(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf, targets=targets, loss_seconds=time.perf_counter() - start)
+    demo = args.data == "demo"
+    if demo or args.alpaca_eval_out:
+        max_new = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if demo else DEFAULT_MAX_NEW_TOKENS)
+        start = time.perf_counter()
+        responses = answers(model, tok, records, max_new, args.batch_size)
+        result.update(max_new_tokens=max_new, generation_seconds=time.perf_counter() - start)
+        if demo:
+            result["exact_match"] = demo_exact_match(records, responses)
+        if args.alpaca_eval_out:
+            generator = args.generator or Path(args.model).resolve().name
+            args.alpaca_eval_out.parent.mkdir(parents=True, exist_ok=True)
+            args.alpaca_eval_out.write_text(json.dumps(alpaca_eval_records(records, responses, generator), indent=2, ensure_ascii=False) + "\n")
+            result["alpaca_eval_out"] = str(args.alpaca_eval_out)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"model        {result['model']}",
+        f"data         {result['data']}",
+        f"loss         {result['loss']:.4f}  (mean cross-entropy over {result['targets']:,} response + EOS targets, max_len {result['max_len']})",
+        f"perplexity   {result['perplexity']:.3f}",
+    ]
+    em = result.get("exact_match")
+    if em:
+        lines.append(f"exact match  {100 * em['accuracy']:.1f}% of {em['examples']} (greedy, at most {result['max_new_tokens']} new tokens)")
+        lines.append(f"  {'task':<10} {'examples':>8} {'exact match':>12}")
+        lines += [f"  {task:<10} {v['examples']:>8} {100 * v['accuracy']:>11.1f}%" for task, v in em["per_task"].items()]
+    if "alpaca_eval_out" in result:
+        lines.append(f"answers      {result['alpaca_eval_out']}  (AlpacaEval model outputs, {result['examples']} records)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    print(report(result), flush=True)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
