@@ -1,0 +1,498 @@
+"""End-to-end training throughput: c2a against the stack the original recipe used, side by side.
+
+    python benchmarks/train_throughput.py [--out DIR] [--steps N] [--smoke]
+
+  c2a       c2a's default path for the machine: packed rows (`c2a.train.loop.make_loader`, which packs with
+            MicroBatchLoader(mode="packed") and turns the global batch in examples into rows), the c2a Llama
+            built sharded by FSDP2 in a process group of one (`build_sharded_model` + `materialize`), the
+            kernel switch's default (Triton on CUDA, torch elsewhere), AdamW (`build_optimizer`), and one
+            `train_step` per optimizer step.
+  baseline  Stanford Alpaca's stack: HF transformers' LlamaForCausalLM with the same dimensions (its default
+            attention, SDPA), each micro-batch padded to its longest example with labels -100 on prompt and
+            padding and an attention mask (Alpaca's DataCollatorForSupervisedDataset), examples in random
+            order (HF Trainer's sampler), loss from full logits, gradient accumulation, clipping at 1.0,
+            torch AdamW; bf16 autocast on CUDA as HF Trainer's --bf16 does.
+
+Both sides train on the same synthetic Alpaca-like examples: prompt lengths log-uniform in 20..150 tokens
+(template included), responses log-uniform in 10..600 (EOS included), token ids uniform over the real
+32000-piece vocabulary; loss on the response and EOS only. Both take `--global-batch` examples per optimizer
+step: the baseline as micro-batches of `--micro-batch` examples; c2a as packed rows of `--seq-len` tokens,
+as many whole rows as hold that many examples on average (the trainer's rule), `--rows-per-micro` per
+forward. Each side runs in its own fresh process, so the peak memories are separate: RSS on CPU, max
+allocated on CUDA. The first `--warmup` steps are not timed.
+
+Reported per side: trained tokens/s (targets that are not -100), all tokens/s (non-padding positions),
+padding fraction, seconds per optimizer step, examples per step, peak memory, MFU on CUDA (6 FLOPs per
+parameter per real token for every matmul, head included, plus causal attention per document, over the
+card's dense bf16 peak); and c2a / baseline ratios. Prints a table; writes DIR/train_throughput.json and
+DIR/train_throughput.png. Never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
+
+CUDA = torch.cuda.is_available()
+IGNORE = -100
+BOS, EOS, PAD = 1, 2, 0  # Llama-2's ids; PAD (<unk>) never occurs among the synthetic ids, which start at 3
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything both sides share."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int  # longest example, and c2a's packed row length
+    global_batch: int  # examples per optimizer step
+    micro_batch: int  # baseline: examples per forward
+    rows_per_micro: int  # c2a: packed rows per forward
+    steps: int  # timed optimizer steps
+    warmup: int  # untimed optimizer steps first
+    prompt_range: tuple[int, int]
+    response_range: tuple[int, int]
+    lr: float
+    seed: int
+    device: str
+    dtype: str  # "bf16" or "fp32": c2a's compute dtype and the baseline's autocast dtype
+    threads: int = 0  # torch intra-op threads in each side's process (0: torch's default)
+    c2a_ce_chunk: int = 0  # prototype, not c2a's default: token rows per chunk of the torch-path loss (0: as c2a)
+
+    @property
+    def n_examples(self) -> int:
+        # enough examples that neither side runs out (c2a rows are formed over the whole set)
+        return max(512, 3 * self.global_batch * (self.steps + self.warmup))
+
+
+def default_setup(smoke: bool, device: str) -> dict[str, Any]:
+    if smoke:
+        # a CI check that both paths run, not a measurement: tiny model and vocabulary (with 32000 pieces at
+        # dim 64, torch's loss chunks to 1 token per chunk and one step takes ~30 s on a busy 2-core CPU),
+        # one thread (two threads spin against each other's ops on a shared machine)
+        return dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=1024, seq_len=256, global_batch=8, micro_batch=4,
+                    rows_per_micro=1, steps=2, warmup=1, prompt_range=(5, 40), response_range=(3, 150), lr=1e-4, seed=0,
+                    device=device, dtype="fp32", threads=1)  # fmt: skip
+    if device.startswith("cuda"):
+        # Llama-2-7B's block (dim 4096, 32 heads, FFN 11008) and vocabulary, 8 of its 32 layers so that the
+        # baseline's fp32 weights + AdamW state (16 bytes/parameter, 1.9B parameters = 30 GB) and its
+        # activations fit one 80 GB card; rows of 2048 as the recipe's max length.
+        return dict(dim=4096, n_layers=8, n_heads=32, n_kv_heads=32, vocab_size=32000, seq_len=2048, global_batch=64,
+                    micro_batch=4, rows_per_micro=2, steps=4, warmup=2, prompt_range=(20, 150), response_range=(10, 600),
+                    lr=1e-5, seed=0, device=device, dtype="bf16")  # fmt: skip
+    # CPU: dim 256, 4 layers, 4 heads of 64, vocab 32000: 19.6M parameters, 16.4M of them embedding + head
+    return dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=32000, seq_len=2048, global_batch=32, micro_batch=16,
+                rows_per_micro=1, steps=4, warmup=1, prompt_range=(20, 150), response_range=(10, 600), lr=1e-4, seed=0,
+                device=device, dtype="fp32")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class SyntheticAlpaca:
+    """Alpaca-like examples as c2a's loaders read them: `lengths` (input positions) and ds[i] ->
+    (input_ids, labels) with input_ids = tokens[:-1], labels = tokens[1:] and the prompt's targets -100;
+    `tokens(i)` and `prompt_len[i]` give the baseline its own (Alpaca-style) encoding of the same example."""
+
+    def __init__(self, s: Setup) -> None:
+        rng = np.random.default_rng(s.seed)
+        n = s.n_examples
+
+        def log_uniform(lo: int, hi: int) -> np.ndarray:
+            return np.exp(rng.uniform(math.log(lo), math.log(hi), n)).round().astype(np.int64)
+
+        self.prompt_len = log_uniform(*s.prompt_range)  # BOS included
+        self.response_len = log_uniform(*s.response_range)  # EOS included
+        total = np.minimum(self.prompt_len + self.response_len, s.seq_len + 1)  # c2a's max_len bounds tokens - 1
+        self.response_len = total - self.prompt_len
+        self.offsets = np.concatenate([[0], np.cumsum(total)])
+        self.flat = rng.integers(3, s.vocab_size, int(self.offsets[-1]), dtype=np.int64)
+        self.flat[self.offsets[:-1]] = BOS
+        self.flat[self.offsets[1:] - 1] = EOS
+        self.lengths = total - 1
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.tokens(i)
+        labels = t[1:].copy()
+        labels[: self.prompt_len[i] - 1] = IGNORE
+        return t[:-1], labels
+
+
+# ------------------------------------------------------------------------------------------- the sides
+
+
+@dataclass
+class StepStats:
+    seconds: float
+    examples: int
+    trained_tokens: int  # targets != -100
+    tokens: int  # non-padding positions
+    positions: int  # positions computed, padding included
+    attn_sq: int  # sum over documents of length^2 (causal attention FLOPs)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+    from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
+    from c2a.train.loop import build_optimizer, make_loader, train_step
+    from c2a.train.parallel import build_sharded_model, init_distributed, materialize
+
+    d = init_distributed()
+    cfg = TrainConfig(
+        out_dir=tempfile.mkdtemp(prefix="c2a-bench-"),
+        data=DataSection(max_len=s.seq_len, packing=True),
+        train=TrainSection(global_batch=s.global_batch, micro_batch=s.rows_per_micro, lr=s.lr, dtype=s.dtype, seed=s.seed, progress=False),
+    )
+    model_cfg = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size,
+                            max_seq_len=max(4096, s.seq_len))  # fmt: skip
+    loader, desc = make_loader(cfg, data, d)
+    model = build_sharded_model(model_cfg, cfg.train, d)
+    materialize(model, None, s.seed)
+    optimizer = build_optimizer(model, cfg, d.device)
+    model.train()
+    batches = iter(loader)
+    stats = []
+    for _ in range(s.warmup + s.steps):
+        sync(d.device)
+        start = time.perf_counter()
+        micro = [_with_counts(next(batches)) for _ in range(loader.accum_steps)]
+        result = train_step(model, optimizer, micro, cfg.train.grad_clip, d.device)
+        loss = result.loss.item()  # the step's end: the host waits for the device here
+        sync(d.device)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise RuntimeError(f"c2a: non-finite loss {loss}")
+        stats.append(StepStats(seconds, sum(b.num_examples for b in micro), int(result.targets), result.tokens, result.positions, result.attn_sq))
+    info = {"batching": desc, "parameters": model_cfg.num_params, "final_loss": loss,
+            "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch")}  # fmt: skip
+    return stats, info
+
+
+def _with_counts(mb: Any) -> Any:
+    """train_step reads `tokens` and `attn_sq` from each micro-batch. Where c2a.data.batching's MicroBatch
+    does not carry them yet, count them here (non-padding positions; sum of squared document lengths)."""
+    from c2a.data.batching import MicroBatch
+
+    if hasattr(mb, "tokens") and hasattr(mb, "attn_sq"):
+        return mb
+
+    @dataclass
+    class CountedMicroBatch(MicroBatch):
+        tokens: int = 0
+        attn_sq: int = 0
+
+        def to(self, device: torch.device | str, non_blocking: bool = False) -> CountedMicroBatch:
+            moved = MicroBatch.to(self, device, non_blocking)
+            return CountedMicroBatch(**{f.name: getattr(moved, f.name) for f in dataclasses.fields(MicroBatch)}, tokens=self.tokens, attn_sq=self.attn_sq)
+
+    tokens, attn_sq = document_counts(mb.labels, mb.position_ids, mb.input_ids)
+    return CountedMicroBatch(mb.input_ids, mb.labels, mb.position_ids, mb.num_examples, tokens, attn_sq)
+
+
+def document_counts(labels: torch.Tensor, position_ids: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:
+    """(non-padding positions, sum of squared document lengths) of a packed micro-batch. A document starts
+    where position_ids is 0; the padding tail is a document whose positions all have label -100 and PAD."""
+    tokens, attn_sq = 0, 0
+    for row_pos, row_ids in zip(position_ids.tolist(), input_ids.tolist()):
+        starts = [t for t, p in enumerate(row_pos) if p == 0] + [len(row_pos)]
+        for a, b in zip(starts, starts[1:]):
+            if any(x != PAD for x in row_ids[a:b]):
+                tokens += b - a
+                attn_sq += (b - a) ** 2
+    return tokens, attn_sq
+
+
+def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+    import transformers
+
+    device = torch.device(s.device)
+    torch.manual_seed(s.seed)
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=s.dim, intermediate_size=_ffn(s), num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads,
+        num_key_value_heads=s.n_kv_heads, vocab_size=s.vocab_size, max_position_embeddings=max(4096, s.seq_len),
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    with device:  # initialised where it trains (1.9B parameters initialised on the CPU would take minutes)
+        model = transformers.LlamaForCausalLM(hf_cfg)  # fp32 master weights, as HF Trainer keeps them
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+    order = np.random.default_rng(s.seed + 1).permutation(len(data))  # HF Trainer's RandomSampler
+    accum = s.global_batch // s.micro_batch
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.dtype == "bf16")
+    stats, cursor = [], 0
+    for _ in range(s.warmup + s.steps):
+        sync(device)
+        start = time.perf_counter()
+        trained = tokens = positions = attn_sq = 0
+        losses = []
+        for _ in range(accum):
+            ids, labels, mask = alpaca_collate(data, order[cursor : cursor + s.micro_batch])
+            cursor += s.micro_batch
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            with autocast:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / accum
+            loss.backward()
+            losses.append(loss.detach())
+            lengths = mask.sum(dim=1).tolist()
+            trained += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t is trained on token t + 1
+            tokens, positions, attn_sq = tokens + sum(lengths), positions + ids.numel(), attn_sq + sum(n * n for n in lengths)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # HF Trainer's max_grad_norm default
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(sum(losses))
+        sync(device)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise RuntimeError(f"baseline: non-finite loss {loss}")
+        stats.append(StepStats(seconds, s.global_batch, trained, tokens, positions, attn_sq))
+    info = {"batching": f"{s.global_batch} examples = micro-batch {s.micro_batch} x accumulation {accum}, each padded to its longest",
+            "parameters": sum(p.numel() for p in model.parameters()), "final_loss": loss,
+            "attention": model.config._attn_implementation, "transformers": transformers.__version__}  # fmt: skip
+    return stats, info
+
+
+def alpaca_collate(data: SyntheticAlpaca, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stanford Alpaca's preprocessing of one micro-batch: input_ids = the whole example, labels = a copy
+    with the prompt's positions -100, both right-padded to the longest example (labels with -100),
+    attention_mask = input_ids != pad."""
+    seqs = [torch.from_numpy(data.tokens(int(i))) for i in indices]
+    labels = []
+    for i, t in zip(indices, seqs):
+        y = t.clone()
+        y[: data.prompt_len[int(i)]] = IGNORE
+        labels.append(y)
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD)
+    labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE)
+    return ids, labels, ids.ne(PAD)
+
+
+def _ffn(s: Setup) -> int:
+    from c2a.config import meta_ffn_hidden_dim
+
+    return meta_ffn_hidden_dim(s.dim, 256, None)
+
+
+# ----------------------------------------------------------------------------------------- one process
+
+
+def _patch_loss_chunk(rows: int) -> None:
+    """Prototype for a proposal (not c2a's default): the torch path of Llama.loss with a fixed chunk of
+    `rows` tokens instead of torch's "auto" heuristic, which sizes the [chunk, V] logits like the [N, D]
+    input (16 rows at D = 256, V = 32000: the 33 MB head weight is re-read for every 16 tokens)."""
+    import torch.nn.functional as F
+
+    from c2a.kernels import cross_entropy
+
+    def chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: Any = None) -> torch.Tensor:
+        options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=rows)
+        loss_sum = F.linear_cross_entropy(h, weight, labels, reduction="sum", ignore_index=IGNORE, options=options)
+        return cross_entropy._normalise(loss_sum.float(), labels, normalizer)
+
+    cross_entropy.linear_cross_entropy_chunked = chunked
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def side_main(side: str, s: Setup, out: Path) -> None:
+    """One side in this (fresh) process; writes its summary as JSON to `out`."""
+    device = torch.device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if side == "c2a" and s.c2a_ce_chunk:
+        _patch_loss_chunk(s.c2a_ce_chunk)
+    data = SyntheticAlpaca(s)
+    rss_before = peak_memory_mib(torch.device("cpu"))
+    runner = run_c2a if side == "c2a" else run_baseline
+    stats, info = runner(s, data)
+    timed = stats[s.warmup :]
+    seconds = sum(t.seconds for t in timed)
+    summary: dict[str, Any] = {
+        "side": side,
+        "trained_tokens_per_s": sum(t.trained_tokens for t in timed) / seconds,
+        "tokens_per_s": sum(t.tokens for t in timed) / seconds,
+        "padding_fraction": 1 - sum(t.tokens for t in timed) / sum(t.positions for t in timed),
+        "step_seconds": seconds / len(timed),
+        "examples_per_step": sum(t.examples for t in timed) / len(timed),
+        "peak_memory_mib": peak_memory_mib(device),
+        "rss_before_model_mib": rss_before,
+        "step_seconds_each": [t.seconds for t in stats],
+        "threads": torch.get_num_threads(),
+        **info,
+    }
+    if device.type == "cuda":
+        from c2a.config import LlamaConfig
+        from c2a.train.metrics import attention_flops, matmul_flops_per_token, peak_flops
+
+        cfg = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size)
+        flops = sum(t.tokens for t in timed) * matmul_flops_per_token(cfg) + attention_flops(cfg, sum(t.attn_sq for t in timed))
+        peak = peak_flops(device)
+        summary["model_tflops_per_s"] = flops / seconds / 1e12
+        summary["mfu"] = flops / seconds / peak if peak else None
+    out.write_text(json.dumps(summary, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------- the run
+
+
+def run_side(side: str, s: Setup, env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{side}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--setup", json.dumps(asdict(s)), "--side-out", str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {side} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
+ROWS = [  # (label, key, format)
+    ("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"),
+    ("all tokens/s", "tokens_per_s", "{:,.0f}"),
+    ("padding fraction", "padding_fraction", "{:.1%}"),
+    ("step time (s)", "step_seconds", "{:.2f}"),
+    ("examples / step", "examples_per_step", "{:.1f}"),
+    ("peak memory (MiB)", "peak_memory_mib", "{:,.0f}"),
+    ("MFU", "mfu", "{:.1%}"),
+]
+
+
+def table(c2a: dict[str, Any], base: dict[str, Any], ratios: dict[str, float], memory_kind: str) -> str:
+    lines = [f"{'':<22} {'c2a':>14} {'baseline (HF)':>14} {'c2a / baseline':>15}"]
+    for label, key, fmt in ROWS:
+        if c2a.get(key) is None or base.get(key) is None:
+            continue
+        ratio = f"{c2a[key] / base[key]:.2f}x" if base[key] else ""
+        name = f"peak {memory_kind} (MiB)" if key == "peak_memory_mib" else label
+        lines.append(f"{name:<22} {fmt.format(c2a[key]):>14} {fmt.format(base[key]):>14} {ratio:>15}")
+    return "\n".join(lines)
+
+
+def plot(c2a: dict[str, Any], base: dict[str, Any], s: Setup, path: Path, smoke: bool, memory_kind: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("trained tokens/s", "trained_tokens_per_s"), ("all tokens/s", "tokens_per_s"),
+              (f"peak {memory_kind} (MiB)", "peak_memory_mib"), ("padding fraction", "padding_fraction")]  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+    for ax, (label, key) in zip(axes, panels):
+        values = [c2a[key], base[key]]
+        bars = ax.bar(["c2a", "HF baseline"], values, color=["tab:blue", "tab:gray"])
+        ax.set_title(label + (f"  ({c2a[key] / base[key]:.2f}x)" if base[key] else ""))
+        ax.bar_label(bars, [f"{v:.1%}" if key == "padding_fraction" else f"{v:,.0f}" for v in values], fontsize=8)
+    where = "smoke run (tiny model)" if smoke else f"{s.device}"
+    fig.suptitle(f"training throughput, {where}: dim {s.dim}, {s.n_layers} layers, vocab {s.vocab_size}, "
+                 f"{s.global_batch} examples/step, Alpaca-like lengths")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def environment() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None
+        except OSError:
+            return None
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps: checks both paths run (CI)")
+    ap.add_argument("--device", default="cuda" if CUDA else "cpu")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "seq_len", "global_batch", "micro_batch", "rows_per_micro", "steps", "warmup",
+                 "threads", "c2a_ce_chunk"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help="override the default for the machine")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"))
+    ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
+    ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
+    ap.add_argument("--setup", help=argparse.SUPPRESS)
+    ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.side:
+        raw = json.loads(args.setup)
+        raw["prompt_range"], raw["response_range"] = tuple(raw["prompt_range"]), tuple(raw["response_range"])
+        side_main(args.side, Setup(**raw), args.side_out)
+        return
+
+    values = default_setup(args.smoke, args.device)
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    s = Setup(**values)
+    if s.global_batch % s.micro_batch:
+        ap.error(f"--global-batch ({s.global_batch}) must be a multiple of --micro-batch ({s.micro_batch})")
+    sides = args.sides.split(",")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    memory_kind = "max allocated" if s.device.startswith("cuda") else "RSS"
+    print(f"setup: {asdict(s)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "train_throughput.json"
+    summary: dict[str, Any] = {"environment": environment(), "setup": asdict(s), "smoke": args.smoke, "sides": {}}
+    results = summary["sides"]
+    for side in sides:
+        start = time.perf_counter()
+        results[side] = run_side(side, s, env)
+        print(f"{side}: {results[side]['trained_tokens_per_s']:,.0f} trained tokens/s, "
+              f"{results[side]['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        summary["environment"]["load_average_after"] = os.getloadavg()
+        json_path.write_text(json.dumps(summary, indent=1) + "\n")  # after each side: a later failure keeps this one
+    if "c2a" in results and "baseline" in results:
+        c2a, base = results["c2a"], results["baseline"]
+        summary["ratios"] = {key: c2a[key] / base[key] for _, key, _ in ROWS if c2a.get(key) is not None and base.get(key)}
+        json_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(table(c2a, base, summary["ratios"], memory_kind))
+        plot(c2a, base, s, args.out / "train_throughput.png", args.smoke, memory_kind)
+    print(f"wrote {json_path}" + (f" and {args.out / 'train_throughput.png'}" if "ratios" in summary else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""benchmarks/train_throughput.py --smoke trains both sides (c2a packed, HF padded) for a few steps and writes
+its table, JSON and plot. Times are not asserted; the counts that define the comparison are."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_throughput_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "trained tokens/s" in proc.stdout and "c2a / baseline" in proc.stdout
+    assert (tmp_path / "train_throughput.png").stat().st_size > 0
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    setup, c2a, base = result["setup"], result["sides"]["c2a"], result["sides"]["baseline"]
+    for side in (c2a, base):
+        assert len(side["step_seconds_each"]) == setup["warmup"] + setup["steps"]
+        assert math.isfinite(side["final_loss"]) and side["peak_memory_mib"] > 0
+        assert 0 < side["trained_tokens_per_s"] < side["tokens_per_s"]  # prompts are not trained on
+    # the same model size on both sides (c2a and HF count the same parameters)
+    assert c2a["parameters"] == base["parameters"]
+    # packing leaves almost no padding; padding each micro-batch to its longest leaves a lot
+    assert c2a["padding_fraction"] < 0.05 < base["padding_fraction"]
+    assert base["examples_per_step"] == setup["global_batch"]
+    assert c2a["kernels"] == (os.environ.get("C2A_KERNELS") or "torch") and base["attention"] == "sdpa"
+    assert result["ratios"]["trained_tokens_per_s"] == c2a["trained_tokens_per_s"] / base["trained_tokens_per_s"]
