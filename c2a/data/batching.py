@@ -73,16 +73,20 @@ class ExampleDataset(Protocol):
 
 @dataclass
 class MicroBatch:
-    """One rank's micro-batch: [B, T] torch.long tensors, plus how many real examples it holds."""
+    """One rank's micro-batch: [B, T] torch.long tensors, plus counts of what it holds: real examples,
+    real (non-padding) tokens, and the sum of squared example lengths (attention FLOPs are proportional)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
     num_examples: int
+    num_tokens: int = 0
+    sum_len_sq: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                          self.position_ids.to(device, non_blocking=non_blocking), self.num_examples)
+                          self.position_ids.to(device, non_blocking=non_blocking), self.num_examples, self.num_tokens,
+                          self.sum_len_sq)
 
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -221,7 +225,9 @@ class MicroBatchLoader:
             else:
                 pos[b] = arange  # right padding: plain causal attention is exact for the real tokens
         n_examples = sum(len(r) for r in rows)
-        return MicroBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_examples)
+        lengths = np.concatenate([self._lengths[r] for r in rows]) if n_examples else np.zeros(0, dtype=np.int64)
+        return MicroBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_examples,
+                          int(lengths.sum()), int((lengths * lengths).sum()))
 
     # --- iteration and state ---------------------------------------------------------------------------
 

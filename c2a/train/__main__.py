@@ -1,0 +1,80 @@
+"""Entry point: `torchrun --nproc_per_node=N -m c2a.train [--config FILE.toml] [--section.key=value ...]`,
+or `python -m c2a.train ...` as a single process. `--help` lists every key with its default."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch.distributed as dist
+
+from c2a.data import DataError
+from c2a.data.prepare import CacheMismatchError
+from c2a.model.weights import CheckpointError
+from c2a.train.cli import help_text, parse_args, wants_help
+from c2a.train.loop import TrainingError, run
+from c2a.train.parallel import init_distributed
+
+log = logging.getLogger("c2a")
+
+# Errors whose message is the whole story for the user: printed without a traceback.
+USER_ERRORS = (TrainingError, DataError, CacheMismatchError, CheckpointError, KeyError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[c2a{'' if rank == 0 else f' rank {rank}'}] %(message)s", stream=sys.stderr)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    lines = [
+        "",
+        "== c2a training finished ==",
+        f"steps            {s['steps']} ({s['skipped_steps']} skipped as non-finite)",
+        f"time             {s['wall_seconds']:.0f} s in this process ({s['train_seconds']:.0f} s in training steps over the run)",
+        f"tokens           {s['tokens']:,} ({s['trained_tokens']:,} trained targets)",
+    ]
+    if "final_loss" in s:
+        lines.append(f"final loss       {s['final_loss']:.4f}")
+    if s.get("demo_after"):
+        before, after = s["demo_before"], s["demo_after"]
+        lines.append(f"demo exact match before {100 * before['accuracy']:.1f}% -> after {100 * after['accuracy']:.1f}% "
+                     f"({after['examples']} held-out examples, greedy)")  # fmt: skip
+        lines.append("  per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in after["per_task"].items()))
+    lines += [
+        f"metrics          {s['out_dir']}/metrics.jsonl",
+        f"checkpoints      {s['out_dir']}/checkpoints/",
+        f"final model      {s['final']}  (HF safetensors + tokenizer.model)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_args(argv)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    d = init_distributed(cfg.train.replicas)
+    _setup_logging(d.rank)
+    code = 0
+    try:
+        summary = run(cfg, d)
+        if d.is_main:
+            _print_summary(summary)
+    except USER_ERRORS as e:
+        log.error("error: %s", e.args[0] if e.args else e)
+        code = 1
+    finally:
+        # Leave no gloo/NCCL work or thread behind before the interpreter tears down.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

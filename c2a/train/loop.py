@@ -1,0 +1,451 @@
+"""The training run: data, sharded model, optimizer and schedule, the loop, checkpoints, export, demo eval.
+
+One optimizer step (`train_step`) is: this rank's micro-batches for the step, the global count of trained
+targets (all-reduced), forward/backward of each micro-batch with the loss divided by that global count
+(so loss and gradients do not depend on how the global batch is split over ranks and accumulation),
+clipping on the global norm, then the optimizer step unless the loss or gradient is non-finite.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from c2a.config import LlamaConfig, TrainConfig, config_to_toml
+from c2a.data import Tokenizer, TokenizedDataset, load_records
+from c2a.data.batching import MicroBatch, MicroBatchLoader
+from c2a.model.llama import Llama
+from c2a.model.weights import CheckpointReader, save_hf
+from c2a.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
+from c2a.train.parallel import Dist, build_sharded_model, compute_dtype, full_parameters, materialize
+
+log = logging.getLogger("c2a")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to change."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class RunData:
+    tokenizer_path: Path
+    tokenizer: Tokenizer
+    train: TokenizedDataset
+    heldout: list[dict[str, str]] | None  # the demo task's held-out records (for exact match)
+
+
+def resolve_tokenizer(cfg: TrainConfig) -> Path:
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+    elif cfg.data.path == "demo":
+        from c2a.data.demo import DEMO_TOKENIZER
+
+        path = DEMO_TOKENIZER
+    elif cfg.model.checkpoint and (Path(cfg.model.checkpoint) / "tokenizer.model").is_file():
+        path = Path(cfg.model.checkpoint) / "tokenizer.model"
+    else:
+        raise TrainingError("no tokenizer: set data.tokenizer to a SentencePiece tokenizer.model (Llama-2's for Llama-2 weights)")
+    if not path.is_file():
+        raise TrainingError(f"data.tokenizer: {path} does not exist")
+    return path
+
+
+def build_data(cfg: TrainConfig, d: Dist) -> RunData:
+    """The tokenized training set: the demo task (in memory), a prepared cache directory, or a data file /
+    hub dataset tokenized once by rank 0 into out_dir/data_cache and memory-mapped by every rank."""
+    tok_path = resolve_tokenizer(cfg)
+    tokenizer = Tokenizer(tok_path)
+    max_len = cfg.data.max_len
+    if cfg.data.path == "demo":
+        from c2a.data.demo import demo_split
+
+        records, heldout = demo_split(cfg.data.demo_train_size, cfg.data.demo_heldout_size)
+        return RunData(tok_path, tokenizer, TokenizedDataset.from_records(records, tokenizer, max_len, source={"kind": "demo"}), heldout)
+    source = Path(cfg.data.path)
+    if source.is_dir():
+        return RunData(tok_path, tokenizer, TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len), None)
+    cache = Path(cfg.out_dir) / "data_cache"
+    if d.is_main and not cache.is_dir():
+        log.info("tokenizing %s into %s", cfg.data.path, cache)
+        loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows)
+        workers = cfg.data.workers or os.cpu_count() or 1
+        ds = TokenizedDataset.from_records(loaded.records, tokenizer, max_len, workers=workers, source=loaded.source, skipped_bad_rows=len(loaded.skipped))
+        ds.save(cache)
+    dist.barrier()
+    ds = TokenizedDataset.open(cache, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_source=cfg.data.path)
+    return RunData(tok_path, tokenizer, ds, None)
+
+
+def make_loader(cfg: TrainConfig, dataset: TokenizedDataset, d: Dist) -> tuple[MicroBatchLoader, str]:
+    """The micro-batch loader and a line describing the batch. `train.global_batch` counts examples, as
+    the model card does; packed, a step takes the whole number of rows holding about as many examples."""
+    t = cfg.train
+    per_step_unit = t.micro_batch * d.world_size
+    mode = "packed" if cfg.data.packing else "padded"
+    if mode == "padded":
+        if t.global_batch % per_step_unit:
+            raise TrainingError(
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x ranks "
+                f"({d.world_size}) = {per_step_unit}; e.g. --train.micro_batch={_largest_divisor(t.global_batch // d.world_size if t.global_batch % d.world_size == 0 else 1, t.micro_batch)}"
+            )
+        rows = t.global_batch
+    else:
+        probe = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed)
+        examples_per_row = probe.num_examples / probe.rows_in_epoch(0)
+        # the nearest whole number of (micro-batch x ranks) rows, at least one
+        rows = max(1, round(t.global_batch / examples_per_row / per_step_unit)) * per_step_unit
+    loader = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=t.micro_batch, global_batch_rows=rows,
+                              mode=mode, rank=d.rank, world_size=d.world_size, seed=t.seed)  # fmt: skip
+    if mode == "padded":
+        desc = f"global batch {rows} examples = micro-batch {t.micro_batch} x accumulation {loader.accum_steps} x {d.world_size} ranks (padded)"
+    else:
+        desc = (f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
+                f"(~{rows * examples_per_row:.1f} examples, padding {loader.padding_fraction(0):.2%}) = micro-batch "
+                f"{t.micro_batch} rows x accumulation {loader.accum_steps} x {d.world_size} ranks")  # fmt: skip
+    return loader, desc
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(k for k in range(1, max(1, min(n, at_most)) + 1) if n % k == 0)
+
+
+# --------------------------------------------------------------------------------- optimizer, schedule
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    t = cfg.train
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for all parameters on CUDA; foreach (the CPU default) otherwise
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
+    """LR multiplier for optimizer step s (0-based): linear warmup to 1 over `warmup_steps` steps (the first
+    step already gets 1/warmup, not 0), then cosine decay to `min_ratio` at the last step."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps - 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # global mean loss of the step (0-dim, on device)
+    grad_norm: torch.Tensor
+    targets: torch.Tensor  # global count of trained targets
+    tokens: int  # this rank's non-padding tokens
+    positions: int  # this rank's positions (padding included)
+    attn_sq: int  # this rank's sum over documents of length^2 (for the attention FLOP count)
+    finite: bool
+
+
+def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device) -> StepResult:
+    batches = [b.to(device, non_blocking=True) for b in batches]
+    targets = sum((b.labels != -100).sum() for b in batches)
+    dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
+    normalizer = targets.clamp(min=1).float()
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer)
+        loss.backward()
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum)
+    params = [p for p in model.parameters() if p.grad is not None]
+    # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    # the one host sync of a step: a non-finite loss or gradient must skip the update, and a step without
+    # any trained target has nothing to learn from (Adam's momentum alone would still move the weights)
+    finite, has_targets = (torch.stack([torch.isfinite(loss_sum) & torch.isfinite(grad_norm), targets > 0])).tolist()
+    if finite and has_targets:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b.num_tokens for b in batches)
+    positions = sum(b.input_ids.numel() for b in batches)
+    attn_sq = sum(b.sum_len_sq for b in batches)
+    return StepResult(loss_sum, grad_norm, targets, tokens, positions, attn_sq, finite)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class Counters:
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    trained_tokens: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    demo_before: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+    """The whole run on every rank; returns the summary (rank 0 fills it)."""
+    out = Path(cfg.out_dir)
+    t = cfg.train
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(out)
+        _write_config(out, cfg)
+    dist.barrier()
+    torch.manual_seed(t.seed)
+
+    data = build_data(cfg, d)
+    reader = CheckpointReader(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    model_cfg = reader.config if reader else LlamaConfig.from_name(cfg.model.preset)
+    if data.tokenizer.vocab_size > model_cfg.vocab_size:
+        raise TrainingError(f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}")
+    if cfg.data.max_len > model_cfg.max_seq_len:
+        log.warning("data.max_len %d exceeds the model's max_seq_len %d: rotary positions beyond it were never trained", cfg.data.max_len, model_cfg.max_seq_len)
+    loader, batch_desc = make_loader(cfg, data.train, d)
+    total_steps = loader.total_steps(t.epochs)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+
+    model = build_sharded_model(model_cfg, t, d)
+    optimizer = build_optimizer(model, cfg, d.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup, t.min_lr_ratio))
+    counters = Counters()
+    step = 0
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"])
+        counters = Counters(**state["counters"])
+        log.info("resumed from %s (step %d of %d, saved by %d ranks)", resume, step, total_steps, state["world_size"])
+    else:
+        materialize(model, reader, t.seed)
+
+    log.info("model: %s, %.1fM parameters; %s", _model_desc(cfg, model_cfg), model_cfg.num_params / 1e6, "pretrained " + str(reader.path) if reader else "random init")
+    log.info("data: %d examples, %s", loader.num_examples, batch_desc)
+    log.info("schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
+             total_steps, t.epochs, loader.steps_in_epoch(0), f", capped by max_steps={t.max_steps}" if t.max_steps else "",
+             warmup, t.min_lr_ratio, t.lr)  # fmt: skip
+
+    demo = data.heldout is not None and cfg.eval.demo_accuracy
+    if demo and counters.demo_before is None:
+        counters.demo_before = evaluate_demo(model, model_cfg, data, cfg, d, "before training")
+
+    writer = MetricsWriter(out, t.tensorboard) if d.is_main else None
+    bar = progress_bar(total_steps, step, t.progress and d.is_main)
+    peak = peak_flops(d.device)
+    flops_per_token = matmul_flops_per_token(model_cfg)
+    window: list[StepResult] = []
+    window_start = time.perf_counter()
+    run_start = time.perf_counter()
+    model.train()
+    batches = iter(())
+    while step < total_steps:
+        epoch = loader.epoch + 1  # 1-based; read before the step's first micro-batch moves the loader
+        micro = []
+        while len(micro) < loader.accum_steps:
+            b = next(batches, None)
+            if b is None:
+                batches = iter(loader)  # the next epoch (or the rest of the current one after a resume)
+                continue
+            micro.append(b)
+        result = train_step(model, optimizer, micro, t.grad_clip, d.device)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        counters.bad_in_a_row = 0 if result.finite else counters.bad_in_a_row + 1
+        counters.skipped_steps += not result.finite
+        window.append(result)
+        if bar is not None:
+            bar.update(1)
+        if not result.finite:
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                        step, result.loss.item(), result.grad_norm.item(), counters.bad_in_a_row)  # fmt: skip
+        if step % t.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = _metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters)
+            counters.train_seconds += elapsed
+            if writer is not None:
+                writer.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            window, window_start = [], time.perf_counter()
+        stop = counters.bad_in_a_row >= t.max_bad_steps
+        if step == total_steps or stop or (t.save_every and step % t.save_every == 0):
+            state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__}
+            path = save_checkpoint(out, step, model, optimizer, state, t.keep_last)
+            log.info("saved checkpoint %s", path)
+        if stop:
+            raise TrainingError(f"{counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); "
+                                f"stopped at step {step} with a checkpoint in {out / 'checkpoints'}; lower train.lr or check the data")  # fmt: skip
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+
+    final = export_final(model, model_cfg, data.tokenizer_path, out, compute_dtype(t.dtype, d.device), d)
+    summary: dict[str, Any] = {"steps": step, "out_dir": str(out), "final": str(final), "train_seconds": counters.train_seconds,
+                               "tokens": counters.tokens, "trained_tokens": counters.trained_tokens,
+                               "skipped_steps": counters.skipped_steps, "wall_seconds": time.perf_counter() - run_start}  # fmt: skip
+    last = _last_metrics(out) if d.is_main else None
+    if last is not None:
+        summary["final_loss"] = last["loss"]
+    if demo:
+        summary["demo_before"] = counters.demo_before
+        summary["demo_after"] = evaluate_demo(model, model_cfg, data, cfg, d, "after training")
+    return summary
+
+
+def _model_desc(cfg: TrainConfig, m: LlamaConfig) -> str:
+    name = cfg.model.checkpoint or cfg.model.preset
+    return f"{name} (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} kv, ffn {m.ffn_hidden_dim}, vocab {m.vocab_size})"
+
+
+def _write_config(out: Path, cfg: TrainConfig) -> None:
+    path = out / "config.toml"
+    text = config_to_toml(cfg)
+    if path.is_file() and path.read_text() != text:
+        old = {line for line in path.read_text().splitlines()}
+        changed = [line for line in text.splitlines() if line not in old and "=" in line]
+        log.warning("config differs from the one %s was started with; now: %s", out, "; ".join(changed))
+    path.write_text(text)
+
+
+def _metrics(window: list[StepResult], seconds: float, step: int, epoch: int, lr: float, d: Dist, flops_per_token: int,
+             model_cfg: LlamaConfig, peak: float | None, counters: Counters) -> dict[str, Any]:  # fmt: skip
+    """Collective: sums this window's counts over ranks. The .item() calls here are the logging sync."""
+    local = torch.tensor([sum(r.tokens for r in window), sum(r.positions for r in window), sum(r.attn_sq for r in window),
+                          _peak_memory_mb(d.device)], dtype=torch.float64, device=d.device)  # fmt: skip
+    summed = local[:3].clone()
+    dist.all_reduce(summed)
+    peak_mb = local[3:].clone()
+    dist.all_reduce(peak_mb, op=dist.ReduceOp.MAX)
+    tokens, positions, attn_sq = (float(x) for x in summed.tolist())
+    targets = float(sum(r.targets for r in window))
+    loss = float(sum(r.loss * r.targets for r in window)) / max(targets, 1.0)  # token-weighted over the window
+    counters.trained_tokens += int(targets)
+    counters.tokens += int(tokens)
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": float(window[-1].grad_norm),
+        "tokens_per_s": targets / seconds,
+        "all_tokens_per_s": tokens / seconds,
+        "padding_fraction": 1.0 - tokens / positions,
+        "peak_memory_mb": float(peak_mb),
+        "step_seconds": seconds / len(window),
+        "skipped_steps": counters.skipped_steps,
+    }
+    if peak is not None:
+        flops = tokens * flops_per_token + attention_flops(model_cfg, int(attn_sq))
+        record["mfu"] = flops / seconds / (peak * d.world_size)
+    return record
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _last_metrics(out: Path) -> dict[str, Any] | None:
+    import json
+
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = path.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+# ----------------------------------------------------------------------------- export and evaluation
+
+
+def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype) -> Llama | None:
+    """Collective: an unsharded CPU copy of the model on rank 0 (None elsewhere)."""
+    copy = None
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            copy = Llama(model_cfg)
+        copy = copy.to(dtype).to_empty(device="cpu")
+    params = dict(copy.named_parameters()) if copy is not None else {}
+    with torch.no_grad():
+        for name, full in full_parameters(model, dtype):
+            if copy is not None:
+                params[name].copy_(full)
+    return copy
+
+
+def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out: Path, dtype: torch.dtype, d: Dist) -> Path:
+    """Collective: out_dir/final/ as an HF directory (safetensors, config.json, tokenizer.model), written
+    beside it and renamed into place, streaming one parameter at a time through rank 0."""
+    final, tmp = out / "final", out / "final.tmp"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tensors = full_parameters(model, dtype)
+    if d.is_main:
+        save_hf(model_cfg, tensors, tmp)
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    else:
+        for _ in tensors:  # take part in every gather
+            pass
+    dist.barrier()
+    return final
+
+
+def evaluate_demo(model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: TrainConfig, d: Dist, when: str) -> dict[str, Any] | None:
+    """Collective: greedy exact match on the demo's held-out split, run on rank 0 with a gathered copy."""
+    from c2a.data.demo import exact_match
+    from c2a.model.generate import generate_batch
+
+    copy = gather_model(model, model_cfg, torch.float32)
+    result = None
+    if copy is not None:
+        start = time.perf_counter()
+        records = data.heldout[: cfg.eval.max_examples]
+        copy.eval()
+        hits: dict[str, list[bool]] = {}
+        batch = 128
+        from c2a.data import format_prompt
+
+        for i in range(0, len(records), batch):
+            chunk = records[i : i + batch]
+            prompts = [data.tokenizer.encode(format_prompt(r["instruction"], r["input"]), bos=True, eos=False) for r in chunk]
+            outs = generate_batch(copy, prompts, cfg.eval.max_new_tokens, stop_ids=(data.tokenizer.eos_id,))
+            for r, p, o in zip(chunk, prompts, outs):
+                text = data.tokenizer.decode_continuation(p, [t for t in o if t != data.tokenizer.eos_id])
+                hits.setdefault(r.get("task", "all"), []).append(exact_match(r, text))
+        total = [h for v in hits.values() for h in v]
+        result = {"accuracy": sum(total) / len(total), "examples": len(total),
+                  "per_task": {k: sum(v) / len(v) for k, v in sorted(hits.items())}, "seconds": time.perf_counter() - start}  # fmt: skip
+        log.info("demo held-out exact match %s: %.1f%% of %d (%.1f s)", when, 100 * result["accuracy"], len(total), result["seconds"])
+    dist.barrier()
+    return result

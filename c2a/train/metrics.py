@@ -1,0 +1,73 @@
+"""Training metrics: an honest FLOP count, MFU, metrics.jsonl, optional TensorBoard, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from c2a.config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def matmul_flops_per_token(cfg: LlamaConfig) -> int:
+    """Forward + backward FLOPs per token of every weight matmul: 6 per parameter (2 forward, 4 backward),
+    the output head included, the embedding lookup (no matmul) excluded."""
+    return 6 * (cfg.num_params - cfg.vocab_size * cfg.dim)
+
+
+def attention_flops(cfg: LlamaConfig, doc_lengths_sq_sum: int) -> int:
+    """Forward + backward FLOPs of causal attention, counted per document: q·kᵀ and p·v are 2·L·L·D
+    each per layer, halved by the causal mask, and the backward costs twice the forward."""
+    return 3 * cfg.n_layers * 2 * doc_lengths_sq_sum * cfg.dim
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step, appended, so a resumed run continues the file) and
+    optional TensorBoard. Rank 0 only."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from e
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    """tqdm with ETA on rank 0; a no-op elsewhere or when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)

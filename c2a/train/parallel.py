@@ -1,0 +1,166 @@
+"""Distributed setup and the sharded model: process group, device mesh, activation checkpointing,
+torch.compile, FSDP2, and materialising weights shard by shard.
+
+One code path for every machine: NCCL on CUDA, gloo on CPU, and a plain single process is a group of one.
+The model is built on the meta device, wrapped from the outside in torchtitan's order (activation
+checkpointing, compile, then FSDP), and only then given storage: each rank allocates its own shards and
+fills them tensor by tensor from a checkpoint reader or a seeded init, so no rank holds the full model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from c2a.config import LlamaConfig, TrainSection
+from c2a.model.llama import Llama, init_parameter
+from c2a.model.weights import CheckpointReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(replicas: int = 1) -> Dist:
+    """Joins the torchrun group (or makes a group of one) and builds the data-parallel device mesh.
+
+    `replicas` > 1 gives HSDP: a 2-D mesh (replicate, shard) where each of the `replicas` groups holds a
+    full sharded copy and gradients are all-reduced across groups (multi-node: shard within a node).
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    else:  # a plain `python -m c2a.train`: a group of one, on the same code path
+        rank, world, local = 0, 1, 0
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if cuda else None,
+        )
+    if world % replicas:
+        raise ValueError(f"train.replicas={replicas} must divide the number of ranks ({world})")
+    if replicas > 1:
+        mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return Dist(rank, world, local, device, mesh)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        # non-reentrant: works with FSDP2's hooks and torch.compile, and keeps kwargs-free autograd simple
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    return run
+
+
+def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama:
+    """The model on the meta device with activation checkpointing, compile and FSDP2 applied, then given
+    (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
+    #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
+    #    and exports, stay Meta's.
+    for i, block in enumerate(model.layers):
+        if train.activation_checkpointing == "full" or (train.activation_checkpointing == "selective" and i % train.ac_every == 0):
+            block.forward = _checkpointed(block.forward)
+    # 2. compile each block separately: one graph reused by every layer, and graph breaks stay local.
+    if train.compile:
+        for block in model.layers:
+            block.compile()
+    # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
+    #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
+    #    in fp32.
+    dtype = compute_dtype(train.dtype, d.device)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=d.mesh, mp_policy=mp)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)  # the head runs last, then backward
+    # The loss is already divided by the global number of trained tokens, so gradients are summed across
+    # ranks, not averaged (FSDP's default divides by the world size).
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # per FSDP unit: the setting does not recurse
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    model.to_empty(device=d.device)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: Llama, reader: CheckpointReader | None, seed: int) -> None:
+    """Fills every shard: from `reader` (pretrained), or with the init rule drawn from a per-parameter seed.
+
+    Either way each rank computes the full tensor of one parameter at a time and keeps its own slice
+    (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication), so the result is
+    identical for any number of ranks and no rank ever holds the whole model.
+    """
+    for name, p in model.named_parameters():
+        if reader is not None:
+            full = reader.get(name)
+        else:
+            full = torch.empty(p.shape, dtype=torch.float32)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            init_parameter(full, name, model.cfg, generator=g)
+        full = full.to(device=p.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(full)
+
+
+def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Every parameter gathered in full, one at a time: a collective, so every rank must iterate it.
+    Yields CPU tensors on rank 0 and None elsewhere."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        yield name, (full.to("cpu", dtype or full.dtype) if rank == 0 else None)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
