@@ -56,12 +56,12 @@ def _digits(rng: random.Random, lo: int, hi: int) -> list[int]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    w = _words(rng, 3, 6)
+    w = _words(rng, 2, 5)
     return " ".join(w), " ".join(reversed(w))
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    d = _digits(rng, 3, 6)
+    d = _digits(rng, 2, 5)
     return " ".join(map(str, d)), " ".join(map(str, sorted(d)))
 
 
@@ -71,7 +71,7 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    w = " ".join(_words(rng, 2, 4))
+    w = " ".join(_words(rng, 1, 3))
     return w, w.upper()
 
 
@@ -81,7 +81,7 @@ def _count(rng: random.Random) -> tuple[str, str]:
 
 
 def _copy(rng: random.Random) -> tuple[str, str]:
-    w = " ".join(_words(rng, 2, 6))
+    w = " ".join(_words(rng, 2, 5))
     return w, w
 
 
@@ -101,7 +101,7 @@ def _max(rng: random.Random) -> tuple[str, str]:
 
 
 def _spell(rng: random.Random) -> tuple[str, str]:
-    d = _digits(rng, 2, 5)
+    d = _digits(rng, 1, 4)
     return " ".join(map(str, d)), " ".join(DIGIT_WORDS[i] for i in d)
 
 
