@@ -22,7 +22,7 @@ The global row order. For epoch e, one ordered list of rows is built from (seed,
     `pack_window` examples) into rows of exactly `seq_len` positions, whole examples only, never split
     across rows; the rows are then shuffled. Padding waste: 0.27% of positions on Alpaca-like lengths
     (prompts 20-150 + responses 10-600 tokens, 52k examples) in rows of 2048, packed in 0.2 s per epoch;
-    1.1% for the demo task's 10-26-token examples in rows of 512.
+    1.1% for the demo task's 10-25-token examples in rows of 512.
   - mode="padded" (Stanford Alpaca's way): one example per row, examples shuffled; a micro-batch is padded
     on the right to its longest example (rounded up to `pad_to_multiple_of`).
 Every example is in exactly one row of each epoch. The list is then padded with empty rows (all labels

@@ -18,7 +18,7 @@ made by `make_tokenizer`: SentencePiece BPE trained on demo texts, identity norm
 so the file stays a few KB), digits split, no byte fallback, unk=0 BOS=1 EOS=2 as in Llama, "\\n" a piece,
 the template's fixed text as five pieces, and every closed-list word a single piece both with and without
 its leading space (the first word of an input follows "\\n" and the first word of a response follows
-"### Response:", with no space). Demo examples are 10-26 tokens (mean 18), answers 1-6 tokens + EOS.
+"### Response:", with no space). Demo examples are 10-25 input positions (mean 17), answers 1-5 tokens + EOS.
 """
 
 from __future__ import annotations
