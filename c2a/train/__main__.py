@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any
-
-import torch.distributed as dist
 
 from c2a.data import DataError
 from c2a.data.prepare import CacheMismatchError
 from c2a.model.weights import CheckpointError
 from c2a.train.cli import help_text, parse_args, wants_help
 from c2a.train.loop import TrainingError, run
-from c2a.train.parallel import init_distributed
+from c2a.train.parallel import init_distributed, shutdown_and_exit
 
 log = logging.getLogger("c2a")
 
@@ -61,20 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     d = init_distributed(cfg.train.replicas)
     _setup_logging(d.rank)
-    code = 0
     try:
         summary = run(cfg, d)
-        if d.is_main:
-            _print_summary(summary)
     except USER_ERRORS as e:
         log.error("error: %s", e.args[0] if e.args else e)
-        code = 1
-    finally:
-        # Leave no gloo/NCCL work or thread behind before the interpreter tears down.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return code
+        return 1
+    if d.is_main:
+        _print_summary(summary)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except BaseException:  # noqa: BLE001 - reported, then the same clean exit
+        traceback.print_exc()
+        code = 1
+    # never return into interpreter finalization while gloo threads may still be running (see there)
+    shutdown_and_exit(code)

@@ -105,6 +105,11 @@ def remove_partial_checkpoints(out_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The step, scheduler, data position and counters of a complete checkpoint (no tensors)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: loads model and optimizer shards (resharding to this world size) and returns the
     trainer state. RNG states are restored when the world size matches the one that saved them."""
@@ -112,7 +117,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    trainer_state = json.loads((path / STATE_FILE).read_text())
+    trainer_state = read_trainer_state(path)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if trainer_state["world_size"] == dist.get_world_size() and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)

@@ -26,7 +26,7 @@ from c2a.data import Tokenizer, TokenizedDataset, load_records
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf
-from c2a.train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from c2a.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial_checkpoints, save_checkpoint
 from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
 from c2a.train.parallel import Dist, build_sharded_model, compute_dtype, full_parameters, materialize
 
@@ -90,37 +90,35 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
     return RunData(tok_path, tokenizer, ds, None)
 
 
-def make_loader(cfg: TrainConfig, dataset: TokenizedDataset, d: Dist) -> tuple[MicroBatchLoader, str]:
-    """The micro-batch loader and a line describing the batch. `train.global_batch` counts examples, as
-    the model card does; packed, a step takes the whole number of rows holding about as many examples."""
+def make_loader(cfg: TrainConfig, dataset: TokenizedDataset, d: Dist, rows: int | None = None) -> tuple[MicroBatchLoader, str]:
+    """The micro-batch loader and a line describing the batch.
+
+    `train.global_batch` counts examples, as the model card does. Padded, a step is that many rows;
+    packed, it is the nearest whole number of (micro-batch x ranks) rows that holds about as many examples.
+    `rows` (from a checkpoint) fixes the rows per step instead, so a run resumes with the same steps on
+    any number of ranks that divides them.
+    """
     t = cfg.train
-    per_step_unit = t.micro_batch * d.world_size
+    unit = t.micro_batch * d.world_size
     mode = "packed" if cfg.data.packing else "padded"
-    if mode == "padded":
-        if t.global_batch % per_step_unit:
-            raise TrainingError(
-                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x ranks "
-                f"({d.world_size}) = {per_step_unit}; e.g. --train.micro_batch={_largest_divisor(t.global_batch // d.world_size if t.global_batch % d.world_size == 0 else 1, t.micro_batch)}"
-            )
-        rows = t.global_batch
-    else:
+    examples_per_row = 1.0
+    if mode == "packed":
         probe = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed)
         examples_per_row = probe.num_examples / probe.rows_in_epoch(0)
-        # the nearest whole number of (micro-batch x ranks) rows, at least one
-        rows = max(1, round(t.global_batch / examples_per_row / per_step_unit)) * per_step_unit
+    if rows is None:
+        rows = t.global_batch if mode == "padded" else max(1, round(t.global_batch / examples_per_row / unit)) * unit
+    if rows % unit:
+        what = f"{'the checkpoint' if rows != t.global_batch else 'train.global_batch'}'s {rows} {'rows' if mode == 'packed' else 'examples'} per step"
+        fits = [m for m in range(1, t.micro_batch + 1) if rows % (m * d.world_size) == 0]
+        hint = f"; use --train.micro_batch={fits[-1]}" if fits else f"; no micro-batch size divides it on {d.world_size} ranks"
+        raise TrainingError(f"{what} must be a multiple of train.micro_batch ({t.micro_batch}) x ranks ({d.world_size}){hint}")
     loader = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=t.micro_batch, global_batch_rows=rows,
                               mode=mode, rank=d.rank, world_size=d.world_size, seed=t.seed)  # fmt: skip
+    split = f"micro-batch {t.micro_batch} x accumulation {loader.accum_steps} x {d.world_size} ranks"
     if mode == "padded":
-        desc = f"global batch {rows} examples = micro-batch {t.micro_batch} x accumulation {loader.accum_steps} x {d.world_size} ranks (padded)"
-    else:
-        desc = (f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
-                f"(~{rows * examples_per_row:.1f} examples, padding {loader.padding_fraction(0):.2%}) = micro-batch "
-                f"{t.micro_batch} rows x accumulation {loader.accum_steps} x {d.world_size} ranks")  # fmt: skip
-    return loader, desc
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(k for k in range(1, max(1, min(n, at_most)) + 1) if n % k == 0)
+        return loader, f"global batch {rows} examples = {split} (padded to the longest in each micro-batch)"
+    return loader, (f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
+                    f"(~{rows * examples_per_row:.1f} examples, padding {loader.padding_fraction(0):.2%}) = {split}")
 
 
 # --------------------------------------------------------------------------------- optimizer, schedule
@@ -162,7 +160,9 @@ class StepResult:
     finite: bool
 
 
-def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device) -> StepResult:
+def forward_backward(model: Llama, batches: list[MicroBatch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
+    mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors."""
     batches = [b.to(device, non_blocking=True) for b in batches]
     targets = sum((b.labels != -100).sum() for b in batches)
     dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
@@ -173,6 +173,11 @@ def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[Mic
         loss.backward()
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum)
+    return loss_sum, targets
+
+
+def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device) -> StepResult:
+    loss, targets = forward_backward(model, batches, device)
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -180,14 +185,14 @@ def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[Mic
         grad_norm = grad_norm.full_tensor()
     # the one host sync of a step: a non-finite loss or gradient must skip the update, and a step without
     # any trained target has nothing to learn from (Adam's momentum alone would still move the weights)
-    finite, has_targets = (torch.stack([torch.isfinite(loss_sum) & torch.isfinite(grad_norm), targets > 0])).tolist()
+    finite, has_targets = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]).tolist()
     if finite and has_targets:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.num_tokens for b in batches)
     positions = sum(b.input_ids.numel() for b in batches)
     attn_sq = sum(b.sum_len_sq for b in batches)
-    return StepResult(loss_sum, grad_norm, targets, tokens, positions, attn_sq, finite)
+    return StepResult(loss, grad_norm, targets, tokens, positions, attn_sq, finite)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -222,7 +227,9 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         raise TrainingError(f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}")
     if cfg.data.max_len > model_cfg.max_seq_len:
         log.warning("data.max_len %d exceeds the model's max_seq_len %d: rotary positions beyond it were never trained", cfg.data.max_len, model_cfg.max_seq_len)
-    loader, batch_desc = make_loader(cfg, data.train, d)
+    resume = latest_checkpoint(out)
+    saved = read_trainer_state(resume) if resume is not None else None
+    loader, batch_desc = make_loader(cfg, data.train, d, rows=saved["data"]["global_batch_rows"] if saved else None)
     total_steps = loader.total_steps(t.epochs)
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
@@ -233,7 +240,6 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup, t.min_lr_ratio))
     counters = Counters()
     step = 0
-    resume = latest_checkpoint(out)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
         step = state["step"]

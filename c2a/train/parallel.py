@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -164,3 +165,26 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
 
 def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def shutdown_and_exit(code: int) -> None:
+    """Ends a distributed process cleanly, without the "terminate called without an active exception"
+    SIGABRT that gloo runs hit at exit about one time in eight (more often with 4 ranks on 2 cores).
+
+    The cause (seen in gdb): ProcessGroupGloo's worker threads ("pt_gloo_runloop") release each finished
+    Work on their own thread, and a Work holds tensors whose release needs the GIL. When the main thread
+    has already begun interpreter finalization, a worker that asks for the GIL is terminated with
+    pthread_exit, whose forced unwind through a noexcept C++ destructor calls std::terminate.
+    `destroy_process_group()` alone does not prevent it: the device mesh and the FSDP state still
+    reference the group, so its threads outlive the call. So: drain pending work with a barrier, destroy
+    the group, flush what Python would have flushed, and leave with os._exit, skipping the finalization
+    that races the worker threads. Every file the run writes is closed (and checkpoints fsynced) by then.
+    """
+    if dist.is_initialized():
+        if code == 0:  # after an error the other ranks may never reach a barrier: do not wait for them
+            dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,43 @@
+"""Run by torchrun from test_train.py: one optimizer step's loss and full gradients for a given split.
+
+    torchrun --nproc_per_node=R tests/dist_step.py OUT.pt MICRO_BATCH MODE AC
+
+Builds the trainer's model and data exactly as `c2a.train` does (demo task, seeded init), takes the
+first optimizer step of a fixed global batch of 4 rows, and writes (loss, targets, every gradient in
+full) from rank 0. The rows of the step do not depend on the split, so any R x accumulation must agree.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from c2a.config import LlamaConfig, build_config
+from c2a.data.batching import MicroBatchLoader
+from c2a.train.loop import build_data, forward_backward
+from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit
+
+GLOBAL_ROWS = 4
+
+
+def main(out: str, micro_batch: int, mode: str, ac: str) -> None:
+    cfg = build_config({}, {"data.demo_train_size": "200", "data.demo_heldout_size": "8", "data.max_len": "64",
+                            "train.activation_checkpointing": ac, "train.ac_every": "1"})  # fmt: skip
+    d = init_distributed()
+    data = build_data(cfg, d)
+    loader = MicroBatchLoader(data.train, seq_len=64, micro_batch_size=micro_batch, global_batch_rows=GLOBAL_ROWS, mode=mode,
+                              rank=d.rank, world_size=d.world_size, seed=0)  # fmt: skip
+    model = build_sharded_model(LlamaConfig.from_name("demo"), cfg.train, d)
+    materialize(model, None, seed=0)
+    it = iter(loader)
+    loss, targets = forward_backward(model, [next(it) for _ in range(loader.accum_steps)], d.device)
+    grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
+    if d.rank == 0:
+        torch.save({"loss": loss, "targets": targets, "grads": grads, "accum": loader.accum_steps}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    shutdown_and_exit(0)

@@ -1,0 +1,182 @@
+"""The training engine end to end: real torchrun, gloo, FSDP2 and DCP on CPU, on the bundled demo task."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from c2a.config import TrainConfig, build_config
+from c2a.model import load_pretrained
+from c2a.train.cli import help_text, parse_args
+from c2a.train.loop import cosine_with_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small run: the demo model on a few hundred demo examples, one 64-token row per micro-batch.
+TINY = ["--data.demo_train_size=256", "--data.demo_heldout_size=16", "--data.max_len=64", "--train.micro_batch=1",
+        "--train.global_batch=16", "--eval.demo_accuracy=false", "--train.progress=false", "--train.log_every=1"]  # fmt: skip
+
+
+def train_cmd(nproc: int, out: Path, *args: str) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*launch, "-m", "c2a.train", f"--out_dir={out}", *TINY, *args]
+
+
+def run_train(nproc: int, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(train_cmd(nproc, out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_short_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(2, out, "--train.max_steps=12", "--train.lr=3e-3")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "all_tokens_per_s", "padding_fraction", "peak_memory_mb"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~log(512) = 6.2 it must clearly learn
+    assert rows[-1]["lr"] < rows[0]["lr"] or rows[0]["lr"] < 3e-3  # warmup then cosine decay
+    assert "c2a training finished" in proc.stdout
+    # the run directory documents itself and its final export loads in transformers with c2a's logits
+    assert build_config(__import__("tomllib").loads((out / "config.toml").read_text())).train.max_steps == 12
+    final = out / "final"
+    assert (final / "tokenizer.model").is_file() and (final / "config.json").is_file()
+    ours = load_pretrained(final, dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(final, attn_implementation="eager").eval()
+    ids = torch.randint(3, ours.cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def _kill_after_first_checkpoint(cmd: list[str], out: Path) -> None:
+    """Starts the run and SIGKILLs its whole process group as soon as the first checkpoint is complete."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.time() + 240
+    first = out / "checkpoints" / "step_00000004" / "trainer_state.json"
+    while not first.exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it could be killed; make it longer"
+
+
+@pytest.mark.parametrize("resume_ranks", [2, 1], ids=["same-ranks", "fewer-ranks"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, resume_ranks):
+    args = ["--train.max_steps=16", "--train.save_every=4", "--train.lr=3e-3"]
+    run_train(2, tmp_path / "whole", *args)
+    _kill_after_first_checkpoint(train_cmd(2, tmp_path / "killed", *args), tmp_path / "killed")
+    run_train(resume_ranks, tmp_path / "killed", *args)  # the same command again resumes
+    whole, resumed = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "killed")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        if resume_ranks == 2:
+            assert torch.equal(whole[k], resumed[k]), k  # bitwise: same ranks, same reduction order
+        else:
+            torch.testing.assert_close(resumed[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)  # another summation order
+    losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "killed")}
+    assert set(losses) >= set(range(1, 17)) and max(losses) == 16  # metrics continue across the restart
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000012", "step_00000016"]  # keep_last
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_gradients_independent_of_split(tmp_path, mode):
+    """1 rank x 4 micro-batches, 2 x 2, 4 x 1 (and activation checkpointing on): same loss and gradients."""
+    results = {}
+    for ranks, micro, ac in [(1, 1, "none"), (2, 1, "none"), (4, 1, "none"), (1, 4, "none"), (2, 1, "full")]:
+        out = tmp_path / f"{ranks}x{micro}-{ac}.pt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(ROOT / "tests" / "dist_step.py"), str(out), str(micro), mode, ac]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[(ranks, micro, ac)] = torch.load(out)
+    ref = results[(1, 1, "none")]
+    assert ref["accum"] == 4 and ref["targets"] > 0
+    for key, r in results.items():
+        torch.testing.assert_close(r["loss"], ref["loss"], rtol=1e-6, atol=0, msg=str(key))
+        for name, g in r["grads"].items():
+            want = ref["grads"][name]  # fp32 sums in another order: rounding at 1e-6 of the tensor's scale
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6 * want.abs().max().item(), msg=f"{key} {name}")
+
+
+def test_schedule_spans_the_real_number_of_steps(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(1, out, "--train.epochs=2", "--train.warmup_ratio=0.25", "--train.lr=1e-3")
+    rows = metrics(out)
+    logged = next(line for line in proc.stderr.splitlines() if "schedule:" in line)
+    total = int(logged.split("schedule:")[1].split()[0])
+    assert [r["step"] for r in rows] == list(range(1, total + 1))  # the data ran out exactly at the last step
+    warmup = math.ceil(0.25 * total)
+    lrs = [r["lr"] for r in rows]
+    assert lrs[warmup - 1] == pytest.approx(1e-3)  # peak right after warmup
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine reaches its end at the last real step
+    assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup]))
+    assert all(a >= b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))
+    assert {r["epoch"] for r in rows} == {1, 2}
+
+
+def test_cosine_with_warmup_shape():
+    f = cosine_with_warmup(total_steps=100, warmup_steps=3, min_ratio=0.1)
+    assert [f(0), f(1), f(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f(3) == pytest.approx(1.0) and f(99) == pytest.approx(0.1)
+    assert f(51) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-2)
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+    with pytest.raises(KeyError, match="unknown option --train.learning_rate; valid keys: .*train.lr"):
+        parse_args(["--train.learning_rate=1"])
+    with pytest.raises(ValueError, match="config key train.max_steps expects int, got 'ten'"):
+        parse_args(["--train.max_steps", "ten"])
+    with pytest.raises(ValueError, match="train.activation_checkpointing must be none, full or selective"):
+        parse_args(["--train.activation_checkpointing=some"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = 1e-5\nbatch = 3\n")
+    with pytest.raises(KeyError, match=f"{bad}: unknown key 'train.batch'"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("[train]\nepochs = 'five'\n")
+    with pytest.raises(ValueError, match="config key train.epochs expects int, got str 'five'"):
+        parse_args([f"--config={bad}"])
+    assert "--train.save_every" in help_text() and "--out_dir" in help_text()
+    # and through the real entry point: the message, a non-zero exit, no traceback
+    proc = subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={tmp_path / 'x'}", "--data.packing=false",
+                           "--train.global_batch=6", "--train.micro_batch=4", *TINY[:3], "--eval.demo_accuracy=false"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "train.global_batch's 6 examples per step must be a multiple of train.micro_batch (4) x ranks (1); use --train.micro_batch=3" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={tmp_path / 'y'}", "--data.path=/nonexistent/alpaca.json",
+                           "--data.tokenizer=" + str(ROOT / "c2a/data/assets/demo_tokenizer.model")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 1 and "data file not found: /nonexistent/alpaca.json" in proc.stderr
+
+
+def test_demo_toml_is_the_embedded_default():
+    import tomllib
+
+    assert build_config(tomllib.loads((ROOT / "configs" / "demo.toml").read_text())) == TrainConfig()
+    for recipe in ("claude2-alpaca-7b", "claude2-alpaca-13b"):
+        cfg = build_config(tomllib.loads((ROOT / "configs" / f"{recipe}.toml").read_text()))
+        t = cfg.train
+        # the model card: global batch 128, lr 1e-5, 5 epochs, max length 2048, weight decay 0, 3% warmup, clip 1.0, bf16
+        assert (t.global_batch, t.lr, t.epochs, cfg.data.max_len, t.weight_decay, t.warmup_ratio, t.grad_clip, t.dtype) == (
+            128, 1e-5, 5, 2048, 0.0, 0.03, 1.0, "bf16")
