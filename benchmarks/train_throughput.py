@@ -193,7 +193,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
     for _ in range(s.warmup + s.steps):
         sync(d.device)
         start = time.perf_counter()
-        micro = [_with_counts(next(batches)) for _ in range(loader.accum_steps)]
+        micro = [next(batches) for _ in range(loader.accum_steps)]
         result = train_step(model, optimizer, micro, cfg.train.grad_clip, d.device)
         loss = result.loss.item()  # the step's end: the host waits for the device here
         sync(d.device)
@@ -204,40 +204,6 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
     info = {"batching": desc, "parameters": model_cfg.num_params, "final_loss": loss,
             "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch")}  # fmt: skip
     return stats, info
-
-
-def _with_counts(mb: Any) -> Any:
-    """train_step reads `tokens` and `attn_sq` from each micro-batch. Where c2a.data.batching's MicroBatch
-    does not carry them yet, count them here (non-padding positions; sum of squared document lengths)."""
-    from c2a.data.batching import MicroBatch
-
-    if hasattr(mb, "tokens") and hasattr(mb, "attn_sq"):
-        return mb
-
-    @dataclass
-    class CountedMicroBatch(MicroBatch):
-        tokens: int = 0
-        attn_sq: int = 0
-
-        def to(self, device: torch.device | str, non_blocking: bool = False) -> CountedMicroBatch:
-            moved = MicroBatch.to(self, device, non_blocking)
-            return CountedMicroBatch(**{f.name: getattr(moved, f.name) for f in dataclasses.fields(MicroBatch)}, tokens=self.tokens, attn_sq=self.attn_sq)
-
-    tokens, attn_sq = document_counts(mb.labels, mb.position_ids, mb.input_ids)
-    return CountedMicroBatch(mb.input_ids, mb.labels, mb.position_ids, mb.num_examples, tokens, attn_sq)
-
-
-def document_counts(labels: torch.Tensor, position_ids: torch.Tensor, input_ids: torch.Tensor) -> tuple[int, int]:
-    """(non-padding positions, sum of squared document lengths) of a packed micro-batch. A document starts
-    where position_ids is 0; the padding tail is a document whose positions all have label -100 and PAD."""
-    tokens, attn_sq = 0, 0
-    for row_pos, row_ids in zip(position_ids.tolist(), input_ids.tolist()):
-        starts = [t for t, p in enumerate(row_pos) if p == 0] + [len(row_pos)]
-        for a, b in zip(starts, starts[1:]):
-            if any(x != PAD for x in row_ids[a:b]):
-                tokens += b - a
-                attn_sq += (b - a) ** 2
-    return tokens, attn_sq
 
 
 def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
