@@ -39,7 +39,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         before, after = s["demo_before"], s["demo_after"]
         lines.append(f"demo exact match before {100 * before['accuracy']:.1f}% -> after {100 * after['accuracy']:.1f}% "
                      f"({after['examples']} held-out examples, greedy)")  # fmt: skip
-        lines.append("  per task: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in after["per_task"].items()))
+        lines.append("  per task: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items()))
     lines += [
         f"metrics          {s['out_dir']}/metrics.jsonl",
         f"checkpoints      {s['out_dir']}/checkpoints/",

@@ -428,30 +428,17 @@ def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out
 
 
 def evaluate_demo(model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: TrainConfig, d: Dist, when: str) -> dict[str, Any] | None:
-    """Collective: greedy exact match on the demo's held-out split, run on rank 0 with a gathered copy."""
-    from c2a.data.demo import exact_match
-    from c2a.model.generate import generate_batch
+    """Collective: greedy exact match on the demo's held-out split (as `python -m c2a.eval --data demo`
+    computes it), run on rank 0 with a gathered copy of the model."""
+    from c2a.eval import answers, demo_exact_match
 
     copy = gather_model(model, model_cfg, torch.float32)
     result = None
     if copy is not None:
         start = time.perf_counter()
         records = data.heldout[: cfg.eval.max_examples]
-        copy.eval()
-        hits: dict[str, list[bool]] = {}
-        batch = 128
-        from c2a.data import format_prompt
-
-        for i in range(0, len(records), batch):
-            chunk = records[i : i + batch]
-            prompts = [data.tokenizer.encode(format_prompt(r["instruction"], r["input"]), bos=True, eos=False) for r in chunk]
-            outs = generate_batch(copy, prompts, cfg.eval.max_new_tokens, stop_ids=(data.tokenizer.eos_id,))
-            for r, p, o in zip(chunk, prompts, outs):
-                text = data.tokenizer.decode_continuation(p, [t for t in o if t != data.tokenizer.eos_id])
-                hits.setdefault(r.get("task", "all"), []).append(exact_match(r, text))
-        total = [h for v in hits.values() for h in v]
-        result = {"accuracy": sum(total) / len(total), "examples": len(total),
-                  "per_task": {k: sum(v) / len(v) for k, v in sorted(hits.items())}, "seconds": time.perf_counter() - start}  # fmt: skip
-        log.info("demo held-out exact match %s: %.1f%% of %d (%.1f s)", when, 100 * result["accuracy"], len(total), result["seconds"])
+        result = demo_exact_match(records, answers(copy.eval(), data.tokenizer, records, cfg.eval.max_new_tokens, batch_size=128))
+        result["seconds"] = time.perf_counter() - start
+        log.info("demo held-out exact match %s: %.1f%% of %d (%.1f s)", when, 100 * result["accuracy"], result["examples"], result["seconds"])
     dist.barrier()
     return result
