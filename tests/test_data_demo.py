@@ -99,15 +99,20 @@ def test_demo_text_encodes_without_unknowns_and_words_are_single_pieces(demo_tok
         lengths.append(len(ids))
         responses.append(sum(x != -100 for x in labels))
     # short enough for a 4-layer model on 2 CPU cores: the template's fixed text is five pieces, so an
-    # example is ~17 tokens and an answer at most 6 (5 + EOS)
-    assert max(lengths) <= 30 and max(responses) <= 6
-    assert len(demo_tok.encode(format_prompt("Copy the text.", "cat dog"))) == 1 + 3 + 4 + 1 + 2 + 1
-    # every content word is one piece wherever it stands: after a space, at a line start, after "Response:"
+    # example is ~21 tokens and an answer at most 10 (5 words, 4 spaces, EOS)
+    assert max(lengths) <= 34 and max(responses) <= 10
+    assert len(demo_tok.encode(format_prompt("Copy the text.", "cat dog"))) == 1 + 3 + 4 + 1 + 3 + 1
+    # every content word is one piece with one id wherever it stands (after a space, at a line start, after
+    # "Response:"), and the space before it is a piece of its own
+    space = demo_tok.encode_continuation(" ")
+    assert len(space) == 1
     for w in closed_words() + [str(d) for d in range(10)]:
-        assert len(demo_tok.encode_continuation(" " + w)) == 1, w
-        assert len(demo_tok.encode_continuation(w)) == 1, w
+        alone = demo_tok.encode_continuation(w)
+        assert len(alone) == 1, w
+        assert demo_tok.encode_continuation(" " + w) == space + alone, w
+        assert demo_tok.encode_continuation("\n" + w)[-1:] == alone, w
     for w in DIGIT_WORDS:
-        assert len(demo_tok.encode(w, bos=False)) == 1, w
+        assert demo_tok.encode(w, bos=False) == space + demo_tok.encode_continuation(w), w
     # digits are split: a two-digit number is two pieces
     assert len(demo_tok.encode_continuation("12")) == 2
     assert demo_tok.decode(demo_tok.encode(format_prompt("Copy the text.", "cat dog"))) == format_prompt("Copy the text.", "cat dog")

@@ -111,15 +111,15 @@ def test_truncation_cuts_prompt_middle_and_keeps_response(demo_tok: Tokenizer) -
     r = _long_record(200, 4)
     prompt = demo_tok.encode(format_prompt(r["instruction"]), bos=True)
     response = demo_tok.encode_continuation(r["output"], eos=True)
-    assert len(response) == 5
+    assert len(response) == 8  # 4 words, 3 spaces (pieces of their own), EOS
     enc = encode_example_full(r, demo_tok, max_len=40)
     assert enc.truncated and not enc.dropped
     tokens = enc.input_ids + enc.labels[-1:]
     assert len(enc.input_ids) == 40  # budget: 41 tokens
     # the whole response and its EOS are kept; the prompt keeps its head (BOS, template start) and tail
-    # ("### Response:"): 36 prompt tokens = 18 head + 18 tail
-    assert tokens[-5:] == response
-    assert tokens[:18] == prompt[:18] and tokens[18:36] == prompt[-18:]
+    # ("### Response:"): 41 - 8 = 33 prompt tokens = 17 head + 16 tail
+    assert tokens[-8:] == response
+    assert tokens[:17] == prompt[:17] and tokens[17:33] == prompt[-16:]
     assert [x for x in enc.labels if x != IGNORE_INDEX] == response
 
 

@@ -16,9 +16,12 @@ max, spell. Each has several phrasings, with the data in the `input` field or in
 The tokenizer asset c2a/data/assets/demo_tokenizer.model (vocab 512, the `demo` preset's vocab_size) is
 made by `make_tokenizer`: SentencePiece BPE trained on demo texts, identity normalization (no charsmap,
 so the file stays a few KB), digits split, no byte fallback, unk=0 BOS=1 EOS=2 as in Llama, "\\n" a piece,
-the template's fixed text as five pieces, and every closed-list word a single piece both with and without
-its leading space (the first word of an input follows "\\n" and the first word of a response follows
-"### Response:", with no space). Demo examples are 10-25 input positions (mean 17), answers 1-5 tokens + EOS.
+the template's fixed text as five pieces, and every closed-list word and digit a single piece that never
+absorbs the space before it: a space is a piece of its own, so a word has the same id wherever it stands
+(after a space, at a line start, right after "### Response:"). Copying, reversing and picking words then
+moves identical ids; with separate "cat" / "▁cat" pieces the model must first learn that the two are the
+same word, and in 800 steps (batch 64) held-out exact match reached 32% that way against 72% this way.
+Demo examples are 11-33 input positions (mean 21), answers 1-9 tokens + EOS.
 """
 
 from __future__ import annotations
@@ -221,9 +224,10 @@ def _template_pieces() -> list[str]:
 
 
 def _piece_words() -> list[str]:
-    """Closed-list words and digits forced to be single pieces, with and without the leading space mark.
-    (BPE at 512 pieces spends its merges on the template and splits uppercase words into fragments.)"""
-    return [p + w for w in closed_words() + [str(d) for d in range(10)] for p in ("", "\u2581") if p + w not in "0123456789"]
+    """Closed-list words forced to be single pieces, without the leading space mark, so that the space
+    before a word stays a piece of its own. (BPE at 512 pieces spends its merges on the template and
+    splits uppercase words into fragments.) Digits are single characters already (split_digits)."""
+    return closed_words()
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 6000) -> list[str]:
