@@ -1,6 +1,6 @@
 """Run by torchrun from test_train.py: one optimizer step's loss and full gradients for a given split.
 
-    torchrun --nproc_per_node=R tests/dist_step.py OUT.pt MICRO_BATCH MODE AC
+    torchrun --nproc_per_node=R tests/dist_step.py OUT.pt MICRO_BATCH MODE AC [REPLICAS]
 
 Builds the trainer's model and data exactly as `c2a.train` does (demo task, seeded init), takes the
 first optimizer step of a fixed global batch of 4 rows, and writes (loss, targets, every gradient in
@@ -22,10 +22,10 @@ from c2a.train.parallel import build_sharded_model, init_distributed, materializ
 GLOBAL_ROWS = 4
 
 
-def main(out: str, micro_batch: int, mode: str, ac: str) -> None:
+def main(out: str, micro_batch: int, mode: str, ac: str, replicas: int) -> None:
     cfg = build_config({}, {"data.demo_train_size": "200", "data.demo_heldout_size": "8", "data.max_len": "64",
                             "train.activation_checkpointing": ac, "train.ac_every": "1"})  # fmt: skip
-    d = init_distributed()
+    d = init_distributed(replicas)
     data = build_data(cfg, d)
     loader = MicroBatchLoader(data.train, seq_len=64, micro_batch_size=micro_batch, global_batch_rows=GLOBAL_ROWS, mode=mode,
                               rank=d.rank, world_size=d.world_size, seed=0)  # fmt: skip
@@ -39,5 +39,5 @@ def main(out: str, micro_batch: int, mode: str, ac: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 1)
     shutdown_and_exit(0)

@@ -102,16 +102,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, resume_ranks):
 
 @pytest.mark.parametrize("mode", ["packed", "padded"])
 def test_gradients_independent_of_split(tmp_path, mode):
-    """1 rank x 4 micro-batches, 2 x 2, 4 x 1 (and activation checkpointing on): same loss and gradients."""
+    """1 rank x 4 micro-batches, 2 x 2, 4 x 1, activation checkpointing on, HSDP (2 replicas x 2 shards):
+    the same loss and gradients."""
     results = {}
-    for ranks, micro, ac in [(1, 1, "none"), (2, 1, "none"), (4, 1, "none"), (1, 4, "none"), (2, 1, "full")]:
-        out = tmp_path / f"{ranks}x{micro}-{ac}.pt"
+    splits = [(1, 1, "none", 1), (2, 1, "none", 1), (4, 1, "none", 1), (1, 4, "none", 1), (2, 1, "full", 1), (4, 1, "none", 2)]
+    for ranks, micro, ac, replicas in splits:
+        out = tmp_path / f"{ranks}x{micro}-{ac}-{replicas}.pt"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(ROOT / "tests" / "dist_step.py"), str(out), str(micro), mode, ac]  # fmt: skip
+               str(ROOT / "tests" / "dist_step.py"), str(out), str(micro), mode, ac, str(replicas)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-4000:]
-        results[(ranks, micro, ac)] = torch.load(out)
-    ref = results[(1, 1, "none")]
+        results[(ranks, micro, ac, replicas)] = torch.load(out)
+    ref = results[(1, 1, "none", 1)]
     assert ref["accum"] == 4 and ref["targets"] > 0
     for key, r in results.items():
         torch.testing.assert_close(r["loss"], ref["loss"], rtol=1e-6, atol=0, msg=str(key))
