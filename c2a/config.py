@@ -88,7 +88,7 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
     # The bundled demo task's model: small enough to fine-tune on 2 CPU cores in minutes. Its vocabulary
     # is the demo SentencePiece tokenizer's (c2a/data/assets/demo_tokenizer.model).
-    "demo": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64, max_seq_len=512),
+    "demo": LlamaConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=512),
 }
 
 
@@ -112,26 +112,26 @@ class ModelSection:
 class DataSection:
     path: str = _f("demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name")
     tokenizer: str = _f("", "SentencePiece tokenizer.model ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model)")
-    max_len: int = _f(512, "maximum tokens per example and packed row length")
+    max_len: int = _f(256, "maximum tokens per example and packed row length")
     packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
-    demo_train_size: int = _f(20000, "examples generated for the demo task's training split")
+    demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    epochs: int = _f(1, "passes over the training data")
+    epochs: int = _f(3, "passes over the training data")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide); the schedule spans the steps actually run")
     global_batch: int = _f(64, "sequences per optimizer step (padded: examples; packed: the equivalent number of packed rows)")
-    micro_batch: int = _f(16, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)")
+    micro_batch: int = _f(3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)")
     lr: float = _f(2e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices (norm weights never decay)")
     beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
+    beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     dtype: str = _f("auto", "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32")
@@ -142,7 +142,7 @@ class TrainSection:
     seed: int = _f(0, "seed for weight init and data order")
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
     keep_last: int = _f(2, "complete checkpoints to keep")
-    log_every: int = _f(10, "optimizer steps between metrics.jsonl records")
+    log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
     progress: bool = _f(True, "show a progress bar on rank 0")
