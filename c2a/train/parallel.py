@@ -112,6 +112,10 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
             block.forward = _checkpointed(block.forward)
     # 2. compile each block separately: one graph reused by every layer, and graph breaks stay local.
     if train.compile:
+        if d.device.type != "cuda":
+            log.warning("train.compile on %s: the per-document attention of the torch path reads document bounds on the "
+                        "host, so blocks recompile for new packings (measured: ~100 s per step for the first steps, "
+                        "then slower than eager); it is meant for CUDA with the Triton kernels", d.device.type)
         for block in model.layers:
             block.compile()
     # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
