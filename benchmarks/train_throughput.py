@@ -11,7 +11,8 @@
             attention, SDPA), each micro-batch padded to its longest example with labels -100 on prompt and
             padding and an attention mask (Alpaca's DataCollatorForSupervisedDataset), examples in random
             order (HF Trainer's sampler), loss from full logits, gradient accumulation, clipping at 1.0,
-            torch AdamW; bf16 autocast on CUDA as HF Trainer's --bf16 does.
+            torch AdamW (fused on CUDA, as HF Trainer's default for torch >= 2.8); bf16 autocast on CUDA as HF
+            Trainer's --bf16 does.
 
 Both sides train on the same synthetic Alpaca-like examples: prompt lengths log-uniform in 20..150 tokens
 (template included), responses log-uniform in 10..600 (EOS included), token ids uniform over the real
@@ -219,7 +220,8 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
     with device:  # initialised where it trains (1.9B parameters initialised on the CPU would take minutes)
         model = transformers.LlamaForCausalLM(hf_cfg)  # fp32 master weights, as HF Trainer keeps them
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
+    # HF Trainer's default optimizer: torch AdamW, fused on CUDA since transformers' default for torch >= 2.8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, fused=device.type == "cuda")
     order = np.random.default_rng(s.seed + 1).permutation(len(data))  # HF Trainer's RandomSampler
     accum = s.global_batch // s.micro_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.dtype == "bf16")
@@ -232,14 +234,14 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
         for _ in range(accum):
             ids, labels, mask = alpaca_collate(data, order[cursor : cursor + s.micro_batch])
             cursor += s.micro_batch
+            lengths = mask.sum(dim=1).tolist()  # counted on the host, before the copy: no device sync
+            trained += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t is trained on token t + 1
+            tokens, positions, attn_sq = tokens + sum(lengths), positions + ids.numel(), attn_sq + sum(n * n for n in lengths)
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             with autocast:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / accum
             loss.backward()
             losses.append(loss.detach())
-            lengths = mask.sum(dim=1).tolist()
-            trained += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t is trained on token t + 1
-            tokens, positions, attn_sq = tokens + sum(lengths), positions + ids.numel(), attn_sq + sum(n * n for n in lengths)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # HF Trainer's max_grad_norm default
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
