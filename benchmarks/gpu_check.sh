@@ -41,6 +41,9 @@ if [[ "${GPU_CHECK_SMOKE:-0}" != 1 ]] && "$PY" -c 'import sys, torch; sys.exit(n
     SMOKE=()
     TEST_ARGS=()
     KERNEL_ARGS=()
+    # Triton compiles each kernel specialisation on the CPU: spread the tests over 8 processes where
+    # pytest-xdist is installed (it is on the device machines), all sharing the one GPU
+    if "$PY" -c 'import xdist' 2>/dev/null; then TEST_ARGS=(-n 8); fi
 else
     MODE=smoke
     export TRITON_INTERPRET=1
