@@ -184,3 +184,25 @@ def test_meta_device_build_then_init_weights():
     assert 0.007 < wo.std().item() < 0.013  # residual outputs scaled by 1/sqrt(2 * n_layers) = 1/2
     loss = model.loss(torch.randint(0, 100, (1, 8)), torch.randint(0, 100, (1, 8)))
     assert abs(loss.item() - torch.log(torch.tensor(100.0)).item()) < 0.1  # near-uniform at init
+
+
+@pytest.mark.parametrize("builtin", [True, False], ids=["torch-builtin", "fallback-without-F.linear_cross_entropy"])
+def test_chunked_loss_matches_reference_across_chunks(monkeypatch, builtin):
+    """The torch path's chunked loss over several chunks (vocab large enough that a chunk is 239 rows), with
+    torch's built-in and, as on torch < 2.13, without it."""
+    from c2a.kernels import cross_entropy as ce
+
+    if not builtin:
+        monkeypatch.delattr(F, "linear_cross_entropy")
+    h = torch.randn(600, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(70000, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 70000, (600,))
+    labels[::3] = -100
+    assert ce.chunk_rows(600, 70000) == 239
+    loss = ce.linear_cross_entropy_chunked(h, w, labels)
+    grads = torch.autograd.grad(loss, (h, w))
+    ref = ce.linear_cross_entropy_reference(h, w, labels)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-9)
