@@ -30,7 +30,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         "",
         "== c2a training finished ==",
         f"steps            {s['steps']} ({s['skipped_steps']} skipped as non-finite)",
-        f"time             {s['wall_seconds']:.0f} s in this process ({s['train_seconds']:.0f} s in training steps over the run)",
+        f"time             {s['wall_seconds']:.0f} s in this session; {s['train_seconds']:.0f} s in training steps over the whole run",
         f"tokens           {s['tokens']:,} ({s['trained_tokens']:,} trained targets)",
     ]
     if "final_loss" in s:

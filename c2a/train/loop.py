@@ -211,6 +211,7 @@ class Counters:
 
 def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     """The whole run on every rank; returns the summary (rank 0 fills it)."""
+    run_start = time.perf_counter()
     out = Path(cfg.out_dir)
     t = cfg.train
     if d.is_main:
@@ -266,7 +267,6 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     flops_per_token = matmul_flops_per_token(model_cfg)
     window: list[StepResult] = []
     window_start = time.perf_counter()
-    run_start = time.perf_counter()
     model.train()
     batches = iter(())
     while step < total_steps:
