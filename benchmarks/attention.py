@@ -16,6 +16,13 @@ Every c2a row first checks its forward output against SDPA's (max |difference| i
 Without CUDA the script says so and runs a smoke mode (`--smoke` asks for it on a GPU too): tiny fp32 shapes,
 under Triton's CPU interpreter and timed with a wall clock there (times of the interpreter, not the kernel).
 Writes DIR/attention.json and DIR/attention.png; prints a table; never asserts a time.
+
+    python benchmarks/attention.py --compile-only [--arch 90] [--head-dims 64,128] [--sweep]
+
+needs no GPU: builds the kernels' default tiles (bf16, packed and not) for CUDA sm_<arch> with Triton's real
+compiler and bundled ptxas, prints registers, spill bytes and shared memory, writes
+DIR/attention_compile.json, and exits 1 if a default build fails. With --sweep the SWEEP tiles at Hd 128 are
+built too (reported, never a failure: some are expected not to fit).
 """
 
 from __future__ import annotations
@@ -264,18 +271,16 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ compile only
 
 
-def compile_report(arch: int, head_dims: list[int]) -> list[dict]:
+def compile_report(arch: int, head_dims: list[int], with_sweep: bool) -> list[dict]:
     """Builds every kernel for CUDA sm_<arch> on a machine without a GPU (Triton's compiler and its bundled
     ptxas) and reports registers per thread, bytes spilled and shared memory: the defaults for bf16, packed
-    and not, then the SWEEP alternatives at Hd 128. Uses Triton internals (ASTSource, GPUTarget)."""
-    import re
-    import tempfile
-
+    and not, then (with_sweep) the SWEEP alternatives at Hd 128. Uses Triton internals (ASTSource, GPUTarget)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
+
+    from benchmarks.gpu_compile import ptxas_stats
 
     target = GPUTarget("cuda", arch, 32)
     kernels = {
@@ -303,23 +308,12 @@ def compile_report(arch: int, head_dims: list[int]) -> list[dict]:
                         constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=target,
                                   options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-            f.write(compiled.asm["ptx"])
-            f.flush()
-            gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # 90a: wgmma, as Triton builds for Hopper
-            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True).stderr
-        regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores", log)
-        return {
-            "registers": int(regs.group(1)) if regs else None,
-            "spill_bytes": int(spills.group(1)) if spills else None,
-            "shared_kib": compiled.metadata.shared / 1024,
-        }
+        return {**ptxas_stats(compiled.asm["ptx"], arch), "shared_kib": compiled.metadata.shared / 1024}
 
     jobs = [(name, Hd, packed, getattr(attention, name)(Hd, torch.bfloat16), "default")
             for Hd in head_dims for packed in (False, True) for name in kernels]
-    jobs += [(name, 128, True, attention._Blocks(*c), "sweep") for name, cands in SWEEP.items() for c in cands]
+    if with_sweep:
+        jobs += [(name, 128, True, attention._Blocks(*c), "sweep") for name, cands in SWEEP.items() for c in cands]
     results = []
     print(f"{'kernel':18s} {'Hd':>4s} {'packed':6s} {'blocks (M, N, warps, stages)':30s} "
           f"{'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
@@ -396,7 +390,8 @@ def main() -> None:
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--tokens", type=int, default=16384, help="batch × T of every dense case")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tile sizes (Hd 128, T 4096)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time (with --compile-only: build) alternative tile sizes (Hd 128, T 4096)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory")
@@ -405,12 +400,13 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.compile_only:
-        results = compile_report(args.arch, [int(x) for x in args.head_dims.split(",")])
+        results = compile_report(args.arch, [int(x) for x in args.head_dims.split(",")], args.sweep)
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": environment(False), "kernels": results}
         (args.out / "attention_compile.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out / 'attention_compile.json'}")
-        return
+        failed = [r for r in results if r["kind"] == "default" and "error" in r]
+        sys.exit(1 if failed else 0)
 
     smoke = args.smoke or not CUDA
     if not CUDA:

@@ -15,6 +15,15 @@ forward difference against the eager reference on the same inputs.
 Without CUDA it says so and runs a smoke mode (`--smoke` asks for it on a GPU too): tiny shapes under
 Triton's CPU interpreter, wall-clock times of the interpreter (not of any kernel), no torch.compile.
 Writes DIR/kernels.json and DIR/kernels.png; prints a table; never asserts a time.
+
+    python benchmarks/kernels.py --compile-only [--arch 90,80] [--dtypes bf16,fp16,fp32] [--models 7b,13b]
+
+needs no GPU: it builds every kernel for CUDA sm_<arch> (90 means sm_90a) with Triton's real compiler
+and the ptxas bundled with Triton, which reject code that the CPU interpreter accepts. The launchers run on
+meta tensors at the shapes above with their kernels recorded rather than launched, so each kernel is
+compiled with exactly the arguments, block sizes and warps its launcher would use on that card (see
+benchmarks/gpu_compile.py). Prints registers per thread, spill bytes and shared memory per kernel (or the
+compile error), writes DIR/kernels_compile.json, and exits 1 if any kernel failed to compile.
 """
 
 from __future__ import annotations
@@ -34,12 +43,16 @@ from typing import Callable
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
+COMPILE_ONLY = "--compile-only" in sys.argv  # builds for a GPU target: Triton's real compiler, never the interpreter
+if COMPILE_ONLY:
+    os.environ.pop("TRITON_INTERPRET", None)  # an interpreted kernel cannot be compiled (tests' conftest sets it)
+elif not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: it reads this at decoration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 import triton  # noqa: E402
 
+from c2a.kernels import cross_entropy, rmsnorm, rotary, swiglu as swiglu_module  # noqa: E402
 from c2a.kernels.cross_entropy import (  # noqa: E402
     linear_cross_entropy,
     linear_cross_entropy_chunked,
@@ -281,6 +294,124 @@ def run_case(case: Case, copy_gbps: float | None) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ compile only
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# SMs of the card each compute capability stands for (H100 SXM, A100): the RMSNorm backward's launcher sizes
+# its grid by them, and its rows_per_program argument (so its specialisation) follows from the grid.
+SM_COUNT = {90: 132, 80: 108}
+
+
+def record_launches(kernel: str, model: dict[str, int], tokens: int, dtype: torch.dtype, arch: int) -> list:
+    """The kernel launches of `kernel`'s public function, forward then backward (the loss: with gradients,
+    then on inputs that need none, as in evaluation), on meta tensors of this model's shapes: nothing is
+    computed."""
+    from benchmarks.gpu_compile import capture_launches
+
+    D, H, F, N = model["D"], model["H"], model["F"], tokens
+    meta = torch.device("meta")
+
+    def leaf(*size):
+        return torch.empty(*size, device=meta, dtype=dtype, requires_grad=True)
+
+    bwd_programs, sm_count = rmsnorm._bwd_programs, rmsnorm._sm_count
+    # the RMSNorm backward asks the CUDA device for its SM count: answer for the card being compiled for
+    rmsnorm._bwd_programs = lambda n_rows, device: bwd_programs(n_rows, torch.device("cuda", 0))
+    rmsnorm._sm_count = lambda device_index: SM_COUNT[arch]
+    try:
+        with capture_launches(rmsnorm, rotary, swiglu_module, cross_entropy) as launches:
+            if kernel == "rmsnorm":
+                x, w = leaf(N, D), leaf(D)
+                y = rms_norm(x, w, EPS)
+                y.backward(torch.empty_like(y))
+            elif kernel == "add_rmsnorm":
+                x, r, w = leaf(N, D), leaf(N, D), leaf(D)
+                h, y = add_rms_norm(x, r, w, EPS)
+                torch.autograd.backward((h, y), (torch.empty_like(h), torch.empty_like(y)))
+            elif kernel == "rotary":
+                T = min(N, 4096)
+                q, k = leaf(N // T, T, H, D // H), leaf(N // T, T, H, D // H)
+                pos = torch.empty(N // T, T, dtype=torch.int64, device=meta)  # packed rows: explicit positions
+                q_out, k_out = apply_rotary(q, k, pos, THETA)
+                torch.autograd.backward((q_out, k_out), (torch.empty_like(q_out), torch.empty_like(k_out)))
+            elif kernel == "swiglu":
+                a, b = leaf(N, F), leaf(N, F)
+                y = swiglu(a, b)
+                y.backward(torch.empty_like(y))
+            elif kernel == "cross_entropy":
+                h, W = leaf(N, D), leaf(32000, D)
+                labels = torch.empty(N, dtype=torch.int64, device=meta)
+                linear_cross_entropy(h, W, labels).backward()
+                linear_cross_entropy(h.detach(), W.detach(), labels)
+    finally:
+        rmsnorm._bwd_programs, rmsnorm._sm_count = bwd_programs, sm_count
+    return launches
+
+
+def compile_report(archs: list[int], kernels: list[str], models: list[str], dtypes: list[str], tokens: int) -> list[dict]:
+    """Compiles every launch of every kernel for each arch -> one row per distinct specialisation (models
+    that launch the kernel identically share a row): registers, spill bytes, shared KiB, or the error."""
+    from benchmarks.gpu_compile import compile_launch, specialise
+
+    results = []
+    print(f"{'arch':<8}{'kernel':<28}{'dtypes':<15}{'models':<8}{'regs':>5}{'spill B':>8}{'smem KiB':>9}"
+          f"{'CTAs/SM':>8}  constexprs")  # fmt: skip
+    for arch in archs:
+        seen: dict[tuple, dict] = {}
+        for kernel in kernels:
+            for dtype_name in dtypes:
+                for model in models:
+                    for launch in record_launches(kernel, MODELS[model], tokens, DTYPES[dtype_name], arch):
+                        signature, constexprs, attrs, options = specialise(launch, arch)
+                        names = launch.kernel.arg_names
+                        consts = {names[path[0]]: value for path, value in constexprs.items()}
+                        consts |= {"num_warps": options.num_warps, "num_stages": options.num_stages}
+                        key = (launch.kernel.fn.__name__, repr(signature), repr(consts), repr(attrs))
+                        if key in seen:  # the loss's chunks; a launch the same for 7b and 13b, or for every dtype
+                            for field, value in (("models", model), ("dtypes", dtype_name)):
+                                if value not in seen[key][field]:
+                                    seen[key][field].append(value)
+                            continue
+                        row = {"arch": arch, "op": kernel, "kernel": launch.kernel.fn.__name__, "dtypes": [dtype_name],
+                               "models": [model], "constexprs": consts, "signature": signature,
+                               "divisible_by_16": [names[path[0]] for path, a in attrs.items() if a]}  # fmt: skip
+                        try:
+                            row |= compile_launch(launch, arch)
+                            row["ctas_per_sm"] = resident_ctas(arch, row["registers"], options.num_warps, row["shared_kib"])
+                        except Exception as err:  # report the compiler's message and go on to the others
+                            row["error"] = f"{type(err).__name__}: {err}"
+                        seen[key] = row
+                        results.append(row)
+        for row in seen.values():
+            print(compile_row(row), flush=True)
+    return results
+
+
+def resident_ctas(arch: int, registers: int | None, num_warps: int, shared_kib: float) -> int | None:
+    """Programs (CTAs) of this kernel that fit on one SM at once, by registers, warps and shared memory:
+    the launchers reason in programs per SM. Limits of sm_80 and sm_90 (CUDA C++ Programming Guide,
+    compute capabilities table): 64K 32-bit registers, at most 64 warps and 32 CTAs per SM; registers are
+    allocated per warp in units of 256; shared memory per SM 164 KiB (sm_80) or 228 KiB (sm_90), of which
+    1 KiB is reserved per CTA."""
+    if registers is None:
+        return None
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // per_warp // num_warps
+    smem = {80: 164, 90: 228}[arch]
+    by_shared = int(smem // (shared_kib + 1)) if shared_kib else 32
+    return min(by_registers, 64 // num_warps, by_shared, 32)
+
+
+def compile_row(row: dict) -> str:
+    shown = {k: v for k, v in row["constexprs"].items() if k != "num_stages"}
+    consts = ", ".join(f"{k}={v}" for k, v in shown.items())
+    head = f"sm_{row['arch']:<5}{row['kernel']:<28}{','.join(row['dtypes']):<15}{','.join(row['models']):<8}"
+    if "error" in row:
+        return head + f"{'ERROR':>30}  {consts}\n    " + row["error"].replace("\n", " ")[:400]
+    return head + (f"{row['registers']!s:>5}{row['spill_bytes']!s:>8}{row['shared_kib']:9.1f}"
+                   f"{row['ctas_per_sm']!s:>8}  {consts}")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 
@@ -353,11 +484,34 @@ def main() -> None:
     parser.add_argument("--tokens", default="4096,16384", help="tokens per case (comma-separated)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes only (forced without CUDA)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="no GPU needed: build every kernel for sm_<arch>; report registers, spills, shared memory")
+    parser.add_argument("--arch", default="90,80", help="with --compile-only: compute capabilities, e.g. 90,80")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="with --compile-only: input dtypes")
+    parser.add_argument("--models", default=",".join(MODELS), help="with --compile-only: model shapes")
     args = parser.parse_args()
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         parser.error(f"unknown kernels {unknown}; valid: {', '.join(KERNELS)}")
+
+    if args.compile_only:
+        archs = [int(a) for a in args.arch.split(",")]
+        for name, given, valid in (("arch", archs, SM_COUNT), ("dtypes", args.dtypes.split(","), DTYPES),
+                                   ("models", args.models.split(","), MODELS)):  # fmt: skip
+            if sorted(set(given) - set(valid)):
+                parser.error(f"unknown {name} {sorted(set(given) - set(valid))}; valid: {', '.join(map(str, valid))}")
+        tokens = max(int(t) for t in args.tokens.split(","))
+        results = compile_report(archs, kernels, args.models.split(","), args.dtypes.split(","), tokens)
+        failed = [r for r in results if "error" in r]
+        spilled = [r for r in results if r.get("spill_bytes")]
+        print(f"{len(results)} kernel builds, {len(failed)} failed, {len(spilled)} spilling "
+              f"(max {max((r['spill_bytes'] for r in spilled), default=0)} bytes)")  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = {"environment": environment(False, None) | {"tokens": tokens}, "kernels": results}
+        (args.out / "kernels_compile.json").write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {args.out / 'kernels_compile.json'}")
+        sys.exit(1 if failed else 0)
     smoke = args.smoke or not CUDA
     if not CUDA:
         print("no CUDA: smoke mode, tiny shapes under Triton's CPU interpreter; times are the interpreter's")
