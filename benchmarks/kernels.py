@@ -348,7 +348,9 @@ def record_launches(kernel: str, model: dict[str, int], tokens: int, dtype: torc
     return launches
 
 
-def compile_report(archs: list[int], kernels: list[str], models: list[str], dtypes: list[str], tokens: int) -> list[dict]:
+def compile_report(
+    archs: list[int], kernels: list[str], models: list[str], dtypes: list[str], tokens: int
+) -> list[dict]:
     """Compiles every launch of every kernel for each arch -> one row per distinct specialisation (models
     that launch the kernel identically share a row): registers, spill bytes, shared KiB, or the error."""
     from benchmarks.gpu_compile import compile_launch, specialise
@@ -377,7 +379,9 @@ def compile_report(archs: list[int], kernels: list[str], models: list[str], dtyp
                                "divisible_by_16": [names[path[0]] for path, a in attrs.items() if a]}  # fmt: skip
                         try:
                             row |= compile_launch(launch, arch)
-                            row["ctas_per_sm"] = resident_ctas(arch, row["registers"], options.num_warps, row["shared_kib"])
+                            row["ctas_per_sm"] = resident_ctas(
+                                arch, row["registers"], options.num_warps, row["shared_kib"]
+                            )
                         except Exception as err:  # report the compiler's message and go on to the others
                             row["error"] = f"{type(err).__name__}: {err}"
                         seen[key] = row
