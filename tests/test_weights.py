@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from c2a.config import LlamaConfig
 from c2a.model import CheckpointError, Llama, load_pretrained, save_pretrained
 from c2a.model.convert import main as convert_main
+from c2a.model.weights import save_hf
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=301, multiple_of=32)
 
@@ -116,6 +117,25 @@ def test_sharded_hf_export_loads_in_transformers(model, tmp_path):
     ids = torch.randint(0, CFG.vocab_size, (1, 23))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_writes_each_shard_when_full(model, tmp_path):
+    """save_hf streams: while tensors are still being produced, the full shards are already on disk (a 13B
+    export through rank 0 must not hold the whole model)."""
+    out = tmp_path / "hf"
+    on_disk = []
+
+    def tensors():
+        for name, p in model.named_parameters():
+            on_disk.append(len(list(out.glob("*.partial"))))
+            yield name, p
+
+    save_hf(model.cfg, tensors(), out, max_shard_bytes=60_000)
+    shards = len(list(out.glob("model-*-of-*.safetensors")))
+    # before the last tensor came, every shard but the one it closes and the one it opens was on disk
+    assert shards > 2 and on_disk[-1] >= shards - 2, (on_disk, shards)
+    assert not list(out.glob("*.partial"))
+    assert_same_weights(load_pretrained(out), model)
 
 
 def test_load_pretrained_dtype(model, tmp_path):

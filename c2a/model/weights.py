@@ -179,10 +179,7 @@ class CheckpointReader:
 
     def _get_hf(self, name: str) -> torch.Tensor:
         hf, file = self._where[name]
-        f = self._hf_handle(file)
-        if hf not in f.keys():
-            raise CheckpointError(f"{self.path / file}: tensor {hf!r} listed in {HF_INDEX} is not in the file")
-        t = f.get_tensor(hf)
+        t = self._hf_handle(file).get_tensor(hf)  # present: _validate checked every listed tensor
         kind = name.split(".", 2)[-1]
         if kind in self._hf_nkv:
             t = from_hf_rotary(t, self._hf_nkv[kind])
@@ -439,15 +436,24 @@ def save_hf(
     cfg: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Writes c2a-named tensors as an HF checkpoint: config.json and safetensors shards (with an index
-    when there is more than one). Tensors are consumed one at a time; at most one shard is held."""
+    when there is more than one). Tensors are consumed one at a time and each shard is written as soon as
+    it is full, so at most one shard is held; shards get their final `-of-N` names once N is known."""
     out = Path(out_dir)
     _prepare_out_dir(out)
     shapes = expected_shapes(cfg)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    meta = {"format": "pt"}
+    written: list[tuple[Path, list[str]]] = []  # (partial file, its HF tensor names)
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
     dtype = None
     seen = set()
     heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+
+    def flush() -> None:
+        partial = out / f"shard-{len(written):05d}.safetensors.partial"
+        save_file(shard, partial, metadata=meta)
+        written.append((partial, list(shard)))
+
     for name, t in tensors:
         if name not in shapes or tuple(t.shape) != shapes[name]:
             raise CheckpointError(f"save_hf: tensor {name!r} with shape {tuple(t.shape)} does not belong to {cfg}")
@@ -458,24 +464,25 @@ def save_hf(
         if kind in heads:
             t = to_hf_rotary(t, heads[kind])
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][hf_name(name)] = t.contiguous()
-        sizes[-1] += nbytes
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[hf_name(name)] = t.contiguous()
+        size += nbytes
+        total += nbytes
     missing = sorted(set(shapes) - seen)
     if missing:
         raise CheckpointError(f"save_hf: missing tensors {missing[:8]}")
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], out / HF_SINGLE, metadata=meta)
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out / HF_SINGLE)
     else:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / file, metadata=meta)
-            weight_map.update({k: file for k in shard})
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        for i, (partial, names) in enumerate(written):
+            file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            partial.rename(out / file)
+            weight_map.update({k: file for k in names})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
     return out
