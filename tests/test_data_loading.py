@@ -40,6 +40,21 @@ def test_load_json_jsonl_parquet(tmp_path: Path) -> None:
         assert loaded.source["kind"] == "file" and len(loaded.source["sha256"]) == 64 and loaded.skipped == []
 
 
+def test_load_raw_line_separators_byte_order_mark_and_one_line_json(tmp_path: Path) -> None:
+    # JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes them so)
+    odd = {"instruction": "Join\u2028these\u2029lines\x85now", "input": "", "output": "ok"}
+    lines = [json.dumps(odd, ensure_ascii=False), json.dumps(GOOD[0])]
+    _write_jsonl(tmp_path / "sep.jsonl", lines)
+    assert load_records(tmp_path / "sep.jsonl").records[0] == odd
+    (tmp_path / "bom.json").write_text(json.dumps([odd]), encoding="utf-8-sig")  # as some Windows editors save
+    assert load_records(tmp_path / "bom.json").records == [odd]
+    (tmp_path / "one.json").write_text(json.dumps(odd) + "\n")  # JSON lines of a single record, named .json
+    assert load_records(tmp_path / "one.json").records == [odd]
+    (tmp_path / "obj.json").write_text(json.dumps({"data": [odd]}, indent=1))  # an object is still refused
+    with pytest.raises(DataError, match="expected a JSON list"):
+        load_records(tmp_path / "obj.json")
+
+
 BAD_ROWS = [
     ('{"instruction": "x", "output": "y"', "invalid JSON"),
     ('{"input": "a", "output": "y"}', "missing field 'instruction'"),

@@ -199,7 +199,7 @@ def _read_file(path: Path) -> tuple[list[Any], list[str]]:
             raise DataError(f"{path}: not a readable parquet file: {e}") from e
         return rows, [f" row {i}" for i in range(len(rows))]
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not JSON
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
     if suffix == ".jsonl":
@@ -210,6 +210,8 @@ def _read_file(path: Path) -> tuple[list[Any], list[str]]:
         if not text.lstrip().startswith("["):  # a .json file holding JSON lines, as `datasets` accepts
             return _read_jsonl(text)
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(rows, dict) and "\n" not in text.strip():  # JSON lines holding a single record
+        return _read_jsonl(text)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
     return rows, [f" row {i}" for i in range(len(rows))]
@@ -217,7 +219,8 @@ def _read_file(path: Path) -> tuple[list[Any], list[str]]:
 
 def _read_jsonl(text: str) -> tuple[list[Any], list[str]]:
     rows, where = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits on U+2028, U+2029 and U+0085, which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

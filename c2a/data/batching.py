@@ -24,7 +24,7 @@ The global row order. For epoch e, one ordered list of rows is built from (seed,
     (prompts 20-150 + responses 10-600 tokens, 52k examples) in rows of 2048, packed in 0.2 s per epoch;
     1.1% for the demo task's 10-25-token examples in rows of 512.
   - mode="padded" (Stanford Alpaca's way): one example per row, examples shuffled; a micro-batch is padded
-    on the right to its longest example (rounded up to `pad_to_multiple_of`).
+    on the right to its longest example.
 Every example is in exactly one row of each epoch. The list is then padded with empty rows (all labels
 -100) to a whole number of optimizer steps of G = `global_batch_rows` rows: the remainder is padded, never
 dropped. Optimizer step s uses rows [s*G, (s+1)*G); within the step, row j goes to micro-batch j % M
@@ -59,7 +59,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from c2a.data.alpaca import IGNORE_INDEX
+
 STATE_VERSION = 1
 
 
@@ -112,7 +113,7 @@ class MicroBatchLoader:
 
     def __init__(self, dataset: ExampleDataset, *, seq_len: int, micro_batch_size: int, global_batch_rows: int,
                  mode: Literal["packed", "padded"] = "packed", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 pad_id: int = 0, pack_window: int = 4096, pad_to_multiple_of: int = 1) -> None:
+                 pad_id: int = 0, pack_window: int = 4096) -> None:
         if mode not in ("packed", "padded"):
             raise ValueError(f"mode must be 'packed' or 'padded', got {mode!r}")
         if not 0 <= rank < world_size:
@@ -120,9 +121,9 @@ class MicroBatchLoader:
         if micro_batch_size < 1 or global_batch_rows % (micro_batch_size * world_size):
             raise ValueError(f"global_batch_rows ({global_batch_rows}) must be a positive multiple of micro_batch_size "
                              f"({micro_batch_size}) x world_size ({world_size})")
-        if global_batch_rows < 1 or seq_len < 1 or pack_window < 1 or pad_to_multiple_of < 1:
-            raise ValueError(f"global_batch_rows, seq_len, pack_window, pad_to_multiple_of must be positive, got "
-                             f"{global_batch_rows}, {seq_len}, {pack_window}, {pad_to_multiple_of}")
+        if global_batch_rows < 1 or seq_len < 1 or pack_window < 1:
+            raise ValueError(f"global_batch_rows, seq_len, pack_window must be positive, got "
+                             f"{global_batch_rows}, {seq_len}, {pack_window}")
         lengths = np.asarray(dataset.lengths, dtype=np.int64)
         if len(lengths) == 0:
             raise ValueError("the dataset has no examples")
@@ -133,7 +134,7 @@ class MicroBatchLoader:
         self.dataset, self.mode, self.seq_len, self.seed = dataset, mode, seq_len, seed
         self.micro_batch_size, self.global_batch_rows = micro_batch_size, global_batch_rows
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
-        self.pack_window, self.pad_to_multiple_of = pack_window, pad_to_multiple_of
+        self.pack_window = pack_window
         self.accum_steps = global_batch_rows // (micro_batch_size * world_size)
         self._lengths = lengths
         self._rows: dict[int, list[np.ndarray]] = {}
@@ -205,8 +206,7 @@ class MicroBatchLoader:
         if self.mode == "packed":
             T = self.seq_len
         else:
-            longest = max((int(self._lengths[r[0]]) for r in rows if len(r)), default=1)
-            T = min(self.seq_len, -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of)
+            T = max((int(self._lengths[r[0]]) for r in rows if len(r)), default=1)  # the longest example
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
         labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         pos = np.empty((B, T), dtype=np.int64)
