@@ -53,17 +53,20 @@ def poisoned_empty(monkeypatch):
 
 
 class CountingKernel:
-    """Wraps a @triton.jit kernel so `kernel[grid](...)` launches are counted; the launch itself is real."""
+    """Wraps a @triton.jit kernel so `kernel[grid](...)` launches are counted (with their keyword arguments,
+    the constexprs among them); the launch itself is real."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.launches = 0
+        self.kwargs: list[dict] = []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def counted(*args, **kwargs):
             self.launches += 1
+            self.kwargs.append(kwargs)
             return launch(*args, **kwargs)
 
         return counted

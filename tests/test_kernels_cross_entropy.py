@@ -101,12 +101,18 @@ def test_only_some_inputs_want_gradients(grad_h, grad_w, monkeypatch):
     assert calls["addmm"] == (3 if grad_w else 0)
 
 
-def test_no_grad_gives_the_loss():
+def test_no_grad_gives_the_loss_without_gradient_work(monkeypatch):
+    """Evaluation: under no_grad (inputs that would require grad included) only the loss is computed."""
     h, w, labels = problem(9, 80, 1000, torch.float32)
+    launches = count_launches(monkeypatch, cross_entropy, "_cross_entropy_chunk_kernel")
+    dw_gemms = []
+    real = cross_entropy._addmm_fp32_
+    monkeypatch.setattr(cross_entropy, "_addmm_fp32_", lambda *a: (dw_gemms.append(1), real(*a)))
     with torch.no_grad():
-        loss = linear_cross_entropy(h.requires_grad_(), w, labels, chunk_size=4)
-    torch.testing.assert_close(loss, linear_cross_entropy_reference(h.detach(), w, labels), rtol=1e-6, atol=1e-6)
+        loss = linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), labels, chunk_size=4)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(h.detach(), w.detach(), labels), rtol=1e-6, atol=1e-6)
     assert not loss.requires_grad
+    assert launches.launches == 3 and not any(kw["COMPUTE_GRAD"] for kw in launches.kwargs) and not dw_gemms
 
 
 def test_no_host_reads(monkeypatch):

@@ -347,4 +347,8 @@ def linear_cross_entropy(
     _check(h, weight, labels, normalizer, z_loss)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        # evaluation (no_grad, or frozen inputs): the loss alone. ctx.needs_input_grad would still say True
+        # for a leaf that requires grad under no_grad, and the gradient GEMMs triple the head's work.
+        return linear_cross_entropy_forward(h, weight, labels, normalizer, z_loss, False, False, chunk_size)[0]
     return LinearCrossEntropyFunction.apply(h, weight, labels, normalizer, z_loss, chunk_size)
