@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ._triton import HAS_TRITON
+
 BACKENDS = ("torch", "triton")
 
 
@@ -24,6 +26,8 @@ def backend(device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if choice not in BACKENDS:
         raise ValueError(f"C2A_KERNELS must be one of {', '.join(BACKENDS)} (or unset), got {choice!r}")
+    if choice == "triton" and not HAS_TRITON:
+        raise RuntimeError("C2A_KERNELS=triton, but Triton is not installed (it ships for Linux); unset C2A_KERNELS")
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"C2A_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 (Triton's CPU interpreter); "

@@ -36,17 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # Triton ships for Linux only (pyproject.toml): the torch reference must still import.
-    from types import SimpleNamespace
-
-    HAS_TRITON = False
-    triton = SimpleNamespace(jit=lambda fn: fn)  # the kernels stay plain functions; the launcher refuses them
-    tl = SimpleNamespace(constexpr=lambda value: value)
+from ._triton import HAS_TRITON, tl, triton
 
 
 def document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:

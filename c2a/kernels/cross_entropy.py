@@ -32,8 +32,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 log = logging.getLogger(__name__)
 

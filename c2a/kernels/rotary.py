@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 
 def rotary_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
