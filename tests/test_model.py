@@ -210,6 +210,8 @@ def test_chunked_loss_matches_reference_across_chunks(monkeypatch, builtin):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-9)
+    empty = ce.linear_cross_entropy_chunked(h[:0], w, labels[:0])  # no rows at all: a defined 0
+    assert empty.item() == 0.0 and torch.autograd.grad(empty, h)[0].abs().sum() == 0
 
 
 def test_torch_path_without_triton_installed():

@@ -90,9 +90,10 @@ def linear_cross_entropy_chunked(
         loss_sum = F.linear_cross_entropy(h, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, options=options)
     else:
         loss_sum = sum(
-            checkpoint(_chunk_loss_sum, h[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
-            for i in range(0, h.shape[0], rows)
-        )
+            (checkpoint(_chunk_loss_sum, h[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
+             for i in range(0, h.shape[0], rows)),
+            h[:0].sum(dtype=torch.float32),  # zero rows: a 0 that backward can go through, not the int 0
+        )  # fmt: skip
     return _normalise(loss_sum.float(), labels, normalizer)
 
 
@@ -214,6 +215,8 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             try:
                 torch.addmm(acc, a, b, torch.float32, out=acc)  # one GEMM, fp32 C read and written
                 return
+            except torch.OutOfMemoryError:
+                raise  # a RuntimeError too, but says nothing about dtype support
             except RuntimeError as err:  # a host-side dtype check: nothing ran on the device
                 _ADDMM_OUT_DTYPE_OK = False
                 log.warning("addmm with an fp32 accumulator unsupported (%s); using mm + add (more memory)", err)
