@@ -40,3 +40,28 @@ def test_gpu_check_smoke(tmp_path):
     with tarfile.open(tmp_path / "gpu_check_details.tar.gz") as tar:
         logs = {Path(n).name for n in tar.getnames()}
     assert {f"{s}.log" for s in STAGES} <= logs
+
+
+def test_gpu_report_survives_failed_stages_and_rows(tmp_path):
+    """What a scarce GPU run sends back must not be lost to its own report: a timed-out stage, a benchmark
+    row without a number (a provider that raised) and a missing benchmark JSON are reported, not fatal."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "kernels").mkdir(parents=True)
+    out.mkdir()
+    (work / "stages.tsv").write_text("setup\t0\t900\tpython3 -\ntrain\t124\t170000\tpython3 train\nkernels\t0\t5000\tpython3 k\n")
+    (work / "setup.json").write_text(json.dumps({"commit": "abc1234", "device": "NVIDIA H100", "packages": {"torch": "2.13"}}))
+    (work / "train.log").write_text("step 1\nkilled: time limit\n")
+    rows = [{"kernel": "cross_entropy", "shape": "16384x4096->32000", "mode": "fwd", "provider": "liger", "ms": None,
+             "note": "error: OutOfMemoryError: CUDA out of memory"},
+            {"kernel": "cross_entropy", "shape": "16384x4096->32000", "mode": "fwd", "provider": "c2a", "ms": 12.5,
+             "gbps": None, "tflops": 171.9, "peak_mb": 2100.0}]  # fmt: skip
+    (work / "kernels" / "kernels.json").write_text(json.dumps({"rows": rows}))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), str(work), str(out), "gpu"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]  # a stage failed: the exit says so, after the report
+    md = (out / "gpu_check.md").read_text()
+    assert "| train | timeout | 170.0 |" in md and "killed: time limit" in md
+    assert "error: OutOfMemoryError" in md and "| 12.500 |" in md
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["train"] is None and report["attention"] is None and len(report["kernels"]["rows"]) == 2
+    assert (out / "gpu_check_details.tar.gz").is_file()

@@ -1,0 +1,138 @@
+"""The report of benchmarks/gpu_check.sh: reads its work folder (stages.tsv, the stage logs, each
+benchmark's JSON) and writes REPORT_DIR/gpu_check.md, gpu_check.json, the plots and
+gpu_check_details.tar.gz. A stage that failed or a benchmark row without a number is reported, never a
+reason for the report itself to fail: it is what comes back from a scarce GPU run.
+
+    python benchmarks/gpu_report.py WORK REPORT_DIR MODE        (MODE: gpu or smoke)
+"""
+
+import datetime
+import json
+import shutil
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+work, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+
+def load(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def f(value, spec):
+    """A number formatted, or "" where a row has none (a provider that failed, a missing field)."""
+    return "" if value is None else format(value, spec)
+
+
+def tail(name, n=25):
+    try:
+        return "\n".join((work / f"{name}.log").read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+stages = []
+for line in (work / "stages.tsv").read_text().splitlines():
+    name, rc, millis, command = line.split("\t", 3)
+    rc = int(rc)
+    status = "pass" if rc == 0 else "timeout" if rc in (124, 137) else f"fail (exit {rc})"
+    stages.append({"stage": name, "status": status, "exit": rc, "seconds": round(int(millis) / 1000, 1), "command": command})
+report = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "setup": load(work / "setup.json"), "stages": stages}
+md = [f"# gpu_check ({mode} mode)", ""]
+env = report["setup"] or {}
+md += [f"- date: {report['date']}", f"- commit: {env.get('commit')}", f"- device: {env.get('device')} {env.get('nvidia_smi', '')}".rstrip(),
+       f"- packages: {', '.join(f'{k} {v}' for k, v in env.get('packages', {}).items())}"]
+if env.get("missing"):
+    md.append(f"- MISSING: {'; '.join(env['missing'])}")
+md += ["", "| stage | status | seconds |", "|---|---|---:|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
+
+# kernel tests
+report["tests"] = None
+if mode == "smoke":
+    collected = next((l for l in tail("tests", 5).splitlines() if "collected" in l), None)
+    report["tests"] = {"collected": collected}
+    md += ["", "## Kernel tests (smoke: collected, not run; CI runs them under the interpreter)", str(collected)]
+elif (work / "tests.xml").is_file():
+    root = ET.parse(work / "tests.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    report["tests"] = {**counts, "failed": failed}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    md += ["", "## Kernel tests on CUDA",
+           f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"]
+    md += [f"- FAILED {name}" for name in failed[:40]]
+else:  # pytest did not get as far as writing its report (timeout, import error)
+    md += ["", "## Kernel tests on CUDA", "```", tail("tests"), "```"]
+
+# training throughput
+train = load(work / "train" / "train_throughput.json")
+report["train"] = train
+md += ["", "## Training throughput (benchmarks/train_throughput.py)"]
+if train and "ratios" in train:
+    c2a, base, s = train["sides"]["c2a"], train["sides"]["baseline"], train["setup"]
+    md.append(f"dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, vocab {s['vocab_size']}, rows of {s['seq_len']}, "
+              f"{s['global_batch']} examples/step, {s['dtype']}")
+    md += ["", "| | c2a | HF baseline | c2a / baseline |", "|---|---:|---:|---:|"]
+    for label, key, fmt in (("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"), ("all tokens/s", "tokens_per_s", "{:,.0f}"),
+                            ("padding", "padding_fraction", "{:.1%}"), ("step s", "step_seconds", "{:.3f}"),
+                            ("examples/step", "examples_per_step", "{:.1f}"), ("peak memory MiB", "peak_memory_mib", "{:,.0f}"),
+                            ("model TFLOP/s", "model_tflops_per_s", "{:.1f}"), ("MFU", "mfu", "{:.1%}")):
+        if c2a.get(key) is not None and base.get(key):
+            md.append(f"| {label} | {fmt.format(c2a[key])} | {fmt.format(base[key])} | {c2a[key] / base[key]:.2f}x |")
+    if mode == "gpu":
+        mfu, speed = c2a.get("mfu"), train["ratios"]["trained_tokens_per_s"]
+        md.append(f"\nGoals (issue 7): MFU >= 50%: {'met' if mfu and mfu >= 0.5 else 'NOT met'} ({mfu if mfu is None else f'{mfu:.1%}'}); "
+                  f">= 2x baseline trained tokens/s: {'met' if speed >= 2 else 'NOT met'} ({speed:.2f}x)")
+else:  # a side failed or ran out of time: what was measured, and the log
+    for side, r in ((train or {}).get("sides") or {}).items():
+        md.append(f"- {side}: {f(r.get('trained_tokens_per_s'), ',.0f')} trained tokens/s, "
+                  f"peak {f(r.get('peak_memory_mib'), ',.0f')} MiB, MFU {r.get('mfu')}")
+    md += ["```", tail("train"), "```"]
+
+# attention
+att = load(work / "attention" / "attention.json")
+report["attention"] = att and {"summary": att.get("summary"), "environment": att.get("environment"),
+                               "rows": [r for r in att.get("rows", []) if r.get("provider")]}
+md += ["", "## Attention (benchmarks/attention.py)"]
+if att:
+    md += ["| case | provider | mode | B | T | H/K | Hd | ms | TFLOP/s |", "|---|---|---|---:|---:|---|---:|---:|---:|"]
+    md += [f"| {r['case']} | {r['provider']} | {r['mode']} | {r['B']} | {r['T']} | {r['H']}/{r['K']} | {r['Hd']} | "
+           f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} |" for r in att["rows"]]
+    md += [f"- {k}: {f(v, '.3f')}" for k, v in (att.get("summary") or {}).items()]
+else:
+    md += ["```", tail("attention"), "```"]
+
+# kernels
+ker = load(work / "kernels" / "kernels.json")
+report["kernels"] = ker
+md += ["", "## Kernels (benchmarks/kernels.py)"]
+if ker:
+    md += ["| kernel | shape | mode | provider | ms | GB/s | TFLOP/s | peak MiB | note |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+    md += [f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['provider']} | {f(r.get('ms'), '.3f')} | {f(r.get('gbps'), '.0f')} | "
+           f"{f(r.get('tflops'), '.1f')} | {f(r.get('peak_mb'), ',.0f')} | {r.get('note') or ''} |" for r in ker["rows"]]
+else:
+    md += ["```", tail("kernels"), "```"]
+
+failed_stages = [s for s in stages if s["status"] != "pass"]
+for s in failed_stages:
+    md += ["", f"## {s['stage']}: {s['status']}, last lines of its log", "```", tail(s["stage"], 40), "```"]
+
+(out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+(out / "gpu_check.md").write_text("\n".join(md) + "\n")
+for src, dst in ((work / "train" / "train_throughput.json", "train_throughput.json"), (work / "train" / "train_throughput.png", "train_throughput.png"),
+                 (work / "attention" / "attention.png", "attention.png"), (work / "kernels" / "kernels.png", "kernels.png")):
+    if src.is_file():
+        shutil.copyfile(src, out / dst)
+with tarfile.open(out / "gpu_check_details.tar.gz", "w:gz") as tar:
+    tar.add(work, arcname="gpu_check_details")
+print("\n".join(md[: 12 + len(stages)]))
+print(f"\nwrote {out / 'gpu_check.md'}, {out / 'gpu_check.json'} and {out / 'gpu_check_details.tar.gz'}")
+sys.exit(1 if failed_stages else 0)
