@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    d = init_distributed(cfg.train.replicas)
+    try:
+        d = init_distributed(cfg.train.replicas)
+    except ValueError as e:  # train.replicas that does not divide the ranks
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     _setup_logging(d.rank)
     try:
         summary = run(cfg, d)

@@ -14,7 +14,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,6 @@ class Counters:
     tokens: int = 0
     train_seconds: float = 0.0
     demo_before: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
@@ -261,7 +260,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if demo and counters.demo_before is None:
         counters.demo_before = evaluate_demo(model, model_cfg, data, cfg, d, "before training")
 
-    writer = MetricsWriter(out, t.tensorboard) if d.is_main else None
+    writer = MetricsWriter(out, t.tensorboard, after_step=step) if d.is_main else None
     bar = progress_bar(total_steps, step, t.progress and d.is_main)
     peak = peak_flops(d.device)
     flops_per_token = matmul_flops_per_token(model_cfg)
@@ -290,20 +289,23 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if not result.finite:
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
                         step, result.loss.item(), result.grad_norm.item(), counters.bad_in_a_row)  # fmt: skip
-        if step % t.log_every == 0 or step == total_steps:
+        stop = counters.bad_in_a_row >= t.max_bad_steps
+        saving = step == total_steps or stop or (t.save_every and step % t.save_every == 0)
+        # a checkpoint is also a logging point: its counters then hold every step it covers
+        if step % t.log_every == 0 or saving:
             elapsed = time.perf_counter() - window_start
             record = _metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters)
             counters.train_seconds += elapsed
             if writer is not None:
                 writer.write(record)
-                if bar is not None:
+                if bar is not None and record["loss"] is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             window, window_start = [], time.perf_counter()
-        stop = counters.bad_in_a_row >= t.max_bad_steps
-        if step == total_steps or stop or (t.save_every and step % t.save_every == 0):
+        if saving:
             state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__}
             path = save_checkpoint(out, step, model, optimizer, state, t.keep_last)
             log.info("saved checkpoint %s", path)
+            window_start = time.perf_counter()  # the save is not training time
         if stop:
             raise TrainingError(f"{counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); "
                                 f"stopped at step {step} with a checkpoint in {out / 'checkpoints'}; lower train.lr or check the data")  # fmt: skip
@@ -317,7 +319,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                                "tokens": counters.tokens, "trained_tokens": counters.trained_tokens,
                                "skipped_steps": counters.skipped_steps, "wall_seconds": time.perf_counter() - run_start}  # fmt: skip
     last = _last_metrics(out) if d.is_main else None
-    if last is not None:
+    if last is not None and last["loss"] is not None:
         summary["final_loss"] = last["loss"]
     if demo:
         summary["demo_before"] = counters.demo_before
@@ -351,7 +353,10 @@ def _metrics(window: list[StepResult], seconds: float, step: int, epoch: int, lr
     dist.all_reduce(peak_mb, op=dist.ReduceOp.MAX)
     tokens, positions, attn_sq = (float(x) for x in summed.tolist())
     targets = float(sum(r.targets for r in window))
-    loss = float(sum(r.loss * r.targets for r in window)) / max(targets, 1.0)  # token-weighted over the window
+    # token-weighted over the window's applied steps; a skipped (non-finite) step is counted in skipped_steps
+    applied = [r for r in window if r.finite]
+    applied_targets = float(sum(r.targets for r in applied))
+    loss = float(sum(r.loss * r.targets for r in applied)) / max(applied_targets, 1.0) if applied else None
     counters.trained_tokens += int(targets)
     counters.tokens += int(tokens)
     record = {

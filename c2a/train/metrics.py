@@ -39,17 +39,29 @@ def attention_flops(cfg: LlamaConfig, doc_lengths_sq_sum: int) -> int:
 
 class MetricsWriter:
     """metrics.jsonl (one object per logged step, appended, so a resumed run continues the file) and
-    optional TensorBoard. Rank 0 only."""
+    optional TensorBoard. Rank 0 only.
 
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+    `after_step` is the step the run starts from (its checkpoint's, or 0): records of later steps are
+    dropped from the file (and from TensorBoard), since they were logged by a run that died before its
+    next checkpoint and are about to be run, and logged, again."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, after_step: int = 0) -> None:
         self.path = out_dir / "metrics.jsonl"
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= after_step]
+            if len(kept) != len(lines):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(self.path)
+                log.info("metrics.jsonl: dropped %d records after step %d (re-run from the checkpoint)", len(lines) - len(kept), after_step)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from e
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=after_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
