@@ -14,6 +14,9 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 
 def run_variant(variant: str, tokens: int, dim: int, vocab: int, layers: int, device: str) -> dict:

@@ -31,8 +31,7 @@ DIR/train_throughput.png. Never asserts a time.
 On a shared 2-core CPU the numbers depend on the load and the thread count: `--threads N` sets torch's
 intra-op threads on both sides (default: torch's, 2 here); `--repeats R` runs each side R times, alternating,
 and keeps each side's fastest run; "best step" is a side's fastest timed step, the rate least disturbed by
-other processes. `--c2a-ce-chunk ROWS` is a prototype of a proposed change, not c2a's default path: the
-torch-path loss in fixed chunks of ROWS tokens. Results: benchmarks/RESULTS.md.
+other processes. Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ class Setup:
     device: str
     dtype: str  # "bf16" or "fp32": c2a's compute dtype and the baseline's autocast dtype
     threads: int = 0  # torch intra-op threads in each side's process (0: torch's default)
-    c2a_ce_chunk: int = 0  # prototype, not c2a's default: token rows per chunk of the torch-path loss (0: as c2a)
 
     @property
     def n_examples(self) -> int:
@@ -281,24 +279,6 @@ def _ffn(s: Setup) -> int:
 # ----------------------------------------------------------------------------------------- one process
 
 
-def _patch_loss_chunk(rows: int) -> None:
-    """Prototype for a proposal (not c2a's default): the torch path of Llama.loss in fixed chunks of `rows`
-    tokens instead of torch's "auto" heuristic, which sizes the [chunk, V] logits like the [N, D] input
-    (16 rows at D = 256, V = 32000: the 33 MB head weight is streamed again for every 16 tokens, and each
-    chunk is a dozen small ops that two threads on a busy CPU wait on each other for)."""
-    import torch.nn.functional as F
-
-    from c2a.kernels import cross_entropy
-
-    options = torch.nn.LinearCrossEntropyOptions(chunking_method=None, batch_chunk_size=rows)
-
-    def chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: Any = None) -> torch.Tensor:
-        loss_sum = F.linear_cross_entropy(h, weight, labels, reduction="sum", ignore_index=IGNORE, options=options)
-        return cross_entropy._normalise(loss_sum.float(), labels, normalizer)
-
-    cross_entropy.linear_cross_entropy_chunked = chunked
-
-
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -310,8 +290,6 @@ def side_main(side: str, s: Setup, out: Path) -> None:
     device = torch.device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
-    if side == "c2a" and s.c2a_ce_chunk:
-        _patch_loss_chunk(s.c2a_ce_chunk)
     data = SyntheticAlpaca(s)
     rss_before = peak_memory_mib(torch.device("cpu"))
     runner = run_c2a if side == "c2a" else run_baseline
@@ -432,8 +410,6 @@ def main() -> None:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "seq_len", "global_batch", "micro_batch", "rows_per_micro", "steps", "warmup"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help="override the default for the machine")
     ap.add_argument("--threads", type=int, help="torch intra-op threads on both sides (default: torch's)")
-    ap.add_argument("--c2a-ce-chunk", type=int, dest="c2a_ce_chunk", metavar="ROWS",
-                    help="prototype (not c2a's default): c2a's torch-path loss in fixed chunks of ROWS tokens")
     ap.add_argument("--dtype", choices=("bf16", "fp32"))
     ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run")

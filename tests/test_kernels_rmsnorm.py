@@ -75,13 +75,14 @@ def test_add_rms_norm_matches_float64(shape, dtype):
     assert_within_torch_error("dw", dw, dw_t, dw64)
 
 
-def test_weight_without_grad_skips_dw():
+def test_weight_without_grad_skips_dw(monkeypatch):
     x, w, dy = inputs((7, 80), torch.float32)
     x.requires_grad_()
+    bwd = count_launches(monkeypatch, rmsnorm, "_rms_norm_bwd_kernel")
     rms_norm(x, w, EPS).backward(dy)
     x64 = x.detach().double().requires_grad_()
     rms_norm_float64(x64, w).backward(dy.double())
-    assert w.grad is None
+    assert w.grad is None and bwd.launches == 1 and bwd.kwargs[0]["COMPUTE_DW"] is False  # no dw work at all
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
