@@ -46,7 +46,9 @@ import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 COMPILE_ONLY = "--compile-only" in sys.argv  # compiles for a GPU target: needs Triton's compiler, not its interpreter
-if not CUDA and not COMPILE_ONLY:
+if COMPILE_ONLY:
+    os.environ.pop("TRITON_INTERPRET", None)  # an interpreted kernel cannot be compiled (tests' conftest sets it)
+elif not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported, which reads it at decoration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
@@ -274,61 +276,59 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
 def compile_report(arch: int, head_dims: list[int], with_sweep: bool) -> list[dict]:
     """Builds every kernel for CUDA sm_<arch> on a machine without a GPU (Triton's compiler and its bundled
     ptxas) and reports registers per thread, bytes spilled and shared memory: the defaults for bf16, packed
-    and not, then (with_sweep) the SWEEP alternatives at Hd 128. Uses Triton internals (ASTSource, GPUTarget)."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    and not, MHA (32:32 heads) and GQA (32:8), T = 4096; then (with_sweep) the SWEEP tiles at Hd 128,
+    packed GQA. The launchers run on meta tensors with their kernels recorded (benchmarks/gpu_compile.py), so
+    each build has the arguments, specialisations (e.g. GROUP = 1 for MHA), tiles and warps of a real launch."""
+    from benchmarks.gpu_compile import capture_launches, compile_launch, specialise
 
-    from benchmarks.gpu_compile import ptxas_stats
-
-    target = GPUTarget("cuda", arch, 32)
-    kernels = {
-        "_fwd_blocks": attention._attn_fwd_kernel,
-        "_bwd_dkdv_blocks": attention._attn_bwd_dkdv_kernel,
-        "_bwd_dq_blocks": attention._attn_bwd_dq_kernel,
-    }
-
-    def build(kernel, Hd: int, packed: bool, blocks) -> dict:
-        constexprs = {"HEAD_DIM": Hd, "BLOCK_M": blocks.block_m, "BLOCK_N": blocks.block_n, "PACKED": packed,
-                      "MMA_DTYPE": tl.bfloat16, "DOT_PRECISION": "tf32"}
-        names = kernel.arg_names
-        signature, attrs = {}, {}
-        for i, name in enumerate(names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                fp32 = name.startswith(("lse", "delta"))
-                signature[name] = "*i32" if name.startswith("doc") else "*fp32" if fp32 else "*bf16"
-            else:
-                signature[name] = "fp32" if name.endswith("scale") else "i32"
-            if name.endswith("_ptr") or name.startswith("stride_"):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # as Triton specializes aligned tensors at launch
-        src = ASTSource(kernel, signature, attrs=attrs,
-                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(src, target=target,
-                                  options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
-        return {**ptxas_stats(compiled.asm["ptx"], arch), "shared_kib": compiled.metadata.shared / 1024}
-
-    jobs = [(name, Hd, packed, getattr(attention, name)(Hd, torch.bfloat16), "default")
-            for Hd in head_dims for packed in (False, True) for name in kernels]
-    if with_sweep:
-        jobs += [(name, 128, True, attention._Blocks(*c), "sweep") for name, cands in SWEEP.items() for c in cands]
-    results = []
-    print(f"{'kernel':18s} {'Hd':>4s} {'packed':6s} {'blocks (M, N, warps, stages)':30s} "
-          f"{'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
-    for name, Hd, packed, blocks, kind in jobs:
+    def launches(Hd: int, packed: bool, K: int, blocks: tuple | None, name: str | None) -> list:
+        meta = torch.device("meta")
+        q = torch.empty(1, 4096, 32, Hd, device=meta, dtype=torch.bfloat16)
+        k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
+        doc_start = doc_end = None
+        if packed:
+            doc_start, doc_end = (torch.empty(1, 4096, device=meta, dtype=torch.int32) for _ in range(2))
+        default = getattr(attention, name) if name else None
+        if name:
+            attention.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
         try:
-            r = build(kernels[name], Hd, packed, blocks)
-        except Exception as err:  # e.g. a tile that does not fit: report and go on
-            r = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-        shape = (blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages)
-        results.append({"kernel": name, "Hd": Hd, "packed": packed, "blocks": shape, "kind": kind, "arch": arch, **r})
-        if "error" in r:
-            print(f"{name:18s} {Hd:4d} {str(packed):6s} {str(shape) + ' ' + kind:30s} {r['error']}")
-        else:
-            print(f"{name:18s} {Hd:4d} {str(packed):6s} {str(shape) + ' ' + kind:30s} {r['registers']!s:>5s} "
-                  f"{r['spill_bytes']!s:>8s} {r['shared_kib']:9.0f}", flush=True)
+            with capture_launches(attention) as recorded:
+                o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
+                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start, doc_end)
+        finally:
+            if name:
+                attention.__dict__[name] = default
+        return recorded
+
+    jobs = [(Hd, packed, K, None, None, "default") for Hd in head_dims for packed in (False, True) for K in (32, 8)]
+    if with_sweep:
+        jobs += [(128, True, 8, c, name, "sweep") for name, cands in SWEEP.items() for c in cands]
+    results, seen = [], set()
+    print(f"{'kernel':24s} {'Hd':>4s} {'packed':6s} {'heads':6s} {'tile (M, N, warps, stages)':32s} "
+          f"{'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
+    for Hd, packed, K, blocks, name, kind in jobs:
+        for launch in launches(Hd, packed, K, blocks, name):
+            kernel = launch.kernel.fn.__name__
+            signature, constexprs, attrs, options = specialise(launch, arch)
+            key = (kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)
+            if key in seen:  # e.g. the delta kernel, the same for every tile choice
+                continue
+            seen.add(key)
+            names = launch.kernel.arg_names
+            consts = {names[path[0]]: value for path, value in constexprs.items()}
+            tile = (consts.get("BLOCK_M"), consts.get("BLOCK_N"), options.num_warps, options.num_stages)
+            try:
+                r = compile_launch(launch, arch)
+            except Exception as err:  # e.g. a tile that does not fit: report and go on
+                r = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            heads = f"32:{K}"
+            results.append({"kernel": kernel, "Hd": Hd, "packed": packed, "heads": heads, "blocks": tile, "kind": kind,
+                            "arch": arch, **r})  # fmt: skip
+            head = f"{kernel:24s} {Hd:4d} {str(packed):6s} {heads:6s} {str(tile) + ' ' + kind:32s}"
+            if "error" in r:
+                print(f"{head} {r['error']}")
+            else:
+                print(f"{head} {r['registers']!s:>5s} {r['spill_bytes']!s:>8s} {r['shared_kib']:9.0f}", flush=True)
     return results
 
 

@@ -469,9 +469,10 @@ class _Blocks:
 # that T <= 128 crosses many tile, diagonal and document boundaries; warps/stages do not matter there.
 # GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM). Not yet timed
 # on a GPU (`benchmarks/attention.py --sweep` does that); what was measured is the compiled code:
-# `benchmarks/attention.py --compile-only` builds each kernel for sm_90a on a CPU machine (Triton 3.9,
-# ptxas 13.4) and reports registers, spills and shared memory, quoted below for the packed variant (the
-# unpacked one needs no more). Among the shapes the FA2 paper and the Triton tutorial use, the picks are
+# `benchmarks/attention.py --compile-only` builds each kernel, as its launcher launches it, for sm_90a on a
+# CPU machine (Triton 3.9, ptxas 13.4) and reports registers, spills and shared memory, quoted below for
+# the packed variant (the unpacked one needs no more) with GQA 32:8 heads; MHA (Llama-2 7B/13B, where
+# the group of one specialises away) needs no more either. Among the shapes the FA2 paper and the Triton tutorial use, the picks are
 # those that compile without register spills, or with the fewest. fp32 inputs (tests on a GPU) take the
 # interpreter's small tiles and 2 stages: IEEE fp32 dots run on FMA units, not wgmma, and larger tiles spill
 # kilobytes (64 × 32 forward at Hd 64: 1292 B).
@@ -496,8 +497,8 @@ def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
         return _Blocks(16, 32, 4, 2)
     # K, V and the fp32 dK, dV accumulators stay resident: 2 · BLOCK_N · Hd · (2 + 4) B, so the key tile
     # is what registers allow. sm_90a, 8 warps: Hd 64, 128 keys × 32 queries: 252 registers, 0 spills,
-    # 57 KiB (4 warps: 396 B spilled). Hd 128, 64 keys × 32 queries: 255 registers, 32 B spilled, 81 KiB;
-    # every larger tile spills more (64 × 64: 432 B; 128 × 32: 160 B).
+    # 57 KiB (4 warps: 396 B spilled). Hd 128, 64 keys × 32 queries: 255 registers, 32 B spilled, 81 KiB
+    # (MHA: 185 registers, 0 spills); every larger tile spills more (64 × 64: 432 B; 128 × 32: 160 B).
     if head_dim <= 64:
         return _Blocks(32, 128, 8, 3)
     return _Blocks(32, 64, 8, 3)
