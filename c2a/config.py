@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +173,12 @@ class TrainConfig:
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
             "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps) >= 1,
             "train.max_steps and train.save_every must be >= 0": min(t.max_steps, t.save_every) >= 0,
-            "train.lr must be positive": t.lr > 0,
+            "train.lr and train.eps must be positive": t.lr > 0 and t.eps > 0,
+            "train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 = off)": min(t.grad_clip, t.weight_decay) >= 0,
+            "train.min_lr_ratio must be in [0, 1]": 0 <= t.min_lr_ratio <= 1,
+            "train.beta1 and train.beta2 must be in [0, 1)": 0 <= t.beta1 < 1 and 0 <= t.beta2 < 1,
+            "data.demo_train_size and data.demo_heldout_size must be positive": min(self.data.demo_train_size, self.data.demo_heldout_size) > 0,
+            "data.workers must be >= 0": self.data.workers >= 0,
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
@@ -188,6 +194,24 @@ def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dat
         else:
             keys[prefix + f.name] = f
     return keys
+
+
+# HF Trainer / Stanford Alpaca argument names that users of the recipe's original script type: c2a's key
+_HF_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+             "per_device_train_batch_size": "train.micro_batch", "gradient_accumulation_steps": "train.global_batch",
+             "max_grad_norm": "train.grad_clip", "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+             "model_max_length": "data.max_len", "output_dir": "out_dir", "model_name_or_path": "model.checkpoint",
+             "data_path": "data.path", "save_steps": "train.save_every", "logging_steps": "train.log_every"}  # fmt: skip
+
+
+def _unknown_key(what: str, key: str, keys: dict[str, dataclasses.Field]) -> KeyError:
+    known = _HF_NAMES.get(key.rsplit(".", 1)[-1])
+    # else the closest keys of the same section first (a typo rarely changes the section), then of any
+    section = key.split(".")[0] + "."
+    close = [known] if known else difflib.get_close_matches(key, [k for k in keys if k.startswith(section)], n=2, cutoff=0.6)
+    close = close or difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else "`python -m c2a.train --help` lists every key"
+    return KeyError(f"{what}; {hint}")
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any, from_text: bool) -> Any:
@@ -220,13 +244,16 @@ def build_config(values: dict[str, Any], overrides: dict[str, str] | None = None
                 continue
             key = prefix + k
             if key not in keys:
-                raise KeyError(f"{source}: unknown key {key!r}; valid keys: {', '.join(keys)}")
-            flat[key] = _coerce(key, keys[key], v, from_text=False)
+                raise _unknown_key(f"{source}: unknown key {key!r}", key, keys)
+            try:
+                flat[key] = _coerce(key, keys[key], v, from_text=False)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
 
     walk(values, "")
     for key, text in (overrides or {}).items():
         if key not in keys:
-            raise KeyError(f"unknown option --{key}; valid keys: {', '.join(keys)}")
+            raise _unknown_key(f"unknown option --{key}", key, keys)
         flat[key] = _coerce(key, keys[key], text, from_text=True)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
