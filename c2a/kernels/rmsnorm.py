@@ -45,7 +45,8 @@ def add_rms_norm_reference(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triton kernels. Rows are the flattened leading dimensions; each row holds n_cols contiguous features.
+# Triton kernels. Rows are the flattened leading dimensions; each row holds n_cols contiguous features, and
+# rows are stride_*_row apart (not necessarily n_cols: the launchers accept row-strided views).
 
 
 @triton.jit
@@ -181,8 +182,6 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous, got shape {tuple(t.shape)} strides {t.stride()}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(
             f"{op}: residual must match x ({tuple(x.shape)}, {x.dtype}), "
@@ -190,19 +189,33 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         )
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., D] as [rows, D] with unit feature stride and one row stride, what the kernels index.
+
+    A view wherever the leading dimensions merge into one stride: contiguous tensors, and row-strided ones
+    such as generation's last position h[:, -1:] of a batch ([B, 1, D] with row stride T·D). Copied only
+    when the features are not unit-stride, or when the leading dimensions cannot merge (reshape copies then).
+    """
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
 def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (y, h, rstd): y and h like x (h is x itself without a residual), rstd fp32 [rows]."""
+    """-> (y, h, rstd): y and h shaped like x and contiguous (h is x itself without a residual), rstd fp32
+    [rows]. x and residual may be row-strided (see _rows)."""
     D = x.shape[-1]
-    x2 = x.view(-1, D)  # [rows, D]
+    x2 = _rows(x)  # [rows, D]
+    weight = weight.contiguous()
     n_rows = x2.shape[0]
-    y = torch.empty_like(x2)
+    y = torch.empty((n_rows, D), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if residual is None:
         r2, h2 = x2, x2  # unused by the kernel when HAS_RESIDUAL is False
     else:
-        r2, h2 = residual.view(-1, D), torch.empty_like(x2)
+        r2, h2 = _rows(residual), torch.empty((n_rows, D), dtype=x.dtype, device=x.device)
     block_d, num_warps = _settings(D)
     if n_rows > 0:
         _rms_norm_fwd_kernel[(n_rows,)](
@@ -211,7 +224,7 @@ def rms_norm_forward(
             D, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
-    return y.view(x.shape), h2.view(x.shape), rstd
+    return y.view(x.shape), (x if residual is None else h2.view(x.shape)), rstd
 
 
 def rms_norm_backward(
@@ -224,11 +237,11 @@ def rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (dx, dw): dx like x (plus dh when the residual was fused), dw like weight (None if not asked)."""
     D = x.shape[-1]
-    x2 = x.view(-1, D)
-    dy2 = dy.contiguous().view(-1, D)
-    dh2 = dh.contiguous().view(-1, D) if dh is not None else dy2
+    x2, dy2 = _rows(x), _rows(dy)
+    dh2 = _rows(dh) if dh is not None else dy2
+    weight = weight.contiguous()
     n_rows = x2.shape[0]
-    dx = torch.empty_like(x2)
+    dx = torch.empty((n_rows, D), dtype=x.dtype, device=x.device)
     programs = _bwd_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_partial = torch.empty((programs, D) if compute_dw else (1, 1), dtype=torch.float32, device=x.device)
