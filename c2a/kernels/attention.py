@@ -234,10 +234,10 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+    q_base, do_base, dq_base, lse_base, delta_base, doc_row, stride_qt, stride_dot, stride_dqt,
     offs_n, lo, hi, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PACKED: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulates one query head's contribution to dK, dV of a key tile over query tiles [lo, hi).
 
@@ -273,23 +273,35 @@ def _dkdv_tiles(
             delta = tl.load(delta_base + offs_m)
         dv = tl.dot(p_t.to(MMA_DTYPE), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(MMA_DTYPE), q, dk, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(MMA_DTYPE)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            # dQ += dS K, as dQᵀ = Kᵀ dSᵀ [Hd, BLOCK_M] so that Hd (not the 32-query tile) is the M dim of
+            # the tensor-core op. Programs of other key tiles add into the same dQ rows at the same time:
+            # fp32 atomic adds lose no update, only their order varies (so dQ is not bitwise reproducible);
+            # "relaxed" because nothing reads dQ before the kernel ends.
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)
+            dq_ptrs = dq_base + offs_m[None, :] * stride_dqt + offs_d[:, None]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq_t, mask=row_ok[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, doc_end_ptr, doc_start_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, doc_end_ptr, doc_start_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
+    stride_dqb, stride_dqt, stride_dqh,
     T, H, K, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (batch row, KV head, key tile of BLOCK_N tokens); grid (B·K, cdiv(T, BLOCK_N)).
 
@@ -336,21 +348,34 @@ def _attn_bwd_dkdv_kernel(
         do_base = do_ptr + b64 * stride_dob + h * stride_doh
         lse_base = lse_ptr + (b64 * H + h) * T
         delta_base = delta_ptr + (b64 * H + h) * T
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+        dq_base = dq_ptr + b64 * stride_dqb + h * stride_dqh
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                             stride_qt, stride_dot, stride_dqt,
                              offs_n, n0, c_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, PACKED, MMA_DTYPE, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+                             HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                             stride_qt, stride_dot, stride_dqt,
                              offs_n, c_hi, full_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, False, PACKED, MMA_DTYPE, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, doc_row, stride_qt, stride_dot,
+                             HEAD_DIM, BLOCK_M, False, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                             stride_qt, stride_dot, stride_dqt,
                              offs_n, full_hi, t_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, PACKED, MMA_DTYPE, DOT_PRECISION)
+                             HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
 
     dk = dk * sm_scale
     dk_base = dk_ptr + b64 * stride_dkb + kv_h.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=key_ok)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_cast_kernel(acc_ptr, dq_ptr, n, sm_scale, BLOCK: tl.constexpr):
+    """dq = acc · sm_scale in dq's dtype, over n contiguous elements: the atomic path's fp32 dQ accumulator
+    (which holds dS K without the 1/sqrt(Hd), applied here once instead of once per tile pair)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.load(acc_ptr + offs, mask=offs < n)
+    tl.store(dq_ptr + offs, (acc * sm_scale).to(dq_ptr.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit
@@ -650,6 +675,7 @@ def attention_backward(
     lse: torch.Tensor,
     doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, T, H, Hd], dk and dv [B, T, K, Hd], in the inputs' dtype, from dO and the forward's o and lse.
 
@@ -675,21 +701,32 @@ def attention_backward(
         o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=delta_block,
     )
 
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    # atomic path: dS K accumulates (unscaled) in an fp32 dQ that must start at zero, inside the dK/dV pass
+    dq_acc = q.new_empty(0, dtype=torch.float32) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = _empty(tuple(k.shape), k.dtype, k.device)
     dv = _empty(tuple(v.shape), v.dtype, v.device)
     blocks = _bwd_dkdv_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
     _attn_bwd_dkdv_kernel[(B * K, triton.cdiv(T, blocks.block_n))](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, q if deterministic else dq_acc,
         q if doc_end is None else doc_end, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        *(_strides(q) if deterministic else _strides(dq_acc)),
         T, H, K, group, qk_scale, sm_scale,
-        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed,
+        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed, ATOMIC_DQ=not deterministic,
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
 
     dq = _empty(tuple(q.shape), q.dtype, q.device)
+    if not deterministic:
+        cast_block = 1024
+        _attn_bwd_dq_cast_kernel[(triton.cdiv(dq.numel(), cast_block),)](
+            dq_acc, dq, dq.numel(), sm_scale, BLOCK=cast_block,
+        )
+        return dq, dk, dv
     blocks = _bwd_dq_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "backward dQ")
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, blocks.block_m))](
