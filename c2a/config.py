@@ -142,6 +142,7 @@ class TrainSection:
     replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
     seed: int = _f(0, "seed for weight init and data order")
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
+    save_every_minutes: float = _f(0.0, "also checkpoint when this many minutes passed since the last save (0 = off), so a crash loses at most that")
     keep_last: int = _f(2, "complete checkpoints to keep")
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
@@ -172,7 +173,7 @@ class TrainConfig:
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(t.global_batch, t.micro_batch, t.epochs, self.data.max_len) > 0,
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
             "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps) >= 1,
-            "train.max_steps and train.save_every must be >= 0": min(t.max_steps, t.save_every) >= 0,
+            "train.max_steps, train.save_every, train.save_every_minutes must be >= 0": min(t.max_steps, t.save_every, t.save_every_minutes) >= 0,
             "train.lr and train.eps must be positive": t.lr > 0 and t.eps > 0,
             "train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 = off)": min(t.grad_clip, t.weight_decay) >= 0,
             "train.min_lr_ratio must be in [0, 1]": 0 <= t.min_lr_ratio <= 1,

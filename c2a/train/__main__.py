@@ -12,6 +12,7 @@ from c2a.data import DataError
 from c2a.data.prepare import CacheMismatchError
 from c2a.model.weights import CheckpointError
 from c2a.train.cli import help_text, parse_args, wants_help
+from c2a.train.lifecycle import EXIT_STOPPED, RunLocked, RunStopped, watch_parent
 from c2a.train.loop import TrainingError, run
 from c2a.train.parallel import init_distributed, shutdown_and_exit
 
@@ -64,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     _setup_logging(d.rank)
+    watch_parent()  # under torchrun: exit if the launcher dies, instead of finishing the run as an orphan
     try:
         summary = run(cfg, d)
+    except RunStopped as e:
+        if d.is_main:
+            print(f"[c2a] {e}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except RunLocked as e:  # raised on every rank alike: said once
+        if d.is_main:
+            log.error("error: %s", e)
+        return 1
     except USER_ERRORS as e:
         log.error("error: %s", e.args[0] if e.args else e)
         return 1

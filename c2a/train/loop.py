@@ -27,6 +27,7 @@ from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf
 from c2a.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial_checkpoints, save_checkpoint
+from c2a.train.lifecycle import RunStopped, StopControl, take_run_lock
 from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
 from c2a.train.parallel import Dist, build_sharded_model, compute_dtype, full_parameters, materialize
 
@@ -158,11 +159,17 @@ class StepResult:
     positions: int  # this rank's positions (padding included)
     attn_sq: int  # this rank's sum over documents of length^2 (for the attention FLOP count)
     finite: bool
+    stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank stops after this step
+    save_due: bool = False  # a timed checkpoint is due (rank 0's clock)
 
 
-def forward_backward(model: Llama, batches: list[MicroBatch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(
+    model: Llama, batches: list[MicroBatch], device: torch.device, flags: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
-    mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors."""
+    mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors.
+    `flags` (a small float tensor, e.g. StopControl's) is summed over ranks in place by the same
+    all-reduce as the loss, at the end of the step, so agreeing on it costs no extra collective."""
     batches = [b.to(device, non_blocking=True) for b in batches]
     targets = sum((b.labels != -100).sum() for b in batches)
     dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
@@ -172,12 +179,19 @@ def forward_backward(model: Llama, batches: list[MicroBatch], device: torch.devi
         loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer)
         loss.backward()
         loss_sum += loss.detach()
-    dist.all_reduce(loss_sum)
-    return loss_sum, targets
+    if flags is None:
+        dist.all_reduce(loss_sum)
+        return loss_sum, targets
+    reduced = torch.cat([loss_sum.view(1), flags.to(device, loss_sum.dtype)])
+    dist.all_reduce(reduced)
+    flags.copy_(reduced[1:])
+    return reduced[0], targets
 
 
-def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device) -> StepResult:
-    loss, targets = forward_backward(model, batches, device)
+def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device,
+               control: StopControl | None = None) -> StepResult:  # fmt: skip
+    flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
+    loss, targets = forward_backward(model, batches, device, flags)
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -185,14 +199,15 @@ def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[Mic
         grad_norm = grad_norm.full_tensor()
     # the one host sync of a step: a non-finite loss or gradient must skip the update, and a step without
     # any trained target has nothing to learn from (Adam's momentum alone would still move the weights)
-    finite, has_targets = torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]).tolist()
+    # (the stop / timed-save flags ride along: they were summed over ranks with the loss)
+    finite, has_targets, stop, save_due = torch.cat([torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]), flags > 0]).tolist()
     if finite and has_targets:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.num_tokens for b in batches)
     positions = sum(b.input_ids.numel() for b in batches)
     attn_sq = sum(b.sum_len_sq for b in batches)
-    return StepResult(loss, grad_norm, targets, tokens, positions, attn_sq, finite)
+    return StepResult(loss, grad_norm, targets, tokens, positions, attn_sq, finite, stop, save_due)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -213,8 +228,8 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     run_start = time.perf_counter()
     out = Path(cfg.out_dir)
     t = cfg.train
+    take_run_lock(out, d)  # collective: every rank refuses an out_dir another run holds; held until exit
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out)
         _write_config(out, cfg)
     dist.barrier()
@@ -265,6 +280,8 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     peak = peak_flops(d.device)
     flops_per_token = matmul_flops_per_token(model_cfg)
     window: list[StepResult] = []
+    control = StopControl(t.save_every_minutes, d.is_main)
+    control.install()
     window_start = time.perf_counter()
     model.train()
     batches = iter(())
@@ -277,7 +294,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 batches = iter(loader)  # the next epoch (or the rest of the current one after a resume)
                 continue
             micro.append(b)
-        result = train_step(model, optimizer, micro, t.grad_clip, d.device)
+        result = train_step(model, optimizer, micro, t.grad_clip, d.device, control)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
@@ -290,7 +307,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
                         step, result.loss.item(), result.grad_norm.item(), counters.bad_in_a_row)  # fmt: skip
         stop = counters.bad_in_a_row >= t.max_bad_steps
-        saving = step == total_steps or stop or (t.save_every and step % t.save_every == 0)
+        saving = step == total_steps or stop or result.stop or result.save_due or (t.save_every and step % t.save_every == 0)
         # a checkpoint is also a logging point: its counters then hold every step it covers
         if step % t.log_every == 0 or saving:
             elapsed = time.perf_counter() - window_start
@@ -305,10 +322,14 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__}
             path = save_checkpoint(out, step, model, optimizer, state, t.keep_last)
             log.info("saved checkpoint %s", path)
+            control.saved()
             window_start = time.perf_counter()  # the save is not training time
+            if result.stop and step < total_steps:
+                raise RunStopped(step, path)
         if stop:
             raise TrainingError(f"{counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); "
                                 f"stopped at step {step} with a checkpoint in {out / 'checkpoints'}; lower train.lr or check the data")  # fmt: skip
+    control.uninstall()  # from here on (export, evaluation) a signal interrupts as usual
     if bar is not None:
         bar.close()
     if writer is not None:

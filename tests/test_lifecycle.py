@@ -1,0 +1,172 @@
+"""A run's life with real processes and real signals: the out_dir lock, ranks dying with their launcher,
+SIGTERM / SIGINT stopping at an agreed step with a checkpoint, timed checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from c2a.train.lifecycle import EXIT_STOPPED, LOCK_FILE, OutDirLock, RunLocked
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data.demo_train_size=256", "--data.demo_heldout_size=16", "--data.max_len=64", "--train.micro_batch=1",
+        "--train.global_batch=16", "--eval.demo_accuracy=false", "--train.progress=false", "--train.log_every=1"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(nproc: int, out: Path, *args: str) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return [*launch, "-m", "c2a.train", f"--out_dir={out}", *TINY, *args]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended (exit {proc.returncode}) before {what}\n{out[-2000:]}\n{err[-4000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- the lock
+
+
+def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from c2a.train.lifecycle import OutDirLock; "
+                               "OutDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"pid {holder.pid} on "):
+            OutDirLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs; the OS drops the flock
+        holder.wait()
+    lock = OutDirLock(tmp_path)
+    lock.acquire()
+    assert f"pid {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+    lock.release()
+
+
+# ------------------------------------------------------------------------------- signals and process life
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["--train.max_steps=40", "--train.lr=3e-3"]
+    proc = start(train_cmd(2, out, *args))
+    wait_for(lambda: steps_logged(out) >= 5, 240, "step 5", proc)
+    proc.send_signal(signal.SIGTERM)  # what SLURM / Kubernetes send; torchrun forwards it to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports its own signal; the ranks exit EXIT_STOPPED
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1, err[-3000:]  # said once (rank 0), not per rank
+    step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+    assert 5 <= step < 40 and "re-run the same command to resume" in stopped[0]
+    # the checkpoint is of the step every rank stopped at, and the metrics end there too
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    assert metrics(out)[-1]["step"] == step and not (out / "final").exists()
+    # the same command resumes from it and finishes: every step logged once, in order
+    done = subprocess.run(train_cmd(2, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in done.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, 41)) and (out / "final" / "model.safetensors").is_file()
+
+
+def test_sigterm_to_one_rank_stops_both_and_a_second_signal_aborts(tmp_path):
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, out, "--train.max_steps=400"))
+    wait_for(lambda: steps_logged(out) >= 3, 240, "step 3", proc)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGTERM)  # e.g. `scancel --signal=TERM` reaching the tasks, not the launcher
+    _, err = proc.communicate(timeout=120)
+    assert "exitcode  : 75" in err or "exitcode: 75" in err.replace(" ", "").replace("exitcode:", "exitcode: "), err[-3000:]
+    step = int(err.split("stopped at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").is_file()
+    assert json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())["step"] == step
+
+    # a second signal does not wait for the step: a single process (no torchrun), Ctrl-C then SIGTERM (two
+    # different signals: the same one sent twice can merge into one delivery while it is pending)
+    solo = tmp_path / "solo"
+    proc = start(train_cmd(1, solo, "--train.max_steps=400"))
+    wait_for(lambda: steps_logged(solo) >= 2, 240, "step 2", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "second signal (SIGTERM): stopping now" in err, err[-2000:]
+    assert not (solo / "checkpoints").exists()
+
+
+def test_killing_torchrun_alone_takes_its_ranks_with_it(tmp_path):
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, out, "--train.max_steps=400"))
+    wait_for(lambda: steps_logged(out) >= 2, 240, "step 2", proc)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2 and all(alive(r) for r in ranks)
+    proc.kill()  # SIGKILL to the launcher only: it cannot forward anything
+    proc.communicate()
+    deadline = time.time() + 10
+    while any(alive(r) for r in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(r) for r in ranks), "ranks outlived their launcher"
+    logged = steps_logged(out)
+    time.sleep(1.5)
+    assert steps_logged(out) == logged and not (out / "final").exists()
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_timed_checkpoints_are_written(tmp_path):
+    out = tmp_path / "run"
+    # save_every_minutes=0.001: a checkpoint whenever 60 ms passed since the last one, i.e. every step here
+    first = start(train_cmd(2, out, "--train.max_steps=30", "--train.save_every_minutes=0.001", "--train.keep_last=30"))
+    wait_for(lambda: steps_logged(out) >= 3, 240, "step 3", first)
+    second = subprocess.run(train_cmd(2, out, "--train.max_steps=30"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    refusals = [line for line in second.stderr.splitlines() if "is in use by another run" in line]
+    assert len(refusals) == 1 and f"{out} is in use by another run (pid " in refusals[0], second.stderr[-3000:]
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]  # the first run was not disturbed
+    saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert len(saved) >= 10 and saved[-1] == 30, saved  # timed saves between the steps, the final one at 30
+    assert load_file(out / "final" / "model.safetensors")  # and the export is complete
