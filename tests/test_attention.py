@@ -7,6 +7,7 @@ each launch (the autouse fixture), so an element a kernel forgets to write fails
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,6 +26,40 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(attention, "_POISON_OUTPUTS", True)
+
+
+class CountingKernel:
+    """Stands in for a @triton.jit kernel in the module's globals, counting its launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture(autouse=True)
+def dq_launches(monkeypatch) -> dict[str, CountingKernel]:
+    """Counts the launches of the two ways to finish dQ: the deterministic path's separate dQ pass, and the
+    atomic path's cast of its fp32 accumulator."""
+    kernels = {name: CountingKernel(getattr(attention, name)) for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dq_cast_kernel")}
+    for name, counting in kernels.items():
+        monkeypatch.setattr(attention, name, counting)
+    return kernels
+
+
+@contextmanager
+def backward_path(path: str):
+    """The backward's dQ: "atomic" (fp32 atomics in the dK/dV pass, the default) or "deterministic" (its
+    own pass, taken when torch's deterministic mode is on)."""
+    assert path in ("atomic", "deterministic"), path
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(path == "deterministic")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def positions(lengths: list[int]) -> torch.Tensor:
@@ -49,8 +84,13 @@ def run(fn, q, k, v, do, position_ids, dtype):
     return (o, *(x.grad for x in leaves))
 
 
-def assert_matches_reference(q, k, v, do, position_ids, dtype=torch.float32, tol=FP32_TOL):
-    got = run(flash_attention, q, k, v, do, position_ids, dtype)
+def assert_matches_reference(q, k, v, do, position_ids, dtype=torch.float32, tol=FP32_TOL, path="atomic"):
+    launches = {name: kernel.launches for name, kernel in attention.__dict__.items() if isinstance(kernel, CountingKernel)}
+    with backward_path(path):
+        got = run(flash_attention, q, k, v, do, position_ids, dtype)
+    # the backward took the path asked for: exactly one of the two dQ finishes ran
+    ran = {name: kernel.launches - launches[name] for name, kernel in attention.__dict__.items() if name in launches}
+    assert ran == {"_attn_bwd_dq_kernel": int(path == "deterministic"), "_attn_bwd_dq_cast_kernel": int(path == "atomic")}, ran
     want = run(attention_reference, q, k, v, do, position_ids, torch.float64)
     # On a GPU, bf16/fp16 kernels round P and dS to the input dtype before their matmuls, as every flash
     # kernel does; there they are held to twice the error of torch's own attention in that dtype instead.
@@ -111,20 +151,21 @@ def test_document_index_matches_document_bounds():
             assert (doc_start[b, s:e] == s).all() and (doc_end[b, s:e] == e).all(), (b, s, e)
 
 
+# GQA groups 1, 2, 4 and 8, head dims 16 to 64, each backward path on several of them
 @pytest.mark.parametrize(
-    "B,T,H,K,Hd",
+    "B,T,H,K,Hd,path",
     [
-        (1, 1, 4, 1, 16),
-        (2, 37, 4, 2, 16),
-        (1, 128, 4, 4, 16),
-        (2, 100, 4, 1, 32),
-        (1, 64, 4, 2, 32),
-        (1, 77, 4, 4, 64),
-        (1, 128, 4, 2, 64),
+        (1, 1, 4, 1, 16, "atomic"),
+        (2, 37, 4, 2, 16, "deterministic"),
+        (1, 128, 4, 4, 16, "atomic"),
+        (2, 100, 4, 1, 32, "deterministic"),
+        (1, 64, 8, 1, 32, "atomic"),
+        (1, 77, 4, 4, 64, "deterministic"),
+        (1, 128, 4, 2, 64, "atomic"),
     ],
 )
-def test_one_document_per_row_matches_float64(B, T, H, K, Hd):
-    assert_matches_reference(*random_qkv(B, T, H, K, Hd), None)
+def test_one_document_per_row_matches_float64(B, T, H, K, Hd, path):
+    assert_matches_reference(*random_qkv(B, T, H, K, Hd), None, path=path)
 
 
 PACKED_ROWS = {
@@ -136,11 +177,13 @@ PACKED_ROWS = {
 
 
 @pytest.mark.parametrize("rows", sorted(PACKED_ROWS))
-@pytest.mark.parametrize("H,K,Hd", [(4, 1, 16), (4, 2, 32), (4, 4, 64)])
-def test_packed_documents_match_float64(rows, H, K, Hd):
+@pytest.mark.parametrize(
+    "H,K,Hd,path", [(4, 1, 16, "atomic"), (4, 2, 32, "deterministic"), (4, 4, 64, "atomic"), (8, 1, 16, "deterministic")]
+)
+def test_packed_documents_match_float64(rows, H, K, Hd, path):
     lengths = PACKED_ROWS[rows]
     position_ids = torch.stack([positions(row) for row in lengths])
-    assert_matches_reference(*random_qkv(len(lengths), position_ids.shape[1], H, K, Hd), position_ids)
+    assert_matches_reference(*random_qkv(len(lengths), position_ids.shape[1], H, K, Hd), position_ids, path=path)
 
 
 def test_packed_longer_rows_match_float64():
@@ -149,7 +192,8 @@ def test_packed_longer_rows_match_float64():
     assert_matches_reference(*random_qkv(3, 128, 4, 2, 32), position_ids)
 
 
-def test_trailing_padding_document_gets_zero_gradient():
+@pytest.mark.parametrize("path", ["atomic", "deterministic"])
+def test_trailing_padding_document_gets_zero_gradient(path):
     """c2a packs padding as its own trailing document with labels -100, so dO is 0 there: its tokens must
     give finite outputs, no gradient to anything, and leave the real documents' gradients exact."""
     B, T, H, K, Hd = 2, 48, 4, 2, 32
@@ -157,11 +201,24 @@ def test_trailing_padding_document_gets_zero_gradient():
     q, k, v, do = random_qkv(B, T, H, K, Hd)
     do[0, 29:] = 0
     do[1, 45:] = 0
-    got = run(flash_attention, q, k, v, do, position_ids, torch.float32)
+    with backward_path(path):
+        got = run(flash_attention, q, k, v, do, position_ids, torch.float32)
     assert all(torch.isfinite(x).all() for x in got)
     for grad in got[1:]:
         assert (grad[0, 29:] == 0).all() and (grad[1, 45:] == 0).all()
-    assert_matches_reference(q, k, v, do, position_ids)
+    assert_matches_reference(q, k, v, do, position_ids, path=path)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    """With torch's deterministic mode on, two backward passes give bitwise-equal gradients (no atomics:
+    the separate dQ pass runs, which assert_matches_reference checks). Under the interpreter the atomic path
+    would pass this too, as its programs run one at a time; on a GPU the atomics' order varies."""
+    position_ids = torch.stack([positions([1, 30, 19]), positions([50])])
+    q, k, v, do = random_qkv(2, 50, 8, 2, 32)
+    with backward_path("deterministic"):
+        first, second = (run(flash_attention, q, k, v, do, position_ids, torch.float32) for _ in range(2))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), name
 
 
 def test_strided_views_are_read_in_place():
@@ -204,8 +261,9 @@ def test_gpu_tile_sizes(monkeypatch, Hd):
     q, k, v, do = random_qkv(2, T, 4, 2, Hd)
     if dtype != torch.float32:  # the reference sees the same rounded inputs
         q, k, v, do = (x.to(dtype).double() for x in (q, k, v, do))
-    assert_matches_reference(q, k, v, do, position_ids, dtype=dtype, tol=tol)
-    assert_matches_reference(q[:1], k[:1], v[:1], do[:1], None, dtype=dtype, tol=tol)
+    # both backward paths (the deterministic one is where the dQ pass's tiles run), one layout each
+    assert_matches_reference(q, k, v, do, position_ids, dtype=dtype, tol=tol, path="atomic")
+    assert_matches_reference(q[:1], k[:1], v[:1], do[:1], None, dtype=dtype, tol=tol, path="deterministic")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,8 +13,10 @@ import torch
 import c2a.kernels
 import c2a.model.llama
 from c2a.config import LlamaConfig
-from c2a.kernels.attention import flash_attention
+from c2a.kernels import attention
+from c2a.kernels.attention import Documents, flash_attention
 from c2a.model import Llama
+from c2a.train.parallel import _checkpointed
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=32)  # Hd 16, GQA 2:1
@@ -23,12 +25,12 @@ PAD = 0
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Routes the model's attention to the Triton kernel; returns the list of position_ids it was called with."""
+    """Routes the model's attention to the Triton kernel; returns the list of documents it was called with."""
     calls = []
 
-    def counting(q, k, v, position_ids):
-        calls.append(position_ids)
-        return flash_attention(q, k, v, position_ids)
+    def counting(q, k, v, documents):
+        calls.append(documents)
+        return flash_attention(q, k, v, documents)
 
     monkeypatch.setenv("C2A_KERNELS", "torch")
     monkeypatch.setattr(c2a.model.llama, "causal_attention", counting)
@@ -72,7 +74,9 @@ def test_packed_batch_equals_documents_alone(kernel_calls, monkeypatch):
     n_targets = (labels != -100).sum()
 
     packed_loss, packed_grads = loss_and_grads(model, ids, labels, position_ids=pos)
-    assert len(kernel_calls) == CFG.n_layers and all(p is pos for p in kernel_calls)
+    # one Documents object of these position_ids, shared by the layers
+    assert len(kernel_calls) == CFG.n_layers and all(d is kernel_calls[0] for d in kernel_calls)
+    assert isinstance(kernel_calls[0], Documents) and kernel_calls[0].position_ids is pos
 
     # the same documents one at a time, each loss divided by the packed batch's target count, summed
     model.zero_grad()
@@ -82,7 +86,7 @@ def test_packed_batch_equals_documents_alone(kernel_calls, monkeypatch):
             loss = model.loss(doc_ids[None].to(DEVICE), doc_labels[None].to(DEVICE), normalizer=n_targets)
             loss.backward()
             alone_loss += loss.detach()
-    assert len(kernel_calls) == CFG.n_layers * 8 and all(p is None for p in kernel_calls[CFG.n_layers :])
+    assert len(kernel_calls) == CFG.n_layers * 8 and all(d.position_ids is None for d in kernel_calls[CFG.n_layers :])
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -93,3 +97,25 @@ def test_packed_batch_equals_documents_alone(kernel_calls, monkeypatch):
     torch.testing.assert_close(packed_loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name, g in ref_grads.items():
         torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("route", ["flash_attention", "attention_reference"])
+def test_document_layout_built_once_per_forward(monkeypatch, route):
+    """The kernel's document index and the reference's host-side spans are built once per model forward,
+    not in every layer and not again when activation checkpointing recomputes the layers."""
+    monkeypatch.setenv("C2A_KERNELS", "torch")
+    attend = getattr(attention, route)
+    calls = []
+    monkeypatch.setattr(c2a.model.llama, "causal_attention", lambda q, k, v, docs: calls.append(docs) or attend(q, k, v, docs))
+    builds = []
+    for name in ("_document_index", "document_bounds"):
+        build = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda pos, build=build, name=name: builds.append(name) or build(pos))
+    model = Llama(LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, multiple_of=32)).to(DEVICE)
+    for block in model.layers:  # full activation checkpointing, as build_sharded_model applies it
+        block.forward = _checkpointed(block.forward)
+    ids, labels, pos = pack([make_documents([7, 19, 13]), make_documents([30, 8])], T=40)
+    model.loss(ids, labels, position_ids=pos).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert len(calls) == 6, len(calls)  # 3 layers forward, 3 recomputed in the backward
+    assert builds == ["_document_index" if route == "flash_attention" else "document_bounds"], builds

@@ -11,10 +11,14 @@ This package imports nothing from the rest of c2a.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._triton import HAS_TRITON
+
+if TYPE_CHECKING:
+    from . import attention
 
 BACKENDS = ("torch", "triton")
 
@@ -89,9 +93,10 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | attention.Documents | None
 ) -> torch.Tensor:
-    """q [B, T, H, Hd], k and v [B, T, K, Hd] -> [B, T, H, Hd]; documents restart where position_ids is 0."""
+    """q [B, T, H, Hd], k and v [B, T, K, Hd] -> [B, T, H, Hd]; documents restart where position_ids is 0.
+    The model passes an `attention.Documents` built once per forward, so layers share its document index."""
     if backend(q.device) == "triton":
         from .attention import flash_attention
 

@@ -51,15 +51,52 @@ def document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return bounds
 
 
+class Documents:
+    """The packed-document layout of a batch, shared by every attention layer of one model forward.
+
+    Built once per forward from position_ids ([B, T], or None for one document per row). What the layers
+    derive from it is computed by the first layer that asks and reused by the others, and by activation-
+    checkpoint recompute, which is handed the same object: the kernels' per-token index
+    (`_document_index`, about 12 small launches) and the reference's [start, end) spans (one device-to-host
+    copy). Built per layer, a 32-layer model with checkpointing paid both 64 times per step.
+    """
+
+    def __init__(self, position_ids: torch.Tensor | None) -> None:
+        self.position_ids = position_ids
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bounds: list[list[tuple[int, int]]] | None = None
+
+    @staticmethod
+    def of(position_ids: torch.Tensor | Documents | None) -> Documents:
+        return position_ids if isinstance(position_ids, Documents) else Documents(position_ids)
+
+    def index(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(doc_start, doc_end) int32 [B, T] on position_ids' device (see `_document_index`); (None, None)
+        for one document per row."""
+        if self.position_ids is None:
+            return None, None
+        if self._index is None:
+            self._index = _document_index(self.position_ids)
+        return self._index
+
+    def bounds(self) -> list[list[tuple[int, int]]] | None:
+        """`document_bounds(position_ids)`, read from the device once; None for one document per row."""
+        if self.position_ids is None:
+            return None
+        if self._bounds is None:
+            self._bounds = document_bounds(self.position_ids)
+        return self._bounds
+
+
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | Documents | None = None
 ) -> torch.Tensor:
-    """q [B, T, H, Hd], k and v [B, T, K, Hd], position_ids [B, T] or None -> [B, T, H, Hd]."""
+    """q [B, T, H, Hd], k and v [B, T, K, Hd], position_ids [B, T] (or their Documents) or None -> [B, T, H, Hd]."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads, T, Hd]
     gqa = q.shape[1] != k.shape[1]
-    if position_ids is None:
+    bounds = Documents.of(position_ids).bounds()
+    if bounds is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
-    bounds = document_bounds(position_ids)
     if all(len(spans) == 1 for spans in bounds):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
     rows = []
@@ -147,17 +184,18 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (batch row, query head, query tile of BLOCK_M tokens); grid (B·H, cdiv(T, BLOCK_M)).
+    """One program per (query tile of BLOCK_M tokens, batch row, query head); grid (cdiv(T, BLOCK_M), B·H).
 
-    Heaviest tiles first: causal work grows with the tile index, so tiles are issued last-to-first and the
-    short ones fill the final wave. Key tiles split in three ranges (BLOCK_M is a multiple of BLOCK_N):
+    Query tiles run on grid axis 0, so the programs resident together are tiles of one head and read the
+    same K and V from L2 (with batch·head on axis 0 they were different heads' tiles, sharing nothing).
+    Heaviest tiles first: causal work grows with the tile index, so a head's tiles are issued last-to-first. Key tiles split in three ranges (BLOCK_M is a multiple of BLOCK_N):
       [lo, mid_lo)      masked: tiles that contain a document start of some query in the tile;
       [mid_lo, mid_hi)  unmasked: every key visible to every query of the tile;
       [mid_hi, hi)      masked: the diagonal, where causality cuts the tile.
     Tiles before the earliest document start of the tile, or after its last query, are never visited.
     """
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP  # grouped-query attention: heads [kv_h·GROUP, (kv_h+1)·GROUP) share this K/V head
@@ -217,11 +255,11 @@ def _attn_bwd_delta_kernel(
     T, H,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta[b, h, t] = Σ_d dO[b, t, h, d] · O[b, t, h, d] in fp32; grid (B·H, cdiv(T, BLOCK_M))."""
-    pid_bh = tl.program_id(0)
+    """delta[b, h, t] = Σ_d dO[b, t, h, d] · O[b, t, h, d] in fp32; grid (cdiv(T, BLOCK_M), B·H)."""
+    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < T
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -299,33 +337,40 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_dqb, stride_dqt, stride_dqh,
-    T, H, K, GROUP, qk_scale, sm_scale,
+    T, H, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (batch row, KV head, key tile of BLOCK_N tokens); grid (B·K, cdiv(T, BLOCK_N)).
+    """One program per (key tile of BLOCK_N tokens, batch row, query head); grid (cdiv(T, BLOCK_N), B·H).
 
-    The program loops over the GROUP query heads that share its KV head, so dK and dV are summed over the
-    group in registers and written once: no atomics, no [B, T, H, Hd] dK/dV expansion, deterministic.
-    Tile 0 has the most causal work and is issued first. Query tiles split in three ranges (BLOCK_N is a
-    multiple of BLOCK_M, and query tiles start at the key tile's start n0):
+    A program serves one query head, not the GROUP heads of its K/V head (FA2's choice): dK and dV of the
+    query head go to a [B, T, H, Hd] fp32 buffer that the launcher sums over each group (with GROUP = 1,
+    straight to dk and dv). Looping over the group inside the program instead gives GQA kernels their own
+    register allocation, which spilled where MHA's did not: sm_90a, Hd 128, 64 keys × 32 queries, 8 warps,
+    atomic dQ, packed: the loop at 32:8 heads 255 registers and 168 B spilled (MHA 212, 0 B); one program
+    per head at 64:8 (70B) 209 registers, 0 B, as MHA (`benchmarks/attention.py --compile-only`, Triton 3.9).
+    The price is the buffers' traffic, 2 · 4 B · T · H · Hd written and read once per backward (GQA only).
+    Key tiles run on grid axis 0, so the programs resident together are one head's key tiles, sharing
+    its Q and dO in L2; tile 0 has the most causal work and is issued first.
+    Query tiles split in three ranges (BLOCK_N is a multiple of BLOCK_M, and query tiles start at the key
+    tile's start n0):
       [n0, c_hi)        masked: the diagonal;
       [c_hi, full_hi)   unmasked: queries of the document holding key n0, past the diagonal;
       [full_hi, t_hi)   masked: the query tile where that document (or a later key's) ends.
     Queries in later documents, which never see these keys, are never visited.
     """
-    pid_bk = tl.program_id(0)
-    b = pid_bk // K
-    kv_h = pid_bk % K
-    b64 = b.to(tl.int64)
-    n0 = tl.program_id(1) * BLOCK_N
+    n0 = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b64 = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kv_h = h // GROUP
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n[:, None] < T
-    k = tl.load(k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=key_ok, other=0.0).to(MMA_DTYPE)
-    v = tl.load(v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=key_ok, other=0.0).to(MMA_DTYPE)
+    k = tl.load(k_ptr + b64 * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=key_ok, other=0.0).to(MMA_DTYPE)
+    v = tl.load(v_ptr + b64 * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=key_ok, other=0.0).to(MMA_DTYPE)
 
     if PACKED:
         # doc_end[t]: exclusive end of t's document; non-decreasing, so the first and last keys of the
@@ -342,29 +387,24 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     doc_row = doc_start_ptr + b64 * T
-    for g in range(GROUP):
-        h = (kv_h * GROUP + g).to(tl.int64)
-        q_base = q_ptr + b64 * stride_qb + h * stride_qh
-        do_base = do_ptr + b64 * stride_dob + h * stride_doh
-        lse_base = lse_ptr + (b64 * H + h) * T
-        delta_base = delta_ptr + (b64 * H + h) * T
-        dq_base = dq_ptr + b64 * stride_dqb + h * stride_dqh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
-                             stride_qt, stride_dot, stride_dqt,
-                             offs_n, n0, c_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
-                             stride_qt, stride_dot, stride_dqt,
-                             offs_n, c_hi, full_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, False, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
-                             stride_qt, stride_dot, stride_dqt,
-                             offs_n, full_hi, t_hi, T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+    q_base = q_ptr + b64 * stride_qb + h * stride_qh
+    do_base = do_ptr + b64 * stride_dob + h * stride_doh
+    dq_base = dq_ptr + b64 * stride_dqb + h * stride_dqh
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * T
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * T
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                         stride_qt, stride_dot, stride_dqt, offs_n, n0, c_hi, T, qk_scale,
+                         HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                         stride_qt, stride_dot, stride_dqt, offs_n, c_hi, full_hi, T, qk_scale,
+                         HEAD_DIM, BLOCK_M, False, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, doc_row,
+                         stride_qt, stride_dot, stride_dqt, offs_n, full_hi, t_hi, T, qk_scale,
+                         HEAD_DIM, BLOCK_M, True, PACKED, ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
 
     dk = dk * sm_scale
-    dk_base = dk_ptr + b64 * stride_dkb + kv_h.to(tl.int64) * stride_dkh
-    dv_base = dv_ptr + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh
+    dk_base = dk_ptr + b64 * stride_dkb + h * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + h * stride_dvh
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=key_ok)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
 
@@ -420,9 +460,9 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (batch row, query head, query tile); the key ranges of the forward kernel."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    """One program per (query tile, batch row, query head); the grid order and key ranges of the forward."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     kv_h = h // GROUP
@@ -654,14 +694,14 @@ def attention_forward(
     blocks = _fwd_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
     sm_scale = 1.0 / math.sqrt(Hd)
-    grid = (B * H, triton.cdiv(T, blocks.block_m))
+    grid = (triton.cdiv(T, blocks.block_m), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, H, H // K, sm_scale * math.log2(math.e),
         HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=doc_start is not None,
         MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
     return o, lse
 
@@ -697,45 +737,49 @@ def attention_backward(
 
     delta = _empty((B, H, T), torch.float32, q.device)
     delta_block = 64
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(T, delta_block))](
-        o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=delta_block,
+    _attn_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=delta_block, enable_fp_fusion=True,
     )
 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # atomic path: dS K accumulates (unscaled) in an fp32 dQ that must start at zero, inside the dK/dV pass
     dq_acc = q.new_empty(0, dtype=torch.float32) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = _empty(tuple(k.shape), k.dtype, k.device)
-    dv = _empty(tuple(v.shape), v.dtype, v.device)
+    # one program per query head; under GQA each head's dK, dV go to fp32 [B, T, H, Hd] buffers, summed below
+    dk = _empty(tuple(k.shape), k.dtype, k.device) if group == 1 else _empty((B, T, H, Hd), torch.float32, k.device)
+    dv = _empty(tuple(v.shape), v.dtype, v.device) if group == 1 else _empty((B, T, H, Hd), torch.float32, v.device)
     blocks = _bwd_dkdv_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
-    _attn_bwd_dkdv_kernel[(B * K, triton.cdiv(T, blocks.block_n))](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, blocks.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, q if deterministic else dq_acc,
         q if doc_end is None else doc_end, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         *(_strides(q) if deterministic else _strides(dq_acc)),
-        T, H, K, group, qk_scale, sm_scale,
+        T, H, group, qk_scale, sm_scale,
         HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed, ATOMIC_DQ=not deterministic,
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
+    if group > 1:  # query head h belongs to K/V head h // group: heads [B, T, K, group, Hd] summed over the group
+        dk = dk.view(B, T, K, group, Hd).sum(3).to(k.dtype)
+        dv = dv.view(B, T, K, group, Hd).sum(3).to(v.dtype)
 
     dq = _empty(tuple(q.shape), q.dtype, q.device)
     if not deterministic:
         cast_block = 1024
         _attn_bwd_dq_cast_kernel[(triton.cdiv(dq.numel(), cast_block),)](
-            dq_acc, dq, dq.numel(), sm_scale, BLOCK=cast_block,
+            dq_acc, dq, dq.numel(), sm_scale, BLOCK=cast_block, enable_fp_fusion=True,
         )
         return dq, dk, dv
     blocks = _bwd_dq_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "backward dQ")
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(T, blocks.block_m))](
+    _attn_bwd_dq_kernel[(triton.cdiv(T, blocks.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         T, H, group, qk_scale, sm_scale,
         HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed,
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
     return dq, dk, dv
 
@@ -762,15 +806,17 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | Documents | None = None
 ) -> torch.Tensor:
     """Causal grouped-query attention over packed documents; same contract as `attention_reference`.
 
     q [B, T, H, Hd], k and v [B, T, K, Hd] (H a multiple of K, Hd in 16/32/64/128), position_ids [B, T]
-    integer or None -> [B, T, H, Hd] in q's dtype. Differentiable in q, k, v. Never syncs with the host.
+    integer (or a `Documents` built from them and shared across layers) or None -> [B, T, H, Hd] in q's
+    dtype. Differentiable in q, k, v. Never syncs with the host.
     """
-    _check_inputs(q, k, v, position_ids)
+    documents = Documents.of(position_ids)
+    _check_inputs(q, k, v, documents.position_ids)
     if q.numel() == 0:
         return q.clone()  # nothing to attend; keeps the graph to q
-    doc_start, doc_end = (None, None) if position_ids is None else _document_index(position_ids)
+    doc_start, doc_end = documents.index()
     return FlashAttentionFunction.apply(q, k, v, doc_start, doc_end)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from c2a.config import LlamaConfig
 from c2a.kernels import add_rms_norm, apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
+from c2a.kernels.attention import Documents
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +73,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None, cache: LayerKV | None = None
+        self, x: torch.Tensor, position_ids: torch.Tensor, documents: Documents | None, cache: LayerKV | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
@@ -111,7 +112,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, documents: torch.Tensor | None, cache: LayerKV | None = None
+        self, x: torch.Tensor, position_ids: torch.Tensor, documents: Documents | None, cache: LayerKV | None = None
     ) -> torch.Tensor:
         # h = x + attention(...) and ffn_norm(h) in one op: one pass over the residual stream instead of two
         attn = self.attention(self.attention_norm(x), position_ids, documents, cache)
@@ -159,7 +160,9 @@ class Llama(nn.Module):
         """
         _check_inputs(input_ids, position_ids, labels)
         B, T = input_ids.shape
-        documents = position_ids
+        # one document layout for every layer: its device index (Triton) or host spans (torch) are built
+        # once per forward, by the first layer, and reused by the rest and by checkpoint recompute
+        documents: Documents | None = Documents(position_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         layer_caches: list[LayerKV | None] = [None] * len(self.layers)
