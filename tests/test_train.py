@@ -16,32 +16,36 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from c2a.config import TrainConfig, build_config
-from c2a.model import load_pretrained
+from c2a.config import LlamaConfig, TrainConfig, build_config
+from c2a.data import TokenizedDataset
+from c2a.data.demo import DEMO_TOKENIZER, demo_split
+from c2a.model import Llama, load_pretrained
 from c2a.train.cli import help_text, parse_args
 from c2a.train.loop import cosine_with_warmup
 from c2a.train.metrics import MetricsWriter
-
-ROOT = Path(__file__).resolve().parents[1]
-# A small run: the demo model on a few hundred demo examples, one 64-token row per micro-batch.
-TINY = ["--data.demo_train_size=256", "--data.demo_heldout_size=16", "--data.max_len=64", "--train.micro_batch=1",
-        "--train.global_batch=16", "--eval.demo_accuracy=false", "--train.progress=false", "--train.log_every=1"]  # fmt: skip
+from train_runs import ROOT, TINY, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, train_cmd, trainer_state
 
 
-def train_cmd(nproc: int, out: Path, *args: str) -> list[str]:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    return [*launch, "-m", "c2a.train", f"--out_dir={out}", *TINY, *args]
+
+def demo_dataset() -> TokenizedDataset:
+    """The TINY runs' training set, as the trainer builds it from data.path = "demo"."""
+    return TokenizedDataset.from_records(demo_split(256, 16)[0], DEMO_TOKENIZER, 64)
 
 
-def run_train(nproc: int, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(train_cmd(nproc, out, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def assert_export_is_the_trained_model(out: Path, tmp: Path) -> None:
+    """final/ must hold the weights the run ended with, not merely weights c2a and transformers read alike:
+    its loss on the last step's rows equals the last logged training loss, and is far below a random
+    model's. Equal, not just close: the cosine schedule ends at lr 0, so the last step (whose loss was
+    logged before its update) leaves the weights as they were; only the fp32 summation order differs."""
+    last = metrics(out)[-1]
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    assert last["lr"] == 0.0 and trainer_state(ckpt)["step"] == last["step"]
+    rows = step_rows(demo_dataset(), last["step"], trainer_state(ckpt)["data"]["global_batch_rows"], mode="packed", seq_len=64)
+    exported = loss_on_rows(load_pretrained(out / "final", dtype=torch.float32), rows)
+    torch.manual_seed(0)
+    random = loss_on_rows(Llama(LlamaConfig.from_name("demo")), rows)
+    assert exported == pytest.approx(last["loss"], rel=1e-5), (exported, last["loss"])
+    assert exported < random - 1.0, (exported, random)
 
 
 def final_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -69,6 +73,7 @@ def test_short_run_end_to_end(tmp_path):
     ids = torch.randint(3, ours.cfg.vocab_size, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+    assert_export_is_the_trained_model(out, tmp_path)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -130,6 +135,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, resume_ranks):
     for a, b in zip(resumed_rows, whole_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=0 if resume_ranks == 2 else 1e-5), a["step"]
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000012", "step_00000016"]  # keep_last
+    assert_export_is_the_trained_model(tmp_path / "killed", tmp_path)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path):
@@ -137,7 +143,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     skipped (the weights stay as they were), and max_bad_steps of them in a row stop the run, exit 1, with a
     checkpoint to inspect."""
     out = tmp_path / "run"
-    proc = subprocess.run(train_cmd(1, out, "--train.max_steps=10", "--train.lr=1e30", "--train.max_bad_steps=3"),
+    args = ["--train.max_steps=10", "--train.lr=1e30", "--train.max_bad_steps=3", "--train.save_every=1", "--train.keep_last=4"]
+    proc = subprocess.run(train_cmd(1, out, *args),
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 non-finite steps in a row (train.max_bad_steps=3); stopped at step 4" in proc.stderr
@@ -145,6 +152,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and math.isfinite(rows[0]["loss"])
     assert [r["loss"] for r in rows[1:]] == [None] * 3 and rows[-1]["skipped_steps"] == 3  # null in JSON, not NaN
     assert (out / "checkpoints" / "step_00000004" / "trainer_state.json").is_file() and not (out / "final").exists()
+    # the stop's checkpoint holds the weights of the last good step (1), finite, with its optimizer state:
+    # the skipped updates moved nothing (an update from a NaN gradient would have made them NaN)
+    good, stopped = (checkpoint_tensors(out / "checkpoints" / f"step_{s:08d}", tmp_path) for s in (1, 4))
+    assert good["model"].keys() == stopped["model"].keys()
+    for name, w in stopped["model"].items():
+        assert torch.isfinite(w).all() and torch.equal(w, good["model"][name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(stopped["optim"]["state"][name][key], good["optim"]["state"][name][key]), (name, key)
 
 
 def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
@@ -194,6 +209,11 @@ def test_schedule_spans_the_real_number_of_steps(tmp_path):
     assert all(a < b for a, b in zip(lrs[: warmup - 1], lrs[1:warmup]))
     assert all(a >= b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))
     assert {r["epoch"] for r in rows} == {1, 2}
+    # and the run consumed exactly the two epochs: every trained target of the data set twice, no more
+    # (a schedule shorter than the data would leave some untrained), no fewer (nor a third epoch begun)
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("tokens "))
+    trained = int(summary.split("(")[1].split()[0].replace(",", ""))
+    assert trained == 2 * int((demo_dataset().labels != -100).sum()), summary
 
 
 def test_cosine_with_warmup_shape():
