@@ -139,6 +139,7 @@ class TrainSection:
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
+    deterministic: bool = _f(False, "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)")
     replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
     seed: int = _f(0, "seed for weight init and data order")
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")

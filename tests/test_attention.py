@@ -7,6 +7,7 @@ each launch (the autouse fixture), so an element a kernel forgets to write fails
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 
 import pytest
@@ -315,3 +316,24 @@ def test_validation_errors():
         flash_attention(q, k, k, positions([7])[None])
     with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
         flash_attention(q, k, k, positions([8])[None].float())
+
+
+def test_train_deterministic_selects_the_deterministic_backward(monkeypatch, dq_launches):
+    """train.deterministic, applied by init_distributed before CUDA starts, turns on torch's deterministic
+    mode (and cuBLAS's fixed workspace), which routes the attention backward to its separate dQ pass."""
+    from c2a.config import TrainSection
+    from c2a.train.parallel import use_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        use_deterministic(TrainSection().deterministic)  # off by default: nothing changes
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        use_deterministic(TrainSection(deterministic=True).deterministic)
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        q, k, v, do = random_qkv(1, 20, 4, 2, 16)
+        run(flash_attention, q, k, v, do, None, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert dq_launches["_attn_bwd_dq_kernel"].launches == 1 and dq_launches["_attn_bwd_dq_cast_kernel"].launches == 0

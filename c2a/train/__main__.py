@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     try:
-        d = init_distributed(cfg.train.replicas)
+        d = init_distributed(cfg.train.replicas, cfg.train.deterministic)
     except ValueError as e:  # train.replicas that does not divide the ranks
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

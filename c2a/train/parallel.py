@@ -44,12 +44,14 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(replicas: int = 1) -> Dist:
+def init_distributed(replicas: int = 1, deterministic: bool = False) -> Dist:
     """Joins the torchrun group (or makes a group of one) and builds the data-parallel device mesh.
 
     `replicas` > 1 gives HSDP: a 2-D mesh (replicate, shard) where each of the `replicas` groups holds a
     full sharded copy and gradients are all-reduced across groups (multi-node: shard within a node).
+    `deterministic` (train.deterministic) is applied first, before anything initialises CUDA.
     """
+    use_deterministic(deterministic)
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -75,6 +77,18 @@ def init_distributed(replicas: int = 1) -> Dist:
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     return Dist(rank, world, local, device, mesh)
+
+
+def use_deterministic(enabled: bool) -> None:
+    """train.deterministic: torch's deterministic algorithms, under which c2a's attention backward takes its
+    separate dQ pass instead of fp32 atomics, and torch raises on ops that have no deterministic version.
+    cuBLAS needs a fixed workspace to be deterministic (PyTorch's reproducibility notes, CUDA >= 10.2); it
+    reads CUBLAS_WORKSPACE_CONFIG when its first handle is created, hence before CUDA initialises.
+    Off leaves torch's setting as it is (a caller may have turned it on)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def _free_port() -> int:
