@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from c2a.kernels import cross_entropy
 from c2a.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
@@ -163,3 +165,83 @@ def test_rejects_bad_normalizer_and_z_loss():
         linear_cross_entropy(h, w, labels, torch.ones(2, device=DEVICE))
     with pytest.raises(ValueError, match="linear_cross_entropy: z_loss must be >= 0, got -1"):
         linear_cross_entropy(h, w, labels, z_loss=-1.0)
+
+
+class FreshTensors(TorchDispatchMode):
+    """Records the dtype of every tensor of `shape` an op allocates (an output that aliases none of the op's
+    inputs: `out=` results and views are not new memory)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.dtypes = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and t.untyped_storage().data_ptr() not in inputs:
+                self.dtypes.append(t.dtype)
+        return out
+
+
+def test_weight_gradient_is_made_once():
+    """In half precision the [V, D] weight gradient costs its fp32 accumulator and one result in W's dtype,
+    scaled by grad_output as it is rounded: no rounded copy in the forward and no second, scaled copy in
+    the backward (at 13B, V 32000 x D 5120 in bf16: 655 MB + 328 MB instead of 655 + 328 + 328 MB)."""
+    V, D = 1000, 80
+    h, w, labels = problem(9, D, V, torch.float16)
+    h.requires_grad_()
+    w.requires_grad_()
+    with FreshTensors((V, D)) as fresh:
+        loss = linear_cross_entropy(h, w, labels, chunk_size=4)
+        (2.5 * loss).backward()
+    assert fresh.dtypes == [torch.float32, torch.float16]
+    loss_t, _, dw_t = run(linear_cross_entropy_reference, h, w, labels, scale=2.5)
+    _, _, dw64 = run(linear_cross_entropy_reference, h.double(), w.double(), labels, scale=2.5)
+    assert_within_torch_error("dW", w.grad, dw_t, dw64)
+
+
+def test_retained_graph_backward_twice():
+    """The stored gradients are scaled out of place: a second backward through a retained graph gives the
+    same gradient again (accumulated twice), not the first one scaled again."""
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    h.requires_grad_()
+    w.requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, chunk_size=4)
+    (3.0 * loss).backward(retain_graph=True)
+    once_h, once_w = h.grad.clone(), w.grad.clone()
+    (3.0 * loss).backward()
+    torch.testing.assert_close(h.grad, 2 * once_h)
+    torch.testing.assert_close(w.grad, 2 * once_w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ignored_rows_never_read_their_logits(dtype, monkeypatch):
+    """A prompt row's logits are not read by the kernel (it only writes the zero gradient row): poisoned with
+    NaN after the GEMM, they leave the loss and both gradients equal to the reference's."""
+    h, w, labels = problem(11, 80, 1000, dtype, ignored=0.5)
+    assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()
+    real, seen = cross_entropy._mm_fp32, []
+
+    def poisoned(a, b, out):
+        real(a, b, out=out)
+        start = sum(seen)
+        seen.append(a.shape[0])
+        out[labels[start : start + a.shape[0]] == IGNORE_INDEX] = float("nan")
+        return out
+
+    monkeypatch.setattr(cross_entropy, "_mm_fp32", poisoned)
+    check_against_float64(h, w, labels, chunk_size=4, z_loss=1e-2)
+    assert seen == [4, 4, 3]
+
+
+def test_every_launch_pins_fp_fusion(monkeypatch):
+    """The kernels rely on mul + add contracting to FMAs, which Triton 3.10 stops doing by default: every
+    launch asks for it (see c2a/kernels/__init__.py)."""
+    launches = count_launches(monkeypatch, cross_entropy, "_cross_entropy_chunk_kernel")
+    h, w, labels = problem(9, 80, 1000, torch.float32)
+    run(linear_cross_entropy, h, w, labels, chunk_size=4)
+    with torch.no_grad():
+        linear_cross_entropy(h, w, labels)
+    assert launches.launches == 4 and all(kw.get("enable_fp_fusion") is True for kw in launches.kwargs)

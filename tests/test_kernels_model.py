@@ -47,6 +47,9 @@ def loss_and_grads(model: Llama, backend: str, monkeypatch) -> tuple[torch.Tenso
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     launches = {name: c.launches for name, c in counters.items()}
+    # every launch pins FMA contraction, which Triton 3.10 stops doing by default (c2a/kernels/__init__.py)
+    unpinned = [name for name, c in counters.items() for kw in c.kwargs if kw.get("enable_fp_fusion") is not True]
+    assert not unpinned, f"launched without enable_fp_fusion=True: {sorted(set(unpinned))}"
     with torch.no_grad():
         logits = model(ids, position_ids=positions)
     monkeypatch.undo()  # restores the kernels and the environment before the next backend's run

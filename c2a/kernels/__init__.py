@@ -5,6 +5,12 @@ Unset, Triton runs on CUDA tensors and the torch reference everywhere else; `C2A
 TRITON_INTERPRET=1` runs the Triton kernels on CPU tensors through Triton's interpreter. Asking for Triton
 never silently falls back to torch.
 
+Every Triton launch passes `enable_fp_fusion=True` (a launch option in Triton 3.4 through 3.9, the
+CUDAOptions field the environment's TRITON_DEFAULT_FP_FUSION only defaults): the kernels were written and
+measured with mul + add contracted to FMAs (`x·rstd·w`, the online softmax's `exp(x − m)` rescaling, the
+attention's `exp2(s·scale − m)`), and Triton 3.9 warns that 3.10 turns that default off, which would add an
+instruction and a rounding to each. The interpreter ignores the option (it runs numpy, unfused).
+
 This package imports nothing from the rest of c2a.
 """
 

@@ -16,9 +16,16 @@ The Triton path never holds more than one chunk of logits. Per chunk of C tokens
 and the chunk is discarded. Both gradients are complete when the forward returns; the backward only scales
 them by grad_output. dtype policy: h and W in fp32, bf16 or fp16 (the same); logits, logsumexp and the loss
 in fp32; dlogits in h's dtype for the two gradient GEMMs (each accumulating in fp32); dh in h's dtype; dW in
-fp32 until the last chunk, then W's dtype. The normaliser may be a device tensor: it is read by the kernel,
-never by the host, so there is no .item() and no host sync. A target outside [0, V) that is not -100 makes
-the loss NaN (a kernel cannot raise; NaN cannot go unnoticed).
+fp32 across chunks and until the backward, which rounds it to W's dtype once with grad_output's scale applied
+in the same pass (one [V, D] result, no second rounded copy). The normaliser may be a device tensor: it is
+read by the kernel, never by the host, so there is no .item() and no host sync. A target outside [0, V) that
+is not -100 makes the loss NaN (a kernel cannot raise; NaN cannot go unnoticed).
+
+Ignored rows (prompt and padding targets, about half of Alpaca's positions) skip the kernel's two reads of
+their logits and only write a zero dlogits row, but still go through the three GEMMs: cuBLAS takes its sizes
+on the host, and how many rows are trained is a device value here, so no device-side compaction (sorting the
+trained rows first, say) can shrink a GEMM without a host sync to learn the count. The torch path on CPU
+drops them before the head (c2a.model.llama._trained_rows), where reading the labels costs no sync.
 
 Torch reference (the spec, materialises the logits), torch's chunked path (the model's torch backend),
 then the Triton kernel, the launcher, the autograd.Function and the public function
@@ -129,39 +136,45 @@ def _cross_entropy_chunk_kernel(
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row * stride_labels).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
+    grad_row = grad_ptr + row * stride_grad_row
 
-    # Pass 1: online logsumexp (running max m, running Σ exp(x − m)) and the target's logit.
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    target = tl.zeros([], tl.float32)
-    for start in range(0, n_vocab, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(logits_row + cols, mask=cols < n_vocab, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
-    # lse = m + log s, kept in two parts: x − m is exact near the maximum, so (x − m) − log s (and
-    # (m − target) + log s) round once at the small magnitude, as torch's log_softmax does
-    log_s = tl.log(s)
-    lse = m + log_s
-
-    ignored = label == ignore_index
-    in_range = (label >= 0) & (label < n_vocab)
-    loss = tl.where(in_range, (m - target) + log_s + z_loss * lse * lse, float("nan"))
-    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
-
-    # Pass 2: dlogits = (softmax · (1 + 2z·lse) − onehot) / n, zero for an ignored row.
-    if COMPUTE_GRAD:
-        scale = tl.where(ignored, 0.0, tl.load(inv_n_ptr))
-        p_scale = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx = 2z·lse·softmax
-        grad_row = grad_ptr + row * stride_grad_row
+    if label == ignore_index:
+        # A prompt or padding row: loss 0 and, for the gradient GEMMs, a zero dlogits row. Its logits are
+        # never read: of the three V-long passes over the row (two reads, one write) only the write remains.
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, n_vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                tl.store(grad_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty), mask=cols < n_vocab)
+    else:
+        # Pass 1: online logsumexp (running max m, running Σ exp(x − m)) and the target's logit.
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        target = tl.zeros([], tl.float32)
         for start in range(0, n_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < n_vocab
-            x = tl.load(logits_row + cols, mask=mask, other=0.0)
-            g = tl.exp((x - m) - log_s) * p_scale - tl.where(cols == label, 1.0, 0.0)
-            tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(logits_row + cols, mask=cols < n_vocab, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
+        # lse = m + log s, kept in two parts: x − m is exact near the maximum, so (x − m) − log s (and
+        # (m − target) + log s) round once at the small magnitude, as torch's log_softmax does
+        log_s = tl.log(s)
+        lse = m + log_s
+        in_range = (label >= 0) & (label < n_vocab)
+        tl.store(loss_ptr + row, tl.where(in_range, (m - target) + log_s + z_loss * lse * lse, float("nan")))
+
+        # Pass 2: dlogits = (softmax · (1 + 2z·lse) − onehot) / n.
+        if COMPUTE_GRAD:
+            scale = tl.load(inv_n_ptr)
+            p_scale = 1.0 + 2.0 * z_loss * lse  # d(z·lse²)/dx = 2z·lse·softmax
+            for start in range(0, n_vocab, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < n_vocab
+                x = tl.load(logits_row + cols, mask=mask, other=0.0)
+                g = tl.exp((x - m) - log_s) * p_scale - tl.where(cols == label, 1.0, 0.0)
+                tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +274,8 @@ def linear_cross_entropy_forward(
     need_dw: bool,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """-> (loss fp32 scalar, dh [N, D] or None, dW [V, D] or None), the gradients of the loss itself."""
+    """-> (loss fp32 scalar, dh [N, D] in h's dtype or None, dW [V, D] fp32 or None), the gradients of the
+    loss itself. dW stays in its fp32 accumulator: the backward rounds it to W's dtype once, scale fused."""
     N, D = h.shape
     V = weight.shape[0]
     device = h.device
@@ -294,7 +308,7 @@ def linear_cross_entropy_forward(
             logits_c, grad_c, labels[start:end], inv_n, loss_rows[start:end],
             logits_c.stride(0), grad_c.stride(0), labels.stride(0),
             V, IGNORE_INDEX, float(z_loss),
-            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=True,
         )  # fmt: skip
         if need_dh:
             torch.mm(grad_c, weight, out=dh[start:end])  # [rows, V] · [V, D]
@@ -302,7 +316,7 @@ def linear_cross_entropy_forward(
             _addmm_fp32_(dw, grad_c.T, h_c)  # [V, rows] · [rows, D]
 
     loss = loss_rows.sum() / n.reshape(())
-    return loss, dh, dw.to(weight.dtype) if dw is not None else None
+    return loss, dh, dw
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,18 +327,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, normalizer, z_loss, chunk_size):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, dh, dw = linear_cross_entropy_forward(h, weight, labels, normalizer, z_loss, need_dh, need_dw, chunk_size)
+        loss, dh, dw32 = linear_cross_entropy_forward(h, weight, labels, normalizer, z_loss, need_dh, need_dw, chunk_size)
         # Intermediates, not inputs: saving them (rather than ctx attributes) frees them once backward ran
-        ctx.save_for_backward(dh, dw)
+        ctx.save_for_backward(dh, dw32)
+        ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        # Scale by grad_output on the device (usually 1.0; comparing it on the host would be a sync)
-        dh, dw = ctx.saved_tensors
-        # out of place, so that a retained graph's second backward scales the stored gradients afresh
+        # Scale by grad_output on the device (usually 1.0; comparing it on the host would be a sync), out of
+        # place, so that a retained graph's second backward scales the stored gradients afresh.
+        dh, dw32 = ctx.saved_tensors
         dh = dh * grad_output.to(dh.dtype) if dh is not None else None
-        dw = dw * grad_output.to(dw.dtype) if dw is not None else None
+        dw = None
+        if dw32 is not None:
+            # dW [V, D] is made once, in W's dtype, scaled and rounded in one pass over the fp32 accumulator.
+            # Rounding in the forward, then scaling, made two more [V, D] tensors: at 13B (V 32000, D 5120,
+            # bf16) 655 MB fp32 + 328 MB + 328 MB, now 655 MB + 328 MB (tests/test_kernels_cross_entropy.py
+            # counts them).
+            dw = torch.empty(dw32.shape, dtype=ctx.weight_dtype, device=dw32.device)
+            torch.mul(dw32, grad_output, out=dw)
         return dh, dw, None, None, None, None
 
 

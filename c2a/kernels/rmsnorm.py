@@ -222,7 +222,7 @@ def rms_norm_forward(
             x2, r2, weight, y, h2, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
             D, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
         )  # fmt: skip
     return y.view(x.shape), (x if residual is None else h2.view(x.shape)), rstd
 
@@ -252,6 +252,7 @@ def rms_norm_backward(
             dy2.stride(0), x2.stride(0), dh2.stride(0), dx.stride(0),
             n_rows, D, rows_per_program,
             HAS_DRESIDUAL=dh is not None, COMPUTE_DW=compute_dw, BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=True,
         )  # fmt: skip
     dw = None
     if compute_dw:

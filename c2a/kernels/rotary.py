@@ -198,6 +198,7 @@ def rotary_launch(
             position_ids.stride(0), position_ids.stride(1),
             T, H, K, Hd,
             SIGN=sign, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HD=block_hd, num_warps=num_warps,
+            enable_fp_fusion=True,
         )  # fmt: skip
     return q_out, k_out
 

@@ -87,7 +87,7 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = a.numel()
     block, num_warps = _settings()
     if n > 0:
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=num_warps)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=True)
     return y
 
 
@@ -98,7 +98,9 @@ def swiglu_backward(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     n = a.numel()
     block, num_warps = _settings()
     if n > 0:
-        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, a, b, da, db, n, BLOCK=block, num_warps=num_warps)
+        _swiglu_bwd_kernel[(triton.cdiv(n, block),)](
+            dy, a, b, da, db, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=True
+        )
     return da, db
 
 
