@@ -17,12 +17,14 @@ Without CUDA the script says so and runs a smoke mode (`--smoke` asks for it on 
 under Triton's CPU interpreter and timed with a wall clock there (times of the interpreter, not the kernel).
 Writes DIR/attention.json and DIR/attention.png; prints a table; never asserts a time.
 
-    python benchmarks/attention.py --compile-only [--arch 90] [--head-dims 64,128] [--sweep]
+    python benchmarks/attention.py --compile-only [--arch 90,80] [--models 7b,13b,70b] [--head-dims 128] [--sweep]
 
-needs no GPU: builds the kernels' default tiles (bf16, packed and not) for CUDA sm_<arch> with Triton's real
-compiler and bundled ptxas, prints registers, spill bytes and shared memory, writes
-DIR/attention_compile.json, and exits 1 if a default build fails. With --sweep the SWEEP tiles at Hd 128 are
-built too (reported, never a failure: some are expected not to fit).
+needs no GPU: builds the kernels' default tiles (bf16, T 4096, packed and not, both backward paths) at the
+heads of Llama-2 7B (32:32), 13B (40:40) and 70B (64:8) for CUDA sm_<arch> with Triton's real compiler and
+bundled ptxas; prints registers, spill bytes, shared memory, whether TMA and wgmma are used, and the issued
+÷ useful tensor-core FLOPs of the worst dot and of all dots (1.00: no tensor-core work done twice; method in
+benchmarks/gpu_compile.py), writes DIR/attention_compile.json, and exits 1 if a default build fails. With
+--sweep the SWEEP tiles at Hd 128 are built too (reported, never a failure: some are expected not to fit).
 """
 
 from __future__ import annotations
@@ -273,17 +275,30 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ compile only
 
 
-def compile_report(arch: int, head_dims: list[int], with_sweep: bool) -> list[dict]:
+# Llama-2's attention shapes (query heads, key/value heads); every size has head dim 128
+MODELS = {"7b": (32, 32), "13b": (40, 40), "70b": (64, 8)}
+
+
+def compile_report(archs: list[int], models: list[str], head_dims: list[int], with_sweep: bool) -> list[dict]:
     """Builds every kernel for CUDA sm_<arch> on a machine without a GPU (Triton's compiler and its bundled
-    ptxas) and reports registers per thread, bytes spilled and shared memory: the defaults for bf16, packed
-    and not, MHA (32:32 heads) and GQA (32:8), T = 4096; then (with_sweep) the SWEEP tiles at Hd 128,
-    packed GQA. The launchers run on meta tensors with their kernels recorded (benchmarks/gpu_compile.py), so
-    each build has the arguments, specialisations (e.g. GROUP = 1 for MHA), tiles and warps of a real launch."""
+    ptxas) and reports registers per thread, bytes spilled, shared memory, TMA and wgmma use and the
+    issued / useful tensor-core FLOPs (benchmarks/gpu_compile.py's mma_report): the defaults for bf16, T =
+    4096, packed and not, for each model's heads, through both backward paths (the atomic dQ and the
+    deterministic one, where the launcher has both); then (with_sweep) the SWEEP tiles at Hd 128, packed,
+    the last model's heads. The launchers run on meta tensors with their kernels recorded, so each build
+    has the arguments, specialisations (e.g. GROUP = 1 for MHA), tiles and warps of a real launch; launches
+    that specialise alike (e.g. the delta kernel for every model) are built once, their models listed."""
+    import inspect
+
     from benchmarks.gpu_compile import capture_launches, compile_launch, specialise
 
-    def launches(Hd: int, packed: bool, K: int, blocks: tuple | None, name: str | None) -> list:
+    # launchers without a deterministic switch (before the atomic dQ) have one backward path
+    has_paths = "deterministic" in inspect.signature(attention.attention_backward).parameters
+    paths = {"atomic": False, "deterministic": True} if has_paths else {"default": None}
+
+    def launches(H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name) -> list:
         meta = torch.device("meta")
-        q = torch.empty(1, 4096, 32, Hd, device=meta, dtype=torch.bfloat16)
+        q = torch.empty(1, 4096, H, Hd, device=meta, dtype=torch.bfloat16)
         k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
         doc_start = doc_end = None
         if packed:
@@ -291,45 +306,63 @@ def compile_report(arch: int, head_dims: list[int], with_sweep: bool) -> list[di
         default = getattr(attention, name) if name else None
         if name:
             attention.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
+        extra = {} if deterministic is None else {"deterministic": deterministic}
         try:
             with capture_launches(attention) as recorded:
                 o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
-                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start, doc_end)
+                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start, doc_end,
+                                             **extra)  # fmt: skip
         finally:
             if name:
                 attention.__dict__[name] = default
         return recorded
 
-    jobs = [(Hd, packed, K, None, None, "default") for Hd in head_dims for packed in (False, True) for K in (32, 8)]
+    jobs = [(arch, model, Hd, packed, path, None, None, "default") for arch in archs for Hd in head_dims
+            for model in models for packed in (False, True) for path in paths]  # fmt: skip
     if with_sweep:
-        jobs += [(128, True, 8, c, name, "sweep") for name, cands in SWEEP.items() for c in cands]
-    results, seen = [], set()
-    print(f"{'kernel':24s} {'Hd':>4s} {'packed':6s} {'heads':6s} {'tile (M, N, warps, stages)':32s} "
-          f"{'regs':>5s} {'spill B':>8s} {'smem KiB':>9s}")
-    for Hd, packed, K, blocks, name, kind in jobs:
-        for launch in launches(Hd, packed, K, blocks, name):
+        jobs += [(arch, models[-1], 128, True, next(iter(paths)), c, name, "sweep") for arch in archs
+                 for name, cands in SWEEP.items() if hasattr(attention, name) for c in cands]  # fmt: skip
+    results, seen = [], {}
+    print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
+          f"{'tile (M, N, warps, stages)':27s} "
+          f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}")
+    for arch, model, Hd, packed, path, blocks, name, kind in jobs:
+        H, K = MODELS[model]
+        for launch in launches(H, K, Hd, packed, paths[path], blocks, name):
             kernel = launch.kernel.fn.__name__
             signature, constexprs, attrs, options = specialise(launch, arch)
-            key = (kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)
-            if key in seen:  # e.g. the delta kernel, the same for every tile choice
+            key = (arch, kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)
+            if key in seen:  # e.g. the delta kernel, the same for every tile choice; 7b and 13b alike
+                row = seen[key]
+                for field, value in (("models", model), ("backward", path), ("kind", kind)):
+                    if value not in row[field]:
+                        row[field].append(value)
                 continue
-            seen.add(key)
             names = launch.kernel.arg_names
-            consts = {names[path[0]]: value for path, value in constexprs.items()}
+            consts = {names[p[0]]: value for p, value in constexprs.items()}
             tile = (consts.get("BLOCK_M"), consts.get("BLOCK_N"), options.num_warps, options.num_stages)
             try:
                 r = compile_launch(launch, arch)
             except Exception as err:  # e.g. a tile that does not fit: report and go on
                 r = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-            heads = f"32:{K}"
-            results.append({"kernel": kernel, "Hd": Hd, "packed": packed, "heads": heads, "blocks": tile, "kind": kind,
-                            "arch": arch, **r})  # fmt: skip
-            head = f"{kernel:24s} {Hd:4d} {str(packed):6s} {heads:6s} {str(tile) + ' ' + kind:32s}"
-            if "error" in r:
-                print(f"{head} {r['error']}")
-            else:
-                print(f"{head} {r['registers']!s:>5s} {r['spill_bytes']!s:>8s} {r['shared_kib']:9.0f}", flush=True)
+            row = {"arch": arch, "kernel": kernel, "Hd": Hd, "packed": packed, "models": [model], "backward": [path],
+                   "blocks": tile, "kind": [kind], **r}  # fmt: skip
+            seen[key] = row
+            results.append(row)
+            print(compile_row(row), flush=True)
     return results
+
+
+def compile_row(r: dict) -> str:
+    head = (f"sm_{r['arch']:<3d} {r['kernel']:26s} {r['Hd']:3d} {str(r['packed']):6s} {','.join(r['models']):11s} "
+            f"{'/'.join(r['backward']):20s} {str(r['blocks']) + ' ' + '/'.join(r['kind']):27s}")
+    if "error" in r:
+        return f"{head} {r['error']}"
+    ratio = "-" if not r["dots"] else f"{r['mma_ratio_max']:.2f} (worst dot), {r['mma_ratio']:.2f} (all)"
+    if r["unattributed"]:
+        ratio = f"{r['unattributed']} MMA instructions with no dot site"
+    return (f"{head} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_kib']:4.0f} "
+            f"{'yes' if r['tma'] else 'no':3s} {'yes' if r['wgmma'] else 'no':5s} {ratio}")
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -395,17 +428,20 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory")
-    parser.add_argument("--arch", type=int, default=90, help="with --compile-only: compute capability, e.g. 90, 80")
+    parser.add_argument("--arch", default="90", help="with --compile-only: compute capabilities, e.g. 90,80")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="with --compile-only: Llama-2 sizes whose heads are built (7b 32:32, 13b 40:40, 70b 64:8)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     if args.compile_only:
-        results = compile_report(args.arch, [int(x) for x in args.head_dims.split(",")], args.sweep)
+        archs = [int(x) for x in args.arch.split(",")]
+        results = compile_report(archs, args.models.split(","), [int(x) for x in args.head_dims.split(",")], args.sweep)
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": environment(False), "kernels": results}
         (args.out / "attention_compile.json").write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out / 'attention_compile.json'}")
-        failed = [r for r in results if r["kind"] == "default" and "error" in r]
+        failed = [r for r in results if "default" in r["kind"] and "error" in r]
         sys.exit(1 if failed else 0)
 
     smoke = args.smoke or not CUDA

@@ -1,10 +1,13 @@
-"""Every Triton kernel builds for a real GPU target, without a GPU.
+"""Every Triton kernel builds for a real GPU target, without a GPU, and the attention kernels do no
+tensor-core work twice.
 
 The CPU interpreter, which runs the numerical tests, accepts code that Triton's compiler rejects (and
-never shows register spills). Here benchmarks/kernels.py and benchmarks/attention.py in --compile-only
-mode build each kernel for sm_90a (H100) with Triton's compiler and its bundled ptxas, at Llama-2-7B and
-13B shapes, with the exact arguments, tiles and warps the launchers choose. A build that fails fails the
-test; spills are reported by the scripts, not asserted (they are a speed question, measured on a GPU)."""
+never shows register spills or how warps share a tile). Here benchmarks/kernels.py and
+benchmarks/attention.py in --compile-only mode build each kernel for sm_90a (H100) with Triton's compiler
+and its bundled ptxas, at Llama-2-7B and 13B shapes, with the exact arguments, tiles and warps the launchers
+choose. A build that fails fails the test. For attention, the default tiles must not spill and must issue
+at most 1.10x the tensor-core FLOPs their dots need (issue 11); the counting method
+(benchmarks/gpu_compile.py's mma_report) is first checked on one-dot kernels whose answer is known."""
 
 from __future__ import annotations
 
@@ -14,7 +17,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# issue 11's bar for a default attention tile at 7B/13B shapes on sm_90a
+MAX_MMA_RATIO = 1.10
 
 
 def compile_only(script: str, out: Path, *extra: str) -> dict:
@@ -40,13 +54,102 @@ def test_pointwise_and_loss_kernels_build_for_sm90(tmp_path):
         True, False}  # fmt: skip
 
 
-def test_attention_kernels_build_for_sm90(tmp_path):
-    report = compile_only("attention.py", tmp_path, "--arch", "90", "--head-dims", "64,128")
-    rows = report["kernels"]
+# ------------------------------------------------------------------------------------------------ the method
+
+
+def _one_dot(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    """c [M, N] fp32 = a [M, K] @ b [K, N]: one dot, nothing else."""
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+# JITFunction, not @triton.jit: conftest sets TRITON_INTERPRET, under which triton.jit makes an
+# interpreter-only function that cannot be compiled for a GPU
+_one_dot_kernel = JITFunction(_one_dot)
+
+
+def one_dot_report(arch: int, M: int, N: int, K: int, num_warps: int) -> dict:
+    from benchmarks.gpu_compile import Launch, compile_launch
+
+    meta = torch.device("meta")
+    a = torch.empty(M, K, device=meta, dtype=torch.bfloat16)
+    b = torch.empty(K, N, device=meta, dtype=torch.bfloat16)
+    c = torch.empty(M, N, device=meta, dtype=torch.float32)
+    return compile_launch(Launch(_one_dot_kernel, (1,), (a, b, c, M, N, K), {"num_warps": num_warps}), arch)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_mma_ratio_is_one_when_the_warps_divide_the_tile(arch):
+    # 128 x 128 output, 4 warps (one warp group): the warps split the tile, each product is issued once
+    r = one_dot_report(arch, 128, 128, 64, num_warps=4)
+    assert r["wgmma"] == (arch == 90) and not r["tma"]
+    assert r["unattributed"] == 0 and r["sass_check"] is True
+    (dot,) = r["dots"]
+    assert (dot["M"], dot["N"], dot["K"], dot["instances"], dot["warps"]) == (128, 128, 64, 1, [4])
+    assert dot["useful_flops"] == 2 * 128 * 128 * 64
+    # the PTX's instructions, by shape, times their issuers: wgmma once per warp group, mma.sync per warp
+    issuers = {"wgmma": 1, "mma": 4}
+    issued = sum(n * 2 * int(s.split("m")[-1].split("n")[0]) * int(s.split("n")[-1].split("k")[0])
+                 * int(s.split("k")[-1]) * issuers[s.split(".")[0]] for s, n in r["mma"].items())  # fmt: skip
+    assert issued == dot["issued_flops"] == dot["useful_flops"]
+    assert r["mma_ratio"] == r["mma_ratio_max"] == 1.0
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_mma_ratio_counts_work_every_warp_repeats(arch):
+    # 8 warps, 16 x 16 tile: every warp runs the dot's code and issues at least one m16n8k16 (2·16·8·16
+    # FLOPs), so at least 8 x 4096 FLOPs are issued for the tile's 2·16·16·16 = 8192: ratio >= 4
+    r = one_dot_report(arch, 16, 16, 16, num_warps=8)
+    assert r["unattributed"] == 0 and r["sass_check"] is True
+    assert r["mma_ratio_max"] >= 4.0, r
+    if arch == 90:
+        # 2 warp groups on a 64 x 8 tile: each issues at least one m64n8k16, the whole tile: ratio >= 2
+        r = one_dot_report(arch, 64, 8, 16, num_warps=8)
+        assert r["wgmma"] and r["unattributed"] == 0 and r["sass_check"] is True
+        assert r["mma_ratio_max"] >= 2.0, r
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                     "_attn_bwd_dq_cast_kernel")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def attention_sm90(tmp_path_factory) -> list[dict]:
+    """The attention kernels' default tiles at 7B (32:32 heads) and 13B (40:40), Hd 128, bf16, sm_90a."""
+    out = tmp_path_factory.mktemp("attention_compile")
+    report = compile_only("attention.py", out, "--arch", "90", "--models", "7b,13b", "--head-dims", "128")
+    return report["kernels"]
+
+
+def test_attention_kernels_build_for_sm90(attention_sm90):
+    rows = attention_sm90
     assert not [r for r in rows if "error" in r]
     assert all(isinstance(r["registers"], int) and 0 < r["registers"] <= 255 for r in rows)
-    # fwd, dK/dV, dQ for head dim 64 and 128 x packed or not x MHA (32:32) and GQA (32:8), and the delta kernel
-    main = {(r["kernel"], r["Hd"], r["packed"], r["heads"]) for r in rows if r["kernel"] != "_attn_bwd_delta_kernel"}
-    assert main == {(k, Hd, packed, heads) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-                    for Hd in (64, 128) for packed in (False, True) for heads in ("32:32", "32:8")}  # fmt: skip
-    assert {r["Hd"] for r in rows if r["kernel"] == "_attn_bwd_delta_kernel"} == {64, 128}
+    assert {r["kernel"] for r in rows} <= set(ATTENTION_KERNELS), "a new kernel: add it to the rule below"
+    # forward and dK/dV for both models x packed or not, through both backward paths
+    for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"):
+        built = {(m, r["packed"], p) for r in rows if r["kernel"] == kernel for m in r["models"] for p in r["backward"]}
+        assert built == {(m, packed, p) for m in ("7b", "13b") for packed in (False, True)
+                         for p in ("atomic", "deterministic")}, (kernel, built)  # fmt: skip
+    assert {r["kernel"] for r in rows} >= {"_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel"}
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+def test_attention_default_tiles_do_no_duplicate_tensor_core_work(attention_sm90, kernel):
+    rows = [r for r in attention_sm90 if r["kernel"] == kernel and "default" in r["kind"]]
+    assert rows, f"{kernel} was not built"
+    for r in rows:
+        where = f"{kernel} {r['models']} packed={r['packed']} backward={r['backward']} tile={r['blocks']}"
+        assert r["spill_bytes"] == 0, f"{where}: {r['spill_bytes']} bytes spilled"
+        if not r["dots"]:
+            continue
+        assert r["wgmma"] and r["unattributed"] == 0 and r["sass_check"] is True, where
+        worst = max(r["dots"], key=lambda d: d["ratio"])
+        assert r["mma_ratio_max"] <= MAX_MMA_RATIO, (
+            f"{where}: issues {r['mma_ratio_max']:.2f}x the tensor-core FLOPs of its dots (all dots "
+            f"{r['mma_ratio']:.2f}x); worst: the dot at {worst['site']}, {worst['M']}x{worst['N']}x{worst['K']}"
+        )
