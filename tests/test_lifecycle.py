@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,3 +171,55 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_timed_checkpoints_are_wri
     saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
     assert len(saved) >= 10 and saved[-1] == 30, saved  # timed saves between the steps, the final one at 30
     assert load_file(out / "final" / "model.safetensors")  # and the export is complete
+
+
+# ------------------------------------------------------------------------- resuming: what may and may not
+
+
+def run1(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(1, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_validates_checkpoints_falls_back_and_refuses_a_changed_schedule(tmp_path):
+    out = tmp_path / "run"
+    args = ["--train.max_steps=4", "--train.save_every=2"]
+    assert run1(out, *args).returncode == 0
+    config = (out / "config.toml").read_text()
+
+    # the same command on a finished run: says so, trains nothing, exports nothing
+    again = run1(out, *args)
+    assert again.returncode == 0 and "already finished at step 4" in again.stderr and "c2a training finished" not in again.stdout
+
+    # more steps on a finished run would restart the cosine partway down: refused, config.toml untouched
+    more = run1(out, "--train.max_steps=6", "--train.save_every=2")
+    assert more.returncode == 1 and "Traceback" not in more.stderr
+    assert "was trained on another learning-rate schedule (total_steps 4 -> 6" in more.stderr, more.stderr[-2000:]
+    assert (out / "config.toml").read_text() == config and not list(out.glob("config.*.toml"))
+
+    # a shard of the newest checkpoint cut short (a full disk, a dead copy): named, and the older one is used
+    shutil.rmtree(out / "final")
+    shard = sorted((out / "checkpoints" / "step_00000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    resumed = run1(out, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint step_00000004 is unusable: {shard}: 1,000 bytes, cut short" in resumed.stderr
+    assert "resuming from the older checkpoint" in resumed.stderr and "resumed from step_00000002" in resumed.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+    # every checkpoint broken: one error naming each file, not a 134-line CheckpointException
+    shutil.rmtree(out / "final")
+    for state in (out / "checkpoints").glob("*/trainer_state.json"):
+        state.write_text('{"step": 2\n"world_size": 1}')
+    broken = run1(out, *args)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    error = [line for line in broken.stderr.splitlines() if "no usable checkpoint" in line]
+    assert len(error) == 1 and error[0].count("trainer_state.json: unreadable (Expecting ',' delimiter") == 2, broken.stderr[-2000:]
+
+
+def test_unwritable_out_dir_is_refused_before_training(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")  # root ignores permission bits; this fails for anyone
+    proc = run1(out, "--train.max_steps=2")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{out / 'checkpoints'} cannot be written (" in proc.stderr and not (out / "metrics.jsonl").exists()

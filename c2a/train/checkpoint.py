@@ -51,6 +51,59 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+class CheckpointUnusable(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
+
+
+def validate_checkpoint(path: Path) -> dict[str, Any]:
+    """Checks a complete checkpoint without loading tensors and returns its trainer state: the state file
+    parses and holds what a resume reads, DCP's .metadata reads, and every shard file it points into exists
+    and is as long as the metadata says (a shard cut short by a full disk or a copy that died). Raises
+    CheckpointUnusable naming the file."""
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointUnusable(f"{state_file}: unreadable ({e})") from None
+    missing = [k for k in ("step", "world_size", "scheduler", "data", "counters") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointUnusable(f"{state_file}: missing {', '.join(missing)}")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+        raise CheckpointUnusable(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}  # shard file -> the bytes the metadata says it holds
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        have = shard.stat().st_size if shard.is_file() else None
+        if have is None or have < size:
+            what = "missing" if have is None else f"{have:,} bytes, cut short (the metadata expects {size:,})"
+            raise CheckpointUnusable(f"{shard}: {what}")
+    return state
+
+
+def resume_point(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint that validates, with its trainer state; an unusable newer one is
+    skipped with a warning that names it. None when there is none; CheckpointUnusable when every one fails."""
+    problems = []
+    for path in reversed(complete_checkpoints(out_dir)):
+        try:
+            state = validate_checkpoint(path)
+        except CheckpointUnusable as e:
+            problems.append(str(e))
+            log.warning("checkpoint %s is unusable: %s", path.name, e)
+            continue
+        if problems:
+            log.warning("resuming from the older checkpoint %s instead", path)
+        return path, state
+    if problems:
+        raise CheckpointUnusable(f"no usable checkpoint in {checkpoint_root(out_dir)}: " + "; ".join(problems) +
+                                 "; move the checkpoints aside (or use a new out_dir) to start over")  # fmt: skip
+    return None
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -50,6 +50,10 @@ class RunLocked(RuntimeError):
     """Another live process holds the out_dir lock."""
 
 
+class OutDirUnusable(RuntimeError):
+    """out_dir (or a directory the run writes in it) cannot be written."""
+
+
 class RunStopped(Exception):
     """Raised on every rank after the checkpoint of a requested stop; the entry point exits EXIT_STOPPED."""
 
@@ -88,21 +92,35 @@ class OutDirLock:
 _held: list[OutDirLock] = []  # the run's lock, referenced for the life of the process
 
 
-def take_run_lock(out_dir: Path, d: Dist) -> None:
-    """Collective: rank 0 takes the out_dir lock (creating out_dir), and every rank raises RunLocked if it
-    could not, so no rank goes on alone into a barrier the others never reach."""
-    error = ""
+def check_writable(out_dir: Path) -> None:
+    """Every directory the run writes (out_dir, checkpoints/, and final/ beside them) before any training,
+    not at the first save after hours of it. Raises OutDirUnusable naming the directory."""
+    for folder in (out_dir, out_dir / "checkpoints"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".c2a-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OutDirUnusable(f"{folder} cannot be written ({e.strerror or e}); choose another --out_dir") from None
+
+
+def claim_out_dir(out_dir: Path, d: Dist) -> None:
+    """Collective: rank 0 checks that out_dir is writable and takes its lock, and every rank raises the
+    same error if it could not, so no rank goes on alone into a barrier the others never reach."""
+    error: RuntimeError | None = None
     if d.is_main:
         lock = OutDirLock(out_dir)
         try:
+            check_writable(out_dir)
             lock.acquire()
             _held.append(lock)
-        except RunLocked as e:
-            error = str(e)
+        except (RunLocked, OutDirUnusable) as e:
+            error = e
     message = [error]
     dist.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise RunLocked(message[0])
+    if message[0] is not None:
+        raise message[0]
 
 
 def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:

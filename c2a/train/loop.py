@@ -26,8 +26,8 @@ from c2a.data import Tokenizer, TokenizedDataset, load_records
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf
-from c2a.train.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, remove_partial_checkpoints, save_checkpoint
-from c2a.train.lifecycle import RunStopped, StopControl, take_run_lock
+from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point, save_checkpoint
+from c2a.train.lifecycle import RunStopped, StopControl, claim_out_dir
 from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
 from c2a.train.parallel import Dist, build_sharded_model, compute_dtype, full_parameters, materialize
 
@@ -228,10 +228,9 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     run_start = time.perf_counter()
     out = Path(cfg.out_dir)
     t = cfg.train
-    take_run_lock(out, d)  # collective: every rank refuses an out_dir another run holds; held until exit
+    claim_out_dir(out, d)  # collective: every rank refuses an unwritable out_dir or one another run holds
     if d.is_main:
         remove_partial_checkpoints(out)
-        _write_config(out, cfg)
     dist.barrier()
     torch.manual_seed(t.seed)
 
@@ -242,13 +241,21 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         raise TrainingError(f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}")
     if cfg.data.max_len > model_cfg.max_seq_len:
         log.warning("data.max_len %d exceeds the model's max_seq_len %d: rotary positions beyond it were never trained", cfg.data.max_len, model_cfg.max_seq_len)
-    resume = latest_checkpoint(out)
-    saved = read_trainer_state(resume) if resume is not None else None
+    resume, saved = resume_point(out) or (None, None)  # the newest checkpoint that validates
     loader, batch_desc = make_loader(cfg, data.train, d, rows=saved["data"]["global_batch_rows"] if saved else None)
     total_steps = loader.total_steps(t.epochs)
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     warmup = math.ceil(t.warmup_ratio * total_steps)
+    schedule = {"total_steps": total_steps, "warmup_steps": warmup, "lr": t.lr, "min_lr_ratio": t.min_lr_ratio}
+    if saved is not None:
+        _check_schedule(resume, saved, schedule)
+        if saved["step"] >= total_steps and (out / "final").is_dir():
+            log.info("already finished at step %d; the final model is in %s (train more from it in a new out_dir "
+                     "with --model.checkpoint=%s)", saved["step"], out / "final", out / "final")  # fmt: skip
+            return {"already_finished": saved["step"], "out_dir": str(out)}
+    if d.is_main:
+        _write_config(out, cfg)  # only now that the run is known to start
 
     model = build_sharded_model(model_cfg, t, d)
     optimizer = build_optimizer(model, cfg, d.device)
@@ -265,7 +272,8 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     else:
         materialize(model, reader, t.seed)
 
-    log.info("model: %s, %.1fM parameters; %s", _model_desc(cfg, model_cfg), model_cfg.num_params / 1e6, "pretrained " + str(reader.path) if reader else "random init")
+    origin = f"resumed from {resume.name}" if resume is not None else f"pretrained {reader.path}" if reader else "random init"
+    log.info("model: %s, %.1fM parameters; %s", _model_desc(cfg, model_cfg), model_cfg.num_params / 1e6, origin)
     log.info("data: %d examples, %s", loader.num_examples, batch_desc)
     log.info("schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
              total_steps, t.epochs, loader.steps_in_epoch(0), f", capped by max_steps={t.max_steps}" if t.max_steps else "",
@@ -319,7 +327,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             window, window_start = [], time.perf_counter()
         if saving:
-            state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__}
+            state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__, "schedule": schedule}
             path = save_checkpoint(out, step, model, optimizer, state, t.keep_last)
             log.info("saved checkpoint %s", path)
             control.saved()
@@ -354,13 +362,32 @@ def _model_desc(cfg: TrainConfig, m: LlamaConfig) -> str:
 
 
 def _write_config(out: Path, cfg: TrainConfig) -> None:
+    """out_dir/config.toml is the config of the latest start; one that differs from it moves the old one to
+    config.N.toml (N = 1, 2, ...), so a resumed run with changed settings keeps its history."""
     path = out / "config.toml"
     text = config_to_toml(cfg)
     if path.is_file() and path.read_text() != text:
         old = {line for line in path.read_text().splitlines()}
         changed = [line for line in text.splitlines() if line not in old and "=" in line]
-        log.warning("config differs from the one %s was started with; now: %s", out, "; ".join(changed))
+        n = 1
+        while (out / f"config.{n}.toml").exists():
+            n += 1
+        os.rename(path, out / f"config.{n}.toml")
+        log.warning("config differs from the one %s was last started with (kept as config.%d.toml); now: %s", out, n, "; ".join(changed))
     path.write_text(text)
+
+
+def _check_schedule(resume: Path, saved: dict[str, Any], schedule: dict[str, Any]) -> None:
+    """A resumed run must continue the learning-rate schedule it was on: a changed number of steps, warmup,
+    lr or final ratio would restart the cosine partway down (the lr jumps), so it is refused, not guessed."""
+    before = saved.get("schedule")  # absent in checkpoints written before the schedule was recorded
+    if before is None or before == schedule:
+        return
+    diff = ", ".join(f"{k} {before[k]} -> {schedule[k]}" for k in schedule if before.get(k) != schedule[k])
+    raise TrainingError(f"{resume} was trained on another learning-rate schedule ({diff}); resuming would make the lr jump. "
+                        f"Resume with the settings in {resume.parent.parent / 'config.toml'}, or train on from "
+                        f"{resume.parent.parent / 'final'} (or a checkpoint exported with c2a.model.convert) in a new out_dir "
+                        "with --model.checkpoint")  # fmt: skip
 
 
 def _metrics(window: list[StepResult], seconds: float, step: int, epoch: int, lr: float, d: Dist, flops_per_token: int,
@@ -374,10 +401,11 @@ def _metrics(window: list[StepResult], seconds: float, step: int, epoch: int, lr
     dist.all_reduce(peak_mb, op=dist.ReduceOp.MAX)
     tokens, positions, attn_sq = (float(x) for x in summed.tolist())
     targets = float(sum(r.targets for r in window))
-    # token-weighted over the window's applied steps; a skipped (non-finite) step is counted in skipped_steps
+    # token-weighted over the window's applied steps; a skipped (non-finite) step is counted in skipped_steps,
+    # and a window without any trained target (all labels -100) has no loss: null, not a perfect-looking 0
     applied = [r for r in window if r.finite]
     applied_targets = float(sum(r.targets for r in applied))
-    loss = float(sum(r.loss * r.targets for r in applied)) / max(applied_targets, 1.0) if applied else None
+    loss = float(sum(r.loss * r.targets for r in applied)) / applied_targets if applied_targets else None
     counters.trained_tokens += int(targets)
     counters.tokens += int(tokens)
     record = {
