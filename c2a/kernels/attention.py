@@ -561,12 +561,19 @@ def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if dtype == torch.float32:
         return _Blocks(16, 32, 4, 2)
     # K, V and the fp32 dK, dV accumulators stay resident: 2 · BLOCK_N · Hd · (2 + 4) B, so the key tile
-    # is what registers allow. sm_90a, 8 warps: Hd 64, 128 keys × 32 queries: 252 registers, 0 spills,
-    # 57 KiB (4 warps: 396 B spilled). Hd 128, 64 keys × 32 queries: 255 registers, 32 B spilled, 81 KiB
-    # (MHA: 185 registers, 0 spills); every larger tile spills more (64 × 64: 432 B; 128 × 32: 160 B).
+    # is what registers allow. Four of the five dots per tile pair have the key tile as their M dimension
+    # (the fifth, dQᵀ = Kᵀ dSᵀ, has Hd), and a Hopper warp group's wgmma covers 64 rows of M: BLOCK_N must
+    # be >= 16 · num_warps, or warp groups repeat each other's work. 64 keys with 8 warps did (issued /
+    # useful tensor-core FLOPs 1.40, worst dot 2.00). sm_90a, packed, atomic dQ, MHA and GQA 64:8
+    # (`benchmarks/attention.py --compile-only`; the ratio from the SASS's wgmma count):
+    #   Hd 128, 128 keys × 32 queries, 8 warps, 2 stages: 255 / 253 registers, 0 spills, 112 KiB, 1.00;
+    #           64 keys, 4 warps, 3 stages (the alternative: two programs per SM): 253 / 254, 0, 97 KiB, 1.00;
+    #           64 × 128 (64 queries) spills 276 B; 3 stages of the pick need 129 KiB for no register saving.
+    #   Hd 64, 128 keys × 32 queries, 8 warps, 3 stages: 196 / 193 registers, 0 spills, 65 KiB, 1.00.
+    # 128-key tiles also halve the atomic dQ traffic against 64-key ones (BLOCK_M · Hd fp32 adds per pair).
     if head_dim <= 64:
         return _Blocks(32, 128, 8, 3)
-    return _Blocks(32, 64, 8, 3)
+    return _Blocks(32, 128, 8, 2)
 
 
 def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
