@@ -44,7 +44,8 @@ class CountingKernel:
 def dq_launches(monkeypatch) -> dict[str, CountingKernel]:
     """Counts the launches of the two ways to finish dQ: the deterministic path's separate dQ pass, and the
     atomic path's cast of its fp32 accumulator."""
-    kernels = {name: CountingKernel(getattr(attention, name)) for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dq_cast_kernel")}
+    names = ("_attn_bwd_dq_kernel", "_attn_bwd_dq_cast_kernel")
+    kernels = {name: CountingKernel(getattr(attention, name)) for name in names}
     for name, counting in kernels.items():
         monkeypatch.setattr(attention, name, counting)
     return kernels
@@ -86,12 +87,14 @@ def run(fn, q, k, v, do, position_ids, dtype):
 
 
 def assert_matches_reference(q, k, v, do, position_ids, dtype=torch.float32, tol=FP32_TOL, path="atomic"):
-    launches = {name: kernel.launches for name, kernel in attention.__dict__.items() if isinstance(kernel, CountingKernel)}
+    counting = {name: k for name, k in attention.__dict__.items() if isinstance(k, CountingKernel)}
+    before = {name: k.launches for name, k in counting.items()}
     with backward_path(path):
         got = run(flash_attention, q, k, v, do, position_ids, dtype)
     # the backward took the path asked for: exactly one of the two dQ finishes ran
-    ran = {name: kernel.launches - launches[name] for name, kernel in attention.__dict__.items() if name in launches}
-    assert ran == {"_attn_bwd_dq_kernel": int(path == "deterministic"), "_attn_bwd_dq_cast_kernel": int(path == "atomic")}, ran
+    ran = {name: k.launches - before[name] for name, k in counting.items()}
+    want_ran = {"_attn_bwd_dq_kernel": int(path == "deterministic"), "_attn_bwd_dq_cast_kernel": int(path == "atomic")}
+    assert ran == want_ran, ran
     want = run(attention_reference, q, k, v, do, position_ids, torch.float64)
     # On a GPU, bf16/fp16 kernels round P and dS to the input dtype before their matmuls, as every flash
     # kernel does; there they are held to twice the error of torch's own attention in that dtype instead.
@@ -179,7 +182,8 @@ PACKED_ROWS = {
 
 @pytest.mark.parametrize("rows", sorted(PACKED_ROWS))
 @pytest.mark.parametrize(
-    "H,K,Hd,path", [(4, 1, 16, "atomic"), (4, 2, 32, "deterministic"), (4, 4, 64, "atomic"), (8, 1, 16, "deterministic")]
+    "H,K,Hd,path",
+    [(4, 1, 16, "atomic"), (4, 2, 32, "deterministic"), (4, 4, 64, "atomic"), (8, 1, 16, "deterministic")],
 )
 def test_packed_documents_match_float64(rows, H, K, Hd, path):
     lengths = PACKED_ROWS[rows]

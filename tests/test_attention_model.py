@@ -106,7 +106,12 @@ def test_document_layout_built_once_per_forward(monkeypatch, route):
     monkeypatch.setenv("C2A_KERNELS", "torch")
     attend = getattr(attention, route)
     calls = []
-    monkeypatch.setattr(c2a.model.llama, "causal_attention", lambda q, k, v, docs: calls.append(docs) or attend(q, k, v, docs))
+
+    def counting(q, k, v, documents):
+        calls.append(documents)
+        return attend(q, k, v, documents)
+
+    monkeypatch.setattr(c2a.model.llama, "causal_attention", counting)
     builds = []
     for name in ("_document_index", "document_bounds"):
         build = getattr(attention, name)

@@ -12,19 +12,34 @@ Forward, per query tile, streaming key/value tiles with an online softmax (runni
 Backward, with P recomputed tile by tile from Q, K and L (the [T, T] matrices never exist):
     delta = rowsum(dO ∘ O),  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),
     dQ = dS K / sqrt(Hd),  dK = dSᵀ Q / sqrt(Hd)
-Saved for backward: q, k, v, o and L [B, H, T] fp32. Recomputed: P.
+One program per (key tile, query head) visits the query tiles that can see its keys and accumulates dK and
+dV in registers. dQ, which sums over key tiles, is finished one of two ways:
+  atomic (default, FA2's one pass): each (key tile, query tile) pair adds its dS K into an fp32 [B, T, H, Hd]
+    buffer with atomic adds, then one elementwise kernel scales and casts it. 5 matmuls per tile pair
+    (Q Kᵀ, Pᵀ dO, dO Vᵀ, dSᵀ Q, dS K). The adds land in a varying order, so dQ differs between runs in
+    its last bits.
+  deterministic (when `torch.are_deterministic_algorithms_enabled()`, e.g. train.deterministic): a second
+    pass, one program per query tile, recomputes P and dP (Q Kᵀ, dO Vᵀ) and accumulates dS K in
+    registers. 7 matmuls per tile pair (4 + 3), bitwise reproducible.
+Saved for backward: q, k, v, o and L [B, H, T] fp32. Recomputed: P (and, on the deterministic path, dP).
 Dtypes: matmul operands in the input dtype (bf16/fp16) with fp32 accumulation; softmax statistics, delta
-and the dQ/dK/dV accumulators in fp32; outputs in the input dtype. fp32 inputs (CPU tests) use IEEE fp32
-dots. Under Triton's CPU interpreter every dot runs in fp32 (its bf16 arithmetic is wrong in Triton 3.9).
+and the dQ/dK/dV accumulators in fp32 (the atomic dQ buffer too, and under GQA the per-query-head dK/dV
+summed over each group); outputs in the input dtype. fp32 inputs (CPU tests) use IEEE fp32 dots. Under
+Triton's CPU interpreter every dot runs in fp32 (its bf16 arithmetic is wrong in Triton 3.9), and
+programs run one at a time, so the atomic path's races cannot show there: they are reasoned about at the
+atomic add.
 
 Documents reach the kernels not as cu_seqlens (whose lengths live on the host) but as each token's
 document start and end (`_document_index`, built on the device with running max/min): a query tile reads
 the start of its first and last rows and skips key tiles before them, a key tile reads the end of its
 documents and skips the query tiles after. Causal tiles above the diagonal are never visited; masks are
-computed only on diagonal tiles and tiles that straddle a document start.
+computed only on diagonal tiles and tiles that straddle a document start. The model builds a `Documents`
+once per forward, so the index is made once for all layers and their checkpoint recompute.
 
-Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat),
-and the dK/dV pass loops over a K/V head's query heads so dK and dV are reduced without atomics.
+Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat).
+The dK/dV pass runs one program per query head and sums each group's dK, dV afterwards (see
+`_attn_bwd_dkdv_kernel` for why not a loop over the group). Every grid puts the tiles of a sequence on
+axis 0 and batch × head on axis 1, so programs resident together share one head's K/V (or Q/dO) in L2.
 """
 
 from __future__ import annotations
@@ -188,7 +203,8 @@ def _attn_fwd_kernel(
 
     Query tiles run on grid axis 0, so the programs resident together are tiles of one head and read the
     same K and V from L2 (with batch·head on axis 0 they were different heads' tiles, sharing nothing).
-    Heaviest tiles first: causal work grows with the tile index, so a head's tiles are issued last-to-first. Key tiles split in three ranges (BLOCK_M is a multiple of BLOCK_N):
+    Heaviest tiles first: causal work grows with the tile index, so a head's tiles are issued last-to-first.
+    Key tiles split in three ranges (BLOCK_M is a multiple of BLOCK_N):
       [lo, mid_lo)      masked: tiles that contain a document start of some query in the tile;
       [mid_lo, mid_hi)  unmasked: every key visible to every query of the tile;
       [mid_hi, hi)      masked: the diagonal, where causality cuts the tile.
@@ -281,7 +297,8 @@ def _dkdv_tiles(
 
     Works on the transposed scores (keys × queries) so dK, dV accumulate as [BLOCK_N, Hd] without
     transposing them: Pᵀ = exp2(K Qᵀ·qk_scale − lse), dV += Pᵀ dO, dPᵀ = V dOᵀ,
-    dSᵀ = Pᵀ ∘ (dPᵀ − delta), dK += dSᵀ Q (the 1/sqrt(Hd) is applied once, at the end).
+    dSᵀ = Pᵀ ∘ (dPᵀ − delta), dK += dSᵀ Q (the 1/sqrt(Hd) is applied once, at the end); with ATOMIC_DQ
+    also dQ += dS K into the fp32 buffer at dq_base (unscaled too: the cast kernel scales it).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
@@ -726,12 +743,12 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, T, H, Hd], dk and dv [B, T, K, Hd], in the inputs' dtype, from dO and the forward's o and lse.
 
-    dQ has its own pass rather than fp32 atomics from the dK/dV pass. Atomics would save recomputing
-    Q Kᵀ and dO Vᵀ (7 matmuls of the causal T²·Hd/2 size instead of 5, so +40% backward FLOPs) but add,
-    per (key tile, query tile) pair, BLOCK_M·Hd fp32 read-modify-writes to L2: at T = 4096, Hd 128 and
-    64-key × 32-query tiles, 4160 pairs × 16 KiB = 65 MiB per head against a 1 MiB bf16 dQ, plus a
-    conversion pass, and the result would depend on the order the atomics land in. The Triton tutorial
-    makes the same choice; FA2's CUDA kernel takes the atomic route. To be settled by measurement on an H100.
+    `deterministic` picks how dQ is finished (module docstring); None follows torch's deterministic mode.
+    The atomic path saves recomputing Q Kᵀ and dO Vᵀ (5 matmuls of the causal T²·Hd/2 size instead of 7,
+    -29% backward tensor FLOPs) for, per (key tile, query tile) pair, BLOCK_M·Hd fp32 atomic adds in L2:
+    at T = 4096, Hd 128 and 128-key × 32-query tiles, about 2100 pairs × 16 KiB = 33 MiB per head, plus the
+    zeroing (4 B per dQ element) and the cast (4 B read, 2 B written). FA2 and FA3 take the atomic route,
+    the Triton tutorial the separate pass. Which is faster on an H100 is for `benchmarks/gpu_check.sh` to measure.
     """
     q, k, v, do = (_head_dim_contiguous(x) for x in (q, k, v, do))
     B, T, H, Hd = q.shape
@@ -751,17 +768,17 @@ def attention_backward(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # atomic path: dS K accumulates (unscaled) in an fp32 dQ that must start at zero, inside the dK/dV pass
-    dq_acc = q.new_empty(0, dtype=torch.float32) if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq_acc = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     # one program per query head; under GQA each head's dK, dV go to fp32 [B, T, H, Hd] buffers, summed below
     dk = _empty(tuple(k.shape), k.dtype, k.device) if group == 1 else _empty((B, T, H, Hd), torch.float32, k.device)
     dv = _empty(tuple(v.shape), v.dtype, v.device) if group == 1 else _empty((B, T, H, Hd), torch.float32, v.device)
     blocks = _bwd_dkdv_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, blocks.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, q if deterministic else dq_acc,
+        q, k, v, do, lse, delta, dk, dv, q if dq_acc is None else dq_acc,
         q if doc_end is None else doc_end, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        *(_strides(q) if deterministic else _strides(dq_acc)),
+        *_strides(q if dq_acc is None else dq_acc),
         T, H, group, qk_scale, sm_scale,
         HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=packed, ATOMIC_DQ=not deterministic,
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
