@@ -68,7 +68,7 @@ def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [tok.encode(format_prompt(r["instruction"], r["input"]), bos=True) for r in chunk]
-        for p, new in zip(prompts, generate_batch(model, prompts, max_new_tokens, stop_ids=(tok.eos_id,))):
+        for p, new in zip(prompts, generate_batch(model, prompts, max_new_tokens, stop_ids=(tok.eos_id,), vocab_size=tok.vocab_size)):
             if new and new[-1] == tok.eos_id:
                 new = new[:-1]
             out.append(tok.decode_continuation(p, new))

@@ -62,7 +62,8 @@ def respond(model: Llama, tok: Tokenizer, instruction: str, input: str = "", *, 
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:  # fmt: skip
     """The model's response to one Alpaca instruction (the text after "### Response:", EOS dropped)."""
     prompt = tok.encode(format_prompt(instruction, input), bos=True)
-    new = generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=(tok.eos_id,), seed=seed)
+    new = generate(model, prompt, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=(tok.eos_id,), seed=seed,
+                   vocab_size=tok.vocab_size)
     if new and new[-1] == tok.eos_id:
         new = new[:-1]
     return tok.decode_continuation(prompt, new)

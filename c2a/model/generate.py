@@ -65,10 +65,17 @@ def generate_batch(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (EOS_ID,),
     seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt; rows that hit a stop id stop growing while the others go on."""
+    """New tokens for each prompt; rows that hit a stop id stop growing while the others go on.
+
+    `vocab_size` (the tokenizer's) limits the choice to ids below it, for a model whose vocabulary is
+    padded past its tokenizer's (the trainer accepts any model vocab_size >= the tokenizer's): an id the
+    tokenizer does not have cannot be decoded."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (start it with BOS)")
+    if vocab_size is not None and not 0 < vocab_size <= model.cfg.vocab_size:
+        raise ValueError(f"generate: vocab_size must be in [1, {model.cfg.vocab_size}] (the model's), got {vocab_size}")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     param = next(model.parameters())
@@ -81,6 +88,8 @@ def generate_batch(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=param.device)
     out = []
     for step in range(max_new_tokens):
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]  # [B, vocab_size]: the ids past it have no piece
         token = sample(logits, temperature, top_p, generator)
         token = torch.where(done, stops[0] if len(stops) else token, token)  # finished rows emit padding
         out.append(token)
@@ -109,6 +118,7 @@ def generate(
     top_p: float = 1.0,
     stop_ids: Sequence[int] = (EOS_ID,),
     seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
-    """New token ids for one prompt (greedy by default)."""
-    return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_p, stop_ids, seed)[0]
+    """New token ids for one prompt (greedy by default); `vocab_size` as in generate_batch."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_p, stop_ids, seed, vocab_size)[0]
