@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -137,7 +138,7 @@ def test_sigterm_to_one_rank_stops_both_and_a_second_signal_aborts(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "second signal (SIGTERM): stopping now" in err, err[-2000:]
-    assert not (solo / "checkpoints").exists()
+    assert not list((solo / "checkpoints").glob("step_*"))
 
 
 def test_killing_torchrun_alone_takes_its_ranks_with_it(tmp_path):
@@ -223,3 +224,28 @@ def test_unwritable_out_dir_is_refused_before_training(tmp_path):
     proc = run1(out, "--train.max_steps=2")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{out / 'checkpoints'} cannot be written (" in proc.stderr and not (out / "metrics.jsonl").exists()
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG instead of killing it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    return apply
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["--train.max_steps=4", "--train.save_every=2"]
+    assert run1(out, *args).returncode == 0
+    shutil.rmtree(out / "final")
+    (out / "checkpoints" / "step_00000004").rename(out / "checkpoints" / "step_00000004.moved")
+    shard = max((out / "checkpoints" / "step_00000002").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    # every file the run writes before its next save is smaller than the checkpoint's shard
+    proc = subprocess.run(train_cmd(1, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(shard.stat().st_size // 2))  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not write checkpoint" in proc.stderr and "step_00000004.tmp: a write came up short (a full disk, a quota or a file size limit)" in proc.stderr
+    assert "a checkpoint of this run takes about " in proc.stderr and "the previous checkpoint step_00000002 is intact" in proc.stderr
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2  # and the next run resumes from it

@@ -11,7 +11,7 @@ from typing import Any
 from c2a.data import DataError
 from c2a.data.prepare import CacheMismatchError
 from c2a.model.weights import CheckpointError
-from c2a.train.checkpoint import CheckpointUnusable
+from c2a.train.checkpoint import CheckpointSaveError, CheckpointUnusable
 from c2a.train.cli import help_text, parse_args, wants_help
 from c2a.train.lifecycle import EXIT_STOPPED, OutDirUnusable, RunLocked, RunStopped, watch_parent
 from c2a.train.loop import TrainingError, run
@@ -19,8 +19,11 @@ from c2a.train.parallel import init_distributed, shutdown_and_exit
 
 log = logging.getLogger("c2a")
 
-# Errors whose message is the whole story for the user: printed without a traceback.
-USER_ERRORS = (TrainingError, CheckpointUnusable, DataError, CacheMismatchError, CheckpointError, KeyError, ValueError, FileNotFoundError, FileExistsError)
+# Errors whose message is the whole story for the user: printed without a traceback. The collective ones
+# are raised by every rank alike (each decides from the same files and all-reduced values), so only rank 0
+# prints them; the others (a data file rank 0 alone tokenizes, a rank's own I/O) are printed where raised.
+COLLECTIVE_ERRORS = (TrainingError, RunLocked, OutDirUnusable, CheckpointUnusable, CheckpointSaveError)
+USER_ERRORS = (*COLLECTIVE_ERRORS, DataError, CacheMismatchError, CheckpointError, KeyError, ValueError, FileNotFoundError, FileExistsError)
 
 
 def _setup_logging(rank: int) -> None:
@@ -73,12 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if d.is_main:
             print(f"[c2a] {e}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    except (RunLocked, OutDirUnusable) as e:  # raised on every rank alike: said once
-        if d.is_main:
-            log.error("error: %s", e)
-        return 1
     except USER_ERRORS as e:
-        log.error("error: %s", e.args[0] if e.args else e)
+        if d.is_main or not isinstance(e, COLLECTIVE_ERRORS):
+            log.error("error: %s", e.args[0] if e.args else e)
         return 1
     if d.is_main and "already_finished" in summary:
         print(f"[c2a] {summary['out_dir']} already finished at step {summary['already_finished']}; nothing to do", file=sys.stderr)

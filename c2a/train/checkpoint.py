@@ -9,6 +9,7 @@ run can resume on a different number of ranks.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -111,19 +113,84 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the message says why, and what a checkpoint of this run needs."""
+
+
+# errno of a failed write -> what the user is told
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file size limit exceeded (ulimit -f)"}  # fmt: skip
+
+
+def _write_error(e: BaseException) -> str | None:
+    """What an out-of-space failure looks like anywhere in an exception's chain. DCP raises a
+    CheckpointException holding each rank's (exception, stack) after a round trip through pickle, which
+    drops the OSError that torch.save's zip writer saw (its __context__); what survives is the writer's
+    "unexpected pos" enforce, the mark of a short write."""
+    seen, todo, short_write = set(), [e], False
+    while todo:
+        x = todo.pop()
+        if isinstance(x, tuple):  # DCP's (exception, StackSummary)
+            x = x[0] if x else None
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _WRITE_ERRORS:
+            return _WRITE_ERRORS[x.errno]
+        short_write = short_write or "unexpected pos" in str(x)
+        todo += [x.__cause__, x.__context__, *getattr(x, "failures", {}).values()]
+    return "a write came up short (a full disk, a quota or a file size limit)" if short_write else None
+
+
+def _failure_reason(failure: BaseException | None) -> str:
+    if failure is None:
+        return "another rank's write failed"
+    first_line = (str(failure).strip().splitlines() or [""])[0]
+    return _write_error(failure) or f"{type(failure).__name__}: {first_line}"
+
+
+def _checkpoint_bytes(out_dir: str | Path, model: torch.nn.Module) -> int:
+    """What the next checkpoint will take on disk: the previous one's size, else 3 fp32 copies of the
+    parameters (weights, Adam's two moments)."""
+    previous = latest_checkpoint(out_dir)
+    if previous is not None:
+        return sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
+    return sum(3 * 4 * p.numel() for p in model.parameters())  # DTensor numel is the full tensor's
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it with the same step. Returns the complete checkpoint's path."""
+    """Collective: every rank calls it with the same step. Returns the complete checkpoint's path. A failed
+    write (a full disk) raises CheckpointSaveError on every rank and leaves the previous checkpoint intact."""
     rank = dist.get_rank()
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
+    need = _checkpoint_bytes(out_dir, model)
     if rank == 0:
+        free = shutil.disk_usage(root).free
+        if free < need:
+            log.warning("%s free on %s, and a checkpoint of this run takes about %s: the save will likely fail", _gb(free), root, _gb(need))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    failure: BaseException | None = None
+    try:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        failure = e
+    failed = torch.tensor([failure is not None], dtype=torch.int32, device=next(model.parameters()).device)
+    dist.all_reduce(failed)  # a rank whose own write failed must not leave the others waiting in a barrier
+    if failed.item():
+        previous = latest_checkpoint(out_dir)
+        raise CheckpointSaveError(f"could not write checkpoint {tmp}: {_failure_reason(failure)}; a checkpoint of this run takes about {_gb(need)}, "
+                                  f"{_gb(shutil.disk_usage(root).free)} are free there; "
+                                  + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"))  # fmt: skip
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         state_file = tmp / STATE_FILE
