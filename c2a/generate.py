@@ -38,19 +38,23 @@ def resolve_tokenizer(model_dir: str | Path, tokenizer: str | Path | None) -> Pa
     return path
 
 
+def resolve_device(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype: CUDA if present, else CPU; "auto" is bf16 on CUDA and fp32 on CPU."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return resolved, DTYPES[dtype]
+
+
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
                              dtype: str = "auto") -> tuple[Llama, Tokenizer]:  # fmt: skip
     """The checkpoint in eval mode on `device` (default: CUDA if present, else CPU) and its tokenizer.
     `dtype` "auto" is bf16 on CUDA and fp32 on CPU."""
     CheckpointReader(model_dir)  # validates the directory (files, names, shapes) before anything is loaded
     tok = Tokenizer(resolve_tokenizer(model_dir, tokenizer))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    device, torch_dtype = resolve_device(device, dtype)
     model = load_pretrained(model_dir, dtype=torch_dtype, device=device).eval()
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model in {model_dir} has vocab_size "

@@ -218,3 +218,67 @@ def test_eval_cli_matches_the_torch_path(evals):
     assert all(a["generator"] == "final" for a in ours["answers"])
     if not CUDA:  # greedy answers from the same logits to fp32 rounding
         assert ours["answers"] == ref["answers"] and ours["exact_match"] == ref["exact_match"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA branches of c2a/, forced on CPU where they can be (the table in benchmarks/RESULTS.md lists them all)
+
+
+def test_kernel_switch_defaults_to_triton_on_cuda(monkeypatch):
+    from c2a.kernels import backend
+
+    monkeypatch.delenv("C2A_KERNELS", raising=False)
+    assert backend(torch.device("cuda")) == "triton" and backend(torch.device("cpu")) == "torch"
+
+
+def test_rmsnorm_backward_uses_four_programs_per_sm_on_cuda(monkeypatch):
+    from c2a.kernels import rmsnorm
+
+    monkeypatch.setattr(rmsnorm, "_sm_count", lambda index: 132)  # an H100 SXM's SMs
+    assert rmsnorm._bwd_programs(16384, torch.device("cuda")) == 528
+    assert rmsnorm._bwd_programs(100, torch.device("cuda")) == 100  # never more programs than rows
+    assert rmsnorm._bwd_programs(16384, torch.device("cpu")) == 4
+
+
+def test_model_loss_with_prompt_rows_kept_as_on_cuda(monkeypatch):
+    """On CUDA the model does not drop the untrained rows before the head (llama.py: finding them is a host
+    sync); the Triton loss then gets every row, prompts included. Forced here by making the row selection
+    keep every row: the same loss and gradients as with the rows dropped."""
+    import c2a.model.llama as llama
+
+    torch.manual_seed(0)
+    tiny = Llama(CFG).to(DEVICE, DTYPE)
+    ids = torch.randint(3, 512, (2, 13), device=DEVICE)
+    labels = ids.roll(-1, dims=1)
+    labels[:, :5] = -100  # the prompts
+    labels[1, -1] = -100
+
+    def loss_and_grads(keep_every_row: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with monkeypatch.context() as m:
+            m.setenv("C2A_KERNELS", "triton")
+            if keep_every_row:
+                m.setattr(llama, "_trained_rows", lambda h, labels: (h, labels))
+            tiny.zero_grad()
+            loss = tiny.loss(ids, labels)
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters()}
+
+    dropped, grads_dropped = loss_and_grads(False)
+    kept, grads_kept = loss_and_grads(True)
+    tol = dict(rtol=2e-2, atol=1e-3) if CUDA else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kept, dropped, **tol)
+    for name in grads_dropped:
+        torch.testing.assert_close(grads_kept[name], grads_dropped[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_cli_device_and_dtype_defaults(monkeypatch):
+    from c2a.generate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None, "auto") == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_device("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device("cuda:1", "fp16") == (torch.device("cuda", 1), torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None, "auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="--dtype must be auto, fp32, bf16, fp16; got 'fp8'"):
+        resolve_device(None, "fp8")

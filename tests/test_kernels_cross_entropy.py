@@ -245,3 +245,64 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     with torch.no_grad():
         linear_cross_entropy(h, w, labels)
     assert launches.launches == 4 and all(kw.get("enable_fp_fusion") is True for kw in launches.kwargs)
+
+
+class StandInGemms:
+    """torch.mm / torch.addmm that also take the fp32 out_dtype argument cuBLAS has and CPU lacks (computed
+    as fp32 GEMMs of the upcast operands: the same arithmetic), so the CUDA branches run on CPU.
+    `addmm_error` makes the out_dtype addmm raise it, as a torch without that overload would."""
+
+    def __init__(self, monkeypatch, addmm_error: Exception | None = None) -> None:
+        self.mm, self.addmm = torch.mm, torch.addmm
+        self.calls: list[str] = []
+        self.addmm_error = addmm_error
+        monkeypatch.setattr(cross_entropy, "_has_fp32_out_gemm", lambda t: True)
+        monkeypatch.setattr(cross_entropy, "_ADDMM_OUT_DTYPE_OK", True)
+        monkeypatch.setattr(torch, "mm", self.stand_in_mm)
+        monkeypatch.setattr(torch, "addmm", self.stand_in_addmm)
+
+    def stand_in_mm(self, a, b, *out_dtype, out=None):
+        if not out_dtype:
+            return self.mm(a, b, out=out)
+        self.calls.append("mm fp32-out")
+        result = self.mm(a.float(), b.float())
+        return result if out is None else out.copy_(result)
+
+    def stand_in_addmm(self, acc, a, b, *out_dtype, out=None):
+        if not out_dtype:
+            return self.addmm(acc, a, b, out=out)
+        self.calls.append("addmm fp32-out")
+        if self.addmm_error is not None:
+            raise self.addmm_error
+        return out.copy_(self.addmm(acc, a.float(), b.float()))
+
+
+def test_cuda_gemm_branch(monkeypatch):
+    """The CUDA path's fp32-output GEMMs (forced on CPU with stand-ins): logits and dW in one GEMM each per
+    chunk, results equal to the float64 reference's within torch's own fp16 error."""
+    gemms = StandInGemms(monkeypatch)
+    h, w, labels = problem(9, 80, 1000, torch.float16)
+    check_against_float64(h, w, labels, chunk_size=4)
+    assert gemms.calls == ["mm fp32-out", "addmm fp32-out"] * 3 and cross_entropy._ADDMM_OUT_DTYPE_OK
+
+
+def test_cuda_addmm_without_fp32_out_falls_back_once(monkeypatch, caplog):
+    """A torch whose CUDA addmm refuses an fp32 accumulator (a RuntimeError before anything runs): mm + add
+    from then on, said once in the log, with the same results."""
+    gemms = StandInGemms(monkeypatch, addmm_error=RuntimeError("addmm: out_dtype not supported"))
+    h, w, labels = problem(9, 80, 1000, torch.float16)
+    with caplog.at_level("WARNING", logger=cross_entropy.__name__):
+        check_against_float64(h, w, labels, chunk_size=4)
+    # chunk 1: logits, the refused addmm, its mm + add; chunks 2 and 3: logits, mm + add
+    assert gemms.calls == ["mm fp32-out", "addmm fp32-out"] + ["mm fp32-out"] * 5
+    assert not cross_entropy._ADDMM_OUT_DTYPE_OK and caplog.text.count("using mm + add") == 1
+
+
+def test_cuda_addmm_out_of_memory_is_raised_not_a_fallback(monkeypatch):
+    """Out of memory is a RuntimeError too, but says nothing about dtype support: it propagates and the
+    fp32-accumulator GEMM stays in use."""
+    StandInGemms(monkeypatch, addmm_error=torch.OutOfMemoryError("CUDA out of memory"))
+    h, w, labels = problem(9, 80, 1000, torch.float16)
+    with pytest.raises(torch.OutOfMemoryError):
+        run(linear_cross_entropy, h, w, labels, chunk_size=4)
+    assert cross_entropy._ADDMM_OUT_DTYPE_OK

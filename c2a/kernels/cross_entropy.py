@@ -203,11 +203,18 @@ def _chunk_rows(n_rows: int, dim: int, n_vocab: int) -> int:
     return max(1, min(n_rows, max(256, min(rows, 8192))))
 
 
+def _has_fp32_out_gemm(t: torch.Tensor) -> bool:
+    """Whether torch has mm/addmm with bf16/fp16 operands and an fp32 output for t's device: cuBLAS does
+    (torch.mm(a, b, torch.float32)); CPU has no such kernel. Tests force True to run the CUDA branches'
+    logic on CPU with stand-in GEMMs."""
+    return t.is_cuda
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (fp32) = a · b with fp32 accumulation and no rounding to a's dtype on the way out."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda:
+    if _has_fp32_out_gemm(a):
         return torch.mm(a, b, torch.float32, out=out)  # cuBLAS, bf16/fp16 operands, fp32 output
     # CPU (the interpreter tests): no out_dtype there; upcasting first is the same arithmetic, since the
     # product of two bf16/fp16 numbers is exact in fp32.
@@ -223,7 +230,7 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda:
+    if _has_fp32_out_gemm(a):
         if _ADDMM_OUT_DTYPE_OK:
             try:
                 torch.addmm(acc, a, b, torch.float32, out=acc)  # one GEMM, fp32 C read and written
