@@ -11,13 +11,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import torch
 
 from c2a.model.weights import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointReader, save_hf, save_meta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# what training, generation and evaluation read beside the weights; the same in both layouts
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copies the source's tokenizer files, so the converted directory is usable on its own."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             save_hf(reader.config, tensors, args.dst, int(args.max_shard_gb * 1024**3))
         else:
             save_meta(reader.config, tensors, args.dst)
+        copied = copy_tokenizer_files(args.src, args.dst)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.info("wrote %s checkpoint of %s (%s) to %s", to, args.src, reader.format, args.dst)
+    logging.info("wrote %s checkpoint of %s (%s) to %s%s", to, args.src, reader.format, args.dst,
+                 f" with {', '.join(copied)}" if copied else " (no tokenizer files in the source to copy)")
     return 0
 
 

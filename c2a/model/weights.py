@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -144,18 +145,17 @@ class CheckpointReader:
     def _open_hf(self) -> tuple[LlamaConfig, dict[str, Any]]:
         raw = _read_json(self.path / "config.json")
         cfg = config_from_hf(raw, self.path / "config.json")
+        self._handles: dict[str, Any] = {}
         index = self.path / HF_INDEX
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
         elif (self.path / HF_SINGLE).is_file():
-            with safe_open(self.path / HF_SINGLE, framework="pt") as f:
-                weight_map = {k: HF_SINGLE for k in f.keys()}
+            weight_map = {k: HF_SINGLE for k in self._hf_handle(HF_SINGLE).keys()}
         else:
             found = sorted(p.name for p in self.path.iterdir())
             raise CheckpointError(f"{self.path}: HF checkpoint without {HF_SINGLE} or {HF_INDEX} (only safetensors are read); found {found[:20]}")
-        self._handles: dict[str, Any] = {}
         where: dict[str, tuple[str, str]] = {}
         for hf, file in weight_map.items():
             if hf.endswith("rotary_emb.inv_freq"):
@@ -174,7 +174,7 @@ class CheckpointReader:
 
     def _hf_handle(self, file: str) -> Any:
         if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")
+            self._handles[file] = _safe_open(self.path / file)
         return self._handles[file]
 
     def _get_hf(self, name: str) -> torch.Tensor:
@@ -302,6 +302,34 @@ class _Shard:
         return tuple(self._st.get_slice(name).get_shape()) if self._st is not None else tuple(self._state[name].shape)
 
 
+def _safe_open(file: Path) -> Any:
+    """safe_open with the file named when it is not a complete safetensors file (a download cut short, a
+    git-lfs pointer, another format): safetensors' own error ("incomplete metadata") names none."""
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, and whatever a broken header gives
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-convert it") from None
+
+
+def _check_types(raw: dict[str, Any], where: Path | str, ints: tuple[str, ...], numbers: tuple[str, ...]) -> None:
+    """Config values of the wrong JSON type (e.g. "num_hidden_layers": "4") named, before they reach a
+    comparison that fails without naming them."""
+    for key in ints + numbers:
+        value = raw.get(key)
+        want_int = key in ints
+        ok = value is None or (not isinstance(value, bool) and isinstance(value, int if want_int else (int, float)))
+        if not ok:
+            raise CheckpointError(f"{where}: {key} must be {'an integer' if want_int else 'a number'}, got {type(value).__name__} {value!r}")
+
+
+def _readable_as_usual(file: Path) -> None:
+    """safetensors' save_file creates its file 0600 (it writes through a private temporary file); give it the
+    mode any other file written here gets (0666 less the umask), like config.json beside it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -327,6 +355,9 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise CheckpointError(f"{where}: unsupported Llama variant ({', '.join(bad)}); c2a implements Llama-2")
+    _check_types(raw, where, ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                   "intermediate_size", "max_position_embeddings", "head_dim"),
+                 numbers=("rms_norm_eps", "rope_theta"))  # fmt: skip
     try:
         heads = raw["num_attention_heads"]
         cfg = LlamaConfig(
@@ -359,6 +390,8 @@ def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") 
         log.warning("%s: ignoring keys %s", where, extra)
     if params.get("use_scaled_rope"):
         raise CheckpointError(f"{where}: use_scaled_rope (Llama-3.1) is not supported; c2a implements Llama-2")
+    _check_types(params, where, ints=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "ffn_hidden_dim"),
+                 numbers=("ffn_dim_multiplier", "norm_eps", "rope_theta"))  # fmt: skip
     try:
         return LlamaConfig(**{k: params[k] for k in _META_FIELDS if k in params and params[k] is not None})
     except (TypeError, ValueError) as e:
@@ -452,6 +485,7 @@ def save_hf(
     def flush() -> None:
         partial = out / f"shard-{len(written):05d}.safetensors.partial"
         save_file(shard, partial, metadata=meta)
+        _readable_as_usual(partial)
         written.append((partial, list(shard)))
 
     for name, t in tensors:
