@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything to run whenever a GPU is available, as one command (at most ~8 minutes on one H100):
+# Everything to run whenever a GPU is available, as one command (at most ~9.5 minutes on one H100):
 #
 #   benchmarks/gpu_check.sh [REPORT_DIR]          (default: $OUT if set, else benchmarks/results/gpu_check)
 #
@@ -7,12 +7,15 @@
 #                 install, no network); versions, GPU and commit recorded
 #   2. tests      the kernel tests on CUDA: pytest tests/test_kernels_*.py tests/test_attention*.py, with
 #                 TRITON_INTERPRET unset so the compiled kernels run
-#   3. train      benchmarks/train_throughput.py: c2a vs the HF/Alpaca stack on a Llama-2-7B-shaped model
+#   3. gpu_path   tests/test_gpu_path.py compiled on the GPU in bf16: every entry point (torchrun training with
+#                 activation checkpointing, resume, batched generation, python -m c2a.eval) with all kernels
+#                 on Triton against the torch path, on as many ranks as GPUs (at most 2)
+#   4. train      benchmarks/train_throughput.py: c2a vs the HF/Alpaca stack on a Llama-2-7B-shaped model
 #                 (8 of its 32 layers), rows of 2048 tokens; MFU and the ratios
-#   4. attention  benchmarks/attention.py at T = 1024, 4096, 16384, head dim 128 (+ its GQA and packed cases)
-#   5. kernels    benchmarks/kernels.py at 16384 tokens, without the torch.compile baselines (they take
+#   5. attention  benchmarks/attention.py at T = 1024, 4096, 16384, head dim 128 (+ its GQA and packed cases)
+#   6. kernels    benchmarks/kernels.py at 16384 tokens, without the torch.compile baselines (they take
 #                 minutes to compile)
-#   6. report     benchmarks/gpu_report.py: REPORT_DIR/gpu_check.md and gpu_check.json (every stage's status, time and key numbers),
+#   7. report     benchmarks/gpu_report.py: REPORT_DIR/gpu_check.md and gpu_check.json (every stage's status, time and key numbers),
 #                 the training JSON and the three plots, and gpu_check_details.tar.gz (all logs and outputs):
 #                 7 files, within what a device run sends back (8).
 #
@@ -40,6 +43,7 @@ if [[ "${GPU_CHECK_SMOKE:-0}" != 1 ]] && "$PY" -c 'import sys, torch; sys.exit(n
     unset TRITON_INTERPRET  # compiled kernels, not the interpreter
     SMOKE=()
     TEST_ARGS=()
+    PATH_ARGS=()  # one process: the suite's tests share its training runs (module fixtures)
     KERNEL_ARGS=()
     # Triton compiles each kernel specialisation on the CPU: spread the tests over 8 processes where
     # pytest-xdist is installed (it is on the device machines), all sharing the one GPU
@@ -49,11 +53,15 @@ else
     export TRITON_INTERPRET=1
     SMOKE=(--smoke)
     TEST_ARGS=(--collect-only)
+    PATH_ARGS=(--collect-only)
     KERNEL_ARGS=(--kernels rmsnorm,cross_entropy)  # the two launcher shapes (row-wise, chunked GEMM); all five take 17 s
 fi
 
-# seconds per stage; together ~7.5 minutes at most, so the whole check ends within 8
-declare -A LIMITS=([setup]=60 [tests]=150 [train]=170 [attention]=60 [kernels]=50)
+# seconds per stage; together 560 s at most, within the 600 s a device command may run. gpu_path: three
+# torchrun runs of a 2-layer model (each compiling the kernels it has not cached yet), two eval CLIs and the
+# in-process generation; reasoned, not yet timed on a GPU (2-3 min on 2 CPU cores interpreted, where the
+# kernels are 100x slower but nothing compiles).
+declare -A LIMITS=([setup]=60 [tests]=130 [gpu_path]=120 [train]=140 [attention]=60 [kernels]=50)
 
 echo "gpu_check: $MODE mode, report in $DIR"
 : >"$WORK/stages.tsv"
@@ -91,6 +99,7 @@ EOF
 
 stage tests "$PY" -m pytest tests/test_kernels_*.py tests/test_attention*.py -q -p no:cacheprovider \
     --junitxml="$WORK/tests.xml" "${TEST_ARGS[@]}"
+stage gpu_path "$PY" -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$WORK/gpu_path.xml" "${PATH_ARGS[@]}"
 stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" "${SMOKE[@]}"
 stage attention "$PY" benchmarks/attention.py --out "$WORK/attention" --seqlens 1024,4096,16384 --head-dims 128 "${SMOKE[@]}"
 stage kernels "$PY" benchmarks/kernels.py --out "$WORK/kernels" --tokens 16384 --no-compile "${SMOKE[@]}" "${KERNEL_ARGS[@]}"

@@ -52,25 +52,37 @@ if env.get("missing"):
     md.append(f"- MISSING: {'; '.join(env['missing'])}")
 md += ["", "| stage | status | seconds |", "|---|---|---:|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
 
-# kernel tests
-report["tests"] = None
-if mode == "smoke":
-    collected = next((l for l in tail("tests", 5).splitlines() if "collected" in l), None)
-    report["tests"] = {"collected": collected}
-    md += ["", "## Kernel tests (smoke: collected, not run; CI runs them under the interpreter)", str(collected)]
-elif (work / "tests.xml").is_file():
-    root = ET.parse(work / "tests.xml").getroot()
+def pytest_stage(name, title):
+    """A pytest stage: in smoke mode the collection line; on the GPU the counts, each failure, and (for the
+    short end-to-end suite) every test's time, from its junit XML; the log's tail where pytest wrote none."""
+    global md
+    if mode == "smoke":
+        collected = next((l for l in tail(name, 5).splitlines() if "collected" in l), None)
+        md += ["", f"## {title} (smoke: collected, not run; CI runs them under the interpreter)", str(collected)]
+        return {"collected": collected}
+    if not (work / f"{name}.xml").is_file():  # pytest did not get as far as writing its report (timeout, import error)
+        md += ["", f"## {title}", "```", tail(name), "```"]
+        return None
+    root = ET.parse(work / f"{name}.xml").getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
-    report["tests"] = {**counts, "failed": failed}
+    cases = [{"test": f"{c.get('classname')}::{c.get('name')}", "seconds": float(c.get("time") or 0),
+              "status": "failed" if c.find("failure") is not None or c.find("error") is not None
+              else "skipped" if c.find("skipped") is not None else "passed"} for c in suite.iter("testcase")]
+    failed = [c["test"] for c in cases if c["status"] == "failed"]
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    md += ["", "## Kernel tests on CUDA",
+    md += ["", f"## {title}",
            f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"]
-    md += [f"- FAILED {name}" for name in failed[:40]]
-else:  # pytest did not get as far as writing its report (timeout, import error)
-    md += ["", "## Kernel tests on CUDA", "```", tail("tests"), "```"]
+    md += [f"- FAILED {test}" for test in failed[:40]]
+    result = {**counts, "failed": failed}
+    if len(cases) <= 40:
+        result["cases"] = cases
+        md += ["", "| test | status | seconds |", "|---|---|---:|"] + [f"| {c['test']} | {c['status']} | {c['seconds']:.1f} |" for c in cases]
+    return result
+
+
+report["tests"] = pytest_stage("tests", "Kernel tests on CUDA")
+report["gpu_path"] = pytest_stage("gpu_path", "End-to-end GPU path (tests/test_gpu_path.py: compiled kernels, bf16)")
 
 # training throughput
 train = load(work / "train" / "train_throughput.json")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["setup", "tests", "train", "attention", "kernels"]
+STAGES = ["setup", "tests", "gpu_path", "train", "attention", "kernels"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout")
@@ -32,10 +32,11 @@ def test_gpu_check_smoke(tmp_path):
     assert [s["stage"] for s in report["stages"]] == STAGES and all(s["status"] == "pass" for s in report["stages"])
     assert report["setup"]["missing"] == []
     assert "tests collected" in report["tests"]["collected"]
+    assert "tests collected" in report["gpu_path"]["collected"]  # the end-to-end suite imports and collects
     assert set(report["train"]["ratios"]) >= {"trained_tokens_per_s", "peak_memory_mib"}
     assert report["attention"]["rows"] and report["kernels"]["rows"]
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("| stage | status | seconds |", "## Training throughput", "## Attention", "## Kernels"):
+    for heading in ("| stage | status | seconds |", "## End-to-end GPU path", "## Training throughput", "## Attention", "## Kernels"):
         assert heading in md
     with tarfile.open(tmp_path / "gpu_check_details.tar.gz") as tar:
         logs = {Path(n).name for n in tar.getnames()}
@@ -48,7 +49,14 @@ def test_gpu_report_survives_failed_stages_and_rows(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "kernels").mkdir(parents=True)
     out.mkdir()
-    (work / "stages.tsv").write_text("setup\t0\t900\tpython3 -\ntrain\t124\t170000\tpython3 train\nkernels\t0\t5000\tpython3 k\n")
+    (work / "stages.tsv").write_text("setup\t0\t900\tpython3 -\ngpu_path\t1\t80000\tpython3 -m pytest\n"
+                                     "train\t124\t170000\tpython3 train\nkernels\t0\t5000\tpython3 k\n")
+    (work / "gpu_path.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="2" failures="1" errors="0" skipped="0">'
+        '<testcase classname="tests.test_gpu_path" name="test_training_losses_match_the_torch_path" time="61.5"/>'
+        '<testcase classname="tests.test_gpu_path" name="test_seeded_sampling" time="2.25"><failure message="x"/></testcase>'
+        "</testsuite></testsuites>"
+    )
     (work / "setup.json").write_text(json.dumps({"commit": "abc1234", "device": "NVIDIA H100", "packages": {"torch": "2.13"}}))
     (work / "train.log").write_text("step 1\nkilled: time limit\n")
     rows = [{"kernel": "cross_entropy", "shape": "16384x4096->32000", "mode": "fwd", "provider": "liger", "ms": None,
@@ -61,7 +69,10 @@ def test_gpu_report_survives_failed_stages_and_rows(tmp_path):
     assert done.returncode == 1, done.stderr[-3000:]  # a stage failed: the exit says so, after the report
     md = (out / "gpu_check.md").read_text()
     assert "| train | timeout | 170.0 |" in md and "killed: time limit" in md
+    assert "2 tests: 1 passed, 1 failed" in md and "- FAILED tests.test_gpu_path::test_seeded_sampling" in md
+    assert "| tests.test_gpu_path::test_training_losses_match_the_torch_path | passed | 61.5 |" in md
     assert "error: OutOfMemoryError" in md and "| 12.500 |" in md
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["train"] is None and report["attention"] is None and len(report["kernels"]["rows"]) == 2
+    assert report["gpu_path"]["failed"] == ["tests.test_gpu_path::test_seeded_sampling"] and report["tests"] is None
     assert (out / "gpu_check_details.tar.gz").is_file()

@@ -119,7 +119,8 @@ def test_resume_from_a_triton_checkpoint(runs):
     b = load_pretrained(runs["resumed"] / "final", dtype=torch.float32).state_dict()
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4 if CUDA else 1e-5, atol=1e-6, msg=name)
+        # GPU: the attention backward's fp32 atomics add dQ in a run-dependent order
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3 if CUDA else 1e-5, atol=1e-5 if CUDA else 1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------
