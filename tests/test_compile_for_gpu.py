@@ -105,9 +105,10 @@ def test_mma_ratio_counts_work_every_warp_repeats(arch):
     assert r["unattributed"] == 0 and r["sass_check"] is True
     assert r["mma_ratio_max"] >= 4.0, r
     if arch == 90:
-        # 2 warp groups on a 64 x 8 tile: each issues at least one m64n8k16, the whole tile: ratio >= 2
+        # 8 warps on a 64 x 8 tile (2·64·8·16 FLOPs): as wgmma (Triton 3.9) each of 2 warp groups issues at
+        # least one m64n8k16, the whole tile; as mma.sync (3.6) each of 8 warps at least one m16n8k16: >= 2
         r = one_dot_report(arch, 64, 8, 16, num_warps=8)
-        assert r["wgmma"] and r["unattributed"] == 0 and r["sass_check"] is True
+        assert r["unattributed"] == 0 and r["sass_check"] is True
         assert r["mma_ratio_max"] >= 2.0, r
 
 
