@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -101,11 +102,46 @@ def test_hf_to_c2a_to_hf_bitwise(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@dataclasses.dataclass
+class MetaModelArgs:
+    """The fields of ModelArgs in Meta's Llama-2 code (llama/model.py), written out here. Meta's loader
+    builds it as ModelArgs(max_seq_len=..., max_batch_size=..., **params): params.json may hold only these
+    names, and neither of the two the loader passes itself."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1  # -1: the loader sets it from the tokenizer
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+
+def meta_ffn_width(args: MetaModelArgs) -> int:
+    """Meta's FeedForward hidden width from ModelArgs (llama/model.py), written out here."""
+    hidden = int(2 * (4 * args.dim) / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    return args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+
+
 def test_hf_to_meta_and_back(model, tmp_path):
     save_pretrained(model, tmp_path / "hf")
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "meta")]) == 0
     assert (tmp_path / "meta" / "consolidated.00.safetensors").is_file()
     assert_same_weights(load_pretrained(tmp_path / "meta"), model)
+    # Meta's own loader would build its model from this params.json (no TypeError), with these sizes
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    args = MetaModelArgs(max_seq_len=512, max_batch_size=1, **params)
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.norm_eps) == (64, 2, 8, 2, CFG.norm_eps)
+    # the HF config had no multiple_of: the one written must make Meta's formula give the FFN width
+    assert args.vocab_size in (-1, CFG.vocab_size) and meta_ffn_width(args) == CFG.ffn_hidden_dim
+    # and Meta's tensor names, each stored whole (one model-parallel shard)
+    tensors = load_file(tmp_path / "meta" / "consolidated.00.safetensors")
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def test_sharded_hf_export_loads_in_transformers(model, tmp_path):
@@ -151,6 +187,8 @@ def test_convert_cli_subprocess(model, tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
+    assert_same_weights(load_pretrained(tmp_path / "hf"), model.to(torch.bfloat16))  # rounded, not otherwise changed
     again = subprocess.run([sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf")], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites what is there
 

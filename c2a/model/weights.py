@@ -451,12 +451,45 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+# ModelArgs' fields in Meta's Llama-2 code (llama/model.py), less max_seq_len and max_batch_size: its loader
+# builds ModelArgs(max_seq_len=..., max_batch_size=..., **params), so params.json may hold only these (a
+# max_seq_len in it is "got multiple values for keyword argument", any other name an unexpected keyword).
+_META_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
+
+
 def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
-    """params.json in Meta's format; `ffn_hidden_dim` is added only where Meta's formula would not give it."""
-    params = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
-    if meta_ffn_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier) != cfg.ffn_hidden_dim:
+    """params.json as Meta's Llama-2 loader reads it. max_seq_len is not written (the loader passes its
+    own; c2a reads 4096, Llama-2's context, back). Two keys no Llama-2 has are added only where the model
+    needs them, and Meta's Llama-2 code cannot load the result (a warning says so; c2a can): rope_theta
+    (Code Llama's params.json name) when it is not 10000, and ffn_hidden_dim when Meta's formula does not
+    give the FFN width (an HF model with another intermediate_size)."""
+    params = {k: getattr(cfg, k) for k in _META_PARAMS}
+    multiple_of = _meta_multiple_of(cfg)
+    if multiple_of is not None:
+        params["multiple_of"] = multiple_of
+    else:
         params["ffn_hidden_dim"] = cfg.ffn_hidden_dim
+    if cfg.rope_theta != 10000.0:
+        params["rope_theta"] = cfg.rope_theta
+    extra = sorted(set(params) - set(_META_PARAMS))
+    if extra:
+        log.warning("params.json: %s are not fields of Meta's Llama-2 ModelArgs; Meta's code will not load this checkpoint", extra)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def _meta_multiple_of(cfg: LlamaConfig) -> int | None:
+    """A multiple_of for which Meta's formula gives the model's FFN width, or None if none does.
+
+    An HF config has no multiple_of (c2a reads the default 256 and keeps intermediate_size as the width).
+    Meta's width is m * ceil(h / m) with h = int(8 * dim / 3) (times ffn_dim_multiplier): every divisor m of
+    the width F with m > F - h gives F. The configured one is kept when it works (Llama-2 7B/13B: 256), else
+    the largest power of two that works (like Meta's own: 256, 4096), else the smallest divisor."""
+    F = cfg.ffn_hidden_dim
+    if meta_ffn_hidden_dim(cfg.dim, cfg.multiple_of, cfg.ffn_dim_multiplier) == F:
+        return cfg.multiple_of
+    powers = [1 << k for k in range(F.bit_length(), -1, -1)]
+    divisors = [m for m in range(1, F + 1) if F % m == 0]
+    return next((m for m in powers + divisors if F % m == 0 and meta_ffn_hidden_dim(cfg.dim, m, cfg.ffn_dim_multiplier) == F), None)
 
 
 def _prepare_out_dir(out: Path) -> None:
