@@ -116,6 +116,7 @@ class DataSection:
     max_len: int = _f(256, "maximum tokens per example and packed row length")
     packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
+    truncation: str = _f("truncate", "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way")
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
@@ -171,6 +172,7 @@ class TrainConfig:
         checks = {
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
+            "data.truncation must be truncate or drop": self.data.truncation in ("truncate", "drop"),
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(t.global_batch, t.micro_batch, t.epochs, self.data.max_len) > 0,
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
             "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps) >= 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -76,3 +77,59 @@ def test_convert_copies_the_tokenizer_and_writes_files_readable_as_usual(hf_dir,
     os.umask(umask)
     mode = stat.S_IMODE((back / "model.safetensors").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((back / "config.json").stat().st_mode)
+
+
+def train(out: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
+    return cli("-m", "c2a.train", f"--out_dir={out}", f"--data.path={data}", f"--data.tokenizer={DEMO_TOKENIZER}", "--data.max_len=64",
+               "--train.global_batch=4", "--train.micro_batch=2", "--train.max_steps=1", "--train.progress=false", *args)  # fmt: skip
+
+
+def alpaca_lines(n: int, response: str = "the answer") -> str:
+    return "".join(json.dumps({"instruction": f"question {i}", "output": response}) + "\n" for i in range(n))
+
+
+def test_trainer_data_errors_name_the_line_and_the_trainer_flag(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(alpaca_lines(3) + '{"instruction": "no output"}\n')
+    proc = train(tmp_path / "a", data)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{data}:4: " in proc.stderr and "(pass --data.skip_bad_rows=true to skip such rows)" in proc.stderr, proc.stderr[-2000:]
+    assert "--skip-bad-rows" not in proc.stderr  # prepare's flag, which the trainer rejects
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(alpaca_lines(2).encode() + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    proc = train(tmp_path / "b", latin)
+    assert proc.returncode == 1 and f"{latin}:3: not UTF-8 text (byte 0xe9 at offset " in proc.stderr, proc.stderr[-2000:]
+
+
+def test_over_length_examples_are_counted_and_the_policy_is_a_setting(tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(alpaca_lines(6) + alpaca_lines(2, response=" ".join(["word"] * 200)))
+    proc = train(tmp_path / "t", data)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data: 2 truncated of 8 examples longer than data.max_len=64 (data.truncation=drop leaves them out)" in proc.stderr
+    proc = train(tmp_path / "d", data, "--data.truncation=drop")
+    assert proc.returncode == 0 and "data: 2 dropped of 8 examples longer than data.max_len=64" in proc.stderr
+    assert "data: 6 examples" in proc.stderr
+    # the run's own cache was made with one policy: resuming with the other says what to do
+    proc = train(tmp_path / "d", data, "--data.truncation=truncate")
+    assert proc.returncode == 1 and "truncation is 'drop', expected 'truncate'" in proc.stderr
+    assert "is this run's own cache, made when it started: resume with the data and settings it was started with" in proc.stderr
+
+
+def test_one_example_logs_the_padding_the_metrics_report(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(alpaca_lines(1))
+    proc = train(tmp_path / "one", data, "--train.log_every=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = float(proc.stderr.split("padding ")[1].split("%")[0]) / 100
+    measured = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["padding_fraction"]
+    assert logged == pytest.approx(measured, abs=5e-5) and logged > 0.9
+
+
+def test_tensorboard_without_the_package_fails_before_any_work(tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:  # the test extras do not install it
+        pytest.skip("tensorboard is installed here")
+    proc = cli("-m", "c2a.train", f"--out_dir={tmp_path / 'tb'}", "--train.tensorboard=true")
+    assert proc.returncode == 1 and "train.tensorboard = true needs the tensorboard package" in proc.stderr
+    assert not (tmp_path / "tb").exists()  # nothing was made or loaded first

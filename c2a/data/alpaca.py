@@ -147,11 +147,13 @@ def is_local_file(source: str | Path) -> bool:
     return path.exists() or path.suffix.lower() in FILE_SUFFIXES
 
 
-def load_records(source: str | Path, *, skip_bad_rows: bool = False, split: str = "train") -> LoadedRecords:
+def load_records(source: str | Path, *, skip_bad_rows: bool = False, split: str = "train",
+                 skip_hint: str = "--skip-bad-rows / skip_bad_rows=True") -> LoadedRecords:
     """Read and validate Alpaca records from a local .json/.jsonl/.parquet file or a hub dataset name.
 
     A hub name goes through `datasets.load_dataset(name, split=split)` and needs network or a local cache.
     The returned `source` is what a tokenized cache's manifest records (path + sha256, or name + split).
+    `skip_hint` is how the caller's user turns on skipping (the trainer's flag differs from prepare's).
     """
     if is_local_file(source):
         path = Path(source)
@@ -173,7 +175,7 @@ def load_records(source: str | Path, *, skip_bad_rows: bool = False, split: str 
         except ValueError as e:
             msg = f"{label}{loc}: {e}"
             if not skip_bad_rows:
-                raise DataError(msg + " (pass --skip-bad-rows / skip_bad_rows=True to skip such rows)") from None
+                raise DataError(f"{msg} (pass {skip_hint} to skip such rows)") from None
             skipped.append(msg)
     if skipped:
         log.warning("skipped %d bad row(s) of %s; first: %s", len(skipped), label, skipped[0])
@@ -201,7 +203,9 @@ def _read_file(path: Path) -> tuple[list[Any], list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not JSON
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
+                        "re-save the file as UTF-8") from None
     if suffix == ".jsonl":
         return _read_jsonl(text)
     try:

@@ -138,11 +138,13 @@ class TokenizedDataset:
 
     @classmethod
     def open(cls, path: str | Path, *, expect_tokenizer: Tokenizer | str | Path | None = None, expect_max_len: int | None = None,
-             expect_source: str | Path | None = None) -> TokenizedDataset:
+             expect_source: str | Path | None = None, expect_truncation: str | None = None,
+             hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).") -> TokenizedDataset:
         """Map a cache written by `prepare`; raise `CacheMismatchError` if it was built differently than expected.
 
         `expect_tokenizer` (a Tokenizer or a tokenizer.model path) is compared by sha256, `expect_max_len`
-        exactly, `expect_source` (a local file, compared by sha256, or a hub name) against the manifest.
+        exactly, `expect_source` (a local file, compared by sha256, or a hub name) against the manifest,
+        `expect_truncation` exactly. `hint` ends the mismatch message: what the caller's user should do.
         """
         path = Path(path)
         mpath = path / MANIFEST
@@ -160,9 +162,10 @@ class TokenizedDataset:
             problems.append(f"max_len is {manifest['max_len']}, expected {expect_max_len}")
         if expect_source is not None:
             problems += _source_problems(manifest["source"], expect_source)
+        if expect_truncation is not None and manifest.get("truncation") != expect_truncation:
+            problems.append(f"truncation is {manifest.get('truncation')!r}, expected {expect_truncation!r}")
         if problems:
-            raise CacheMismatchError(f"tokenized cache {path} does not match this run: " + "; ".join(problems)
-                                     + ". Rebuild it with python -m c2a.data.prepare (or point to the right cache).")
+            raise CacheMismatchError(f"tokenized cache {path} does not match this run: " + "; ".join(problems) + ". " + hint)
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
         return cls(arrays["input_ids"], arrays["labels"], arrays["offsets"], manifest)
 

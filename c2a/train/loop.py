@@ -8,6 +8,7 @@ clipping on the global norm, then the optimizer step unless the loss or gradient
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -75,20 +76,39 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
         from c2a.data.demo import demo_split
 
         records, heldout = demo_split(cfg.data.demo_train_size, cfg.data.demo_heldout_size)
-        return RunData(tok_path, tokenizer, TokenizedDataset.from_records(records, tokenizer, max_len, source={"kind": "demo"}), heldout)
+        ds = TokenizedDataset.from_records(records, tokenizer, max_len, truncation=cfg.data.truncation, source={"kind": "demo"})
+        return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), heldout)
     source = Path(cfg.data.path)
     if source.is_dir():
-        return RunData(tok_path, tokenizer, TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len), None)
+        ds = TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len)
+        return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
     cache = Path(cfg.out_dir) / "data_cache"
     if d.is_main and not cache.is_dir():
         log.info("tokenizing %s into %s", cfg.data.path, cache)
-        loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows)
+        loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint="--data.skip_bad_rows=true")
         workers = cfg.data.workers or os.cpu_count() or 1
-        ds = TokenizedDataset.from_records(loaded.records, tokenizer, max_len, workers=workers, source=loaded.source, skipped_bad_rows=len(loaded.skipped))
+        ds = TokenizedDataset.from_records(loaded.records, tokenizer, max_len, truncation=cfg.data.truncation, workers=workers,
+                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped))  # fmt: skip
         ds.save(cache)
     dist.barrier()
-    ds = TokenizedDataset.open(cache, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_source=cfg.data.path)
-    return RunData(tok_path, tokenizer, ds, None)
+    hint = (f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
+            f"(see {Path(cfg.out_dir) / 'config.toml'}), or train in a new out_dir")  # fmt: skip
+    ds = TokenizedDataset.open(cache, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_source=cfg.data.path,
+                               expect_truncation=cfg.data.truncation, hint=hint)  # fmt: skip
+    return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
+
+
+def _report_lengths(ds: TokenizedDataset, cfg: TrainConfig) -> TokenizedDataset:
+    """Logs how many examples did not fit data.max_len (truncated or dropped): never silent."""
+    counts = ds.manifest["counts"]
+    if counts["truncated"] or counts["dropped"]:
+        if counts["truncated"]:
+            what, instead = f"{counts['truncated']:,} truncated", "data.truncation=drop leaves them out"
+        else:
+            what, instead = f"{counts['dropped']:,} dropped", "data.truncation=truncate keeps them, shortened"
+        log.warning("data: %s of %s examples longer than data.max_len=%d (%s)",
+                    what, f"{counts['records'] - counts['skipped_bad_rows']:,}", cfg.data.max_len, instead)  # fmt: skip
+    return ds
 
 
 def make_loader(cfg: TrainConfig, dataset: TokenizedDataset, d: Dist, rows: int | None = None) -> tuple[MicroBatchLoader, str]:
@@ -118,8 +138,10 @@ def make_loader(cfg: TrainConfig, dataset: TokenizedDataset, d: Dist, rows: int 
     split = f"micro-batch {t.micro_batch} x accumulation {loader.accum_steps} x {d.world_size} ranks"
     if mode == "padded":
         return loader, f"global batch {rows} examples = {split} (padded to the longest in each micro-batch)"
+    # padding of the epoch's steps: the packed rows' unfilled ends, and the empty rows that complete its last step
+    filled = (1.0 - loader.padding_fraction(0)) * loader.rows_in_epoch(0) / (loader.steps_in_epoch(0) * rows)
     return loader, (f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
-                    f"(~{rows * examples_per_row:.1f} examples, padding {loader.padding_fraction(0):.2%}) = {split}")
+                    f"(~{rows * examples_per_row:.1f} examples, padding {1.0 - filled:.2%}) = {split}")
 
 
 # --------------------------------------------------------------------------------- optimizer, schedule
@@ -228,6 +250,8 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     run_start = time.perf_counter()
     out = Path(cfg.out_dir)
     t = cfg.train
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before minutes of loading, not after
+        raise TrainingError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
     claim_out_dir(out, d)  # collective: every rank refuses an unwritable out_dir or one another run holds
     if d.is_main:
         remove_partial_checkpoints(out)
