@@ -249,3 +249,44 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp
     assert "a checkpoint of this run takes about " in proc.stderr and "the previous checkpoint step_00000002 is intact" in proc.stderr
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["step"] == 2  # and the next run resumes from it
+
+
+# ------------------------------------------------------------------------------------ two "nodes"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_agents_with_c10d_rendezvous_train_like_one_and_stop_together(tmp_path):
+    """Two torchrun agents on localhost as two nodes (one process each, c10d rendezvous, HSDP with a replica
+    per node, as examples/slurm.sbatch runs them) against one agent with two processes; then SIGTERM to one
+    agent stops the whole job with one checkpoint."""
+    args = ["--train.max_steps=60", "--train.replicas=2", "--train.lr=3e-3"]
+    one = tmp_path / "one"
+    proc = start(train_cmd(2, one, *args))
+    wait_for(lambda: steps_logged(one) >= 6, 240, "step 6 of the one-agent run", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+
+    two = tmp_path / "two"
+    port = _free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+             f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=c2a-test", "-m", "c2a.train", f"--out_dir={two}", *TINY, *args]  # fmt: skip
+    agents = [start(agent), start(agent)]
+    wait_for(lambda: steps_logged(two) >= 6, 240, "step 6 of the two-agent run", agents[0])
+    agents[1].send_signal(signal.SIGTERM)  # one node's agent: e.g. that node is preempted
+    errs = [a.communicate(timeout=120)[1] for a in agents]
+    stopped = [line for err in errs for line in err.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1, "\n".join(e[-2000:] for e in errs)
+    step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    ref, got = metrics(one), metrics(two)
+    n = min(len(ref), len(got))
+    assert n >= 6 and [r["step"] for r in got] == list(range(1, step + 1))
+    for a, b in zip(ref[:n], got[:n]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
