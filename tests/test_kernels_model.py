@@ -7,6 +7,11 @@ linear cross-entropy.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +93,39 @@ def test_triton_requested_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
         Llama(CFG).loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+# Run without TRITON_INTERPRET (the kernels must be Triton's JIT functions to be recorded and specialised)
+FP_FUSION_CHECK = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+from gpu_compile import capture_launches, specialise
+from c2a.kernels import cross_entropy, rmsnorm, rotary, swiglu
+
+meta = dict(device="meta")
+x, w = torch.empty(2, 13, 64, **meta), torch.empty(64, **meta)
+q, k, pos = torch.empty(2, 13, 4, 16, **meta), torch.empty(2, 13, 2, 16, **meta), torch.empty(2, 13, dtype=torch.long, **meta)
+with capture_launches(rmsnorm, rotary, swiglu, cross_entropy) as launches:
+    rmsnorm.rms_norm_forward(x, w, 1e-5, residual=x)
+    rmsnorm.rms_norm_backward(x, x, w, torch.empty(26, **meta), dh=x)
+    rotary.rotary_launch(q, k, pos, 10000.0, sign=1)
+    swiglu.swiglu_forward(x, x)
+    swiglu.swiglu_backward(x, x, x)
+    cross_entropy.linear_cross_entropy_forward(x.view(26, 64), torch.empty(1000, 64, **meta),
+                                               torch.empty(26, dtype=torch.long, **meta), None, 0.0, True, True)
+pinned = [specialise(launch, 90)[3].enable_fp_fusion for launch in launches]
+launches[-1].kwargs.pop("enable_fp_fusion")  # the last launch again without the option: the environment decides
+print(pinned, specialise(launches[-1], 90)[3].enable_fp_fusion)
+"""
+
+
+def test_pinned_fp_fusion_overrides_the_environment_default():
+    """TRITON_DEFAULT_FP_FUSION=0 (Triton 3.10's announced default, taken early): the launch option still
+    builds every kernel of the model with FMA contraction, in the options Triton's own binder derives for
+    an sm_90 target (as benchmarks/gpu_compile.py does; checked with Triton 3.6 and 3.9)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", FP_FUSION_CHECK], capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == f"{[True] * 6} False"  # 2 RMSNorm, rotary, 2 SwiGLU, the loss
