@@ -217,10 +217,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def remove_partial_checkpoints(out_dir: str | Path) -> None:
-    """Rank 0, at start: drops `.tmp` directories a crashed save left behind."""
+    """Rank 0, at start: drops what a crash left behind: the `.tmp` directory of a save that did not finish,
+    and a step directory without DCP's .metadata or the trainer state, i.e. an old checkpoint whose removal
+    (keep_last) was cut short: a save renames its directory only once both are written, so no usable
+    checkpoint looks like that."""
     root = checkpoint_root(out_dir)
-    if root.is_dir():
-        for p in root.glob("step_*.tmp"):
+    if not root.is_dir():
+        return
+    complete = set(complete_checkpoints(out_dir))
+    for p in sorted(root.iterdir()):
+        torn = p.name.startswith("step_") and p.name.endswith(".tmp")
+        if p.is_dir() and (torn or (_STEP_DIR.fullmatch(p.name) and p not in complete)):
             log.warning("removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
 
