@@ -29,6 +29,17 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     ffn_hidden_dim: int | None = None
+    # Tied head (TinyLlama-style small models, SmolLM, Llama-3.2 1B/3B): the output head IS the embedding
+    # matrix, one [V, D] parameter. HF config.json's `tie_word_embeddings`.
+    tie_word_embeddings: bool = False
+    # Llama-3.1's rope scaling, under the names of Meta's params.json (llama-models' ModelArgs:
+    # use_scaled_rope, rope_scaling_factor, high_freq_factor; its low_freq_factor 1 and old_context_len 8192
+    # are constants there, fields here as in HF's rope_scaling). Off: plain rope (Llama-2).
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -46,6 +57,11 @@ class LlamaConfig:
                 problems.append(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary pairs")
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            if self.use_scaled_rope and not (self.rope_scaling_factor >= 1 and 0 < self.low_freq_factor < self.high_freq_factor
+                                             and self.original_max_seq_len > 0):
+                problems.append("llama3 rope scaling needs rope_scaling_factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                                f"original_max_seq_len > 0, got {self.rope_scaling_factor}, {self.low_freq_factor}, "
+                                f"{self.high_freq_factor}, {self.original_max_seq_len}")
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
 
@@ -55,11 +71,12 @@ class LlamaConfig:
 
     @property
     def num_params(self) -> int:
-        """Parameter count: embedding + untied output head + blocks + final norm."""
+        """Parameter count: embedding + output head (unless tied) + blocks + final norm."""
         hd, kv = self.head_dim, self.n_kv_heads
         attn = self.dim * (self.n_heads * hd) * 2 + self.dim * (kv * hd) * 2
         ffn = 3 * self.dim * self.ffn_hidden_dim
-        return 2 * self.vocab_size * self.dim + self.n_layers * (attn + ffn + 2 * self.dim) + self.dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + head + self.n_layers * (attn + ffn + 2 * self.dim) + self.dim
 
     @classmethod
     def from_name(cls, name: str) -> LlamaConfig:

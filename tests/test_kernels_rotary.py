@@ -111,3 +111,62 @@ def test_rotary_rejects_bad_inputs(make, message):
     q, k, pos = (t.to(DEVICE) for t in make())
     with pytest.raises((ValueError, TypeError), match=f"apply_rotary: {message}"):
         apply_rotary(q, k, pos, THETA)
+
+
+# Llama-3.1's scaling with a 64-token original context at Hd 16 and theta 1e4: the pair wavelengths 6.3, 20,
+# 63, 199, ... tokens put pair 0 above the high-frequency cut (64/4), pairs 1-2 in the blend and the rest
+# below the low-frequency cut (64/1), so every branch of the rule reaches the kernel.
+SCALING = rotary.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)
+
+
+def test_llama3_frequencies_follow_the_rule():
+    """Each pair's frequency from the three-branch rule written out in float64 here, wavelength by wavelength."""
+    import math
+
+    plain = rotary.rotary_inv_freq(16, THETA, torch.device("cpu")).double()
+    scaled = rotary.rotary_inv_freq(16, THETA, torch.device("cpu"), SCALING).double()
+    s, lo, hi, L = SCALING
+    for f, got in zip(plain.tolist(), scaled.tolist()):
+        wavelen = 2 * math.pi / f
+        if wavelen < L / hi:
+            want = f
+        elif wavelen > L / lo:
+            want = f / s
+        else:
+            a = (L / wavelen - lo) / (hi - lo)
+            want = (1 - a) * f / s + a * f
+        assert got == pytest.approx(want, rel=1e-6)
+    assert scaled[0] == plain[0] and scaled[-1].item() == pytest.approx(plain[-1].item() / 8, rel=1e-6)
+    assert plain[1] / 8 < scaled[1] < plain[1]  # blended
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_llama3_scaling_matches_float64(dtype):
+    """The kernel with scaled frequencies against the float64 rotation by the reference's scaled angles, and
+    visibly different from plain rope (positions up to 4000, well past the original context)."""
+    B, T, H, K, Hd = 2, 19, 4, 2, 16
+    q = torch.randn(B, T, H, Hd, device=DEVICE).to(dtype)
+    k = torch.randn(B, T, K, Hd, device=DEVICE).to(dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    pos = packed_positions(1, T).expand(B, T).contiguous()
+    qo, ko, gq, gk = run(lambda q, k, p: apply_rotary(q, k, p, THETA, SCALING), q, k, pos, dq, dk)
+    qt, kt, gqt, gkt = run(lambda q, k, p: rotary_reference(q, k, p, THETA, SCALING), q, k, pos, dq, dk)
+    cos, sin = (t.double()[:, :, None, :] for t in rotary_angles(pos, Hd, THETA, SCALING))
+
+    def rotate(x: torch.Tensor, sign: float) -> torch.Tensor:
+        pairs = x.double().unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - sign * x1 * sin, sign * x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+    for name, out, ref_t, ref64 in [
+        ("q", qo, qt, rotate(q, 1)), ("k", ko, kt, rotate(k, 1)), ("dq", gq, gqt, rotate(dq, -1)), ("dk", gk, gkt, rotate(dk, -1)),
+    ]:  # fmt: skip
+        assert_within_torch_error(name, out, ref_t, ref64)
+    plain_q, _ = apply_rotary(q, k, pos, THETA)
+    assert (plain_q.float() - qo.float()).abs().max() > 0.1
+
+
+def test_rotary_rejects_bad_scaling():
+    q = torch.randn(1, 2, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="apply_rotary: scaling needs factor >= 1"):
+        apply_rotary(q, q, torch.zeros(1, 2, dtype=torch.long, device=DEVICE), THETA, SCALING._replace(high_freq_factor=0.5))

@@ -249,9 +249,9 @@ def test_error_meta_shard_with_pickled_object(model, tmp_path):
 def test_error_unsupported_hf_variant(model, tmp_path):
     save_pretrained(model, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="config.json: unsupported Llama variant \\(rope scaling\\)"):
+    with pytest.raises(CheckpointError, match="config.json: unsupported rope scaling type 'yarn'"):
         load_pretrained(tmp_path / "hf")
 
 

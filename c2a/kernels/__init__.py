@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._triton import HAS_TRITON
+from .rotary import RopeScaling
 
 if TYPE_CHECKING:
     from . import attention
@@ -75,16 +76,16 @@ def add_rms_norm(
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k)."""
+    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k); `scaling`: Llama-3.1's."""
     if backend(q.device) == "triton":
         from .rotary import apply_rotary as triton_apply_rotary
 
-        return triton_apply_rotary(q, k, position_ids, theta)
+        return triton_apply_rotary(q, k, position_ids, theta, scaling)
     from .rotary import rotary_reference
 
-    return rotary_reference(q, k, position_ids, theta)
+    return rotary_reference(q, k, position_ids, theta, scaling)
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,14 @@
 """Rotary position embedding (Su et al. 2021) in Meta's layout: interleaved pairs (x[2i], x[2i+1]).
 
-Pair i of a head at position p is rotated by the angle p · θ^(-2i/Hd):
+Pair i of a head at position p is rotated by the angle p · f_i, with the inverse frequency f_i = θ^(-2i/Hd):
     (x0, x1) -> (x0·cos − x1·sin, x0·sin + x1·cos)
+Llama-3.1's rope scaling (`RopeScaling`, HF's rope_type "llama3") changes only the frequencies: with the
+wavelength λ_i = 2π / f_i and the original context L (8192), s the factor, lo/hi the low/high frequency factors,
+    λ_i < L / hi          (high frequency): f_i unchanged
+    λ_i > L / lo          (low frequency):  f_i / s
+    otherwise (between):  (1 − a)·f_i / s + a·f_i,  a = (L / λ_i − lo) / (hi − lo)
+(Meta's llama-models apply_scaling; HF's _compute_llama3_parameters). The kernel takes the Hd/2 frequencies
+as an fp32 tensor, so scaled and plain rope are one kernel.
 Positions come from `position_ids`, so packed documents restart at 0. HF checkpoints use the
 rotate-half layout instead; c2a converts their q/k weights at the HF boundary (model/weights.py).
 
@@ -19,20 +26,44 @@ public function `apply_rotary`.
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 
 from ._triton import tl, triton
 
 
-def rotary_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """θ^(-2i/Hd) for the Hd/2 pairs, fp32 [Hd/2], computed as Meta and HF do."""
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+class RopeScaling(NamedTuple):
+    """Llama-3.1 rope scaling (a tuple, so it can key a cache): the factor s, the low and high frequency
+    factors and the original context length L in tokens. Llama-3.1: (8, 1, 4, 8192); Llama-3.2 1B/3B: s = 32."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_seq_len: int
 
 
-def rotary_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """The Hd/2 inverse frequencies θ^(-2i/Hd), llama3-scaled when `scaling` is given (module docstring),
+    fp32 [Hd/2], computed as Meta and HF do (fp32 powers; the scaling's blend in fp32 too)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    s, lo, hi, L = scaling
+    wavelen = 2 * math.pi / inv_freq  # tokens per full turn of pair i
+    smooth = (L / wavelen - lo) / (hi - lo)  # 0 at the low-frequency edge, 1 at the high one
+    blended = (1 - smooth) * inv_freq / s + smooth * inv_freq
+    scaled = torch.where(wavelen > L / lo, inv_freq / s, inv_freq)
+    middle = (wavelen >= L / hi) & (wavelen <= L / lo)
+    return torch.where(middle, blended, scaled)
+
+
+def rotary_angles(
+    position_ids: torch.Tensor, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, fp32, [B, T, Hd/2]; computed in fp32 as Meta and HF do."""
-    inv_freq = rotary_inv_freq(head_dim, theta, position_ids.device)
+    inv_freq = rotary_inv_freq(head_dim, theta, position_ids.device, scaling)
     angles = position_ids.float()[..., None] * inv_freq  # [B, T, Hd/2]
     return angles.cos(), angles.sin()
 
@@ -45,10 +76,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rotary_reference(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k) in their dtypes."""
-    cos, sin = rotary_angles(position_ids, q.shape[-1], theta)
+    cos, sin = rotary_angles(position_ids, q.shape[-1], theta, scaling)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, Hd/2], broadcast over heads
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -141,8 +172,8 @@ def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, 
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    return rotary_inv_freq(head_dim, theta, device)
+def _cached_inv_freq(head_dim: int, theta: float, device: torch.device, scaling: RopeScaling | None) -> torch.Tensor:
+    return rotary_inv_freq(head_dim, theta, device, scaling)
 
 
 def _packed_heads(t: torch.Tensor) -> bool:
@@ -150,7 +181,7 @@ def _packed_heads(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None) -> None:
     op = "apply_rotary"
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"{op}: q and k must be [B, T, heads, Hd], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -178,17 +209,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: 
             )
     if not theta > 0:
         raise ValueError(f"{op}: theta must be positive, got {theta}")
+    if scaling is not None and not (scaling.factor >= 1 and 0 < scaling.low_freq_factor < scaling.high_freq_factor
+                                    and scaling.original_max_seq_len > 0):
+        raise ValueError(f"{op}: scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                         f"original_max_seq_len > 0, got {scaling}")
 
 
 def rotary_launch(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, sign: int
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, sign: int, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by sign·θ in one launch -> new contiguous (q_out, k_out)."""
     B, T, H, Hd = q.shape
     K = k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous whatever q's token strides
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    inv_freq = _cached_inv_freq(Hd, float(theta), q.device)
+    inv_freq = _cached_inv_freq(Hd, float(theta), q.device, scaling)
     block_hq, block_hk, block_hd, num_warps = _settings(H, K, Hd)
     if B * T > 0:
         _rotary_kernel[(B * T,)](
@@ -209,18 +244,18 @@ def rotary_launch(
 
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None):
         ctx.save_for_backward(position_ids)
-        ctx.theta = theta
-        return rotary_launch(q, k, position_ids, theta, sign=1)
+        ctx.theta, ctx.scaling = theta, scaling
+        return rotary_launch(q, k, position_ids, theta, sign=1, scaling=scaling)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
         (position_ids,) = ctx.saved_tensors
         dq = dq if _packed_heads(dq) else dq.contiguous()
         dk = dk if _packed_heads(dk) else dk.contiguous()
-        dq, dk = rotary_launch(dq, dk, position_ids, ctx.theta, sign=-1)
-        return dq, dk, None, None
+        dq, dk = rotary_launch(dq, dk, position_ids, ctx.theta, sign=-1, scaling=ctx.scaling)
+        return dq, dk, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,8 +263,8 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k), through one Triton launch."""
-    _check(q, k, position_ids, theta)
-    return RotaryFunction.apply(q, k, position_ids, theta)
+    _check(q, k, position_ids, theta, scaling)
+    return RotaryFunction.apply(q, k, position_ids, theta, scaling)

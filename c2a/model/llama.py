@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from c2a.config import LlamaConfig
-from c2a.kernels import add_rms_norm, apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
+from c2a.kernels import RopeScaling, add_rms_norm, apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
 from c2a.kernels.attention import Documents
 
 
@@ -67,6 +67,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = rope_scaling(cfg)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -79,7 +80,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
-        q, k = apply_rotary(q, k, position_ids, self.rope_theta)
+        q, k = apply_rotary(q, k, position_ids, self.rope_theta, self.rope_scaling)
         if cache is None:
             o = causal_attention(q, k, v, documents)  # [B, T, H, Hd]
         else:  # generation: attend over every cached slot the mask allows
@@ -121,7 +122,8 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama-2 with an untied output head.
+    """Llama-2, with an untied output head, or tied (`cfg.tie_word_embeddings`): then `output.weight` IS
+    `tok_embeddings.weight`, one parameter, listed once by `named_parameters()` (as tok_embeddings.weight).
 
     `Llama(cfg)` is initialised and ready on the current default device. Built under
     `torch.device("meta")`, it holds no storage: shard it, `to_empty()` it, then call `init_weights()`
@@ -135,8 +137,18 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         if self.output.weight.device.type != "meta":
             self.init_weights()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to() / .to_empty() give each module's parameter a new tensor where the storage changes (meta ->
+        # cpu always does), which would split a tied head from the embedding: tie them again after.
+        super()._apply(fn, recurse)
+        if self.cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        return self
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -199,6 +211,13 @@ class Llama(nn.Module):
 
 
 @torch.no_grad()
+def rope_scaling(cfg: LlamaConfig) -> RopeScaling | None:
+    """The config's Llama-3.1 rope scaling for the rotary op, or None for plain rope."""
+    if not cfg.use_scaled_rope:
+        return None
+    return RopeScaling(cfg.rope_scaling_factor, cfg.low_freq_factor, cfg.high_freq_factor, cfg.original_max_seq_len)
+
+
 def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Norm weights 1; other weights Normal(0, std), the two residual-branch outputs (wo, w2) with std
     scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""

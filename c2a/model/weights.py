@@ -160,6 +160,8 @@ class CheckpointReader:
         for hf, file in weight_map.items():
             if hf.endswith("rotary_emb.inv_freq"):
                 continue
+            if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # a tied model's head is its embedding; some tools store the copy anyway
             name = c2a_name(hf)
             if name is None:
                 raise CheckpointError(f"{self.path / file}: unexpected tensor {hf!r} (not part of a Llama-2 model)")
@@ -167,8 +169,6 @@ class CheckpointReader:
         for file in sorted(set(f for _, f in where.values())):
             if not (self.path / file).is_file():
                 raise CheckpointError(f"{self.path}: missing shard {file} (listed in {HF_INDEX})")
-        if "output.weight" not in where and raw.get("tie_word_embeddings") and "tok_embeddings.weight" in where:
-            where["output.weight"] = where["tok_embeddings.weight"]  # tied head: HF stores it once
         self._hf_nkv = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
         return cfg, where
 
@@ -215,6 +215,8 @@ class CheckpointReader:
                 raise CheckpointError(f"{params_path}: vocab_size is -1 and {files[0]} has no tok_embeddings.weight to take it from")
             params = {**params, "vocab_size": self._shards[0].shape("tok_embeddings.weight")[0]}
         cfg = config_from_meta(params, params_path)
+        if "output.weight" not in keys0 and "tok_embeddings.weight" in keys0:
+            cfg = cfg.replace(tie_word_embeddings=True)  # Meta's tied models (Llama-3.2 1B/3B) store no head
         return cfg, {name: None for name in self._shards[0].keys() if name not in _META_IGNORED}
 
     def _get_meta(self, name: str) -> torch.Tensor:
@@ -349,12 +351,25 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
         "mlp_bias": bool(raw.get("mlp_bias")),
         "hidden_act": raw.get("hidden_act", "silu") != "silu",
     }
-    rope = raw.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type") or (raw.get("rope_scaling") or {}).get("rope_type") or (raw.get("rope_scaling") or {}).get("type") or "default"
-    unsupported["rope scaling"] = rope_type != "default"
+    # transformers 5 writes rope_parameters (theta included); 4.x wrote rope_theta + rope_scaling ("type" before 4.43)
+    rope = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise CheckpointError(f"{where}: unsupported Llama variant ({', '.join(bad)}); c2a implements Llama-2")
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{where}: unsupported rope scaling type {rope_type!r}; c2a implements 'default' and 'llama3'")
+    scaled: dict[str, Any] = {}
+    if rope_type == "llama3":
+        _check_types(rope, f"{where} rope scaling", ints=("original_max_position_embeddings",),
+                     numbers=("factor", "low_freq_factor", "high_freq_factor"))
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if rope.get(k) is None]
+        if missing:
+            raise CheckpointError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
+        scaled = dict(use_scaled_rope=True, rope_scaling_factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                      high_freq_factor=rope["high_freq_factor"], original_max_seq_len=rope["original_max_position_embeddings"])
+    if not isinstance(raw.get("tie_word_embeddings", False), bool):
+        raise CheckpointError(f"{where}: tie_word_embeddings must be true or false, got {raw['tie_word_embeddings']!r}")
     _check_types(raw, where, ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                                    "intermediate_size", "max_position_embeddings", "head_dim"),
                  numbers=("rms_norm_eps", "rope_theta"))  # fmt: skip
@@ -370,6 +385,9 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
             rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
             max_seq_len=raw.get("max_position_embeddings", 4096),
             ffn_hidden_dim=raw["intermediate_size"],
+            # transformers' default is true, but every config.json of a Llama says which it is
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            **scaled,
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from e
@@ -380,7 +398,8 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     return cfg
 
 
-_META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "ffn_hidden_dim")
+_META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len",
+                "ffn_hidden_dim", "use_scaled_rope", "rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
 
 
 def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") -> LlamaConfig:
@@ -388,10 +407,9 @@ def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") 
     extra = sorted(set(params) - set(_META_FIELDS))
     if extra:
         log.warning("%s: ignoring keys %s", where, extra)
-    if params.get("use_scaled_rope"):
-        raise CheckpointError(f"{where}: use_scaled_rope (Llama-3.1) is not supported; c2a implements Llama-2")
-    _check_types(params, where, ints=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "ffn_hidden_dim"),
-                 numbers=("ffn_dim_multiplier", "norm_eps", "rope_theta"))  # fmt: skip
+    _check_types(params, where, ints=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "ffn_hidden_dim",
+                                      "original_max_seq_len"),
+                 numbers=("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor", "low_freq_factor", "high_freq_factor"))  # fmt: skip
     try:
         return LlamaConfig(**{k: params[k] for k in _META_FIELDS if k in params and params[k] is not None})
     except (TypeError, ValueError) as e:
@@ -440,15 +458,23 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} | _hf_rope_scaling(cfg),
+        **({"rope_scaling": _hf_rope_scaling(cfg)} if cfg.use_scaled_rope else {}),  # 4.x reads this one
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _hf_rope_scaling(cfg: LlamaConfig) -> dict[str, Any]:
+    if not cfg.use_scaled_rope:
+        return {}
+    return {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.low_freq_factor,
+            "high_freq_factor": cfg.high_freq_factor, "original_max_position_embeddings": cfg.original_max_seq_len}
 
 
 # ModelArgs' fields in Meta's Llama-2 code (llama/model.py), less max_seq_len and max_batch_size: its loader
@@ -471,6 +497,9 @@ def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
         params["ffn_hidden_dim"] = cfg.ffn_hidden_dim
     if cfg.rope_theta != 10000.0:
         params["rope_theta"] = cfg.rope_theta
+    if cfg.use_scaled_rope:  # Llama-3.1's names; Meta's code fixes low_freq_factor 1 and original context 8192
+        params.update(use_scaled_rope=True, rope_scaling_factor=cfg.rope_scaling_factor, high_freq_factor=cfg.high_freq_factor,
+                      low_freq_factor=cfg.low_freq_factor, original_max_seq_len=cfg.original_max_seq_len)
     extra = sorted(set(params) - set(_META_PARAMS))
     if extra:
         log.warning("params.json: %s are not fields of Meta's Llama-2 ModelArgs; Meta's code will not load this checkpoint", extra)
