@@ -137,6 +137,8 @@ class DataSection:
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
+    val_path: str = _f("", "validation set: a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name ('' = none)")
+    val_fraction: float = _f(0.0, "hold out this share of the training examples for validation (seeded by train.seed, never trained on; 0 = none)")
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class TrainSection:
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
     save_every_minutes: float = _f(0.0, "also checkpoint when this many minutes passed since the last save (0 = off), so a crash loses at most that")
     keep_last: int = _f(2, "complete checkpoints to keep")
+    keep_best: bool = _f(False, "also keep the checkpoint with the lowest validation loss (needs data.val_path or data.val_fraction)")
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
@@ -174,6 +177,7 @@ class EvalSection:
     demo_accuracy: bool = _f(True, "with data.path = 'demo': held-out exact-match accuracy before and after training")
     max_examples: int = _f(500, "held-out examples to evaluate")
     max_new_tokens: int = _f(48, "generation limit per held-out answer")
+    every: int = _f(0, "validation loss every this many optimizer steps (0 = only at the end)")
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,10 @@ class TrainConfig:
             "train.beta1 and train.beta2 must be in [0, 1)": 0 <= t.beta1 < 1 and 0 <= t.beta2 < 1,
             "data.demo_train_size and data.demo_heldout_size must be positive": min(self.data.demo_train_size, self.data.demo_heldout_size) > 0,
             "data.workers must be >= 0": self.data.workers >= 0,
+            "data.val_fraction must be in [0, 1)": 0 <= self.data.val_fraction < 1,
+            "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (self.data.val_path and self.data.val_fraction),
+            "eval.every must be >= 0": self.eval.every >= 0,
+            "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best or bool(self.data.val_path or self.data.val_fraction),
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:

@@ -40,6 +40,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     ]
     if "final_loss" in s:
         lines.append(f"final loss       {s['final_loss']:.4f}")
+    if "val_loss" in s:
+        lines.append(f"validation loss  {s['val_loss']:.4f} (perplexity {s['val_ppl']:.3f}, {s['val_targets']:,} targets)")
+    if "best_checkpoint" in s:
+        lines.append(f"best checkpoint  {s['best_checkpoint']} (validation loss {s['best_val_loss']:.4f})")
     if s.get("demo_after"):
         before, after = s["demo_before"], s["demo_after"]
         lines.append(f"demo exact match before {100 * before['accuracy']:.1f}% -> after {100 * after['accuracy']:.1f}% "

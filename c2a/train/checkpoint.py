@@ -53,6 +53,25 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def best_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint whose trainer state records the lowest validation loss (train.keep_best)."""
+    scored = []
+    for path in complete_checkpoints(out_dir):
+        try:
+            val_loss = read_trainer_state(path).get("val_loss")
+        except (OSError, ValueError):  # an unreadable state: validate_checkpoint reports it on resume
+            continue
+        if val_loss is not None:
+            scored.append((val_loss, path))
+    return min(scored)[1] if scored else None
+
+
+def stale_checkpoints(out_dir: str | Path, keep_last: int, keep_best: bool = False) -> list[Path]:
+    """What pruning removes: every complete checkpoint but the newest `keep_last` and, with keep_best, the best."""
+    best = best_checkpoint(out_dir) if keep_best else None
+    return [p for p in complete_checkpoints(out_dir)[:-keep_last] if p != best]
+
+
 class CheckpointUnusable(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
 
@@ -162,7 +181,8 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep_last: int,
+                    keep_best: bool = False) -> Path:
     """Collective: every rank calls it with the same step. Returns the complete checkpoint's path. A failed
     write (a full disk) raises CheckpointSaveError on every rank and leaves the previous checkpoint intact."""
     rank = dist.get_rank()
@@ -202,7 +222,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        for old in complete_checkpoints(out_dir)[:-keep_last]:
+        for old in stale_checkpoints(out_dir, keep_last, keep_best):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final

@@ -31,6 +31,7 @@ from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, re
 from c2a.train.lifecycle import RunStopped, StopControl, claim_out_dir
 from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
 from c2a.train.parallel import Dist, build_sharded_model, compute_dtype, full_parameters, materialize
+from c2a.train.validation import Validation
 
 log = logging.getLogger("c2a")
 
@@ -259,6 +260,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     torch.manual_seed(t.seed)
 
     data = build_data(cfg, d)
+    validation = Validation.start(cfg, data, d)  # with data.val_fraction, takes its examples out of data.train
     reader = CheckpointReader(cfg.model.checkpoint) if cfg.model.checkpoint else None
     model_cfg = reader.config if reader else LlamaConfig.from_name(cfg.model.preset)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -339,20 +341,23 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
                         step, result.loss.item(), result.grad_norm.item(), counters.bad_in_a_row)  # fmt: skip
         stop = counters.bad_in_a_row >= t.max_bad_steps
-        saving = step == total_steps or stop or result.stop or result.save_due or (t.save_every and step % t.save_every == 0)
-        # a checkpoint is also a logging point: its counters then hold every step it covers
-        if step % t.log_every == 0 or saving:
-            elapsed = time.perf_counter() - window_start
-            record = _metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters)
+        val = validation.after_step(model, step, total_steps)  # collective at eval.every steps and the last: val_loss, val_ppl
+        saving = (step == total_steps or stop or result.stop or result.save_due or (t.save_every and step % t.save_every == 0)
+                  or validation.new_best)  # fmt: skip
+        # a checkpoint (and a validation) is also a logging point: its counters then hold every step it covers
+        if step % t.log_every == 0 or saving or val:
+            elapsed = time.perf_counter() - window_start - val.get("val_seconds", 0.0)  # validating is not training time
+            record = {**_metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters), **val}
             counters.train_seconds += elapsed
             if writer is not None:
                 writer.write(record)
                 if bar is not None and record["loss"] is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", **validation.postfix())
             window, window_start = [], time.perf_counter()
         if saving:
-            state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__, "schedule": schedule}
-            path = save_checkpoint(out, step, model, optimizer, state, t.keep_last)
+            state = {"scheduler": scheduler.state_dict(), "data": loader.state_dict(), "counters": counters.__dict__, "schedule": schedule,
+                     "val_loss": val.get("val_loss")}  # fmt: skip
+            path = save_checkpoint(out, step, model, optimizer, state, t.keep_last, t.keep_best)
             log.info("saved checkpoint %s", path)
             control.saved()
             window_start = time.perf_counter()  # the save is not training time
@@ -377,6 +382,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if demo:
         summary["demo_before"] = counters.demo_before
         summary["demo_after"] = evaluate_demo(model, model_cfg, data, cfg, d, "after training")
+    summary.update(validation.finish(summary))  # rank 0: the validation numbers; the demo's exact match into metrics.jsonl
     return summary
 
 
