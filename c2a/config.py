@@ -161,6 +161,7 @@ class TrainSection:
     compile: bool = _f(False, "torch.compile each transformer block")
     deterministic: bool = _f(False, "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)")
     replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
+    cpu_offload: bool = _f(False, "keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy, pinned on CUDA); the GPU holds only what a step gathers and computes. `python -m c2a.plan` says when it is needed")
     seed: int = _f(0, "seed for weight init and data order")
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
     save_every_minutes: float = _f(0.0, "also checkpoint when this many minutes passed since the last save (0 = off), so a crash loses at most that")

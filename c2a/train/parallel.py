@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -137,16 +137,20 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    in fp32.
     dtype = compute_dtype(train.dtype, d.device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
+    # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
+    # Pinned pages only where there is a device to copy to (pinning needs CUDA).
+    offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if train.cpu_offload else OffloadPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
-    fully_shard(model, mesh=d.mesh, mp_policy=mp, reshard_after_forward=False)  # the head runs last, then backward
+        fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)  # the head runs last, then backward
     # The loss is already divided by the global number of trained tokens, so gradients are summed across
     # ranks, not averaged (FSDP's default divides by the world size).
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: the setting does not recurse
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    model.to_empty(device=d.device)
+    model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host
     return model
 
 

@@ -1,0 +1,292 @@
+"""`python -m c2a.plan`: the resolved training config -> per-rank memory, whether it fits, the settings that
+would, and the run's time.
+
+    python -m c2a.plan --config configs/claude2-alpaca-13b.toml --gpus 8 [--gpu h100] [--gpu-memory 80]
+        [--nodes 1] [--mfu 0.4] [--json] [--section.key=value ...]
+
+Data lengths come from a prepared cache (data.path a directory, or out_dir/data_cache of a started run) or
+the demo task; otherwise from --examples / --mean-tokens / --trained-fraction, stated as assumptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from c2a.config import LlamaConfig, TrainConfig
+from c2a.plan.memory import MemoryPlan, Workload, plan_memory
+
+log = logging.getLogger("c2a.plan")
+
+GiB = 2**30
+# Dense bf16 peaks (FLOP/s, no sparsity) and memory of the cards the planner knows: vendors' datasheets
+# (H100 SXM 989 TFLOP/s 80 GB, H200 989 TFLOP/s 141 GB, A100 SXM 312 TFLOP/s 80 GB).
+GPUS = {"h100": (989e12, 80.0), "h200": (989e12, 141.0), "a100": (312e12, 80.0)}
+# What a GPU holds besides the tensors the planner counts: CUDA context and kernels (~0.5-1 GB), NCCL's
+# buffers, the caching allocator's fragmentation. An assumption, not a measurement.
+RESERVED_GIB = 4.0
+# No GPU measurement of c2a's MFU exists yet (benchmarks/RESULTS.md, end-to-end table: "to be measured"):
+# 40% is the assumption, about what FSDP bf16 fine-tuning of 7B-13B models reaches on H100s with
+# activation checkpointing. Replace it with --mfu or a measured value.
+DEFAULT_MFU = 0.40
+# Without a cache to read lengths from: Alpaca's 52,002 examples, and the mean tokens of an example (prompt
+# + response) and the share trained (response + EOS) for Claude-2-length answers. Assumptions, printed as such.
+DEFAULT_EXAMPLES, DEFAULT_MEAN_TOKENS, DEFAULT_TRAINED_FRACTION = 52002, 400, 0.6
+
+
+@dataclass(frozen=True)
+class DataShape:
+    examples: int
+    tokens: int  # every example's positions, summed
+    trained_tokens: int
+    max_tokens: int  # the longest example (padded micro-batches are padded to their longest)
+    source: str  # where the numbers come from ("assumed ..." when not measured)
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpus: int
+    nodes: int
+    name: str
+    memory_gib: float
+    peak_flops: float
+    mfu: float
+    mfu_source: str
+
+
+def resolve_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
+    """The model from the checkpoint's config.json / params.json, or the preset; a checkpoint path that does not
+    exist but names a Llama-2 size (the recipes' SET-ME/Llama-2-13b-hf) gives that preset, said so."""
+    path = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    if path is None:
+        return LlamaConfig.from_name(cfg.model.preset), f"preset {cfg.model.preset}"
+    from c2a.model.weights import config_from_hf, config_from_meta
+
+    if (path / "config.json").is_file():
+        return config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json"), str(path / "config.json")
+    if (path / "params.json").is_file():
+        return config_from_meta(json.loads((path / "params.json").read_text()), path / "params.json"), str(path / "params.json")
+    size = re.search(r"(?i)llama-?2-(7|13|70)b", str(path))
+    if size:
+        name = f"llama2-{size.group(1)}b"
+        return LlamaConfig.from_name(name), f"preset {name} (assumed from the name {path}, which is not a checkpoint here)"
+    raise ValueError(f"model.checkpoint {path}: no config.json or params.json there; give the checkpoint directory or --model.preset")
+
+
+def resolve_data(cfg: TrainConfig, examples: int | None, mean_tokens: float | None, trained_fraction: float | None) -> DataShape:
+    if examples is not None or mean_tokens is not None or trained_fraction is not None:
+        return _assumed(examples, mean_tokens, trained_fraction, "given")
+    for cache in (Path(cfg.data.path), Path(cfg.out_dir) / "data_cache"):
+        manifest = cache / "manifest.json"
+        if manifest.is_file():
+            m = json.loads(manifest.read_text())
+            c = m["counts"]
+            return DataShape(c["examples"], c["tokens"], c["trained_tokens"], int(m["lengths"]["max"]), f"measured: {manifest}")
+    if cfg.data.path == "demo":
+        from c2a.data import TokenizedDataset, Tokenizer
+        from c2a.data.demo import DEMO_TOKENIZER, demo_split
+
+        records, _ = demo_split(cfg.data.demo_train_size, cfg.data.demo_heldout_size)
+        ds = TokenizedDataset.from_records(records, Tokenizer(DEMO_TOKENIZER), cfg.data.max_len, truncation=cfg.data.truncation)
+        c = ds.manifest["counts"]
+        return DataShape(c["examples"], c["tokens"], c["trained_tokens"], int(ds.manifest["lengths"]["max"]), "measured: the demo task")
+    return _assumed(None, None, None, "assumed (no prepared cache: run python -m c2a.data.prepare, or pass --examples/--mean-tokens)")
+
+
+def _assumed(examples: int | None, mean_tokens: float | None, trained_fraction: float | None, how: str) -> DataShape:
+    n = examples or DEFAULT_EXAMPLES
+    mean = mean_tokens or DEFAULT_MEAN_TOKENS
+    frac = trained_fraction or DEFAULT_TRAINED_FRACTION
+    return DataShape(n, round(n * mean), round(n * mean * frac), 0, f"{how}: {n:,} examples of {mean:g} tokens, {frac:.0%} trained")
+
+
+def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine, **changes: Any) -> Workload:
+    t = cfg.train
+    seq_len = cfg.data.max_len if cfg.data.packing or not data.max_tokens else min(cfg.data.max_len, data.max_tokens)
+    # packed rows are nearly full (0.27% padding on Alpaca-like lengths, c2a/data/batching.py); padded rows
+    # are counted at their worst, a micro-batch holding the longest example
+    positions = 1.0 if cfg.data.packing else data.tokens / data.examples / seq_len
+    ranks = machine.gpus
+    base = dict(micro_batch=t.micro_batch, seq_len=seq_len, trained_fraction=min(1.0, data.trained_tokens / data.tokens * positions),
+                packed=cfg.data.packing, ranks=ranks, replicas=t.replicas, compute_bytes=4 if t.dtype == "fp32" else 2,
+                backend="triton", activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every,
+                accumulation=accumulation(cfg, data, ranks, t.micro_batch), cpu_offload=t.cpu_offload)  # fmt: skip
+    base.update(changes)
+    if "micro_batch" in changes and "accumulation" not in changes:
+        base["accumulation"] = accumulation(cfg, data, ranks, changes["micro_batch"])
+    return Workload(model, **base)
+
+
+def accumulation(cfg: TrainConfig, data: DataShape, ranks: int, micro_batch: int) -> int:
+    """Micro-batches per optimizer step on a rank, as c2a.train.loop.make_loader sizes a step."""
+    rows = cfg.train.global_batch
+    if cfg.data.packing:
+        per_row = cfg.data.max_len / (data.tokens / data.examples)  # examples a packed row holds
+        unit = micro_batch * ranks
+        rows = max(1, round(cfg.train.global_batch / per_row / unit)) * unit
+    return max(1, math.ceil(rows / (micro_batch * ranks)))
+
+
+def usable_bytes(machine: Machine) -> float:
+    return (machine.memory_gib - RESERVED_GIB) * GiB
+
+
+def fits(plan: MemoryPlan, machine: Machine) -> bool:
+    return plan.peak <= usable_bytes(machine)
+
+
+def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> list[dict[str, Any]]:
+    """Settings that fit, fastest first: no offload before offload, less recompute before more, larger
+    micro-batches first; and with plain FSDP, HSDP replicas (one per node) when they fit."""
+    out = []
+    t = cfg.train
+    for offload in (False, True):
+        for ac in ("none", "selective", "full"):
+            for mb in sorted({t.micro_batch, *[m for m in (8, 4, 2, 1) if m < t.micro_batch]}, reverse=True):
+                w = workload(cfg, model, data, machine, activation_checkpointing=ac, micro_batch=mb, cpu_offload=offload)
+                p = plan_memory(w)
+                if fits(p, machine):
+                    out.append({"train.micro_batch": mb, "train.activation_checkpointing": ac, "train.cpu_offload": offload,
+                                "peak_gib": round(p.peak / GiB, 1)})  # fmt: skip
+                    break
+    if machine.nodes > 1 and t.replicas == 1:
+        w = workload(cfg, model, data, machine, replicas=machine.nodes)
+        p = plan_memory(w)
+        if fits(p, machine):
+            out.append({"train.replicas": machine.nodes, "peak_gib": round(p.peak / GiB, 1)})
+    return out
+
+
+def min_gpus(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> int | None:
+    """The fewest GPUs (1, 2, 4, 8, then whole 8-GPU nodes) on which the config as it is fits."""
+    for n in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
+        m = dataclasses.replace(machine, gpus=n, nodes=max(1, n // 8))
+        if fits(plan_memory(workload(cfg, model, data, m, replicas=1)), m):
+            return n
+    return None
+
+
+def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> dict[str, Any]:
+    """Hours of the whole run: FLOPs of every position trained on (6 per weight per token, plus causal
+    attention per document, as c2a.train.metrics counts them) / (MFU x peak x GPUs)."""
+    from c2a.train.metrics import attention_flops, matmul_flops_per_token
+
+    epochs = cfg.train.epochs
+    mean = data.tokens / data.examples
+    flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention_flops(model, round(data.examples * mean * mean)))
+    seconds = flops / (machine.mfu * machine.peak_flops * machine.gpus)
+    return {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens,
+            "flops": flops, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "hours": seconds / 3600}  # fmt: skip
+
+
+def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_tokens: float | None = None,
+         trained_fraction: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything the CLI prints, as a dict (its --json output)."""
+    model, model_source = resolve_model(cfg)
+    data = resolve_data(cfg, examples, mean_tokens, trained_fraction)
+    w = workload(cfg, model, data, machine)
+    p = plan_memory(w)
+    variants = {}
+    for ac in ("none", "selective", "full"):
+        variants[ac] = round(plan_memory(dataclasses.replace(w, activation_checkpointing=ac)).peak / GiB, 2)
+    return {
+        "model": {"source": model_source, "params": model.num_params, "dim": model.dim, "layers": model.n_layers, "vocab": model.vocab_size},
+        "data": dataclasses.asdict(data),
+        "machine": dataclasses.asdict(machine),
+        "workload": {k: v for k, v in dataclasses.asdict(w).items() if k != "model"},
+        "per_rank_bytes": p.as_dict(),
+        "peak_gib_by_activation_checkpointing": variants,
+        "usable_gib": round(usable_bytes(machine) / GiB, 1),
+        "fits": fits(p, machine),
+        "host_gib_per_node": round(p.host * machine.gpus / machine.nodes / GiB, 1),
+        "fitting_settings": suggestions(cfg, model, data, machine),
+        "min_gpus_as_configured": min_gpus(cfg, model, data, machine),
+        "time": run_time(cfg, model, data, machine),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    p, w, t = result["per_rank_bytes"], result["workload"], result["time"]
+    mach = result["machine"]
+    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"model   {result['model']['source']}: {result['model']['params'] / 1e9:.2f}B parameters",
+        f"data    {result['data']['source']}",
+        f"run     {mach['gpus']} x {mach['name']} ({mach['memory_gib']:g} GB) on {mach['nodes']} node(s); micro-batch "
+        f"{w['micro_batch']} x {w['seq_len']} tokens, accumulation {w['accumulation']}, activation checkpointing "
+        f"{w['activation_checkpointing']}, cpu_offload {w['cpu_offload']}, shards {w['ranks'] // w['replicas']}",
+        "",
+        "per rank                          ",
+        f"  parameters (fp32 shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  gradients (fp32 shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  optimizer (AdamW, fp32)       {g(p['optimizer'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  FSDP gathered at the peak     {g(p['fsdp'])}",
+        f"  activations (saved)           {g(p['activations'])}",
+        f"  loss head transient           {g(p['loss_head'])}",
+        f"  peak (device)                 {g(p['peak'])}   at {p['peak_phase']}",
+        "  peak by activation checkpointing: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in result["peak_gib_by_activation_checkpointing"].items()),
+        f"  fits in {result['usable_gib']} GiB usable ({RESERVED_GIB:g} GiB kept for CUDA context, NCCL, fragmentation): "
+        + ("yes" if result["fits"] else "NO"),
+    ]
+    if w["cpu_offload"]:
+        lines.append(f"  host memory for offloaded state: {result['host_gib_per_node']} GiB per node (pinned)")
+    if not result["fits"] or len(result["fitting_settings"]) > 0:
+        fit = result["fitting_settings"]
+        lines.append("settings that fit: " + ("; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in fit) if fit else "none on this many GPUs"))
+    lines.append(f"fewest GPUs as configured: {result['min_gpus_as_configured'] or 'more than 256'}")
+    lines.append(f"time    {t['hours']:.1f} h for {t['epochs']} epochs, {t['tokens'] / 1e6:.1f}M tokens ({t['trained_tokens'] / 1e6:.1f}M "
+                 f"trained), {t['flops']:.3g} FLOPs at MFU {t['mfu']:.0%} ({t['mfu_source']})")  # fmt: skip
+    return "\n".join(lines)
+
+
+USAGE = """usage: python -m c2a.plan --config FILE.toml --gpus N [--gpu h100|a100|h200] [--gpu-memory GB] [--nodes M]
+       [--mfu F] [--examples N --mean-tokens M --trained-fraction F] [--json] [--section.key=value ...]"""
+
+
+def main(argv: list[str]) -> int:
+    from c2a.train.cli import parse_args
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    own = {"gpus": None, "gpu": "h100", "gpu-memory": None, "nodes": "1", "mfu": None, "examples": None, "mean-tokens": None,
+           "trained-fraction": None}  # fmt: skip
+    rest, as_json, i = [], False, 0
+    while i < len(argv):
+        key, eq, value = argv[i][2:].partition("=")
+        if argv[i] == "--json":
+            as_json = True
+        elif argv[i].startswith("--") and key in own:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            own[key] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    if own["gpus"] is None:
+        raise SystemExit("--gpus N is required: the number of GPUs the run would use\n" + USAGE)
+    gpu = own["gpu"].lower()
+    if gpu not in GPUS:
+        raise SystemExit(f"--gpu {own['gpu']}: known cards are {', '.join(GPUS)}")
+    flops, memory = GPUS[gpu]
+    mfu = float(own["mfu"]) if own["mfu"] else DEFAULT_MFU
+    machine = Machine(int(own["gpus"]), int(own["nodes"]), gpu.upper(), float(own["gpu-memory"] or memory), flops, mfu,
+                      "given" if own["mfu"] else "assumed: no GPU measurement of c2a's MFU yet")  # fmt: skip
+    cfg = parse_args(rest)
+    result = plan(cfg, machine, int(own["examples"]) if own["examples"] else None,
+                  float(own["mean-tokens"]) if own["mean-tokens"] else None,
+                  float(own["trained-fraction"]) if own["trained-fraction"] else None)  # fmt: skip
+    print(json.dumps(result, indent=1) if as_json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,226 @@
+"""Per-rank memory of one training step, by category, from the model's shapes and the run's settings.
+
+The categories follow what `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker` attributes live tensor
+storage to, so the planner can be checked against it (tests/test_plan.py does, on CPU):
+
+  params      the rank's fp32 shard of every parameter: 4 N / S bytes (N parameters, S ranks sharing a copy)
+  grads       their fp32 gradient shards: 4 N / S (reduce dtype fp32), present from the first reduce-scatter
+  optimizer   AdamW's exp_avg and exp_avg_sq, fp32: 8 N / S (+ one 4-byte step per parameter tensor)
+  fsdp        unsharded (all-gathered) parameters in the compute dtype: the root's (embedding, final norm,
+              output head: kept unsharded from its forward to the end of the backward) and two blocks' (the
+              block running and the one prefetched), plus, in a block's backward, its unsharded gradients
+              and the fp32 reduce-scatter input
+  activations tensors saved for the backward at the end of the forward, the loss head's included
+  loss_head   the head's transient in its forward: a chunk of fp32 logits and its gradient (on top of the
+              saved part, which `activations` holds)
+  peak        the largest sum at any point of the step, from a walk through forward and backward
+
+The saved activations are counted tensor by tensor from the code (c2a/model/llama.py and the ops of the
+backend that runs it, see `block_saved_bytes`), not fitted. With cpu_offload, params, grads and optimizer
+state live in host memory (pinned on CUDA) and the device holds only what a step gathers and computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from c2a.config import LlamaConfig
+
+# fp32 master weights, fp32 gradients (MixedPrecisionPolicy(reduce_dtype=fp32)), AdamW's two fp32 moments
+PARAM_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
+# torch's chunked linear cross-entropy on CPU: rows per chunk so that a chunk's fp32 logits are 64 MiB
+# (c2a.kernels.cross_entropy.CHUNK_LOGITS_BYTES; mirrored here to keep the planner free of torch)
+TORCH_CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one rank runs in one micro-batch, and how the model is sharded and checkpointed."""
+
+    model: LlamaConfig
+    micro_batch: int  # rows per micro-batch (B)
+    seq_len: int  # positions per row (T): data.max_len packed, the longest example of the batch padded
+    trained_fraction: float = 0.5  # share of positions with a trained target (the torch head keeps only those)
+    packed: bool = True  # several documents per row (the torch path's per-document attention adds a copy)
+    ranks: int = 1  # data-parallel ranks (GPUs)
+    replicas: int = 1  # HSDP replicas: parameters are sharded over ranks / replicas
+    compute_bytes: int = 2  # 2 for bf16, 4 for fp32 (FSDP2's param_dtype: the unsharded weights' dtype)
+    backend: str = "triton"  # "triton" (CUDA) or "torch" (the reference ops, what CPU runs)
+    activation_checkpointing: str = "none"  # none | full | selective
+    ac_every: int = 2
+    accumulation: int = 1  # micro-batches per optimizer step on this rank
+    cpu_offload: bool = False
+
+    @property
+    def shard(self) -> int:
+        return self.ranks // self.replicas
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def checkpointed(self, layer: int) -> bool:
+        ac = self.activation_checkpointing
+        return ac == "full" or (ac == "selective" and layer % self.ac_every == 0)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per rank. `peak` is device memory (with cpu_offload, host memory holds `host`)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    fsdp: int  # at the peak
+    activations: int  # saved for the backward at the end of the forward (head included)
+    loss_head: int  # the head's transient, at its own peak in the forward
+    peak: int
+    host: int  # offloaded state (params + grads + optimizer) when cpu_offload, else 0
+    peak_combined: int  # device and host together at their joint peak (what a CPU-only run measures)
+    peak_phase: str  # where the step peaks: "head forward" or "backward of layer i"
+
+    def as_dict(self) -> dict[str, int | str]:
+        return dataclasses.asdict(self)
+
+
+def block_params(m: LlamaConfig) -> int:
+    kv = m.n_kv_heads * m.head_dim
+    return 2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * m.ffn_hidden_dim + 2 * m.dim
+
+
+def root_params(m: LlamaConfig) -> int:
+    return 2 * m.vocab_size * m.dim + m.dim  # embedding, output head, final norm
+
+
+def _padded(n: int, shard: int) -> int:
+    """FSDP2 pads each parameter's dim 0 to a multiple of the shard count: a shard holds ceil(n / S)."""
+    return -(-n // shard)
+
+
+def block_saved_bytes(w: Workload) -> int:
+    """Bytes one block saves for its backward per token, the block's input included, without checkpointing.
+
+    D model dim, Kd = K·Hd (keys, values), F FFN width, H heads, c the compute dtype's bytes.
+    triton (the autograd.Functions' save_for_backward in c2a/kernels):
+      x, normed, rotated q, attention out o (also wo's input), h, ffn-normed: 6·D·c; rotated k, v: 2·Kd·c;
+      a, b (swiglu) and its output (w2's input): 3·F·c; two rstd and the attention's lse: 4·(2 + H).
+    torch (the reference ops; autograd saves the inputs each op needs):
+      x, both RMSNorms' fp32 x·rstd (4·D each), normed, q, o, h, ffn-normed; k, v; a, b, silu(a) and its
+      product with b: 4·F·c; rotary's fp32 cos and sin (Hd/2 each); two rstd, lse. Below fp32, each RMSNorm
+      also keeps x.float() (4·D). Packed rows run attention per document and concatenate: one more D·c copy.
+    """
+    m, c = w.model, w.compute_bytes
+    D, F, H, kd = m.dim, m.ffn_hidden_dim, m.n_heads, m.n_kv_heads * m.head_dim
+    if w.backend == "triton":
+        return 6 * D * c + 2 * kd * c + 3 * F * c + 4 * (2 + H)
+    per = (6 * D * c + 2 * 4 * D) + 2 * kd * c + 4 * F * c + 4 * m.head_dim + 4 * (2 + H)
+    if c != 4:
+        per += 2 * 4 * D
+    if w.packed:
+        per += D * c
+    return per
+
+
+def head_rows(w: Workload) -> int:
+    """Rows the loss head runs: every position on CUDA; on CPU only the trained ones (llama._trained_rows)."""
+    return w.tokens if w.backend == "triton" else max(1, round(w.tokens * w.trained_fraction))
+
+
+def head_saved_bytes(w: Workload) -> int:
+    """What the loss head keeps from its forward to its backward: the fp32 dW [V, D] both paths compute in
+    the forward, and per row: triton dh (D·c); torch the final RMSNorm's input copy, x·rstd (fp32), the
+    normed rows, rstd and the label (int64)."""
+    m, c, rows = w.model, w.compute_bytes, head_rows(w)
+    dw = 4 * m.vocab_size * m.dim
+    if w.backend == "triton":
+        return dw + rows * m.dim * c
+    return dw + rows * (2 * m.dim * c + 4 * m.dim + 4 + 8)
+
+
+def head_transient_bytes(w: Workload) -> int:
+    """The head's forward transient: one chunk of fp32 logits [C, V] and the gradient written in its place
+    (a second [C, V] in h's dtype below fp32)."""
+    m, c, rows = w.model, w.compute_bytes, head_rows(w)
+    if w.backend == "triton":  # c2a.kernels.cross_entropy._chunk_rows
+        chunk = max(1, rows * m.dim // m.vocab_size)
+        chunk = min(rows, max(256, min(1 << (chunk.bit_length() - 1), 8192)))
+        return chunk * m.vocab_size * (4 + (c if c != 4 else 0))
+    chunk = max(1, min(rows, TORCH_CHUNK_LOGITS_BYTES // (4 * m.vocab_size)))
+    return 2 * chunk * m.vocab_size * 4  # logits and their softmax gradient, fp32
+
+
+def backward_temp_bytes(w: Workload) -> int:
+    """Per token, the gradients alive inside a block's backward at its largest: the incoming gradient of
+    the residual stream and the one being built, and two F-wide gradients in the FFN (of the SwiGLU
+    product and of one of its inputs): 2·(D + F)·c."""
+    m = w.model
+    return 2 * (m.dim + m.ffn_hidden_dim) * w.compute_bytes
+
+
+def root_backward_bytes(w: Workload) -> int:
+    """The root unit's post-backward (the last thing a step's backward does), beyond the blocks' gradient
+    shards: [V, D]-sized buffers for the embedding's and the head's gradients, their reduce-scatter input
+    and the embedding backward's own scratch.
+    torch path, fp32 (measured with FSDPMemTracker on gloo, torch 2.13): 6 fp32 [V, D] buffers with 2+ ranks
+    (2 unsharded gradients, 2 reduce-scatter input, 2 scratch), 7 with one rank.
+    triton path (CUDA, by reasoning, not yet measured): 2 gradients in the compute dtype, 2 fp32 reduce-scatter
+    inputs, the fp32 shards they reduce to."""
+    m = w.model
+    vd = m.vocab_size * m.dim
+    if w.backend == "torch":
+        return (7 if w.shard == 1 else 6) * 4 * vd
+    return 2 * vd * w.compute_bytes + 2 * vd * 4 + 2 * 4 * _padded(vd, w.shard)
+
+
+def plan_memory(w: Workload) -> MemoryPlan:
+    m, S, c = w.model, w.shard, w.compute_bytes
+    n_block, n_root = block_params(m), root_params(m)
+    n_shard = m.n_layers * _padded(n_block, S) + _padded(n_root, S)
+    params, grads, opt = PARAM_BYTES * n_shard, GRAD_BYTES * n_shard, ADAM_BYTES * n_shard
+    opt += 4 * (9 * m.n_layers + 3)  # AdamW's step counter, one fp32 scalar per parameter tensor
+    block_grad_shard = GRAD_BYTES * _padded(n_block, S)
+    # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
+    # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
+    static = params + opt + (grads if w.accumulation > 1 else 0)
+
+    root, block = n_root * c, n_block * c
+    gathered = 2 if S > 1 else 1  # the block running, and (sharded) the next one prefetched
+    T = w.tokens
+    per_block = block_saved_bytes(w) * T
+    saved_input = m.dim * c * T  # what a checkpointed block keeps: its input
+    saved = [saved_input if w.checkpointed(i) else per_block for i in range(m.n_layers)]
+    head_saved = head_saved_bytes(w)
+    head_rows_saved = head_saved - 4 * m.vocab_size * m.dim
+    activations = sum(saved) + head_saved
+
+    # (device bytes, host bytes, fsdp bytes) at each point of the step where memory can peak
+    phases: dict[str, tuple[int, int, int]] = {}
+    # forward: the head runs last, with every block's saved tensors alive and the blocks resharded
+    phases["head forward"] = (root + activations + head_transient_bytes(w), static, root)
+    # backward, last layer first. The head's dW is now the output weight's unsharded gradient (fp32 on the
+    # torch path, in the compute dtype on CUDA), kept until the root's reduce-scatter at the end.
+    head_grad = m.vocab_size * m.dim * (4 if w.backend == "torch" else c) + head_rows_saved
+    alive = sum(saved)
+    for i in reversed(range(m.n_layers)):
+        recompute = per_block - saved_input if w.checkpointed(i) else 0
+        done = (m.n_layers - 1 - i) * block_grad_shard if w.accumulation == 1 else 0
+        fsdp = root + gathered * block
+        inside = alive + recompute + backward_temp_bytes(w) * T
+        # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
+        after = alive - saved[i] + block + (4 * n_block if S > 1 else 0)
+        phases[f"backward of layer {i}"] = (fsdp + head_grad + max(inside, after), static + done, fsdp)
+        alive -= saved[i]
+    phases["root backward"] = (root_backward_bytes(w), static + m.n_layers * block_grad_shard * (w.accumulation == 1), 0)
+
+    if w.cpu_offload:
+        host = params + grads + opt
+        phase = max(phases, key=lambda k: phases[k][0])
+        device, _, fsdp = phases[phase]
+        peak, combined = device, max(dev + h for dev, h, _ in phases.values())
+    else:
+        host = 0
+        phase = max(phases, key=lambda k: phases[k][0] + phases[k][1])
+        device, held, fsdp = phases[phase]
+        peak = combined = device + held
+    return MemoryPlan(params, grads, opt, fsdp, activations, head_transient_bytes(w), peak, host, combined, phase)
