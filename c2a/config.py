@@ -129,7 +129,7 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     path: str = _f("demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name")
-    tokenizer: str = _f("", "SentencePiece tokenizer.model ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model)")
+    tokenizer: str = _f("", "SentencePiece tokenizer.model or HF tokenizer.json ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model, or its tokenizer.json when it has no tokenizer.model)")
     max_len: int = _f(256, "maximum tokens per example and packed row length")
     packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")

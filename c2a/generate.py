@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from c2a.data import DataError, Tokenizer, format_prompt
+from c2a.data.tokenizer import find_tokenizer
 from c2a.model import Llama, load_pretrained
 from c2a.model.generate import generate
 from c2a.model.weights import CheckpointError, CheckpointReader
@@ -31,9 +32,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_tokenizer(model_dir: str | Path, tokenizer: str | Path | None) -> Path:
-    path = Path(tokenizer) if tokenizer else Path(model_dir) / "tokenizer.model"
+    path = Path(tokenizer) if tokenizer else find_tokenizer(model_dir) or Path(model_dir) / "tokenizer.model"
     if not path.is_file():
-        hint = "" if tokenizer else "; pass --tokenizer PATH (Llama-2's tokenizer.model for Llama-2 weights)"
+        hint = "" if tokenizer else "; pass --tokenizer PATH (Llama-2's tokenizer.model for Llama-2 weights, or a tokenizer.json)"
         raise FileNotFoundError(f"tokenizer not found: {path}{hint}")
     return path
 

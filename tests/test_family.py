@@ -8,15 +8,21 @@ library; transformers' apply_chat_template for chat rendering.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from c2a.config import LlamaConfig
+from c2a.data import TokenizedDataset, Tokenizer, encode_example, format_prompt
+from c2a.data.demo import demo_split
 from c2a.model import Llama, load_pretrained, save_pretrained
 from c2a.model.generate import generate
 from c2a.model.weights import CheckpointError
+from train_runs import loss_on_rows, metrics, run_train, step_rows, trainer_state
 
 # Original context 64 tokens with theta 10000 and Hd 16: the 8 pair wavelengths 2π·10000^(i/8) are
 # 6.3, 20, 63, 199, ... tokens, so pair 0 is high-frequency (kept, < 64/4), pairs 1-2 are blended and
@@ -134,8 +140,6 @@ def test_tied_save_exports_one_matrix(family_dir, tmp_path):
     out = save_pretrained(model, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["rope_parameters"]["rope_type"] == "llama3"
-    from safetensors import safe_open
-
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys and len(keys) == 20
@@ -158,3 +162,161 @@ def test_unsupported_rope_type_named(family_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="llama3 rope scaling without low_freq_factor, high_freq_factor, original_max_position_embeddings"):
         load_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ tokenizer.json
+
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def corpus(n: int = 200) -> list[str]:
+    records = demo_split(n, 4, seed=3)[0]
+    return [format_prompt(r["instruction"], r["input"]) + r["output"] for r in records] + ["héllo wörld ✓ 日本語 — ünïcode"]
+
+
+def byte_level_tokenizer(directory: Path, vocab: int = 420) -> Path:
+    """A Llama-3-style byte-level BPE tokenizer.json trained here, its BOS/EOS in tokenizer_config.json, and a
+    post-processor that adds BOS (as Llama-3's does: c2a must not let it add a second one)."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=LLAMA3_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    return directory / "tokenizer.json"
+
+
+def metaspace_tokenizer(directory: Path) -> Path:
+    """A SentencePiece-converted-style tokenizer.json (TinyLlama's kind): a Prepend("▁") normalizer, byte
+    fallback, a decoder that strips the first space; BOS/EOS in special_tokens_map.json as AddedToken objects."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, normalizers, trainers
+
+    tok = HFTok(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}}))
+    return directory / "tokenizer.json"
+
+
+TEXTS = ["Red, green and blue.", " a leading space", "\nnewline first", "héllo ✓ 日本語", "x<|eot_id|>y </s> <s>", "tabs\tand  two  spaces ", "9"]
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_tokenizer_json_exact_prompt_response_decode(kind, tmp_path):
+    path = (byte_level_tokenizer if kind == "byte-level" else metaspace_tokenizer)(tmp_path / kind)
+    tok = Tokenizer(tmp_path / kind)  # a directory: its tokenizer.json
+    assert tok.path == path and type(tok).__name__ == "HFTokenizer"
+    bos, eos = ("<|begin_of_text|>", "<|eot_id|>") if kind == "byte-level" else ("<s>", "</s>")
+    assert (tok.piece(tok.bos_id), tok.piece(tok.eos_id)) == (bos, eos)
+    for instruction, response in zip(TEXTS, reversed(TEXTS)):
+        prompt = format_prompt(instruction)
+        ids = tok.encode(prompt) + tok.encode_continuation(response, eos=True)
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # the post-processor's BOS is not added again
+        assert ids[-1] == tok.eos_id and ids.count(tok.eos_id) == 1  # "<|eot_id|>" / "</s>" typed in text stays text
+        assert tok.decode(ids) == prompt + response
+        input_ids, labels = encode_example({"instruction": instruction, "input": "", "output": response}, tok, 512)
+        assert tok.decode(input_ids + labels[-1:]) == prompt + response
+        n_prompt = sum(1 for label in labels if label == -100) + 1
+        assert tok.decode(input_ids[:n_prompt]) == prompt and tok.decode_continuation(input_ids[:n_prompt], labels[n_prompt - 1:]) == response
+
+
+def test_tokenizer_json_identity_and_errors(tmp_path):
+    path = byte_level_tokenizer(tmp_path / "a")
+    a = Tokenizer(path)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert Tokenizer(tmp_path / "b").sha256 == a.sha256
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    assert Tokenizer(tmp_path / "b").sha256 != a.sha256  # another EOS encodes every example differently
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|nope|>"}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: eos_token '<\|nope\|>' .* is not in the vocabulary"):
+        Tokenizer(tmp_path / "b")
+    (tmp_path / "b" / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json: no bos_token in .*tokenizer_config.json or .*special_tokens_map.json"):
+        Tokenizer(tmp_path / "b")
+    (tmp_path / "b" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json is not an HF tokenizer.json"):
+        Tokenizer(tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        Tokenizer(tmp_path)
+
+
+# ----------------------------------------------------- fine-tuning a tied, llama3, tokenizer.json checkpoint
+
+RUN = ["--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1",
+       "--train.max_steps=3", "--train.save_every=1", "--train.lr=1e-3", "--train.activation_checkpointing=full"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family_run(tmp_path_factory):
+    """torchrun, 2 gloo ranks: `--model.checkpoint=DIR --data.path=FILE` with DIR holding a tied GQA llama3
+    model saved by transformers and only a tokenizer.json; 3 steps, a checkpoint after each."""
+    work = tmp_path_factory.mktemp("family-run")
+    ckpt = work / "ckpt"
+    tok = Tokenizer(byte_level_tokenizer(ckpt))
+    family_hf(vocab=tok.vocab_size + 4, std=0.1).save_pretrained(ckpt)  # a padded vocabulary, as real models have
+    data = work / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_split(64, 4, seed=5)[0]))
+    out = work / "out"
+    proc = run_train(2, out, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={data}", tiny=False)
+    return ckpt, data, out, proc
+
+
+def _rows(out: Path, step: int) -> list:
+    dataset = TokenizedDataset.open(out / "data_cache")
+    global_rows = trainer_state(sorted((out / "checkpoints").iterdir())[-1])["data"]["global_batch_rows"]
+    return step_rows(dataset, step, global_rows, mode="packed", seq_len=64)
+
+
+def test_family_finetune_trains_tied_and_exports_tied(family_run):
+    ckpt, _, out, proc = family_run
+    assert f"pretrained {ckpt}" in proc.stderr
+    manifest = json.loads((out / "data_cache" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["sha256"] == Tokenizer(ckpt).sha256  # tokenized with the checkpoint's tokenizer.json
+    logged = metrics(out)
+    source = load_pretrained(ckpt, dtype=torch.float32)
+    assert logged[0]["loss"] == pytest.approx(loss_on_rows(source, _rows(out, 1)), rel=1e-5)
+    final = out / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["rope_parameters"]["rope_type"] == "llama3"
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 4)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (final / name).read_bytes() == (ckpt / name).read_bytes()
+    assert not (final / "tokenizer.model").exists()
+    with safe_open(final / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and len(list(f.keys())) == 20  # as the source: one [V, D] matrix
+    exported = load_pretrained(final, dtype=torch.float32)
+    assert exported.output.weight is exported.tok_embeddings.weight
+    assert loss_on_rows(exported, _rows(out, 3)) == pytest.approx(logged[-1]["loss"], rel=1e-5)
+    assert not torch.equal(exported.tok_embeddings.weight, source.tok_embeddings.weight)
+    hf = transformers.LlamaForCausalLM.from_pretrained(final, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = torch.randint(0, exported.cfg.vocab_size, (2, 90))
+    with torch.no_grad():
+        assert rel_err(exported(ids), hf(ids).logits) < 1e-5
+
+
+def test_family_finetune_resumes_tied(family_run, tmp_path):
+    """The run's directory without its last checkpoint and export: the same command resumes from step 2 and
+    trains step 3 to the same loss and the same tied weights."""
+    ckpt, data, out, _ = family_run
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(sorted((resumed / "checkpoints").iterdir())[-1])
+    proc = run_train(2, resumed, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={data}", tiny=False)
+    assert "resumed from step_00000002" in proc.stderr
+    assert metrics(resumed)[-1]["step"] == 3 and metrics(resumed)[-1]["loss"] == pytest.approx(metrics(out)[-1]["loss"], rel=1e-6)
+    a, b = load_pretrained(out / "final", dtype=torch.float32), load_pretrained(resumed / "final", dtype=torch.float32)
+    torch.testing.assert_close(b.tok_embeddings.weight, a.tok_embeddings.weight, rtol=1e-6, atol=1e-7)
+    assert b.output.weight is b.tok_embeddings.weight

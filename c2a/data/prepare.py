@@ -1,6 +1,6 @@
 """Tokenize an Alpaca data set once into a memory-mapped cache, and read it back for training.
 
-    python -m c2a.data.prepare --data FILE|HF_NAME --tokenizer tokenizer.model --out DIR \\
+    python -m c2a.data.prepare --data FILE|HF_NAME --tokenizer tokenizer.model|tokenizer.json|CHECKPOINT_DIR --out DIR \\
         [--max-len 2048] [--truncation truncate|drop] [--skip-bad-rows] [--workers N] [--overwrite]
 
 Cache layout (format version 1), written to a temporary directory and renamed into place, so a crash
@@ -142,7 +142,7 @@ class TokenizedDataset:
              hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).") -> TokenizedDataset:
         """Map a cache written by `prepare`; raise `CacheMismatchError` if it was built differently than expected.
 
-        `expect_tokenizer` (a Tokenizer or a tokenizer.model path) is compared by sha256, `expect_max_len`
+        `expect_tokenizer` (a Tokenizer, or a path Tokenizer reads) is compared by its sha256, `expect_max_len`
         exactly, `expect_source` (a local file, compared by sha256, or a hub name) against the manifest,
         `expect_truncation` exactly. `hint` ends the mismatch message: what the caller's user should do.
         """
@@ -155,7 +155,7 @@ class TokenizedDataset:
         if manifest.get("format_version") != FORMAT_VERSION:
             problems.append(f"format_version is {manifest.get('format_version')}, this code reads {FORMAT_VERSION}")
         if expect_tokenizer is not None:
-            sha = expect_tokenizer.sha256 if isinstance(expect_tokenizer, Tokenizer) else file_sha256(expect_tokenizer)
+            sha = (expect_tokenizer if isinstance(expect_tokenizer, Tokenizer) else Tokenizer(expect_tokenizer)).sha256
             if manifest["tokenizer"]["sha256"] != sha:
                 problems.append(f"tokenizer sha256 is {manifest['tokenizer']['sha256'][:12]}..., expected {sha[:12]}... ({expect_tokenizer})")
         if expect_max_len is not None and manifest["max_len"] != expect_max_len:
@@ -241,7 +241,7 @@ def _encode_all(records: Sequence[dict[str, str]], tok: Tokenizer, max_len: int,
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m c2a.data.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="a .json/.jsonl/.parquet file, or a hub dataset name (needs network or a cache)")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model, HF tokenizer.json, or a checkpoint directory holding one")
     ap.add_argument("--out", required=True, help="cache directory to write")
     ap.add_argument("--max-len", type=int, default=2048, help="maximum input positions per example (tokens - 1)")
     ap.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="truncate", help="over-length policy")

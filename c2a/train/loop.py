@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from c2a.config import LlamaConfig, TrainConfig, config_to_toml
 from c2a.data import Tokenizer, TokenizedDataset, load_records
+from c2a.data.tokenizer import export_tokenizer, find_tokenizer
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf
@@ -58,10 +59,11 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
         from c2a.data.demo import DEMO_TOKENIZER
 
         path = DEMO_TOKENIZER
-    elif cfg.model.checkpoint and (Path(cfg.model.checkpoint) / "tokenizer.model").is_file():
-        path = Path(cfg.model.checkpoint) / "tokenizer.model"
+    elif cfg.model.checkpoint and find_tokenizer(cfg.model.checkpoint) is not None:
+        path = find_tokenizer(cfg.model.checkpoint)  # tokenizer.model, else tokenizer.json
     else:
-        raise TrainingError("no tokenizer: set data.tokenizer to a SentencePiece tokenizer.model (Llama-2's for Llama-2 weights)")
+        raise TrainingError("no tokenizer: set data.tokenizer to a SentencePiece tokenizer.model or an HF tokenizer.json "
+                            "(the model's own: Llama-2's tokenizer.model for Llama-2 weights)")
     if not path.is_file():
         raise TrainingError(f"data.tokenizer: {path} does not exist")
     return path
@@ -492,7 +494,7 @@ def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype) -> Ll
 
 
 def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out: Path, dtype: torch.dtype, d: Dist) -> Path:
-    """Collective: out_dir/final/ as an HF directory (safetensors, config.json, tokenizer.model), written
+    """Collective: out_dir/final/ as an HF directory (safetensors, config.json, the tokenizer's files), written
     beside it and renamed into place, streaming one parameter at a time through rank 0."""
     final, tmp = out / "final", out / "final.tmp"
     if d.is_main:
@@ -500,7 +502,7 @@ def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out
     tensors = full_parameters(model, dtype)
     if d.is_main:
         save_hf(model_cfg, tensors, tmp)
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        export_tokenizer(tokenizer_path, tmp)  # tokenizer.model, or tokenizer.json with its config files
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
