@@ -79,6 +79,7 @@ def measure(spec: str, d) -> dict:
     import torch
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import FSDPModule
 
     from c2a.config import LlamaConfig, build_config
     from c2a.train.loop import build_optimizer, train_step
@@ -90,6 +91,9 @@ def measure(spec: str, d) -> dict:
     m = LlamaConfig(dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"], n_kv_heads=s["kv"], vocab_size=s["vocab"], multiple_of=32)
     model = build_sharded_model(m, cfg.train, d)
     materialize(model, None, seed=0)
+    # every FSDP unit's parameters under CPUOffloadPolicy or none (on CPU the memory is the same either way)
+    units = [mod._get_fsdp_state()._fsdp_param_group for mod in model.modules() if isinstance(mod, FSDPModule)]
+    offloaded = {p.offload_to_cpu for unit in units for p in unit.fsdp_params}
     opt = build_optimizer(model, cfg, d.device)
     batches = _batches(s, d.rank)
     train_step(model, opt, batches, 1.0, d.device)
@@ -113,7 +117,7 @@ def measure(spec: str, d) -> dict:
         opt.zero_grad(set_to_none=True)
     peak = _snapshot(mt, "peak")
     now = _snapshot(mt, "current")
-    result.update(params=now.get("SHARDED_PARAM", 0), optimizer=now.get("OPT", 0), peak=peak.get("Total", 0), peak_detail=peak)
+    result.update(offloaded=sorted(offloaded), params=now.get("SHARDED_PARAM", 0), optimizer=now.get("OPT", 0), peak=peak.get("Total", 0), peak_detail=peak)
     return result
 
 
@@ -166,6 +170,7 @@ def test_planner_within_10_percent_of_fsdp_mem_tracker(measured) -> None:
         plan = predicted(spec, ranks)
         for rank, results in enumerate(per_rank):
             got = results[name]
+            assert got["offloaded"] == [parse(spec)["offload"]], f"{name}: FSDP units' offload_to_cpu {got['offloaded']}"
             for key in ("params", "grads", "optimizer", "activations", "peak"):
                 want = plan.peak_combined if key == "peak" else getattr(plan, key)  # on CPU host and device are one memory
                 err = (want - got[key]) / got[key]
@@ -178,3 +183,21 @@ def test_planner_within_10_percent_of_fsdp_mem_tracker(measured) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+
+
+def test_cpu_offload_trains_with_the_same_losses(tmp_path) -> None:
+    """train.cpu_offload on 2 gloo ranks: the same per-step losses and gradient norms as without it (on CPU
+    both keep the shards in host memory; what differs is FSDP2's offload path: the copy of each shard to
+    the compute device for the all-gather, gradients offloaded after the reduce-scatter, AdamW on them)."""
+    from train_runs import metrics, run_train
+
+    runs = {}
+    for offload in ("false", "true"):
+        out = tmp_path / f"offload-{offload}"
+        run_train(2, out, "--train.max_steps=4", f"--train.cpu_offload={offload}", "--train.save_every=0")
+        runs[offload] = metrics(out)
+    assert [r["step"] for r in runs["true"]] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        plain, offloaded = [r[key] for r in runs["false"]], [r[key] for r in runs["true"]]
+        assert offloaded == pytest.approx(plain, rel=1e-6), f"{key}: offload {offloaded} vs {plain}"
+    assert runs["true"][-1]["loss"] < runs["true"][0]["loss"]  # it trains
