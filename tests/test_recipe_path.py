@@ -259,8 +259,9 @@ def test_demo_evaluation_across_a_resume_with_partial_checkpoints(tmp_path):
 
 def test_compile_trains_the_same_step(ckpt, alpaca_file, tmp_path):
     """train.compile: each block compiled by torch.compile. On CPU a packed run recompiles for every new
-    document layout (about 100 s a step, measured), so this is 1 rank, 1 step of one padded example:
-    ~16 s with a cold compile cache, 8 s warm. The compiled step gives the eager loss of that row."""
+    document layout (about 100 s a step, measured), so this is 1 rank, 1 step of one padded example: 24 s
+    of CPU with a cold inductor cache (63-70 s wall on the 2-core machine at load 5-7), 8 s warm. The
+    compiled step gives the eager loss of that row."""
     out = tmp_path / "run"
     proc = run_train(1, out, *RUN, "--train.global_batch=1", "--data.packing=false", f"--model.checkpoint={ckpt}", f"--data.path={alpaca_file}",
                      "--train.max_steps=1", "--train.compile=true", tiny=False, env={"TORCH_LOGS": "dynamo"})  # fmt: skip
