@@ -201,3 +201,7 @@ def test_cpu_offload_trains_with_the_same_losses(tmp_path) -> None:
         plain, offloaded = [r[key] for r in runs["false"]], [r[key] for r in runs["true"]]
         assert offloaded == pytest.approx(plain, rel=1e-6), f"{key}: offload {offloaded} vs {plain}"
     assert runs["true"][-1]["loss"] < runs["true"][0]["loss"]  # it trains
+    # every record carries the planner's peak beside the measured one; on CPU the measured one is the process's
+    # RSS (Python, torch, the data besides the step's tensors), so the tensor bytes predicted must be below it
+    for r in runs["false"] + runs["true"]:
+        assert 0 < r["predicted_peak_memory_mb"] < r["peak_memory_mb"], r

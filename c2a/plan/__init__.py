@@ -4,6 +4,36 @@
 `cli` resolves a training config into a workload, searches the settings that fit, and times the run.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from c2a.config import LlamaConfig, TrainConfig
 from c2a.plan.memory import MemoryPlan, Workload, plan_memory
 
-__all__ = ["MemoryPlan", "Workload", "plan_memory"]
+if TYPE_CHECKING:
+    import torch
+
+    from c2a.data.batching import MicroBatchLoader
+
+__all__ = ["MemoryPlan", "Workload", "plan_memory", "predicted_peak_mb"]
+
+
+def predicted_peak_mb(cfg: TrainConfig, model: LlamaConfig, ranks: int, device: torch.device, loader: MicroBatchLoader) -> float:
+    """The planner's per-rank peak for this run, in MiB, for metrics.jsonl beside the measured peak_memory_mb
+    (torch.cuda.max_memory_allocated on CUDA: the same tensor bytes; on CPU the process's peak RSS, which also
+    holds the Python runtime and torch's own buffers, so it reads higher)."""
+    from c2a.kernels import backend
+    from c2a.train.parallel import compute_dtype
+
+    counts = getattr(loader.dataset, "manifest", {}).get("counts", {})
+    trained = counts.get("trained_tokens", 0) / counts["tokens"] if counts.get("tokens") else 0.5
+    t = cfg.train
+    longest = int(loader.dataset.lengths.max()) if len(loader.dataset.lengths) else cfg.data.max_len
+    seq_len = cfg.data.max_len if cfg.data.packing else min(cfg.data.max_len, longest)
+    w = Workload(model, t.micro_batch, seq_len, trained_fraction=trained, packed=cfg.data.packing,
+                 ranks=ranks, replicas=t.replicas, compute_bytes=compute_dtype(t.dtype, device).itemsize, backend=backend(device),
+                 activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every, accumulation=loader.accum_steps,
+                 cpu_offload=t.cpu_offload)  # fmt: skip
+    plan = plan_memory(w)
+    return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

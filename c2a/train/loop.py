@@ -28,6 +28,7 @@ from c2a.data.tokenizer import export_tokenizer, find_tokenizer
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf
+from c2a.plan import predicted_peak_mb
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point, save_checkpoint
 from c2a.train.lifecycle import RunStopped, StopControl, claim_out_dir
 from c2a.train.metrics import MetricsWriter, attention_flops, matmul_flops_per_token, peak_flops, progress_bar
@@ -350,6 +351,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if step % t.log_every == 0 or saving or val:
             elapsed = time.perf_counter() - window_start - val.get("val_seconds", 0.0)  # validating is not training time
             record = {**_metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters), **val}
+            record["predicted_peak_memory_mb"] = predicted_peak_mb(cfg, model_cfg, d.world_size, d.device, loader)  # c2a.plan's, beside peak_memory_mb
             counters.train_seconds += elapsed
             if writer is not None:
                 writer.write(record)
