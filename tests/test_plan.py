@@ -205,3 +205,59 @@ def test_cpu_offload_trains_with_the_same_losses(tmp_path) -> None:
     # RSS (Python, torch, the data besides the step's tensors), so the tensor bytes predicted must be below it
     for r in runs["false"] + runs["true"]:
         assert 0 < r["predicted_peak_memory_mb"] < r["peak_memory_mb"], r
+
+
+# ------------------------------------------------------------------------------------ the CLI, the recipes
+
+# Llama-2's published parameter counts (Touvron et al. 2023; the sizes of Meta's released checkpoints)
+LLAMA2_7B, LLAMA2_13B = 6_738_415_616, 13_015_864_320
+
+
+def plan_cli(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "c2a.plan", *args, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_plan_cli_answers_for_the_card_recipes() -> None:
+    # 7B on one 80 GB card: 16 bytes per parameter of fp32 weights, gradients and AdamW state (108 GB) do not
+    # fit; every setting that does offloads
+    one = plan_cli("--config", "configs/claude2-alpaca-7b.toml", "--gpus", "1")
+    p = one["per_rank_bytes"]
+    assert (p["params"], p["grads"]) == (4 * LLAMA2_7B, 4 * LLAMA2_7B)
+    assert p["optimizer"] == 8 * LLAMA2_7B + 4 * (9 * 32 + 3)
+    assert not one["fits"] and one["fitting_settings"]
+    assert all(s["train.cpu_offload"] for s in one["fitting_settings"])
+    assert one["host_gib_per_node"] == 0  # the recipe as configured does not offload
+    # 13B on 8 cards: every shard an eighth (each tensor's dim 0 divides by 8: no padding), and it fits
+    eight = plan_cli("--config", "configs/claude2-alpaca-13b.toml", "--gpus", "8")
+    assert eight["per_rank_bytes"]["params"] == 4 * LLAMA2_13B // 8
+    assert eight["fits"] and eight["workload"]["activation_checkpointing"] == "full"
+    assert eight["peak_gib_by_activation_checkpointing"]["none"] > eight["peak_gib_by_activation_checkpointing"]["full"]
+    # time = epochs x tokens x (6 FLOPs per weight, embedding excluded) + causal attention per document
+    # (3 passes x 2 matmuls x L^2 x D per layer), over MFU x peak x GPUs
+    t = plan_cli("--config", "configs/claude2-alpaca-13b.toml", "--gpus", "8", "--examples", "1000", "--mean-tokens", "500",
+                 "--mfu", "0.5")["time"]  # fmt: skip
+    flops = 5 * (1000 * 500 * 6 * (LLAMA2_13B - 32000 * 5120) + 3 * 40 * 2 * 1000 * 500**2 * 5120)
+    assert t["hours"] == pytest.approx(flops / (0.5 * 989e12 * 8) / 3600, rel=1e-9)
+    assert t["mfu_source"] == "given"
+
+
+def test_plan_cli_offload_moves_state_to_the_host() -> None:
+    off = plan_cli("--config", "configs/claude2-alpaca-7b.toml", "--gpus", "1", "--train.cpu_offload=true")
+    on_device = plan_cli("--config", "configs/claude2-alpaca-7b.toml", "--gpus", "1")["per_rank_bytes"]["peak"]
+    p = off["per_rank_bytes"]
+    assert p["host"] == p["params"] + p["grads"] + p["optimizer"]
+    assert off["host_gib_per_node"] == pytest.approx(p["host"] / 2**30, abs=0.05)
+    assert off["fits"] and on_device - p["peak"] >= p["params"] + p["optimizer"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/claude2-alpaca-7b.toml"], "--gpus N is required"),
+    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--gpu", "v100"], "known cards are h100, h200, a100"),
+    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--train.micro_batchh=2"], "did you mean train.micro_batch"),
+    (["--gpus", "1", "--model.checkpoint=/nowhere/my-model"], "no config.json or params.json"),
+])  # fmt: skip
+def test_plan_cli_errors(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "c2a.plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

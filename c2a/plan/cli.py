@@ -77,7 +77,7 @@ def resolve_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     if size:
         name = f"llama2-{size.group(1)}b"
         return LlamaConfig.from_name(name), f"preset {name} (assumed from the name {path}, which is not a checkpoint here)"
-    raise ValueError(f"model.checkpoint {path}: no config.json or params.json there; give the checkpoint directory or --model.preset")
+    raise ValueError(f"model.checkpoint {path}: no config.json or params.json there; point it at an HF or Meta checkpoint directory, or leave it empty and set model.preset")
 
 
 def resolve_data(cfg: TrainConfig, examples: int | None, mean_tokens: float | None, trained_fraction: float | None) -> DataShape:
@@ -237,7 +237,7 @@ def table(result: dict[str, Any]) -> str:
     ]
     if w["cpu_offload"]:
         lines.append(f"  host memory for offloaded state: {result['host_gib_per_node']} GiB per node (pinned)")
-    if not result["fits"] or len(result["fitting_settings"]) > 0:
+    if not result["fits"]:
         fit = result["fitting_settings"]
         lines.append("settings that fit: " + ("; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in fit) if fit else "none on this many GPUs"))
     lines.append(f"fewest GPUs as configured: {result['min_gpus_as_configured'] or 'more than 256'}")
@@ -280,10 +280,13 @@ def main(argv: list[str]) -> int:
     mfu = float(own["mfu"]) if own["mfu"] else DEFAULT_MFU
     machine = Machine(int(own["gpus"]), int(own["nodes"]), gpu.upper(), float(own["gpu-memory"] or memory), flops, mfu,
                       "given" if own["mfu"] else "assumed: no GPU measurement of c2a's MFU yet")  # fmt: skip
-    cfg = parse_args(rest)
-    result = plan(cfg, machine, int(own["examples"]) if own["examples"] else None,
-                  float(own["mean-tokens"]) if own["mean-tokens"] else None,
-                  float(own["trained-fraction"]) if own["trained-fraction"] else None)  # fmt: skip
+    try:
+        cfg = parse_args(rest)
+        result = plan(cfg, machine, int(own["examples"]) if own["examples"] else None,
+                      float(own["mean-tokens"]) if own["mean-tokens"] else None,
+                      float(own["trained-fraction"]) if own["trained-fraction"] else None)  # fmt: skip
+    except (ValueError, KeyError) as e:  # a config or checkpoint the user can fix: the message, not a traceback
+        raise SystemExit(f"c2a.plan: {e.args[0] if isinstance(e, KeyError) else e}") from None
     print(json.dumps(result, indent=1) if as_json else table(result))
     return 0
 
