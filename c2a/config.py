@@ -133,6 +133,7 @@ class DataSection:
     max_len: int = _f(256, "maximum tokens per example and packed row length")
     packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
+    template: str = _f("auto", "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca or llama2-chat; Alpaca records always use Alpaca's prompt")
     truncation: str = _f("truncate", "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way")
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")

@@ -167,6 +167,12 @@ def test_unsupported_rope_type_named(family_dir, tmp_path):
 # ------------------------------------------------------------------------------------ tokenizer.json
 
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# A Llama-3-style chat template (header tokens, a turn ends with <|eot_id|>), written for these tests.
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 def corpus(n: int = 200) -> list[str]:
@@ -261,13 +267,19 @@ RUN = ["--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", 
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory):
     """torchrun, 2 gloo ranks: `--model.checkpoint=DIR --data.path=FILE` with DIR holding a tied GQA llama3
-    model saved by transformers and only a tokenizer.json; 3 steps, a checkpoint after each."""
+    model saved by transformers and only a tokenizer.json (with a chat_template); 3 steps, a checkpoint after
+    each; the data file mixes Alpaca records and chat records."""
     work = tmp_path_factory.mktemp("family-run")
     ckpt = work / "ckpt"
     tok = Tokenizer(byte_level_tokenizer(ckpt))
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": LLAMA3_STYLE}))
     family_hf(vocab=tok.vocab_size + 4, std=0.1).save_pretrained(ckpt)  # a padded vocabulary, as real models have
-    data = work / "alpaca.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in demo_split(64, 4, seed=5)[0]))
+    data = work / "mixed.jsonl"
+    records = demo_split(64, 4, seed=5)[0]
+    chats = [{"messages": [{"role": "user", "content": r["instruction"] + " " + r["input"]}, {"role": "assistant", "content": r["output"]}]}
+             for r in records[48:]]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:48] + chats))
     out = work / "out"
     proc = run_train(2, out, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={data}", tiny=False)
     return ckpt, data, out, proc
@@ -284,6 +296,7 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
     assert f"pretrained {ckpt}" in proc.stderr
     manifest = json.loads((out / "data_cache" / "manifest.json").read_text())
     assert manifest["tokenizer"]["sha256"] == Tokenizer(ckpt).sha256  # tokenized with the checkpoint's tokenizer.json
+    assert manifest["chat_template"]["name"] == f"chat_template of {ckpt / 'tokenizer_config.json'}"  # and its template
     logged = metrics(out)
     source = load_pretrained(ckpt, dtype=torch.float32)
     assert logged[0]["loss"] == pytest.approx(loss_on_rows(source, _rows(out, 1)), rel=1e-5)

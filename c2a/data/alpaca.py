@@ -20,7 +20,8 @@ So every example keeps at least budget // 2 response tokens (or all of them) and
 `truncation="drop"` drops every over-length example instead. Both are counted by the caller.
 
 Records: dicts with "instruction" (str), optional "input" (str; a missing key or None means ""), and
-"output" (a non-empty str). Loaded from .json (a list, or JSON lines), .jsonl, .parquet, or a hub dataset
+"output" (a non-empty str); or chat records with "messages" ([{role, content}, ...]), encoded by
+c2a.data.chat under a chat template (loss on the assistant turns). Loaded from .json (a list, or JSON lines), .jsonl, .parquet, or a hub dataset
 name through `datasets`. A malformed record stops the load with a `DataError` naming the file and line
 (JSON lines) or row index; `skip_bad_rows=True` logs and counts it instead.
 """
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from c2a.data import chat
 from c2a.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,16 @@ def encode_example(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int
     return enc.input_ids, enc.labels
 
 
-def encode_example_full(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation = "truncate") -> Encoded:
-    """`encode_example` with the truncation policy as an argument and what it did reported."""
+def encode_example_full(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation = "truncate",
+                        template: str = "auto") -> Encoded:  # fmt: skip
+    """`encode_example` with the truncation policy as an argument and what it did reported. `template` (a
+    name of chat.TEMPLATE_CHOICES) applies to chat records only: Alpaca records always use Alpaca's prompt."""
     if max_len < 4:
         raise ValueError(f"max_len must be at least 4 (BOS, a prompt token, a response token, EOS), got {max_len}")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"unknown truncation policy {truncation!r}; valid: {', '.join(TRUNCATION_POLICIES)}")
+    if "messages" in record:
+        return _encode_chat(record, tokenizer, max_len, truncation, template)
     prompt = tokenizer.encode(format_prompt(record["instruction"], record.get("input") or ""), bos=True)
     response = tokenizer.encode_continuation(record["output"], eos=True)
     lp, lr = len(prompt), len(response)
@@ -111,13 +117,32 @@ def encode_example_full(record: Mapping[str, Any], tokenizer: Tokenizer, max_len
     return Encoded(tokens[:-1], labels, truncated=truncated, prompt_tokens=lp, response_tokens=lr)
 
 
+def _encode_chat(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation, template: str) -> Encoded:
+    label, source = chat.resolve_template(template, tokenizer)
+    tokens, trained = chat.encode_chat(record, tokenizer, source, label)
+    n_trained = sum(trained)
+    lp, lr = len(tokens) - n_trained, n_trained  # before truncation, as for Alpaca records
+    budget = max_len + 1
+    truncated = len(tokens) > budget
+    if truncated:
+        # the head is kept: earlier turns are the context of later ones, and the first answer stays whole
+        if truncation == "drop" or not any(trained[1:budget]):
+            return Encoded([], [], truncated=True, dropped=True, prompt_tokens=lp, response_tokens=lr)
+        tokens, trained = tokens[:budget], trained[:budget]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(tokens[1:], trained[1:])]
+    return Encoded(tokens[:-1], labels, truncated=truncated, prompt_tokens=lp, response_tokens=lr)
+
+
 # --- records -----------------------------------------------------------------------------------------
 
 
-def validate_record(row: Any) -> dict[str, str]:
-    """The record as {"instruction", "input", "output"} strings, or a ValueError saying what is wrong."""
+def validate_record(row: Any) -> dict[str, Any]:
+    """The record as {"instruction", "input", "output"} strings (or a chat record's {"messages": [...]}), or a
+    ValueError saying what is wrong."""
     if not isinstance(row, Mapping):
-        raise ValueError(f"expected an object with instruction/input/output, got {type(row).__name__}")
+        raise ValueError(f"expected an object with instruction/input/output (or messages), got {type(row).__name__}")
+    if "messages" in row:
+        return chat.validate_messages(row)
     for key in ("instruction", "output"):
         if key not in row:
             raise ValueError(f"missing field {key!r} (fields present: {', '.join(map(str, row)) or 'none'})")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from c2a.data.alpaca import IGNORE_INDEX, TRUNCATION_POLICIES, DataError, Encoded, Truncation, encode_example_full, file_sha256, is_local_file, load_records
+from c2a.data import chat
 from c2a.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,18 @@ class TokenizedDataset:
     @classmethod
     def from_records(cls, records: Sequence[dict[str, str]], tokenizer: Tokenizer | str | Path, max_len: int, *,
                      truncation: Truncation = "truncate", workers: int = 1, source: dict[str, Any] | None = None,
-                     skipped_bad_rows: int = 0) -> TokenizedDataset:
-        """Encode validated records in memory (with `workers` processes when > 1)."""
+                     skipped_bad_rows: int = 0, template: str = "auto") -> TokenizedDataset:
+        """Encode validated records in memory (with `workers` processes when > 1). `template` names the chat
+        template of chat records (c2a.data.chat.TEMPLATE_CHOICES); Alpaca records ignore it."""
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        encoded = _encode_all(records, tok, max_len, truncation, workers)
+        if template not in chat.TEMPLATE_CHOICES:
+            raise ValueError(f"unknown chat template {template!r}; valid: {', '.join(chat.TEMPLATE_CHOICES)}")
+        chat_template = None
+        if any("messages" in r for r in records):
+            label, body = chat.resolve_template(template, tok)
+            chat_template = {"name": label, "sha256": chat.template_sha256(body)}
+            log.info("chat records rendered with %s", label)
+        encoded = _encode_all(records, tok, max_len, truncation, workers, template)
         kept = [e for e in encoded if not e.dropped]
         if not kept:
             raise DataError(f"all {len(records)} examples exceed max_len={max_len} and were dropped")
@@ -96,6 +105,7 @@ class TokenizedDataset:
             "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
             "max_len": max_len,
             "truncation": truncation,
+            **({"chat_template": chat_template} if chat_template else {}),
             "counts": {
                 "records": len(records) + skipped_bad_rows,
                 "skipped_bad_rows": skipped_bad_rows,
@@ -215,23 +225,34 @@ def _write_synced(path: Path, write: Any) -> None:
 _worker_state: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_path: str, max_len: int, truncation: str) -> None:
-    _worker_state.update(tok=Tokenizer(tokenizer_path), max_len=max_len, truncation=truncation)
+def _worker_init(tokenizer_path: str, max_len: int, truncation: str, template: str) -> None:
+    _worker_state.update(tok=Tokenizer(tokenizer_path), max_len=max_len, truncation=truncation, template=template)
 
 
-def _worker_encode(chunk: list[dict[str, str]]) -> list[Encoded]:
+def _worker_encode(chunk: tuple[int, list[dict[str, Any]]]) -> list[Encoded]:
     s = _worker_state
-    return [encode_example_full(r, s["tok"], s["max_len"], s["truncation"]) for r in chunk]
+    return _encode_chunk(chunk[0], chunk[1], s["tok"], s["max_len"], s["truncation"], s["template"])
 
 
-def _encode_all(records: Sequence[dict[str, str]], tok: Tokenizer, max_len: int, truncation: Truncation, workers: int) -> list[Encoded]:
+def _encode_chunk(first: int, records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, template: str) -> list[Encoded]:
+    out = []
+    for i, r in enumerate(records, start=first):
+        try:
+            out.append(encode_example_full(r, tok, max_len, truncation, template))
+        except chat.ChatTemplateError as e:  # a conversation the template refuses: name the record
+            raise DataError(f"record {i} (0-based, of the records kept): {e}") from None
+    return out
+
+
+def _encode_all(records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, workers: int,
+                template: str = "auto") -> list[Encoded]:  # fmt: skip
     if workers <= 1 or len(records) < 2000:
-        return [encode_example_full(r, tok, max_len, truncation) for r in records]
+        return _encode_chunk(0, records, tok, max_len, truncation, template)
     chunk = 500
-    chunks = [list(records[i:i + chunk]) for i in range(0, len(records), chunk)]
+    chunks = [(i, list(records[i:i + chunk])) for i in range(0, len(records), chunk)]
     # fork where available: workers inherit the imported modules instead of re-importing them
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(tok.path), max_len, truncation)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(tok.path), max_len, truncation, template)) as pool:
         return [e for part in pool.imap(_worker_encode, chunks) for e in part]
 
 
@@ -246,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=2048, help="maximum input positions per example (tokens - 1)")
     ap.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="truncate", help="over-length policy")
     ap.add_argument("--split", default="train", help="split of a hub dataset")
+    ap.add_argument("--template", default="auto", choices=chat.TEMPLATE_CHOICES,
+                    help="chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, or a built-in")
     ap.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning instead of stopping")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
@@ -256,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_records(args.data, skip_bad_rows=args.skip_bad_rows, split=args.split)
         t0 = time.perf_counter()
         ds = TokenizedDataset.from_records(loaded.records, tok, args.max_len, truncation=args.truncation, workers=args.workers,
-                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped))
+                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped), template=args.template)
         ds.manifest["tokenizer"]["path"] = str(tok.path.resolve())
         elapsed = time.perf_counter() - t0
         out = ds.save(args.out, overwrite=args.overwrite)

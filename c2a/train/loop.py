@@ -92,7 +92,7 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
         loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint="--data.skip_bad_rows=true")
         workers = cfg.data.workers or os.cpu_count() or 1
         ds = TokenizedDataset.from_records(loaded.records, tokenizer, max_len, truncation=cfg.data.truncation, workers=workers,
-                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped))  # fmt: skip
+                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped), template=cfg.data.template)  # fmt: skip
         ds.save(cache)
     dist.barrier()
     hint = (f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
