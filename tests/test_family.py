@@ -260,7 +260,8 @@ def test_tokenizer_json_identity_and_errors(tmp_path):
 
 # ----------------------------------------------------- fine-tuning a tied, llama3, tokenizer.json checkpoint
 
-RUN = ["--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1",
+# configs/llama3.2-1b-alpaca.toml (the recipe for this kind of checkpoint) with the sizes of a CPU test
+RUN = ["--config=configs/llama3.2-1b-alpaca.toml", "--train.dtype=fp32", "--train.save_every_minutes=0", "--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1",
        "--train.max_steps=3", "--train.save_every=1", "--train.lr=1e-3", "--train.activation_checkpointing=full"]  # fmt: skip
 
 

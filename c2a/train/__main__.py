@@ -52,7 +52,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     lines += [
         f"metrics          {s['out_dir']}/metrics.jsonl",
         f"checkpoints      {s['out_dir']}/checkpoints/",
-        f"final model      {s['final']}  (HF safetensors + tokenizer.model)",
+        f"final model      {s['final']}  (HF safetensors + the tokenizer files)",
     ]
     print("\n".join(lines), flush=True)
 

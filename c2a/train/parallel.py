@@ -141,6 +141,9 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
     # Pinned pages only where there is a device to copy to (pinning needs CUDA).
     offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if train.cpu_offload else OffloadPolicy()
+    #    A tied head (cfg.tie_word_embeddings) is one parameter used by tok_embeddings and output, both in the
+    #    root unit: FSDP2 shards, gathers and reduce-scatters it once, its gradient the sum of both uses. Keep
+    #    both in one unit (separate units would each manage it); torchtitan instead re-ties after sharding.
     for block in model.layers:
         fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)  # the head runs last, then backward
