@@ -315,6 +315,8 @@ def test_validation_errors():
         flash_attention(q, k.new_zeros(1, 8, 3, 16), k.new_zeros(1, 8, 3, 16))
     with pytest.raises(ValueError, match=r"head dim must be one of \(16, 32, 64, 128\), got 24"):
         flash_attention(q.new_zeros(1, 8, 4, 24), k.new_zeros(1, 8, 2, 24), k.new_zeros(1, 8, 2, 24))
+    with pytest.raises(ValueError, match=r"batch × query heads = 16384 × 4 exceeds CUDA's grid y-limit 65535"):
+        flash_attention(q.new_zeros(16384, 0, 4, 16), k.new_zeros(16384, 0, 2, 16), k.new_zeros(16384, 0, 2, 16))
     with pytest.raises(TypeError, match="must share a dtype"):
         flash_attention(q, k.half(), k.half())
     with pytest.raises(TypeError, match="dtype must be one of"):

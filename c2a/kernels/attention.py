@@ -529,6 +529,7 @@ def _attn_bwd_dq_kernel(
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; tl.arange needs a power of two
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (axis 0 allows 2^31 - 1)
 
 # Tests set this to fill every buffer the kernels write (O, lse, delta, dQ, dK, dV) with NaN before the
 # launch, so an element a kernel forgets to write cannot pass by holding a plausible stale value.
@@ -676,6 +677,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_id
         raise ValueError(f"flash_attention: query heads ({H}) must be a multiple of key/value heads ({K})")
     if Hd not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim must be one of {SUPPORTED_HEAD_DIMS}, got {Hd}")
+    if B * H > _MAX_GRID_Y:  # batch × head is grid axis 1 in every kernel (tiles of a sequence on axis 0)
+        raise ValueError(f"flash_attention: batch × query heads = {B} × {H} exceeds CUDA's grid y-limit "
+                         f"{_MAX_GRID_Y}; split the batch")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
