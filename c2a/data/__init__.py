@@ -1,4 +1,5 @@
-"""Alpaca SFT data: tokenizer, the exact prompt template, example encoding, loading, tokenized caches.
+"""SFT data: tokenizers (SentencePiece tokenizer.model, HF tokenizer.json), the exact Alpaca prompt template,
+chat records under a chat template (c2a.data.chat), example encoding, loading, tokenized caches.
 
 Batching lives in `c2a.data.batching` (it imports torch) and the bundled demo task in `c2a.data.demo`.
 """
@@ -6,17 +7,20 @@ Batching lives in `c2a.data.batching` (it imports torch) and the bundled demo ta
 from typing import Any
 
 from c2a.data.alpaca import IGNORE_INDEX, DataError, LoadedRecords, encode_example, encode_example_full, format_prompt, load_records
-from c2a.data.tokenizer import Tokenizer
+from c2a.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, find_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
     "CacheMismatchError",
     "DataError",
+    "HFTokenizer",
     "LoadedRecords",
+    "SentencePieceTokenizer",
     "TokenizedDataset",
     "Tokenizer",
     "encode_example",
     "encode_example_full",
+    "find_tokenizer",
     "format_prompt",
     "load_records",
 ]
