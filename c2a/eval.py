@@ -1,6 +1,8 @@
-"""Evaluate a checkpoint on held-out Alpaca-format data.
+"""Evaluate a checkpoint on held-out Alpaca-format data, or on benchmarks through lm-evaluation-harness.
 
     python -m c2a.eval --model DIR --data FILE|demo [--limit N] [--alpaca-eval-out answers.json]
+    python -m c2a.eval --model DIR --tasks arc_challenge,hellaswag [--num-fewshot N] [--include-path DIR] [--output FILE.json]
+    python -m c2a.eval --model DIR --suite open-llm-v1      # the claude2-alpaca card's table
 
 Reports, for the records of FILE (.json / .jsonl / .parquet, validated as training validates them) or of
 the demo task's held-out split (`--data demo`, the split `python -m c2a.train` holds out):
@@ -12,7 +14,13 @@ the demo task's held-out split (`--data demo`, the split `python -m c2a.train` h
     {"instruction", "output", "generator"} (`alpaca_eval --model_outputs FILE`). AlpacaEval merges a
     model's outputs with its reference outputs on "instruction", and its own set folds any input into the
     instruction, so a record with an input is written as instruction + "\\n\\n" + input.
---json-out writes the numbers as JSON too.
+--json-out writes the numbers as JSON too. --alpaca-eval-prompts FILE answers the prompts of a local file
+instead (AlpacaEval's 805-prompt set: a JSON list of objects with "instruction"); with --alpaca-eval-out.
+
+--tasks / --suite (needs the `eval` extra: pip install -e ".[eval]") run lm-evaluation-harness with c2a's
+model (c2a/lm_eval_model.py): lm-eval's task names, its result JSON in --output. --suite open-llm-v1 runs
+the card's four benchmarks at the Open LLM Leaderboard v1 settings and prints them beside the card's row.
+The datasets come from the Hugging Face hub (network or a cache); local task YAMLs go in --include-path.
 """
 
 from __future__ import annotations
@@ -109,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m c2a.eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     ap.add_argument("--model", required=True, help="HF or Meta checkpoint directory")
-    ap.add_argument("--data", required=True, help="'demo' or an Alpaca-format .json / .jsonl / .parquet file")
+    ap.add_argument("--data", help="'demo' or an Alpaca-format .json / .jsonl / .parquet file")
+    ap.add_argument("--tasks", help="lm-eval task names, comma-separated (lm-evaluation-harness, the eval extra)")
+    ap.add_argument("--suite", choices=["open-llm-v1"], help="the model card's benchmark table (lm-evaluation-harness)")
+    ap.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples per task (default: the task's)")
+    ap.add_argument("--include-path", type=Path, help="with --tasks: a folder of extra lm-eval task YAMLs")
+    ap.add_argument("--output", type=Path, help="with --tasks / --suite: lm-eval's result JSON")
     ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
     ap.add_argument("--max-len", type=int, default=DataSection().max_len, help="tokens per example, as in training (data.max_len)")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (loss) and per generation batch")
@@ -120,10 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int,
                     help=f"generation limit ({DEMO_MAX_NEW_TOKENS} for the demo task, else {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
     ap.add_argument("--alpaca-eval-out", type=Path, help="write the model's answers as AlpacaEval model outputs (JSON)")
+    ap.add_argument("--alpaca-eval-prompts", type=Path, help="answer these prompts (AlpacaEval's set as a local JSON file) instead of --data's")
     ap.add_argument("--generator", help="the model's name in the AlpacaEval file (default: the model directory's name)")
     ap.add_argument("--json-out", type=Path, help="also write the results as JSON")
     add_device_arguments(ap)
     return ap
+
+
+def load_alpaca_eval_prompts(path: Path, limit: int | None) -> list[dict[str, str]]:
+    """AlpacaEval's evaluation set (alpaca_eval.json: a JSON list, or JSON lines, of objects whose
+    "instruction" holds the whole prompt) as records with an empty input."""
+    try:
+        text = path.read_text()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--alpaca-eval-prompts {path}: not a JSON list or JSON lines file ({e})") from None
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"]:
+            raise ValueError(f"--alpaca-eval-prompts {path}: record {i} has no \"instruction\" string")
+        records.append({"instruction": row["instruction"], "input": "", "output": ""})
+    return records[:limit] if limit else records
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,6 +161,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if sum(x is not None for x in (args.data, args.tasks, args.suite, args.alpaca_eval_prompts)) != 1:
+        raise ValueError("give one of --data, --tasks, --suite or --alpaca-eval-prompts")
+    if args.tasks or args.suite:
+        try:
+            from c2a.lm_eval_model import run_lm_eval  # lm-evaluation-harness, the optional extra, is imported only there
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        return run_lm_eval(args)
+    if args.alpaca_eval_prompts:
+        if not args.alpaca_eval_out:
+            raise ValueError("--alpaca-eval-prompts needs --alpaca-eval-out (where the answers go)")
+        return alpaca_eval_answers(args)
     records, described = load_eval_records(args.data, args.limit, args.demo_heldout_size, args.skip_bad_rows)  # bad data fails before loading weights
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
     result: dict[str, Any] = {"model": str(args.model), "data": described, "examples": len(records), "max_len": args.max_len}
@@ -153,7 +197,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def alpaca_eval_answers(args: argparse.Namespace) -> dict[str, Any]:
+    records = load_alpaca_eval_prompts(args.alpaca_eval_prompts, args.limit)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    start = time.perf_counter()
+    responses = answers(model, tok, records, max_new, args.batch_size)
+    generator = args.generator or Path(args.model).resolve().name
+    args.alpaca_eval_out.parent.mkdir(parents=True, exist_ok=True)
+    args.alpaca_eval_out.write_text(json.dumps(alpaca_eval_records(records, responses, generator), indent=2, ensure_ascii=False) + "\n")
+    return {"model": str(args.model), "examples": len(records), "alpaca_eval_out": str(args.alpaca_eval_out), "max_new_tokens": max_new,
+            "generation_seconds": time.perf_counter() - start, "report": f"answers      {args.alpaca_eval_out}  (AlpacaEval model outputs, "
+            f"{len(records)} prompts of {args.alpaca_eval_prompts})"}  # fmt: skip
+
+
 def report(result: dict[str, Any]) -> str:
+    if "report" in result:  # lm-eval tasks, the suite's table, AlpacaEval answers
+        return result["report"]
     lines = [
         f"model        {result['model']}",
         f"data         {result['data']}",

@@ -20,8 +20,8 @@ from c2a.train.checkpoint import best_checkpoint, stale_checkpoints
 from c2a.train.validation import ExampleSubset, split_examples
 from train_runs import ROOT, metrics, run_train, trainer_state
 
-# 256 demo records, a quarter held out; 11 steps of 16-example batches per epoch on the other 192
-VAL = ["--data.val_fraction=0.25", "--eval.every=4", "--train.epochs=1", "--train.lr=3e-3", "--train.keep_best=true", "--train.keep_last=1"]
+# 128 demo records, a quarter held out; 6 steps of 16-example batches per epoch on the other 96
+VAL = ["--data.demo_train_size=128", "--data.val_fraction=0.25", "--eval.every=2", "--train.epochs=1", "--train.lr=3e-3", "--train.keep_best=true", "--train.keep_last=1"]
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -69,7 +69,7 @@ def test_keep_best_pruning_keeps_the_lowest_validation_loss(tmp_path):
 def _held_out(tmp: Path) -> tuple[Path, int]:
     """The run's held-out records as a .jsonl file for `python -m c2a.eval`, and the trained targets of one
     epoch over the rest (the demo records encode one example each: none is dropped at max_len 64)."""
-    records = [{k: r[k] for k in ("instruction", "input", "output")} for r in demo_split(256, 16)[0]]
+    records = [{k: r[k] for k in ("instruction", "input", "output")} for r in demo_split(128, 16)[0]]
     full = TokenizedDataset.from_records(records, DEMO_TOKENIZER, 64)
     assert len(full) == len(records)
     train_idx, val_idx = split_examples(len(records), 0.25, seed=0)
@@ -85,7 +85,7 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     one = run_train(1, tmp_path / "one", *VAL, "--eval.demo_accuracy=true", "--eval.max_examples=8", "--eval.max_new_tokens=8")
     rows2, rows1 = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     # evaluated at eval.every steps and at the end, nowhere else; perplexity = exp(loss)
-    assert [r["step"] for r in rows2 if "val_loss" in r] == [4, 8, 11]
+    assert [r["step"] for r in rows2 if "val_loss" in r] == [2, 4, 6]
     for r in rows2:
         if "val_loss" in r:
             assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-12)
@@ -107,10 +107,10 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     assert cli["loss"] == pytest.approx(last["val_loss"], rel=1e-5), (cli["loss"], last["val_loss"])
     assert re.search(rf"validation loss  {last['val_loss']:.4f} \(perplexity", summary)
     # keep_best: an improving validation is saved; its loss is in the trainer state
-    assert "saved checkpoint" in two.stderr and "step_00000004" in two.stderr
+    assert "saved checkpoint" in two.stderr and "step_00000002" in two.stderr
     kept = sorted((tmp_path / "two" / "checkpoints").iterdir())
     states = [trainer_state(p) for p in kept]
-    assert states[-1]["step"] == 11 and states[-1]["val_loss"] == pytest.approx(last["val_loss"])
+    assert states[-1]["step"] == 6 and states[-1]["val_loss"] == pytest.approx(last["val_loss"])
     # the demo's exact match before and after training is in the last metrics record, as printed
     printed = re.search(r"demo exact match before ([\d.]+)% -> after ([\d.]+)%", one.stdout)
     assert printed, one.stdout
