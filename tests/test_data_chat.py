@@ -161,3 +161,16 @@ def test_mixed_file_cache_records_template(llama3_style, tmp_path):
     assert [list(a) for a in ds[0]] == [list(x) for x in encode_example(alpaca, tok, 256)]
     assert list(ds[1][0]) == encode_chat({"messages": CONVERSATIONS[1]}, tok, tok.chat_template)[0][:-1]
     assert "chat_template" not in TokenizedDataset.from_records([alpaca], tok, 256).manifest
+
+
+def test_cache_checks_the_chat_template(llama3_style, tmp_path):
+    """A run's cache of chat records is reused only under the same template (resume with another
+    data.template, or an edited chat_template, is refused rather than training on stale renderings)."""
+    from c2a.data import CacheMismatchError
+
+    tok, _ = llama3_style
+    TokenizedDataset.from_records([{"messages": CONVERSATIONS[1]}], tok, 256).save(tmp_path / "cache")
+    TokenizedDataset.open(tmp_path / "cache", expect_tokenizer=tok, expect_template="auto")
+    with pytest.raises(CacheMismatchError, match=r"chat records were rendered with chat_template of .*tokenizer_config.json "
+                                                  r"\(sha256 \w+\.\.\.\), expected alpaca \(sha256 \w+\.\.\.\)"):
+        TokenizedDataset.open(tmp_path / "cache", expect_tokenizer=tok, expect_template="alpaca")

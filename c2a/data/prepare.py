@@ -148,13 +148,15 @@ class TokenizedDataset:
 
     @classmethod
     def open(cls, path: str | Path, *, expect_tokenizer: Tokenizer | str | Path | None = None, expect_max_len: int | None = None,
-             expect_source: str | Path | None = None, expect_truncation: str | None = None,
+             expect_source: str | Path | None = None, expect_truncation: str | None = None, expect_template: str | None = None,
              hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).") -> TokenizedDataset:
         """Map a cache written by `prepare`; raise `CacheMismatchError` if it was built differently than expected.
 
         `expect_tokenizer` (a Tokenizer, or a path Tokenizer reads) is compared by its sha256, `expect_max_len`
         exactly, `expect_source` (a local file, compared by sha256, or a hub name) against the manifest,
-        `expect_truncation` exactly. `hint` ends the mismatch message: what the caller's user should do.
+        `expect_truncation` exactly, `expect_template` (a data.template choice, resolved with `expect_tokenizer`)
+        by the sha256 of the chat template the cache's chat records were rendered with (a cache without chat
+        records has none to compare). `hint` ends the mismatch message: what the caller's user should do.
         """
         path = Path(path)
         mpath = path / MANIFEST
@@ -174,6 +176,13 @@ class TokenizedDataset:
             problems += _source_problems(manifest["source"], expect_source)
         if expect_truncation is not None and manifest.get("truncation") != expect_truncation:
             problems.append(f"truncation is {manifest.get('truncation')!r}, expected {expect_truncation!r}")
+        recorded = manifest.get("chat_template")
+        if expect_template is not None and expect_tokenizer is not None and recorded is not None:
+            tok = expect_tokenizer if isinstance(expect_tokenizer, Tokenizer) else Tokenizer(expect_tokenizer)
+            label, body = chat.resolve_template(expect_template, tok)
+            if recorded["sha256"] != chat.template_sha256(body):
+                problems.append(f"chat records were rendered with {recorded['name']} (sha256 {recorded['sha256'][:12]}...), "
+                                f"expected {label} (sha256 {chat.template_sha256(body)[:12]}...)")
         if problems:
             raise CacheMismatchError(f"tokenized cache {path} does not match this run: " + "; ".join(problems) + ". " + hint)
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}

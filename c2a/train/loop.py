@@ -98,7 +98,7 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
     hint = (f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
             f"(see {Path(cfg.out_dir) / 'config.toml'}), or train in a new out_dir")  # fmt: skip
     ds = TokenizedDataset.open(cache, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_source=cfg.data.path,
-                               expect_truncation=cfg.data.truncation, hint=hint)  # fmt: skip
+                               expect_truncation=cfg.data.truncation, expect_template=cfg.data.template, hint=hint)  # fmt: skip
     return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
 
 
