@@ -7,7 +7,7 @@ The measuring half of this file runs under torchrun:
 
     torchrun --nproc_per_node=R tests/test_plan.py OUT.json SPEC [SPEC ...]
 
-SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload
+SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload[:tied]
 """
 
 from __future__ import annotations
@@ -22,23 +22,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny and small models, packed and padded rows, each activation checkpointing mode, accumulation, offload.
+# Tiny and small models, packed and padded rows, each activation checkpointing mode, accumulation, offload,
+# a tied embedding/head (Llama-3.2's layout).
 SPECS = {
     1: ["tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
         "small-padded-v32k:256:4:8:8:32000:1:96:padded:none:1:0",
-        "small-full:256:4:8:2:4000:2:64:packed:full:1:0"],
+        "small-full:256:4:8:2:4000:2:64:packed:full:1:0",
+        "tied-v32k:256:4:8:8:32000:1:96:padded:none:1:0:tied"],
     2: ["tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
         "tiny-selective-accum:128:4:4:2:2000:2:64:packed:selective:2:0",
         "small-padded-full:512:2:8:4:8000:2:48:padded:full:1:0",
-        "small-offload:128:8:4:4:1000:2:64:packed:none:1:1"],
+        "small-offload:128:8:4:4:1000:2:64:packed:none:1:1",
+        "tied-small:128:2:4:2:8000:2:64:packed:full:1:0:tied"],
 }  # fmt: skip
 TOLERANCE = 0.10
 
 
 def parse(spec: str) -> dict:
-    name, dim, layers, heads, kv, vocab, mb, T, mode, ac, accum, off = spec.split(":")
+    name, dim, layers, heads, kv, vocab, mb, T, mode, ac, accum, off, *tied = spec.split(":")
     return dict(name=name, dim=int(dim), layers=int(layers), heads=int(heads), kv=int(kv), vocab=int(vocab), micro_batch=int(mb),
-                seq_len=int(T), packed=mode == "packed", ac=ac, accum=int(accum), offload=off == "1")  # fmt: skip
+                seq_len=int(T), packed=mode == "packed", ac=ac, accum=int(accum), offload=off == "1", tied=tied == ["tied"])  # fmt: skip
+
+
+def model_config(s: dict):
+    from c2a.config import LlamaConfig
+
+    return LlamaConfig(dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"], n_kv_heads=s["kv"], vocab_size=s["vocab"], multiple_of=32,
+                       tie_word_embeddings=s["tied"])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ measuring (torchrun)
@@ -81,15 +91,14 @@ def measure(spec: str, d) -> dict:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import FSDPModule
 
-    from c2a.config import LlamaConfig, build_config
+    from c2a.config import build_config
     from c2a.train.loop import build_optimizer, train_step
     from c2a.train.parallel import build_sharded_model, materialize
 
     s = parse(spec)
     cfg = build_config({}, {"train.activation_checkpointing": s["ac"], "train.ac_every": "2", "train.dtype": "fp32",
                             "train.cpu_offload": str(s["offload"]).lower()})  # fmt: skip
-    m = LlamaConfig(dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"], n_kv_heads=s["kv"], vocab_size=s["vocab"], multiple_of=32)
-    model = build_sharded_model(m, cfg.train, d)
+    model = build_sharded_model(model_config(s), cfg.train, d)
     materialize(model, None, seed=0)
     # every FSDP unit's parameters under CPUOffloadPolicy or none (on CPU the memory is the same either way)
     units = [mod._get_fsdp_state()._fsdp_param_group for mod in model.modules() if isinstance(mod, FSDPModule)]
@@ -142,12 +151,10 @@ def main(out: str, specs: list[str]) -> None:
 
 
 def predicted(spec: str, ranks: int):
-    from c2a.config import LlamaConfig
     from c2a.plan.memory import Workload, plan_memory
 
     s = parse(spec)
-    m = LlamaConfig(dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"], n_kv_heads=s["kv"], vocab_size=s["vocab"], multiple_of=32)
-    w = Workload(m, s["micro_batch"], s["seq_len"], trained_fraction=0.5, packed=s["packed"], ranks=ranks, compute_bytes=4,
+    w = Workload(model_config(s), s["micro_batch"], s["seq_len"], trained_fraction=0.5, packed=s["packed"], ranks=ranks, compute_bytes=4,
                  backend="torch", activation_checkpointing=s["ac"], ac_every=2, accumulation=s["accum"], cpu_offload=s["offload"])  # fmt: skip
     return plan_memory(w)
 

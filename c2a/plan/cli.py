@@ -175,15 +175,39 @@ def min_gpus(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
 
 def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> dict[str, Any]:
     """Hours of the whole run: FLOPs of every position trained on (6 per weight per token, plus causal
-    attention per document, as c2a.train.metrics counts them) / (MFU x peak x GPUs)."""
+    attention per document, as c2a.train.metrics counts them) / (MFU x peak x GPUs). With cpu_offload, plus
+    the host<->GPU copies and the host's AdamW step, which the GPU waits for (see `offload_seconds`)."""
     from c2a.train.metrics import attention_flops, matmul_flops_per_token
 
     epochs = cfg.train.epochs
     mean = data.tokens / data.examples
     flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention_flops(model, round(data.examples * mean * mean)))
     seconds = flops / (machine.mfu * machine.peak_flops * machine.gpus)
-    return {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens,
-            "flops": flops, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "hours": seconds / 3600}  # fmt: skip
+    result = {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens,
+              "flops": flops, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "compute_hours": seconds / 3600}  # fmt: skip
+    if cfg.train.cpu_offload:
+        result["offload_hours"] = offload_seconds(cfg, model, data, machine) / 3600
+        seconds += result["offload_hours"] * 3600
+    result["hours"] = seconds / 3600
+    return result
+
+
+# Assumptions for cpu_offload's cost, not measurements: pinned host<->device copies at 25 GB/s a GPU (PCIe 5.0
+# x16 is 64 GB/s a direction on paper; copies of many tensors, shared links and syncs take a good part of it),
+# and the host's AdamW (torch's foreach on CPU tensors) moving 10 GB/s of state a GPU's process.
+PCIE_BYTES_PER_S, HOST_ADAM_BYTES_PER_S = 25e9, 10e9
+
+
+def offload_seconds(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> float:
+    """cpu_offload's time: each micro-batch copies every fp32 shard to the GPU twice (the blocks are gathered
+    again for the backward) and the fp32 gradient shards back (12 bytes a parameter of the shard); each
+    optimizer step reads and writes the shard's weights, gradients and two moments on the host (about 28 bytes
+    a parameter: 16 read, 12 written)."""
+    shard = model.num_params / (machine.gpus // cfg.train.replicas)
+    rows = data.tokens / cfg.data.max_len if cfg.data.packing else data.examples
+    micro_batches = cfg.train.epochs * rows / (cfg.train.micro_batch * machine.gpus)
+    steps = micro_batches / accumulation(cfg, data, machine.gpus, cfg.train.micro_batch)
+    return micro_batches * 12 * shard / PCIE_BYTES_PER_S + steps * 28 * shard / HOST_ADAM_BYTES_PER_S
 
 
 def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_tokens: float | None = None,
@@ -193,9 +217,10 @@ def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_t
     data = resolve_data(cfg, examples, mean_tokens, trained_fraction)
     w = workload(cfg, model, data, machine)
     p = plan_memory(w)
-    variants = {}
+    variants, saved = {}, {}
     for ac in ("none", "selective", "full"):
-        variants[ac] = round(plan_memory(dataclasses.replace(w, activation_checkpointing=ac)).peak / GiB, 2)
+        v = plan_memory(dataclasses.replace(w, activation_checkpointing=ac))
+        variants[ac], saved[ac] = round(v.peak / GiB, 2), round(v.activations / GiB, 2)
     return {
         "model": {"source": model_source, "params": model.num_params, "dim": model.dim, "layers": model.n_layers, "vocab": model.vocab_size},
         "data": dataclasses.asdict(data),
@@ -203,6 +228,7 @@ def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_t
         "workload": {k: v for k, v in dataclasses.asdict(w).items() if k != "model"},
         "per_rank_bytes": p.as_dict(),
         "peak_gib_by_activation_checkpointing": variants,
+        "activations_gib_by_activation_checkpointing": saved,
         "usable_gib": round(usable_bytes(machine) / GiB, 1),
         "fits": fits(p, machine),
         "host_gib_per_node": round(p.host * machine.gpus / machine.nodes / GiB, 1),
@@ -223,7 +249,7 @@ def table(result: dict[str, Any]) -> str:
         f"{w['micro_batch']} x {w['seq_len']} tokens, accumulation {w['accumulation']}, activation checkpointing "
         f"{w['activation_checkpointing']}, cpu_offload {w['cpu_offload']}, shards {w['ranks'] // w['replicas']}",
         "",
-        "per rank                          ",
+        "per rank",
         f"  parameters (fp32 shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
         f"  gradients (fp32 shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
         f"  optimizer (AdamW, fp32)       {g(p['optimizer'])}" + ("  (host)" if w["cpu_offload"] else ""),
@@ -231,7 +257,8 @@ def table(result: dict[str, Any]) -> str:
         f"  activations (saved)           {g(p['activations'])}",
         f"  loss head transient           {g(p['loss_head'])}",
         f"  peak (device)                 {g(p['peak'])}   at {p['peak_phase']}",
-        "  peak by activation checkpointing: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in result["peak_gib_by_activation_checkpointing"].items()),
+        "  by activation checkpointing:  " + ", ".join(f"{k}: activations {result['activations_gib_by_activation_checkpointing'][k]:.1f}, "
+                                                      f"peak {v:.1f} GiB" for k, v in result["peak_gib_by_activation_checkpointing"].items()),
         f"  fits in {result['usable_gib']} GiB usable ({RESERVED_GIB:g} GiB kept for CUDA context, NCCL, fragmentation): "
         + ("yes" if result["fits"] else "NO"),
     ]
@@ -243,6 +270,9 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"fewest GPUs as configured: {result['min_gpus_as_configured'] or 'more than 256'}")
     lines.append(f"time    {t['hours']:.1f} h for {t['epochs']} epochs, {t['tokens'] / 1e6:.1f}M tokens ({t['trained_tokens'] / 1e6:.1f}M "
                  f"trained), {t['flops']:.3g} FLOPs at MFU {t['mfu']:.0%} ({t['mfu_source']})")  # fmt: skip
+    if "offload_hours" in t:
+        lines.append(f"        of which {t['offload_hours']:.1f} h moving offloaded state and stepping AdamW on the host "
+                     f"(assumed {PCIE_BYTES_PER_S / 1e9:g} GB/s copies, {HOST_ADAM_BYTES_PER_S / 1e9:g} GB/s host AdamW)")  # fmt: skip
     return "\n".join(lines)
 
 

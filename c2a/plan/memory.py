@@ -90,7 +90,12 @@ def block_params(m: LlamaConfig) -> int:
 
 
 def root_params(m: LlamaConfig) -> int:
-    return 2 * m.vocab_size * m.dim + m.dim  # embedding, output head, final norm
+    return head_matrices(m) * m.vocab_size * m.dim + m.dim  # embedding, output head (unless tied), final norm
+
+
+def head_matrices(m: LlamaConfig) -> int:
+    """[V, D] parameters: the embedding and the output head, or one shared matrix when tied."""
+    return 1 if m.tie_word_embeddings else 2
 
 
 def _padded(n: int, shard: int) -> int:
@@ -162,15 +167,18 @@ def root_backward_bytes(w: Workload) -> int:
     """The root unit's post-backward (the last thing a step's backward does), beyond the blocks' gradient
     shards: [V, D]-sized buffers for the embedding's and the head's gradients, their reduce-scatter input
     and the embedding backward's own scratch.
-    torch path, fp32 (measured with FSDPMemTracker on gloo, torch 2.13): 6 fp32 [V, D] buffers with 2+ ranks
-    (2 unsharded gradients, 2 reduce-scatter input, 2 scratch), 7 with one rank.
+    torch path, fp32: constants measured with FSDPMemTracker on gloo, torch 2.13 (tests/test_plan.py), not derived:
+    untied, 6 fp32 [V, D] buffers with 2+ ranks (2 unsharded gradients, 2 reduce-scatter inputs, 2 more in the
+    backward's temporaries), 7 with one rank; tied, 4 (the shared matrix gathered, the head's saved dW, and
+    two in the embedding backward's temporaries), at the embedding's backward.
     triton path (CUDA, by reasoning, not yet measured): 2 gradients in the compute dtype, 2 fp32 reduce-scatter
     inputs, the fp32 shards they reduce to."""
     m = w.model
     vd = m.vocab_size * m.dim
+    k = head_matrices(m)
     if w.backend == "torch":
-        return (7 if w.shard == 1 else 6) * 4 * vd
-    return 2 * vd * w.compute_bytes + 2 * vd * 4 + 2 * 4 * _padded(vd, w.shard)
+        return ((7 if w.shard == 1 else 6) if k == 2 else 4) * 4 * vd
+    return k * vd * w.compute_bytes + k * vd * 4 + k * 4 * _padded(vd, w.shard)
 
 
 def plan_memory(w: Workload) -> MemoryPlan:
@@ -178,7 +186,7 @@ def plan_memory(w: Workload) -> MemoryPlan:
     n_block, n_root = block_params(m), root_params(m)
     n_shard = m.n_layers * _padded(n_block, S) + _padded(n_root, S)
     params, grads, opt = PARAM_BYTES * n_shard, GRAD_BYTES * n_shard, ADAM_BYTES * n_shard
-    opt += 4 * (9 * m.n_layers + 3)  # AdamW's step counter, one fp32 scalar per parameter tensor
+    opt += 4 * (9 * m.n_layers + 1 + head_matrices(m))  # AdamW's step counter, one fp32 scalar per parameter tensor
     block_grad_shard = GRAD_BYTES * _padded(n_block, S)
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
