@@ -1,7 +1,9 @@
 """The Triton attention kernel (c2a/kernels/attention.py) against float64 references, under the interpreter.
 
 Every test here runs with the kernels' output buffers (O, lse, delta, dQ, dK, dV) filled with NaN before
-each launch (the autouse fixture), so an element a kernel forgets to write fails the comparison.
+each launch (the autouse fixture), so an element a kernel forgets to write fails the comparison. Cases name
+the backward path they take ("atomic" dQ, the default, or "deterministic"), and the comparison checks that
+the backward really took it, by counting the launches of the two kernels that finish dQ.
 """
 
 from __future__ import annotations
