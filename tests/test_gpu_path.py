@@ -39,7 +39,7 @@ LOSS_RTOL = 2e-2 if CUDA else 1e-5
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=97, max_seq_len=128)
 STEPS = 4
 TRAIN = ["--data.path=demo", "--data.demo_train_size=96", "--data.demo_heldout_size=8", "--data.max_len=64",
-         "--data.packing=true", "--train.micro_batch=1", "--train.global_batch=4", f"--train.max_steps={STEPS}",
+         "--data.packing=true", "--train.micro_batch=1", "--train.global_batch=2", f"--train.max_steps={STEPS}",
          "--train.save_every=2", "--train.lr=3e-3", "--train.log_every=1", "--train.progress=false",
          "--eval.demo_accuracy=true", "--eval.max_examples=4", "--eval.max_new_tokens=4"]  # fmt: skip
 
