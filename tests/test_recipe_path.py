@@ -32,7 +32,10 @@ from train_runs import ROOT, checkpoint_tensors, loss_on_rows, metrics, run_trai
 
 # Each optimizer step: 16 examples' worth of 64-token packed rows, one row per micro-batch on each rank.
 RUN = ["--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1"]
-FINETUNE = ["--train.max_steps=4", "--train.lr=1e-3", "--train.activation_checkpointing=selective", "--train.ac_every=2"]
+# The model card's command (its TOML: packing, AdamW betas, warmup, clipping, bf16, full AC) made tiny; fp32
+# here so that step 1's loss is exactly the checkpoint's (bf16 has its own test), selective AC every 2 blocks.
+RECIPE = [f"--config={ROOT / 'configs' / 'claude2-alpaca-13b.toml'}", *RUN]
+FINETUNE = ["--train.max_steps=4", "--train.lr=1e-3", "--train.dtype=fp32", "--train.activation_checkpointing=selective", "--train.ac_every=2"]
 
 
 def _hf_checkpoint(path: Path, vocab_size: int, tokenizer: bool = True) -> Path:
@@ -70,9 +73,9 @@ def alpaca_file(work) -> Path:
 
 @pytest.fixture(scope="module")
 def finetune(work, ckpt, alpaca_file) -> tuple[Path, subprocess.CompletedProcess]:
-    """The recipe's command in small: --model.checkpoint=DIR --data.path=FILE, selective AC every 2 blocks."""
+    """The recipe's command in small: --config claude2-alpaca-13b.toml --model.checkpoint=DIR --data.path=FILE."""
     out = work / "finetune"
-    proc = run_train(2, out, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={alpaca_file}", *FINETUNE, tiny=False)
+    proc = run_train(2, out, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={alpaca_file}", *FINETUNE, tiny=False)
     return out, proc
 
 
@@ -136,7 +139,7 @@ def test_data_file_tokenized_once_then_checked_on_resume(finetune, ckpt, alpaca_
     shutil.copytree(out, resumed)
     edited = tmp_path / "alpaca.jsonl"
     edited.write_text(alpaca_file.read_text().replace('"output": "', '"output": "edited ', 1))
-    proc = run_train(1, resumed, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={edited}", *FINETUNE, tiny=False, expect=1)
+    proc = run_train(1, resumed, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={edited}", *FINETUNE, tiny=False, expect=1)
     assert "Traceback" not in proc.stderr and "resumed from" not in proc.stderr
     assert re.search(rf"tokenized cache {resumed / 'data_cache'} does not match this run: source file sha256 is \w+\.\.\. "
                      rf"\({alpaca_file}\), expected \w+\.\.\. \({edited}\)", proc.stderr), proc.stderr[-2000:]  # fmt: skip
@@ -155,15 +158,16 @@ def test_tokenizer_and_vocab_checks(work, alpaca_file, tmp_path):
 
 
 def test_prepared_cache_in_bf16(finetune, ckpt, alpaca_file, tmp_path):
-    """data.path = a directory from `python -m c2a.data.prepare`; train.dtype=bf16 (FSDP2 mixed precision:
-    bf16 compute and all-gathers, fp32 master weights and gradient reduction), on gloo."""
+    """The recipe's command on data.path = a directory from `python -m c2a.data.prepare`, in its dtype, bf16
+    (FSDP2 mixed precision: bf16 compute and all-gathers, fp32 master weights and gradient reduction), with
+    full activation checkpointing, on gloo."""
     cache = tmp_path / "cache"
     prep = subprocess.run([sys.executable, "-m", "c2a.data.prepare", "--data", str(alpaca_file), "--tokenizer", str(ckpt / "tokenizer.model"),
                            "--out", str(cache), "--max-len", "64", "--workers", "1"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert prep.returncode == 0, prep.stderr
     out = tmp_path / "run"
-    run_train(2, out, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={cache}", "--train.max_steps=3", "--train.lr=1e-3",
-              "--train.dtype=bf16", tiny=False)  # fmt: skip
+    run_train(2, out, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={cache}", "--train.max_steps=3", "--train.lr=1e-3", tiny=False)
+    assert 'dtype = "bf16"' in (out / "config.toml").read_text()  # the recipe's own
     assert not (out / "data_cache").exists()  # the prepared cache was used as it is
     rows = metrics(out)
     fp32 = loss_on_rows(load_pretrained(ckpt, dtype=torch.float32), _rows(out, 1, data=cache))
