@@ -32,9 +32,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 RANKS = min(2, torch.cuda.device_count()) if CUDA else 2
-# Per-step losses of the two paths: fp32 sums in another order (CPU), or bf16 activations rounded
+# Per-step losses of the two paths: fp32 sums in another order (CPU: measured at most 1.6e-7 apart over the
+# 4 steps; a 1% error in the SwiGLU kernel's output moved step 4 by 1.7e-5), or bf16 activations rounded
 # differently by the kernels and the references (GPU, 8 bits of mantissa).
-LOSS_RTOL = 2e-2 if CUDA else 1e-5
+LOSS_RTOL = 2e-2 if CUDA else 2e-6
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=97, max_seq_len=128)
 STEPS = 4
