@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples per task (default: the task's)")
     ap.add_argument("--include-path", type=Path, help="with --tasks: a folder of extra lm-eval task YAMLs")
     ap.add_argument("--output", type=Path, help="with --tasks / --suite: lm-eval's result JSON")
-    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
+    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model or HF tokenizer.json (default: DIR/tokenizer.model, else DIR/tokenizer.json)")
     ap.add_argument("--max-len", type=int, default=DataSection().max_len, help="tokens per example, as in training (data.max_len)")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (loss) and per generation batch")
     ap.add_argument("--limit", type=int, help="evaluate only the first N records")

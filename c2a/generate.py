@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="HF or Meta checkpoint directory")
     ap.add_argument("--prompt", help="the instruction; without it, instructions are read from stdin, one per line")
     ap.add_argument("--input", default="", help="the optional Alpaca input (context) for the instruction(s)")
-    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
+    ap.add_argument("--tokenizer", help="SentencePiece tokenizer.model or HF tokenizer.json (default: DIR/tokenizer.model, else DIR/tokenizer.json)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
