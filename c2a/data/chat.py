@@ -35,7 +35,6 @@ from typing import Any
 
 from c2a.data.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 # Stanford Alpaca's two prompts (c2a.data.alpaca), the user turn as the instruction; a system message, if
