@@ -30,6 +30,7 @@ benchmarks/gpu_compile.py), writes DIR/attention_compile.json, and exits 1 if a 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -64,6 +65,14 @@ try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
     flash_attn_func = flash_attn_varlen_func = None
+try:  # torchtitan's two packed-document paths, where this torch has them
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    flex_attention = None
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SDPA_NAME = "sdpa-flash" if CUDA else "sdpa-math"
@@ -72,7 +81,8 @@ SDPA_NAME = "sdpa-flash" if CUDA else "sdpa-math"
 @dataclass
 class Row:
     case: str  # dense | gqa | packed
-    provider: str  # c2a | sdpa-flash (sdpa-math on CPU) | flash-attn | sdpa-per-doc | flash-attn-varlen
+    provider: str  # c2a | c2a-deterministic | sdpa-flash (sdpa-math on CPU) | flash-attn | sdpa-per-doc
+    #                flash-attn-varlen | torch-varlen | flex-doc-causal
     mode: str  # fwd | fwd+bwd
     B: int
     T: int
@@ -105,11 +115,22 @@ def causal_flops(H: int, Hd: int, lengths: list[int]) -> float:
     return sum(2.0 * H * Hd * L * L for L in lengths)
 
 
-def timed(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], do: torch.Tensor, mode: str) -> float:
-    if mode == "fwd":
-        with torch.no_grad():
-            return bench_ms(fwd, [])
-    return bench_ms(lambda: fwd().backward(do), leaves)
+def timed(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], do: torch.Tensor, mode: str,
+          deterministic: bool = False) -> float:
+    """`deterministic` times c2a's deterministic backward (its separate dQ pass instead of fp32 atomics),
+    which torch's deterministic mode selects; torch's filling of uninitialised memory in that mode is
+    turned off meanwhile so that only the kernels differ."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        if mode == "fwd":
+            with torch.no_grad():
+                return bench_ms(fwd, [])
+        return bench_ms(lambda: fwd().backward(do), leaves)
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -171,6 +192,34 @@ def sdpa_per_document(q, k, v, spans: list[list[tuple[int, int]]]) -> torch.Tens
     return torch.cat(rows)
 
 
+def torch_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """torch.nn.attention.varlen (FlashAttention under torch) over the packed tokens as one sequence list."""
+    B, T, H, Hd = q.shape
+    flat = [x.reshape(B * T, x.shape[2], Hd) for x in (q, k, v)]
+    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+    gqa = {"enable_gqa": True} if k.shape[2] != H else {}
+    return varlen_attn(*flat, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa).view(B, T, H, Hd)
+
+
+_flex = None
+
+
+def flex_document_causal(q, k, v, position_ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """FlexAttention with a block-causal document mask (compiled once; the mask's blocks built once, as a
+    trainer would per batch), for q/k/v [B, T, heads, Hd]."""
+    global _flex
+    _flex = _flex or torch.compile(flex_attention, dynamic=False)
+    B, T, H, _ = q.shape
+    doc = (position_ids == 0).cumsum(1)  # [B, T] document number of each token
+
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    block_mask = create_block_mask(mask, B, None, T, T, device=q.device)
+    gqa = k.shape[2] != H
+    return lambda: _flex(*(x.transpose(1, 2) for x in (q, k, v)), block_mask=block_mask, enable_gqa=gqa).transpose(1, 2)
+
+
 def flash_attn_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     B, T, H, Hd = q.shape
     o = flash_attn_varlen_func(
@@ -196,7 +245,8 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
     if packing is None:
         flops = B * causal_flops(H, Hd, [T])
         position_ids = None
-        providers = {"c2a": lambda: flash_attention(q, k, v), SDPA_NAME: lambda: sdpa(q, k, v)}
+        providers = {"c2a": lambda: flash_attention(q, k, v), "c2a-deterministic": lambda: flash_attention(q, k, v),
+                     SDPA_NAME: lambda: sdpa(q, k, v)}
         if flash_attn_func is not None:
             providers["flash-attn"] = lambda: flash_attn_func(q, k, v, causal=True)
     else:
@@ -205,25 +255,35 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
         spans = attention.document_bounds(position_ids)
         providers = {
             "c2a": lambda: flash_attention(q, k, v, position_ids),
+            "c2a-deterministic": lambda: flash_attention(q, k, v, position_ids),
             "sdpa-per-doc": lambda: sdpa_per_document(q, k, v, spans),
         }
+        starts = [b * T + s for b, row in enumerate(spans) for s, _ in row] + [B * T]
+        cu = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+        max_len = max(e - s for row in spans for s, e in row)
         if flash_attn_varlen_func is not None:
-            starts = [b * T + s for b, row in enumerate(spans) for s, _ in row] + [B * T]
-            cu = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
-            max_len = max(e - s for row in spans for s, e in row)
             providers["flash-attn-varlen"] = lambda: flash_attn_varlen(q, k, v, cu, max_len)
+        if CUDA and varlen_attn is not None:
+            providers["torch-varlen"] = lambda: torch_varlen(q, k, v, cu, max_len)
+        if CUDA and flex_attention is not None:
+            try:
+                providers["flex-doc-causal"] = flex_document_causal(q, k, v, position_ids)
+            except Exception as err:  # noqa: BLE001 - a baseline this torch cannot build: report, go on
+                print(f"  {case} flex-doc-causal: skipped ({type(err).__name__}: {str(err)[:100]})")
     with torch.no_grad():
         want = sdpa(q, k, v) if packing is None else sdpa_per_document(q, k, v, spans)
         max_diff = (flash_attention(q, k, v, position_ids).float() - want.float()).abs().max().item()
     for mode in ("fwd", "fwd+bwd"):
         for name, fwd in providers.items():
+            if mode == "fwd" and name == "c2a-deterministic":
+                continue  # the same forward as c2a's; only the backward differs
             try:
-                ms = timed(fwd, leaves, do, mode)
+                ms = timed(fwd, leaves, do, mode, deterministic=name == "c2a-deterministic")
             except Exception as err:  # a baseline without this shape/dtype/GQA support: report, go on
                 print(f"  {case} {name} {mode} T={T} Hd={Hd}: skipped ({type(err).__name__}: {str(err)[:100]})")
                 continue
             total = flops * (1.0 if mode == "fwd" else 3.5)
-            diff = max_diff if name == "c2a" else None
+            diff = max_diff if name.startswith("c2a") else None
             rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, diff))
             print(format_row(rows[-1]), flush=True)
 
@@ -242,16 +302,18 @@ HEADER = (f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) alternatives to each kernel's default, for Hd 128
-SWEEP = {
-    "_fwd_blocks": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+SWEEP = {  # dK/dV first: its tile is the one chosen from compiled code only (a GPU stage may time out)
     "_bwd_dkdv_blocks": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
+    "_fwd_blocks": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
     "_bwd_dq_blocks": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 
 
-def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
+def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None) -> list[dict]:
     """Times each kernel's alternative tile sizes (BLOCK_M, BLOCK_N, warps, stages), the others at their
-    defaults: the forward by forward time, the two backward passes by forward + backward time."""
+    defaults: the forward by forward time, the two backward passes by forward + backward time (the dQ
+    pass's tiles on the deterministic path, which is the one that runs it). With `out`, the results so far
+    are rewritten there after every candidate, so a time limit keeps what was measured."""
     B = max(1, tokens // T)
     q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
     results = []
@@ -261,7 +323,7 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
         for cand in candidates:
             setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
-                ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode)
+                ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode, deterministic=name == "_bwd_dq_blocks")
             except Exception as err:  # e.g. out of shared memory for this tile/stage count
                 ms = float("nan")
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
@@ -269,6 +331,8 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype) -> list[dict]:
                 setattr(attention, name, default)
             results.append({"kernel": name, "blocks": cand, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
             print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms", flush=True)
+            if out is not None:
+                out.write_text(json.dumps({"environment": environment(False), "sweep": results}, indent=1))
     return results
 
 
@@ -320,7 +384,10 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
     jobs = [(arch, model, Hd, packed, path, None, None, "default") for arch in archs for Hd in head_dims
             for model in models for packed in (False, True) for path in paths]  # fmt: skip
     if with_sweep:
-        jobs += [(arch, models[-1], 128, True, next(iter(paths)), c, name, "sweep") for arch in archs
+        # the dQ pass runs on the deterministic path only (where the launcher has two)
+        sweep_path = {name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths))
+                      for name in SWEEP}  # fmt: skip
+        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep") for arch in archs
                  for name, cands in SWEEP.items() if hasattr(attention, name) for c in cands]  # fmt: skip
     results, seen = [], {}
     print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
@@ -425,6 +492,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="batch × T of every dense case")
     parser.add_argument("--sweep", action="store_true",
                         help="also time (with --compile-only: build) alternative tile sizes (Hd 128, T 4096)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only time the alternative tiles, writing DIR/attention_sweep.json after each one")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
     parser.add_argument("--compile-only", action="store_true",
                         help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory")
@@ -447,6 +516,17 @@ def main() -> None:
     smoke = args.smoke or not CUDA
     if not CUDA:
         print("no CUDA: smoke mode, tiny fp32 shapes under Triton's CPU interpreter; times are the interpreter's")
+    if args.sweep_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "attention_sweep.json"
+        if smoke:  # one candidate of each kernel at a tiny shape: the code path, not a measurement
+            for name in SWEEP:
+                SWEEP[name] = [(32, 16, 4, 1) if name != "_bwd_dkdv_blocks" else (16, 32, 4, 1)]
+            sweep(64, 16, 2, 64, torch.float32, path)
+        else:
+            sweep(4096, 128, 32, args.tokens, torch.bfloat16, path)
+        print(f"wrote {path}")
+        return
     if not smoke:
         dtype, H, tokens = torch.bfloat16, 32, args.tokens
         seqlens = [int(x) for x in args.seqlens.split(",")]
@@ -481,6 +561,11 @@ def main() -> None:
             grouped, full = rate.get(("gqa", B, T, gqa[1], gqa_hd)), rate.get(("gqa", B, T, gqa[0], gqa_hd))
             if grouped and full:
                 summary[f"c2a GQA {gqa[0]}:{gqa[1]} / MHA, T={T}, {mode}"] = grouped / full
+    # the atomic dQ backward (default) against the deterministic separate dQ pass, same shapes
+    atomic = {(r.case, r.B, r.T, r.K, r.Hd): r.tflops for r in rows if r.provider == "c2a" and r.mode == "fwd+bwd"}
+    for r in rows:
+        if r.provider == "c2a-deterministic" and (r.case, r.B, r.T, r.K, r.Hd) in atomic:
+            summary[f"c2a atomic / deterministic backward, {r.case} T={r.T} K={r.K}, fwd+bwd"] = atomic[(r.case, r.B, r.T, r.K, r.Hd)] / r.tflops
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
 
