@@ -180,6 +180,7 @@ class EvalSection:
     max_examples: int = _f(500, "held-out examples to evaluate")
     max_new_tokens: int = _f(48, "generation limit per held-out answer")
     every: int = _f(0, "validation loss every this many optimizer steps (0 = only at the end)")
+    plot: bool = _f(False, "draw out_dir/metrics.png (losses, validation loss, lr) at the end of the run (needs matplotlib)")
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ class TrainConfig:
             "data.val_fraction must be in [0, 1)": 0 <= self.data.val_fraction < 1,
             "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (self.data.val_path and self.data.val_fraction),
             "eval.every must be >= 0": self.eval.every >= 0,
+            "eval.every needs a validation set (data.val_path or data.val_fraction)": not self.eval.every or bool(self.data.val_path or self.data.val_fraction),
             "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best or bool(self.data.val_path or self.data.val_fraction),
         }
         bad = [msg for msg, ok in checks.items() if not ok]

@@ -195,3 +195,28 @@ def test_bad_input_gives_a_clear_error(random_model, tmp_path):
     proc = run_cli("c2a.eval", "--model", str(random_model), "--data", str(data))
     assert proc.returncode == 1
     assert f"{data}:2" in proc.stderr and "missing field 'output'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_alpaca_eval_prompts_from_a_local_file(bigram_model, tmp_path, capsys):
+    # AlpacaEval's evaluation set as it is distributed: a JSON list whose "instruction" holds the whole prompt
+    prompts = [{"instruction": f"Count the words: {' '.join(['w'] * n)}", "output": "reference", "generator": "text_davinci_003",
+                "dataset": "helpful_base"} for n in range(1, 6)]  # fmt: skip
+    prompts_file, answers = tmp_path / "alpaca_eval.json", tmp_path / "answers.json"
+    prompts_file.write_text(json.dumps(prompts))
+    proc = run_cli("c2a.eval", "--model", str(bigram_model), "--alpaca-eval-prompts", str(prompts_file), "--alpaca-eval-out", str(answers),
+                   "--limit", "4", "--max-new-tokens", "8")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads(answers.read_text())
+    assert [w["instruction"] for w in written] == [p["instruction"] for p in prompts[:4]]
+    assert all(w["output"] == ANSWER and w["generator"] == "bigram-llama" for w in written)
+    assert f"4 prompts of {prompts_file}" in proc.stdout
+
+    # errors found before any weights load: in this process (main() prints them and returns 1)
+    from c2a.eval import main
+
+    prompts_file.write_text(json.dumps([{"instruction": "ok"}, {"prompt": "no instruction key"}]))
+    for args, message in ((["--alpaca-eval-prompts", str(prompts_file), "--alpaca-eval-out", str(answers)], f"{prompts_file}: record 1 has no \"instruction\" string"),
+                          (["--alpaca-eval-prompts", str(prompts_file)], "--alpaca-eval-prompts needs --alpaca-eval-out"),
+                          ([], "give one of --data, --tasks, --suite or --alpaca-eval-prompts")):  # fmt: skip
+        assert main(["--model", str(bigram_model), *args]) == 1
+        assert message in capsys.readouterr().err

@@ -59,7 +59,7 @@ def _write_tasks(folder: Path) -> None:
     (folder / "c2a_gen.yaml").write_text(
         f"task: c2a_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\noutput_type: generate_until\n"
         "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: \"{{answer}}\"\n"
-        "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "generation_kwargs:\n  until: [\"\\n\", \"e\"]\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
 
 
@@ -123,6 +123,7 @@ def test_per_request_results_match_lm_eval_hf_model(both_results):
             for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
                 if task == "c2a_gen":
                     assert ra == rb, (sa["arguments"], ra, rb)
+                    assert "e" not in ra[0]  # cut at the stop string
                 else:  # (log-likelihood, greedy) pairs, or a rolling log-likelihood
                     ra, rb = (ra[0], rb[0]) if isinstance(ra[0], (list, tuple)) else (ra, rb)
                     assert abs(ra[0] - rb[0]) < 1e-4, (task, sa["arguments"], ra, rb)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,12 @@ import pytest
 from c2a.config import build_config
 from c2a.data import TokenizedDataset
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
+from c2a.eval import main as eval_main
 from c2a.train.checkpoint import best_checkpoint, stale_checkpoints
+from c2a.train.plot import figure
+from c2a.train.plot import main as plot_main
 from c2a.train.validation import ExampleSubset, split_examples
-from train_runs import ROOT, metrics, run_train, trainer_state
+from train_runs import metrics, run_train, trainer_state
 
 # 128 demo records, a quarter held out; 6 steps of 16-example batches per epoch on the other 96
 VAL = ["--data.demo_train_size=128", "--data.val_fraction=0.25", "--eval.every=2", "--train.epochs=1", "--train.lr=3e-3", "--train.keep_best=true", "--train.keep_last=1"]
@@ -82,7 +83,7 @@ def _held_out(tmp: Path) -> tuple[Path, int]:
 def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     val_file, trained_targets = _held_out(tmp_path)
     two = run_train(2, tmp_path / "two", *VAL)
-    one = run_train(1, tmp_path / "one", *VAL, "--eval.demo_accuracy=true", "--eval.max_examples=8", "--eval.max_new_tokens=8")
+    one = run_train(1, tmp_path / "one", *VAL, "--eval.demo_accuracy=true", "--eval.max_examples=8", "--eval.max_new_tokens=8", "--eval.plot=true")
     rows2, rows1 = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     # evaluated at eval.every steps and at the end, nowhere else; perplexity = exp(loss)
     assert [r["step"] for r in rows2 if "val_loss" in r] == [2, 4, 6]
@@ -97,10 +98,7 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     summary = two.stdout
     assert f"({trained_targets:,} trained targets)" in summary, summary
     # the last validation (at the last step, whose lr is 0) is `python -m c2a.eval`'s loss on the export
-    proc = subprocess.run([sys.executable, "-m", "c2a.eval", "--model", str(tmp_path / "two" / "final"), "--data", str(val_file),
-                           "--max-len", "64", "--json-out", str(tmp_path / "eval.json")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    assert eval_main(["--model", str(tmp_path / "two" / "final"), "--data", str(val_file), "--max-len", "64", "--json-out", str(tmp_path / "eval.json")]) == 0
     cli = json.loads((tmp_path / "eval.json").read_text())
     last = rows2[-1]
     assert cli["targets"] == last["val_targets"]
@@ -116,6 +114,9 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     assert printed, one.stdout
     assert 100 * rows1[-1]["demo_exact_match_before"] == pytest.approx(float(printed[1]), abs=0.05)
     assert 100 * rows1[-1]["demo_exact_match_after"] == pytest.approx(float(printed[2]), abs=0.05)
+    # eval.plot: the curves are drawn at the end (the 2-rank run did not ask for them)
+    assert (tmp_path / "one" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "two" / "metrics.png").exists()
+    assert f"(plotted: {tmp_path / 'one' / 'metrics.png'})" in one.stdout
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -123,6 +124,7 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     ({"data.val_fraction": "0.1", "data.val_path": "v.jsonl"}, "set one"),
     ({"train.keep_best": "true"}, "train.keep_best needs a validation set"),
     ({"eval.every": "-1"}, "eval.every must be >= 0"),
+    ({"eval.every": "10"}, "eval.every needs a validation set"),
 ])  # fmt: skip
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -132,3 +134,20 @@ def test_config_errors(overrides, message):
 def test_missing_val_path_names_the_file(tmp_path):
     proc = run_train(1, tmp_path / "run", f"--data.val_path={tmp_path / 'nope.jsonl'}", expect=1)
     assert f"data file not found: {tmp_path / 'nope.jsonl'}" in proc.stderr
+
+
+def test_plot_draws_the_logged_curves(tmp_path, capsys):
+    rows = [{"step": 1, "loss": 5.0, "lr": 1e-3}, {"step": 2, "loss": 4.0, "lr": 5e-4, "val_loss": 4.5},
+            {"step": 3, "loss": None, "lr": 2e-4}, {"step": 4, "loss": 3.0, "lr": 0.0, "val_loss": 3.9}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loss_ax, lr_ax = figure(rows).axes
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_ax.get_lines()}
+    assert curves == {"training loss": ([1, 2, 4], [5.0, 4.0, 3.0]), "validation loss": ([2, 4], [4.5, 3.9])}  # a null loss is a gap
+    assert list(lr_ax.get_lines()[0].get_ydata()) == [1e-3, 5e-4, 2e-4, 0.0]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": \n')
+    assert plot_main([str(tmp_path)]) == 1
+    assert f"{tmp_path / 'metrics.jsonl'}:2: not a JSON object" in capsys.readouterr().err
+    assert plot_main([str(tmp_path / "nowhere")]) == 1
+    assert "metrics.jsonl not found" in capsys.readouterr().err

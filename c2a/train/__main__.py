@@ -50,7 +50,7 @@ def _print_summary(s: dict[str, Any]) -> None:
                      f"({after['examples']} held-out examples, greedy)")  # fmt: skip
         lines.append("  per task: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items()))
     lines += [
-        f"metrics          {s['out_dir']}/metrics.jsonl",
+        f"metrics          {s['out_dir']}/metrics.jsonl" + (f" (plotted: {s['plot']})" if "plot" in s else ""),
         f"checkpoints      {s['out_dir']}/checkpoints/",
         f"final model      {s['final']}  (HF safetensors + the tokenizer files)",
     ]

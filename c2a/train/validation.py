@@ -21,6 +21,7 @@ records `val_loss`, and checkpoint pruning keeps that one beside the last `train
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -157,14 +158,29 @@ class Validation:
         return {"val_loss": f"{self.last['val_loss']:.4f}"} if self.last else {}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 at the end of a run: the summary's validation entries, and the demo's before / after exact
-        match added to metrics.jsonl's last record (the run's last step)."""
-        if self.d.is_main and summary.get("demo_after"):
-            _add_to_last_record(Path(self.cfg.out_dir) / "metrics.jsonl", {"demo_exact_match_before": summary["demo_before"]["accuracy"],
-                                                                          "demo_exact_match_after": summary["demo_after"]["accuracy"]})  # fmt: skip
-        if not self.last:
+        """Rank 0 at the end of a run: the summary's validation entries, the demo's before / after exact match
+        added to metrics.jsonl's last record (the run's last step), and with eval.plot OUT_DIR/metrics.png."""
+        if not self.d.is_main:
             return {}
-        out = {k: self.last[k] for k in ("val_loss", "val_ppl", "val_targets")}
+        metrics = Path(self.cfg.out_dir) / "metrics.jsonl"
+        if summary.get("demo_after"):
+            _add_to_last_record(metrics, {"demo_exact_match_before": summary["demo_before"]["accuracy"],
+                                          "demo_exact_match_after": summary["demo_after"]["accuracy"]})  # fmt: skip
+        out: dict[str, Any] = {}
+        if not self.cfg.eval.plot:
+            pass
+        elif importlib.util.find_spec("matplotlib") is None:
+            log.warning("eval.plot: no metrics.png, matplotlib is not installed (pip install matplotlib; then python -m c2a.train.plot %s)", self.cfg.out_dir)
+        elif metrics.is_file():
+            from c2a.train.plot import plot_metrics
+
+            try:
+                out["plot"] = str(plot_metrics(self.cfg.out_dir))
+            except Exception as e:  # noqa: BLE001 - a picture must not fail a finished run
+                log.warning("could not draw metrics.png (%s: %s); the numbers are in %s", type(e).__name__, e, metrics)
+        if not self.last:
+            return out
+        out.update({k: self.last[k] for k in ("val_loss", "val_ppl", "val_targets")})
         if self.cfg.train.keep_best:
             out.update(best_val_loss=self.best[0], best_checkpoint=str(Path(self.cfg.out_dir) / "checkpoints" / self.best[1]))
         return out
