@@ -31,8 +31,8 @@ def predicted_peak_mb(cfg: TrainConfig, model: LlamaConfig, ranks: int, device: 
     t = cfg.train
     longest = int(loader.dataset.lengths.max()) if len(loader.dataset.lengths) else cfg.data.max_len
     seq_len = cfg.data.max_len if cfg.data.packing else min(cfg.data.max_len, longest)
-    w = Workload(model, t.micro_batch, seq_len, trained_fraction=trained, packed=cfg.data.packing,
-                 ranks=ranks, replicas=t.replicas, compute_bytes=compute_dtype(t.dtype, device).itemsize, backend=backend(device),
+    w = Workload(model, t.micro_batch, seq_len, trained_fraction=trained, packed=cfg.data.packing, ranks=ranks, replicas=t.replicas,
+                 compute_bytes=compute_dtype(t.dtype, device).itemsize, backend=backend(device), cuda=device.type == "cuda",
                  activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every, accumulation=loader.accum_steps,
                  cpu_offload=t.cpu_offload)  # fmt: skip
     plan = plan_memory(w)

@@ -288,7 +288,7 @@ def compare_benchmark(path: str | Path) -> dict[str, Any]:
     accum = re.search(r"accumulation (\d+)", side["batching"])
     w = Workload(model, s["rows_per_micro"], s["seq_len"], trained_fraction=0.5, packed=True, ranks=1,
                  compute_bytes=2 if s["dtype"] == "bf16" else 4, backend=side.get("kernels", "triton" if cuda else "torch"),
-                 accumulation=int(accum.group(1)) if accum else 1)  # fmt: skip
+                 cuda=cuda, accumulation=int(accum.group(1)) if accum else 1)  # fmt: skip
     p = plan_memory(w)
     predicted = (p.peak if cuda else p.peak_combined) / 2**20
     result = {"predicted_peak_mib": round(predicted, 1), "measured_peak_mib": side["peak_memory_mib"],

@@ -47,6 +47,7 @@ class Workload:
     replicas: int = 1  # HSDP replicas: parameters are sharded over ranks / replicas
     compute_bytes: int = 2  # 2 for bf16, 4 for fp32 (FSDP2's param_dtype: the unsharded weights' dtype)
     backend: str = "triton"  # "triton" (CUDA) or "torch" (the reference ops, what CPU runs)
+    cuda: bool = True  # off CUDA the head runs only the trained rows (llama._trained_rows), whatever the backend
     activation_checkpointing: str = "none"  # none | full | selective
     ac_every: int = 2
     accumulation: int = 1  # micro-batches per optimizer step on this rank
@@ -129,17 +130,18 @@ def block_saved_bytes(w: Workload) -> int:
 
 def head_rows(w: Workload) -> int:
     """Rows the loss head runs: every position on CUDA; on CPU only the trained ones (llama._trained_rows)."""
-    return w.tokens if w.backend == "triton" else max(1, round(w.tokens * w.trained_fraction))
+    return w.tokens if w.cuda else max(1, round(w.tokens * w.trained_fraction))
 
 
 def head_saved_bytes(w: Workload) -> int:
     """What the loss head keeps from its forward to its backward: the fp32 dW [V, D] both paths compute in
-    the forward, and per row: triton dh (D·c); torch the final RMSNorm's input copy, x·rstd (fp32), the
-    normed rows, rstd and the label (int64)."""
+    the forward, and per row: triton the final RMSNorm's input and rstd, and dh (2·D·c + 4); torch the final
+    RMSNorm's input, x·rstd (fp32), the normed rows, rstd and the label (int64). Off CUDA the rows are the
+    trained ones, gathered into a copy (the norm's input); on CUDA the last block's output is the input."""
     m, c, rows = w.model, w.compute_bytes, head_rows(w)
     dw = 4 * m.vocab_size * m.dim
     if w.backend == "triton":
-        return dw + rows * m.dim * c
+        return dw + rows * (2 * m.dim * c + 4)
     return dw + rows * (2 * m.dim * c + 4 * m.dim + 4 + 8)
 
 
@@ -166,19 +168,15 @@ def backward_temp_bytes(w: Workload) -> int:
 def root_backward_bytes(w: Workload) -> int:
     """The root unit's post-backward (the last thing a step's backward does), beyond the blocks' gradient
     shards: [V, D]-sized buffers for the embedding's and the head's gradients, their reduce-scatter input
-    and the embedding backward's own scratch.
-    torch path, fp32: constants measured with FSDPMemTracker on gloo, torch 2.13 (tests/test_plan.py), not derived:
-    untied, 6 fp32 [V, D] buffers with 2+ ranks (2 unsharded gradients, 2 reduce-scatter inputs, 2 more in the
-    backward's temporaries), 7 with one rank; tied, 4 (the shared matrix gathered, the head's saved dW, and
-    two in the embedding backward's temporaries), at the embedding's backward.
-    triton path (CUDA, by reasoning, not yet measured): 2 gradients in the compute dtype, 2 fp32 reduce-scatter
-    inputs, the fp32 shards they reduce to."""
-    m = w.model
-    vd = m.vocab_size * m.dim
-    k = head_matrices(m)
-    if w.backend == "torch":
-        return ((7 if w.shard == 1 else 6) if k == 2 else 4) * 4 * vd
-    return k * vd * w.compute_bytes + k * vd * 4 + k * 4 * _padded(vd, w.shard)
+    and the embedding backward's own scratch. A count of fp32 [V, D] buffers measured with FSDPMemTracker on
+    gloo, torch 2.13 (tests/test_plan.py), the same with the torch and the Triton kernels; not derived:
+    untied, 6 with 2+ ranks (2 unsharded gradients, 2 reduce-scatter inputs, 2 more in the backward's
+    temporaries), 7 with one rank; tied, 4 (the shared matrix gathered, the head's saved dW, and two in the
+    embedding backward's temporaries), at the embedding's backward. On CUDA in bf16 the unsharded gradients
+    are half that size, so this errs high there by up to 2 [V, D] fp32 (1 GiB at 13B)."""
+    vd = w.model.vocab_size * w.model.dim
+    count = (7 if w.shard == 1 else 6) if head_matrices(w.model) == 2 else 4
+    return count * 4 * vd
 
 
 def plan_memory(w: Workload) -> MemoryPlan:
