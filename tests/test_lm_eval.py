@@ -183,3 +183,15 @@ def test_suite_table_in_the_card_layout():
     assert table[2] == "| mine | 50.00 | 80.00 | 45.00 | 40.00 | 53.75 |"
     assert table[3] == "| claude2-alpaca-13b (card) | 61.18 | 84.08 | 55.74 | 44.18 | 61.29 |"
     assert "ARC: arc_challenge 25-shot acc_norm; HellaSwag: hellaswag 10-shot acc_norm; MMLU: mmlu 5-shot acc" in table[4]
+
+
+def test_model_args_as_lm_eval_cli_passes_them(setup):
+    """`lm_eval --model c2a --model_args pretrained=DIR,dtype=fp32,batch_size=2` builds the same scorer."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    model, tok, export, _, _ = setup
+    lm = get_model("c2a").create_from_arg_string(f"pretrained={export},dtype=fp32", {"batch_size": 2, "device": "cpu"})
+    assert isinstance(lm, C2ALM) and lm._batch_size == 2 and lm.model.cfg == CFG
+    requests = [Instance("loglikelihood", {}, ("Question: the river\nAnswer:", " boats"), 0), Instance("loglikelihood", {}, ("", "the river"), 1)]
+    assert lm.loglikelihood(requests) == C2ALM(model, tok).loglikelihood(requests)

@@ -151,3 +151,17 @@ def test_plot_draws_the_logged_curves(tmp_path, capsys):
     assert f"{tmp_path / 'metrics.jsonl'}:2: not a JSON object" in capsys.readouterr().err
     assert plot_main([str(tmp_path / "nowhere")]) == 1
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_val_path_padded_is_the_eval_cli_loss(tmp_path):
+    """data.val_path (a file), padded batches (data.packing=false): the loss logged at the run's one step is
+    python -m c2a.eval's on the same file and the exported weights."""
+    records = [{k: r[k] for k in ("instruction", "input", "output")} for r in demo_split(0, 40)[1][:24]]
+    val_file = tmp_path / "val.jsonl"
+    val_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_train(1, tmp_path / "run", f"--data.val_path={val_file}", "--data.packing=false", "--train.max_steps=1", "--train.micro_batch=4")
+    last = metrics(tmp_path / "run")[-1]
+    assert eval_main(["--model", str(tmp_path / "run" / "final"), "--data", str(val_file), "--max-len", "64", "--json-out", str(tmp_path / "e.json")]) == 0
+    cli = json.loads((tmp_path / "e.json").read_text())
+    assert last["step"] == 1 and last["val_targets"] == cli["targets"]
+    assert last["val_loss"] == pytest.approx(cli["loss"], rel=1e-5)
