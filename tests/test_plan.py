@@ -288,3 +288,22 @@ def test_plan_cli_offload_moves_state_to_the_host(plan_cli) -> None:
 def test_plan_cli_errors(args: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "c2a.plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plan_reads_a_local_data_file(plan_cli, tmp_path) -> None:
+    """A local .jsonl as data.path: its examples tokenized with the run's tokenizer, as the trainer would."""
+    from c2a.data import Tokenizer, encode_example
+    from c2a.data.demo import DEMO_TOKENIZER
+
+    records = [{"instruction": f"reverse the words {' '.join(['a', 'b', 'c'][: 1 + i % 3])}", "input": "x" * (i % 5),
+                "output": " ".join(["w"] * (1 + i % 7))} for i in range(37)]  # fmt: skip
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = plan_cli("--gpus", "2", f"--data.path={path}", f"--data.tokenizer={DEMO_TOKENIZER}", "--data.max_len=64", "--train.epochs=2")
+    tok = Tokenizer(DEMO_TOKENIZER)
+    encoded = [encode_example(rec, tok, 64) for rec in records]
+    assert r["data"]["source"] == f"measured: {path}"
+    assert r["data"]["examples"] == 37
+    assert r["data"]["tokens"] == sum(len(ids) for ids, _ in encoded)
+    assert r["data"]["trained_tokens"] == sum(sum(y != -100 for y in labels) for _, labels in encoded)
+    assert r["time"]["tokens"] == 2 * r["data"]["tokens"]

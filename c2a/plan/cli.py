@@ -4,8 +4,9 @@ would, and the run's time.
     python -m c2a.plan --config configs/claude2-alpaca-13b.toml --gpus 8 [--gpu h100] [--gpu-memory 80]
         [--nodes 1] [--mfu 0.4] [--json] [--section.key=value ...]
 
-Data lengths come from a prepared cache (data.path a directory, or out_dir/data_cache of a started run) or
-the demo task; otherwise from --examples / --mean-tokens / --trained-fraction, stated as assumptions.
+Data lengths come from a prepared cache (data.path a directory, or out_dir/data_cache of a started run), a local
+data file (tokenized here with the run's tokenizer) or the demo task; otherwise from --examples / --mean-tokens /
+--trained-fraction, stated as assumptions.
 """
 
 from __future__ import annotations
@@ -97,7 +98,17 @@ def resolve_data(cfg: TrainConfig, examples: int | None, mean_tokens: float | No
         ds = TokenizedDataset.from_records(records, Tokenizer(DEMO_TOKENIZER), cfg.data.max_len, truncation=cfg.data.truncation)
         c = ds.manifest["counts"]
         return DataShape(c["examples"], c["tokens"], c["trained_tokens"], int(ds.manifest["lengths"]["max"]), "measured: the demo task")
-    return _assumed(None, None, None, "assumed (no prepared cache: run python -m c2a.data.prepare, or pass --examples/--mean-tokens)")
+    if Path(cfg.data.path).is_file():  # a local data file: tokenized here as the trainer would (not cached)
+        from c2a.data import TokenizedDataset, Tokenizer, load_records
+        from c2a.train.loop import resolve_tokenizer
+
+        loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint="--data.skip_bad_rows=true")
+        ds = TokenizedDataset.from_records(loaded.records, Tokenizer(resolve_tokenizer(cfg)), cfg.data.max_len,
+                                           truncation=cfg.data.truncation, workers=cfg.data.workers or 1, template=cfg.data.template)  # fmt: skip
+        c = ds.manifest["counts"]
+        return DataShape(c["examples"], c["tokens"], c["trained_tokens"], int(ds.manifest["lengths"]["max"]), f"measured: {cfg.data.path}")
+    return _assumed(None, None, None, "assumed (no local data file or prepared cache: run python -m c2a.data.prepare, or pass "
+                    "--examples/--mean-tokens)")  # fmt: skip
 
 
 def _assumed(examples: int | None, mean_tokens: float | None, trained_fraction: float | None, how: str) -> DataShape:
@@ -307,6 +318,7 @@ USAGE = """usage: python -m c2a.plan --config FILE.toml --gpus N [--gpu h100|a10
 
 def main(argv: list[str]) -> int:
     from c2a.train.cli import parse_args
+    from c2a.train.loop import TrainingError
 
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -340,7 +352,7 @@ def main(argv: list[str]) -> int:
         result = plan(cfg, machine, int(own["examples"]) if own["examples"] else None,
                       float(own["mean-tokens"]) if own["mean-tokens"] else None,
                       float(own["trained-fraction"]) if own["trained-fraction"] else None)  # fmt: skip
-    except (ValueError, KeyError) as e:  # a config or checkpoint the user can fix: the message, not a traceback
+    except (ValueError, KeyError, OSError, TrainingError) as e:  # a config, checkpoint or data file to fix: the message
         raise SystemExit(f"c2a.plan: {e.args[0] if isinstance(e, KeyError) else e}") from None
     print(json.dumps(result, indent=1) if as_json else table(result))
     return 0
