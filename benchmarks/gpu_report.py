@@ -122,6 +122,16 @@ if att:
 else:
     md += ["```", tail("attention"), "```"]
 
+# attention tile sweep: times of each alternative tile, the others at their defaults
+sw = load(work / "attention" / "attention_sweep.json")
+report["sweep"] = sw and sw.get("sweep")
+md += ["", "## Attention tiles (benchmarks/attention.py --sweep-only)"]
+if sw:
+    md += ["| kernel | BLOCK_M, BLOCK_N, warps, stages | mode | ms |", "|---|---|---|---:|"]
+    md += [f"| {r['kernel']} | {r['blocks']} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
+else:
+    md += ["```", tail("sweep"), "```"]
+
 # kernels
 ker = load(work / "kernels" / "kernels.json")
 report["kernels"] = ker

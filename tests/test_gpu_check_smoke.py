@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["setup", "tests", "gpu_path", "train", "attention", "kernels"]
+STAGES = ["setup", "tests", "gpu_path", "train", "attention", "kernels", "sweep"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout")
@@ -35,8 +35,11 @@ def test_gpu_check_smoke(tmp_path):
     assert "tests collected" in report["gpu_path"]["collected"]  # the end-to-end suite imports and collects
     assert set(report["train"]["ratios"]) >= {"trained_tokens_per_s", "peak_memory_mib"}
     assert report["attention"]["rows"] and report["kernels"]["rows"]
+    assert {r["kernel"] for r in report["sweep"]} == {"_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks"}
+    assert any(r["provider"] == "c2a-deterministic" and r["mode"] == "fwd+bwd" for r in report["attention"]["rows"])
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("| stage | status | seconds |", "## End-to-end GPU path", "## Training throughput", "## Attention", "## Kernels"):
+    for heading in ("| stage | status | seconds |", "## End-to-end GPU path", "## Training throughput", "## Attention",
+                    "## Attention tiles", "## Kernels"):  # fmt: skip
         assert heading in md
     with tarfile.open(tmp_path / "gpu_check_details.tar.gz") as tar:
         logs = {Path(n).name for n in tar.getnames()}
