@@ -112,6 +112,78 @@ def test_mma_ratio_counts_work_every_warp_repeats(arch):
         assert r["mma_ratio_max"] >= 2.0, r
 
 
+def _tma_loop(a_ptr, b_ptr, c_ptr, n_iter, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    """c [M, N] fp32 = sum over i of a_i [M, K] @ b_i [N, K]ᵀ, tiles read through tensor descriptors (TMA on
+    sm_90), the loop warp-specialised where Triton does it on Hopper (3.9: two consumer partitions)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[n_iter * M, K], strides=[K, 1], block_shape=[M, K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n_iter * N, K], strides=[K, 1], block_shape=[N, K])
+    acc = tl.zeros([M, N], dtype=tl.float32)
+    for i in tl.range(0, n_iter, warp_specialize=True):
+        a = a_desc.load([i * M, 0])
+        b = b_desc.load([i * N, 0])
+        acc = tl.dot(a, b.T, acc)
+    m, n = tl.arange(0, M), tl.arange(0, N)
+    tl.store(c_ptr + m[:, None] * N + n[None, :], acc)
+
+
+_tma_loop_kernel = JITFunction(_tma_loop)
+
+
+def tma_loop_report() -> dict:
+    from benchmarks.gpu_compile import Launch, compile_launch
+
+    meta = torch.device("meta")
+    a = torch.empty(8 * 128, 64, device=meta, dtype=torch.bfloat16)
+    b = torch.empty(8 * 128, 64, device=meta, dtype=torch.bfloat16)
+    c = torch.empty(128, 128, device=meta, dtype=torch.float32)
+    return compile_launch(Launch(_tma_loop_kernel, (1,), (a, b, c, 8, 128, 128, 64), {"num_warps": 4}), 90)
+
+
+def test_mma_ratio_of_a_tma_warp_specialised_loop():
+    # 128 x 128 x 64 per iteration, 4 warps: whatever the partitions, each product is issued once, and the
+    # descriptors' loads are TMA (cp.async.bulk.tensor). Built in a process without conftest's
+    # TRITON_INTERPRET, which Triton's front end reads while compiling descriptor loads (they fail under it).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, "tma_loop"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.splitlines()[-1])
+    assert r["tma"] and r["wgmma"] and r["unattributed"] == 0 and r["sass_check"] is True
+    assert r["mma_ratio_max"] == r["mma_ratio"] == 1.0, r["dots"]
+
+
+def test_dots_in_a_warp_specialisation_partition_take_its_warps():
+    # the shape of a warp-specialised TTGIR (as Triton 3.9 prints it): a dot in an 8-warp module's 4-warp
+    # partition is issued by that partition's warps; one after the region by the module's
+    from benchmarks.gpu_compile import ttgir_dots
+
+    dot = ('      %{0} = ttng.warp_group_dot %a, %b, %c {{isAsync = true}} : !ttg.memdesc<64x64xbf16, #shared, #smem> '
+           '* !ttg.memdesc<64x128xbf16, #shared1, #smem> -> tensor<64x128xf32, #mma> loc(#loc{1})')  # fmt: skip
+    ttgir = "\n".join([
+        '#loc1 = loc("k.py":10:20)',
+        '#loc2 = loc("k.py":30:5)',
+        'module attributes {"ttg.num-ctas" = 1 : i32, "ttg.num-warps" = 8 : i32} {',
+        '  tt.func public @k(%arg0: i32) {',
+        '    ttg.warp_specialize(%x) attributes {requestedRegisters = array<i32: 232>}',
+        '    default {',
+        '      ttg.warp_yield',
+        '    }',
+        '    partition0(%arg4: i32 loc("k.py":3:1)) num_warps(4) {',
+        '      scf.for %i = %c0 to %n step %c1 {',
+        dot.format("d1", 1),
+        '      }',
+        '      ttg.warp_return',
+        '    } : (i32) -> ()',
+        dot.format("d2", 2),
+        '    tt.return',
+        '  }',
+        '}',
+    ])  # fmt: skip
+    dots = ttgir_dots(ttgir)
+    assert [(d["site"], d["warps"], d["M"], d["N"], d["K"], d["wgmma"]) for d in dots] == [
+        (("k.py", 10, 20), 4, 64, 128, 64, True), (("k.py", 30, 5), 8, 64, 128, 64, True)]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ attention
 
 ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
@@ -154,3 +226,7 @@ def test_attention_default_tiles_do_no_duplicate_tensor_core_work(attention_sm90
             f"{where}: issues {r['mma_ratio_max']:.2f}x the tensor-core FLOPs of its dots (all dots "
             f"{r['mma_ratio']:.2f}x); worst: the dot at {worst['site']}, {worst['M']}x{worst['N']}x{worst['K']}"
         )
+
+
+if __name__ == "__main__":  # a report built outside pytest (see test_mma_ratio_of_a_tma_warp_specialised_loop)
+    print(json.dumps({"tma_loop": tma_loop_report}[sys.argv[1]]()))
