@@ -108,11 +108,13 @@ class C2ALM(TemplateLM):
             ids = torch.full((len(batch), T), self.tok.eos_id, dtype=torch.long)
             for b, i in enumerate(batch):
                 ids[b, : len(inputs[i])] = torch.tensor(inputs[i])
-            logprobs = F.log_softmax(self.model(ids.to(self._device)).float(), dim=-1)  # [B, T, V]
+            logits = self.model(ids.to(self._device))  # [B, T, V]
             for b, i in enumerate(batch):
                 cont = requests[i][2]
                 end = len(inputs[i])
-                lp = logprobs[b, end - len(cont) : end]  # [len(cont), V]: the positions that predict the continuation
+                # [len(cont), V]: the positions that predict the continuation; fp32 only for them (a [B, T, V]
+                # fp32 copy would be 4 GB at 16 x 2048 x 32000)
+                lp = F.log_softmax(logits[b, end - len(cont) : end].float(), dim=-1)
                 target = torch.tensor(cont, device=lp.device)
                 greedy = bool((lp.argmax(dim=-1) == target).all())
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
@@ -141,6 +143,8 @@ class C2ALM(TemplateLM):
             until = kw.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            if not 0 < max_new < self.max_length:
+                raise ValueError(f"generate_until: max_gen_toks {max_new} must be between 1 and the model's max_seq_len {self.max_length} - 1")
             do_sample = kw.pop("do_sample", None)
             temperature = float(kw.pop("temperature", 0.0)) if do_sample is not False else 0.0
             top_p = float(kw.pop("top_p", 1.0))
