@@ -23,7 +23,8 @@ and the ptxas bundled with Triton, which reject code that the CPU interpreter ac
 meta tensors at the shapes above with their kernels recorded rather than launched, so each kernel is
 compiled with exactly the arguments, block sizes and warps its launcher would use on that card (see
 benchmarks/gpu_compile.py). Prints registers per thread, spill bytes and shared memory per kernel (or the
-compile error), writes DIR/kernels_compile.json, and exits 1 if any kernel failed to compile.
+compile error), writes DIR/kernels_compile.json (which also holds gpu_compile's tensor-core report: these
+kernels have no dots, and none uses TMA), and exits 1 if any kernel failed to compile.
 """
 
 from __future__ import annotations
