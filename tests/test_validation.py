@@ -18,7 +18,7 @@ from c2a.eval import main as eval_main
 from c2a.train.checkpoint import best_checkpoint, stale_checkpoints
 from c2a.train.plot import figure
 from c2a.train.plot import main as plot_main
-from c2a.train.validation import ExampleSubset, split_examples
+from c2a.train.validation import ExampleSubset, Validation, split_examples
 from train_runs import metrics, run_train, trainer_state
 
 # 128 demo records, a quarter held out; 6 steps of 16-example batches per epoch on the other 96
@@ -63,6 +63,9 @@ def test_keep_best_pruning_keeps_the_lowest_validation_loss(tmp_path):
     assert stale_checkpoints(tmp_path, keep_last=1, keep_best=False) == [ckpts[4], ckpts[8], ckpts[10]]
     assert stale_checkpoints(tmp_path, keep_last=3, keep_best=True) == []
     assert stale_checkpoints(tmp_path, keep_last=3, keep_best=False) == [ckpts[4]]
+    # a resumed run starts from the best loss its checkpoints recorded: a later, worse evaluation is not "new best"
+    cfg = build_config({}, {"out_dir": str(tmp_path), "data.val_fraction": "0.1", "train.keep_best": "true"})
+    assert Validation(cfg, None, None, "").best == (2.5, "step_00000004")
     (ckpts[4] / "trainer_state.json").write_text("{")  # unreadable: not a candidate, resume reports it
     assert best_checkpoint(tmp_path) == ckpts[8]
 
