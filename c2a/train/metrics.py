@@ -15,14 +15,21 @@ from c2a.config import LlamaConfig
 log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks (NVIDIA datasheets), looked up by a substring of the device name, the first
+# match winning: the PCIe and NVL H100s run lower clocks and fewer SMs than the SXM part the plain "H100" means.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}  # fmt: skip
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s for MFU; None off CUDA or for a card not in the table."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
 def matmul_flops_per_token(cfg: LlamaConfig) -> int:
