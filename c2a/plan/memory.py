@@ -180,6 +180,9 @@ def root_backward_bytes(w: Workload) -> int:
 
 
 def plan_memory(w: Workload) -> MemoryPlan:
+    """Per-rank bytes of one optimizer step of `w`, its last micro-batch (the one with the most state
+    alive): the static state, then a walk over the points where memory can peak (the head's forward, each
+    block's backward from the last, the root's post-backward), keeping the largest."""
     m, S, c = w.model, w.shard, w.compute_bytes
     n_block, n_root = block_params(m), root_params(m)
     n_shard = m.n_layers * _padded(n_block, S) + _padded(n_root, S)
