@@ -166,17 +166,20 @@ def backward_temp_bytes(w: Workload) -> int:
 
 
 def root_backward_bytes(w: Workload) -> int:
-    """The root unit's post-backward (the last thing a step's backward does), beyond the blocks' gradient
-    shards: [V, D]-sized buffers for the embedding's and the head's gradients, their reduce-scatter input
-    and the embedding backward's own scratch. A count of fp32 [V, D] buffers measured with FSDPMemTracker on
-    gloo, torch 2.13 (tests/test_plan.py), the same with the torch and the Triton kernels; not derived:
-    untied, 6 with 2+ ranks (2 unsharded gradients, 2 reduce-scatter inputs, 2 more in the backward's
-    temporaries), 7 with one rank; tied, 4 (the shared matrix gathered, the head's saved dW, and two in the
-    embedding backward's temporaries), at the embedding's backward. On CUDA in bf16 the unsharded gradients
-    are half that size, so this errs high there by up to 2 [V, D] fp32 (1 GiB at 13B)."""
-    vd = w.model.vocab_size * w.model.dim
-    count = (7 if w.shard == 1 else 6) if head_matrices(w.model) == 2 else 4
-    return count * 4 * vd
+    """The end of the backward, beyond the blocks' gradient shards: the root unit's [V, D] matrices (k = 2,
+    or 1 tied) in two moments, the larger counted.
+      embedding backward: the root still gathered (k·VD·c), the head's and the embedding's gradients (2·VD·c,
+        summed afterwards when tied) and one more fp32 [V, D] (the head's dW or the embedding backward's
+        scratch: present with both kernel paths);
+      root post-backward: k unsharded gradients (k·VD·c), the reduce-scatter's fp32 input (k·VD·4) and output
+        (k·VD·4 / S), and the same extra fp32 [V, D].
+    On CPU in fp32 that is 7, 6 (2+ ranks) and 4 (tied, any ranks) fp32 [V, D]: what FSDPMemTracker measured
+    on gloo, torch 2.13, with either kernel path (tests/test_plan.py)."""
+    m, S, c = w.model, w.shard, w.compute_bytes
+    vd, k = m.vocab_size * m.dim, head_matrices(m)
+    embedding_backward = k * vd * c + 2 * vd * c + 4 * vd
+    post_backward = k * vd * c + k * vd * 4 + k * 4 * _padded(vd, S) + 4 * vd
+    return max(embedding_backward, post_backward)
 
 
 def plan_memory(w: Workload) -> MemoryPlan:
