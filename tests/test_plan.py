@@ -263,11 +263,17 @@ def test_plan_cli_answers_for_the_card_recipes(plan_cli) -> None:
     assert eight["peak_gib_by_activation_checkpointing"]["none"] > eight["peak_gib_by_activation_checkpointing"]["full"]
     # time = epochs x tokens x (6 FLOPs per weight, embedding excluded) + causal attention per document
     # (3 passes x 2 matmuls x L^2 x D per layer), over MFU x peak x GPUs
-    t = plan_cli("--config", "configs/claude2-alpaca-13b.toml", "--gpus", "8", "--examples", "1000", "--mean-tokens", "500",
-                 "--mfu", "0.5")["time"]  # fmt: skip
-    flops = 5 * (1000 * 500 * 6 * (LLAMA2_13B - 32000 * 5120) + 3 * 40 * 2 * 1000 * 500**2 * 5120)
+    # and with full activation checkpointing (the recipe's), every block's forward again: 2 FLOPs a block
+    # weight (4 x 5120^2 attention + 3 x 5120 x 13824 FFN + 2 x 5120 norm weights a block) and 1 attention pass
+    args = ("--config", "configs/claude2-alpaca-13b.toml", "--gpus", "8", "--examples", "1000", "--mean-tokens", "500", "--mfu", "0.5")
+    t = plan_cli(*args, "--train.activation_checkpointing=none")["time"]
+    attention = 3 * 40 * 2 * 1000 * 500**2 * 5120
+    flops = 5 * (1000 * 500 * 6 * (LLAMA2_13B - 32000 * 5120) + attention)
     assert t["hours"] == pytest.approx(flops / (0.5 * 989e12 * 8) / 3600, rel=1e-9)
     assert t["mfu_source"] == "given"
+    full = plan_cli(*args)["time"]
+    recompute = 5 * (1000 * 500 * 2 * 40 * (4 * 5120**2 + 3 * 5120 * 13824 + 2 * 5120) + attention / 3)
+    assert full["hours"] == pytest.approx((flops + recompute) / (0.5 * 989e12 * 8) / 3600, rel=1e-9)
 
 
 def test_plan_cli_offload_moves_state_to_the_host(plan_cli) -> None:

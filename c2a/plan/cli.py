@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from c2a.config import LlamaConfig, TrainConfig
-from c2a.plan.memory import MemoryPlan, Workload, plan_memory
+from c2a.plan.memory import MemoryPlan, Workload, block_params, plan_memory
 
 log = logging.getLogger("c2a.plan")
 
@@ -164,14 +164,15 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
                 w = workload(cfg, model, data, machine, activation_checkpointing=ac, micro_batch=mb, cpu_offload=offload)
                 p = plan_memory(w)
                 if fits(p, machine):
+                    changed = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch=mb, activation_checkpointing=ac, cpu_offload=offload))
                     out.append({"train.micro_batch": mb, "train.activation_checkpointing": ac, "train.cpu_offload": offload,
-                                "peak_gib": round(p.peak / GiB, 1)})  # fmt: skip
+                                "peak_gib": round(p.peak / GiB, 1), "hours": round(run_time(changed, model, data, machine)["hours"], 1)})  # fmt: skip
                     break
     if machine.nodes > 1 and t.replicas == 1:
         w = workload(cfg, model, data, machine, replicas=machine.nodes)
         p = plan_memory(w)
         if fits(p, machine):
-            out.append({"train.replicas": machine.nodes, "peak_gib": round(p.peak / GiB, 1)})
+            out.append({"train.replicas": machine.nodes, "peak_gib": round(p.peak / GiB, 1), "hours": round(run_time(cfg, model, data, machine)["hours"], 1)})
     return out
 
 
@@ -186,16 +187,24 @@ def min_gpus(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
 
 def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> dict[str, Any]:
     """Hours of the whole run: FLOPs of every position trained on (6 per weight per token, plus causal
-    attention per document, as c2a.train.metrics counts them) / (MFU x peak x GPUs). With cpu_offload, plus
-    the host<->GPU copies and the host's AdamW step, which the GPU waits for (see `offload_seconds`)."""
+    attention per document, as c2a.train.metrics counts them), plus activation checkpointing's recompute,
+    / (MFU x peak x GPUs). With cpu_offload, plus the host<->GPU copies and the host's AdamW step, which the
+    GPU waits for (see `offload_seconds`)."""
     from c2a.train.metrics import attention_flops, matmul_flops_per_token
 
     epochs = cfg.train.epochs
     mean = data.tokens / data.examples
-    flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention_flops(model, round(data.examples * mean * mean)))
-    seconds = flops / (machine.mfu * machine.peak_flops * machine.gpus)
-    result = {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens,
-              "flops": flops, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "compute_hours": seconds / 3600}  # fmt: skip
+    attention = attention_flops(model, round(data.examples * mean * mean))
+    flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention)
+    # activation checkpointing runs the checkpointed blocks' forward again: a third more of their work (their
+    # forward is 2 of the 6 FLOPs a weight and 1 of the attention's 3 passes), not counted in MFU's model FLOPs
+    w = Workload(model, cfg.train.micro_batch, cfg.data.max_len, activation_checkpointing=cfg.train.activation_checkpointing,
+                 ac_every=cfg.train.ac_every)  # fmt: skip
+    checkpointed = sum(w.checkpointed(i) for i in range(model.n_layers)) / model.n_layers
+    recompute = epochs * checkpointed * (data.tokens * 2 * model.n_layers * block_params(model) + attention / 3)
+    seconds = (flops + recompute) / (machine.mfu * machine.peak_flops * machine.gpus)
+    result = {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens, "flops": flops,
+              "recompute_flops": recompute, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "compute_hours": seconds / 3600}  # fmt: skip
     if cfg.train.cpu_offload:
         result["offload_hours"] = offload_seconds(cfg, model, data, machine) / 3600
         seconds += result["offload_hours"] * 3600
@@ -277,10 +286,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"  host memory for offloaded state: {result['host_gib_per_node']} GiB per node (pinned)")
     if not result["fits"]:
         fit = result["fitting_settings"]
-        lines.append("settings that fit: " + ("; ".join(", ".join(f"{k}={v}" for k, v in s.items()) for s in fit) if fit else "none on this many GPUs"))
+        flag = lambda k, v: f"--{k}={str(v).lower() if isinstance(v, bool) else v}"  # noqa: E731
+        lines.append("settings that fit:" + ("".join(f"\n  {' '.join(flag(k, v) for k, v in s.items() if k.startswith('train.'))}   "
+                                                      f"(peak {s['peak_gib']} GiB, {s['hours']} h)" for s in fit) if fit else " none on this many GPUs"))  # fmt: skip
     lines.append(f"fewest GPUs as configured: {result['min_gpus_as_configured'] or 'more than 256'}")
     lines.append(f"time    {t['hours']:.1f} h for {t['epochs']} epochs, {t['tokens'] / 1e6:.1f}M tokens ({t['trained_tokens'] / 1e6:.1f}M "
-                 f"trained), {t['flops']:.3g} FLOPs at MFU {t['mfu']:.0%} ({t['mfu_source']})")  # fmt: skip
+                 f"trained), {t['flops']:.3g} FLOPs (+{t['recompute_flops']:.3g} recomputed) at MFU {t['mfu']:.0%} ({t['mfu_source']})")  # fmt: skip
     if "offload_hours" in t:
         lines.append(f"        of which {t['offload_hours']:.1f} h moving offloaded state and stepping AdamW on the host "
                      f"(assumed {PCIE_BYTES_PER_S / 1e9:g} GB/s copies, {HOST_ADAM_BYTES_PER_S / 1e9:g} GB/s host AdamW)")  # fmt: skip
