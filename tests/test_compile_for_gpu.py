@@ -189,6 +189,21 @@ def test_dots_in_a_warp_specialisation_partition_take_its_warps():
 ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                      "_attn_bwd_dq_cast_kernel")  # fmt: skip
 
+# Default tiles that break the rule under a Triton other than CI's main one (3.9), as measured at commit
+# a0d5ebb (benchmarks/RESULTS.md): .ci/run also runs this file under 3.6, the lent GPU machines' version.
+# strict: once a kernel passes there, the test fails until its entry is removed.
+KNOWN_BREAKS = {
+    (3, 6): {
+        "_attn_fwd_kernel": "Triton 3.6, sm_90a: the packed forward (128, 64, 8 warps, 3 stages) at 255 registers "
+                            "spills 8 B (0 B under 3.9)",
+        "_attn_bwd_dkdv_kernel": "Triton 3.6, sm_90a: the packed atomic dK/dV (32, 128, 8 warps, 2 stages) at 7B/13B "
+                                 "heads at 255 registers spills 16 B (0 B under 3.9)",
+    },
+}
+_known = KNOWN_BREAKS.get(tuple(int(x) for x in triton.__version__.split(".")[:2]), {})
+RULE_CASES = [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_known[k])) if k in _known else k
+              for k in ATTENTION_KERNELS]  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def attention_sm90(tmp_path_factory) -> list[dict]:
@@ -211,7 +226,7 @@ def test_attention_kernels_build_for_sm90(attention_sm90):
     assert {r["kernel"] for r in rows} >= {"_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel"}
 
 
-@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+@pytest.mark.parametrize("kernel", RULE_CASES)
 def test_attention_default_tiles_do_no_duplicate_tensor_core_work(attention_sm90, kernel):
     rows = [r for r in attention_sm90 if r["kernel"] == kernel and "default" in r["kind"]]
     assert rows, f"{kernel} was not built"
