@@ -316,6 +316,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     bar = progress_bar(total_steps, step, t.progress and d.is_main)
     peak = peak_flops(d.device)
     flops_per_token = matmul_flops_per_token(model_cfg)
+    predicted_peak = predicted_peak_mb(cfg, model_cfg, d.world_size, d.device, loader)
     window: list[StepResult] = []
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()
@@ -351,7 +352,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if step % t.log_every == 0 or saving or val:
             elapsed = time.perf_counter() - window_start - val.get("val_seconds", 0.0)  # validating is not training time
             record = {**_metrics(window, elapsed, step, epoch, lr, d, flops_per_token, model_cfg, peak, counters), **val}
-            record["predicted_peak_memory_mb"] = predicted_peak_mb(cfg, model_cfg, d.world_size, d.device, loader)  # c2a.plan's, beside peak_memory_mb
+            record["predicted_peak_memory_mb"] = predicted_peak  # c2a.plan's, beside peak_memory_mb
             counters.train_seconds += elapsed
             if writer is not None:
                 writer.write(record)
