@@ -75,7 +75,8 @@ class ExampleDataset(Protocol):
 @dataclass
 class MicroBatch:
     """One rank's micro-batch: [B, T] torch.long tensors, plus counts of what it holds: real examples,
-    real (non-padding) tokens, and the sum of squared example lengths (attention FLOPs are proportional)."""
+    real (non-padding) tokens, the sum of squared example lengths (attention FLOPs are proportional), and
+    the trained targets (labels != -100), counted on the host so the loss head can use it without a sync."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -83,11 +84,12 @@ class MicroBatch:
     num_examples: int
     num_tokens: int = 0
     sum_len_sq: int = 0
+    num_trained: int | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
         return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
                           self.position_ids.to(device, non_blocking=non_blocking), self.num_examples, self.num_tokens,
-                          self.sum_len_sq)
+                          self.sum_len_sq, self.num_trained)
 
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -227,7 +229,7 @@ class MicroBatchLoader:
         n_examples = sum(len(r) for r in rows)
         lengths = np.concatenate([self._lengths[r] for r in rows]) if n_examples else np.zeros(0, dtype=np.int64)
         return MicroBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_examples,
-                          int(lengths.sum()), int((lengths * lengths).sum()))
+                          int(lengths.sum()), int((lengths * lengths).sum()), int((labels != IGNORE_INDEX).sum()))
 
     # --- iteration and state ---------------------------------------------------------------------------
 

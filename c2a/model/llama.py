@@ -163,6 +163,7 @@ class Llama(nn.Module):
         labels: torch.Tensor | None = None,
         normalizer: torch.Tensor | float | None = None,
         cache: KVCache | None = None,
+        num_trained: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; or, given `labels`, the loss as `loss()` computes it.
 
@@ -190,7 +191,9 @@ class Llama(nn.Module):
         if labels is None:
             return self.output(self.norm(h))  # [B, T, V]
         h, labels = h.flatten(0, 1), labels.flatten()  # [B·T, D], [B·T]
-        if not h.is_cuda:
+        if num_trained is not None:
+            h, labels = _first_trained_rows(h, labels, num_trained)
+        elif not h.is_cuda:
             h, labels = _trained_rows(h, labels)
         return linear_cross_entropy(self.norm(h), self.output.weight, labels, normalizer)
 
@@ -200,17 +203,19 @@ class Llama(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         normalizer: torch.Tensor | float | None = None,
+        num_trained: int | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over the targets that are not -100 (labels are already shifted).
 
         `normalizer` replaces the local count of trained targets as the divisor, so gradient
         accumulation and data-parallel ranks can all divide by the global count. The [B·T, V] logits are
-        never materialised at once (c2a.kernels.linear_cross_entropy).
+        never materialised at once (c2a.kernels.linear_cross_entropy). `num_trained`, the number of labels
+        that are not -100 when the caller knows it on the host (the data loader counts it), lets the final
+        norm and the output head skip the untrained rows on any device without a host sync.
         """
-        return self(input_ids, position_ids=position_ids, labels=labels, normalizer=normalizer)
+        return self(input_ids, position_ids=position_ids, labels=labels, normalizer=normalizer, num_trained=num_trained)
 
 
-@torch.no_grad()
 def rope_scaling(cfg: LlamaConfig) -> RopeScaling | None:
     """The config's Llama-3.1 rope scaling for the rotary op, or None for plain rope."""
     if not cfg.use_scaled_rope:
@@ -218,6 +223,7 @@ def rope_scaling(cfg: LlamaConfig) -> RopeScaling | None:
     return RopeScaling(cfg.rope_scaling_factor, cfg.low_freq_factor, cfg.high_freq_factor, cfg.original_max_seq_len)
 
 
+@torch.no_grad()
 def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Norm weights 1; other weights Normal(0, std), the two residual-branch outputs (wo, w2) with std
     scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
@@ -238,6 +244,18 @@ def _trained_rows(h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     keep = (labels != -100).nonzero().squeeze(1)
     if keep.numel() == 0:
         keep = keep.new_zeros(1)  # one ignored row: the loss is 0 and every gradient a defined 0
+    return h[keep], labels[keep]
+
+
+def _first_trained_rows(h: torch.Tensor, labels: torch.Tensor, num_trained: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_trained_rows` without reading the labels on the host: a stable sort of the rows by "ignored"
+    puts the trained ones first, in order, and the host-known count says how many to keep, so the gather
+    and every shape after it are known without a sync. On CUDA this takes the prompt rows (about half of
+    Alpaca's positions) out of the output head's three GEMMs and its softmax pass."""
+    if num_trained > labels.numel():
+        raise ValueError(f"Llama: num_trained {num_trained} exceeds the {labels.numel()} labels")
+    keep = torch.sort((labels == -100).to(torch.uint8), stable=True).indices[: max(num_trained, 1)]
+    # with no trained target, one ignored row: the loss is 0 and every gradient a defined 0
     return h[keep], labels[keep]
 
 

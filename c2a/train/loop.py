@@ -202,7 +202,7 @@ def forward_backward(
     normalizer = targets.clamp(min=1).float()
     loss_sum = torch.zeros((), device=device)
     for b in batches:
-        loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer)
+        loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained)
         loss.backward()
         loss_sum += loss.detach()
     if flags is None:
