@@ -29,7 +29,8 @@ drops them before the head (c2a.model.llama._trained_rows), where reading the la
 By arithmetic, at 7B (16k tokens, D 4096, V 32000, half the rows ignored, H100 at 3.35 TB/s): the skip cuts
 the kernel's traffic from 5.2 to 3.1 GB a micro-batch (1.6 -> 0.9 ms), while the GEMMs' share of the
 ignored half is 6.4 of 12.9 TFLOP (~9 ms). That share needs the count on the host; the data loader has
-it there before the batch reaches the device, so passing it down would shrink the GEMMs at no sync.
+it there before the batch reaches the device, and the trainer passes it down (Llama.loss(num_trained=),
+c2a.model.llama._first_trained_rows), so in training the rows reaching this op are the trained ones.
 
 Torch reference (the spec, materialises the logits), torch's chunked path (the model's torch backend),
 then the Triton kernel, the launcher, the autograd.Function and the public function

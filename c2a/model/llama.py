@@ -238,9 +238,9 @@ def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.
 def _trained_rows(h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the rows with a trained target, for the final norm and the output head: in instruction tuning
     the prompt is not trained (the demo trains ~30% of positions, Alpaca-like data about half), and the
-    head is most of a small model's FLOPs (dim 256, vocab 32000: 8.2M of 11M parameters). Not on CUDA:
-    finding the rows reads the labels on the host, a sync that costs more there than the ~2% of a 7B
-    model's FLOPs it would save."""
+    head is most of a small model's FLOPs (dim 256, vocab 32000: 8.2M of 11M parameters). When the caller
+    gives no num_trained, and not on CUDA: finding the rows reads the labels on the host, a sync that costs
+    more there than the ~2% of a 7B model's FLOPs it would save (`_first_trained_rows` needs no sync)."""
     keep = (labels != -100).nonzero().squeeze(1)
     if keep.numel() == 0:
         keep = keep.new_zeros(1)  # one ignored row: the loss is 0 and every gradient a defined 0
