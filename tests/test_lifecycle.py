@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from c2a.train.lifecycle import EXIT_STOPPED, LOCK_FILE, OutDirLock, RunLocked
+from c2a.train.parallel import _free_port
 from train_runs import ROOT, TINY, metrics, train_cmd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -240,14 +241,6 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp
 
 
 # ------------------------------------------------------------------------------------ two "nodes"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_agents_with_c10d_rendezvous_train_like_one_and_stop_together(tmp_path):

@@ -21,7 +21,6 @@ it adds no collective and no host sync to a step.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import signal
 import socket
@@ -38,7 +37,6 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from c2a.train.parallel import Dist
 
-log = logging.getLogger("c2a")
 
 LOCK_FILE = ".c2a.lock"
 # sysexits.h EX_TEMPFAIL ("a temporary failure; the user is invited to retry"): a scheduler's requeue rule
@@ -146,7 +144,7 @@ def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
 
 class StopControl:
     """Stop requests (signals) and timed checkpoints, as two integers every rank sums into the step's
-    all-reduce; `decide` reads the summed values after the step's host sync."""
+    all-reduce (c2a.train.loop.train_step reads the sums at the step's host sync)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -182,11 +180,6 @@ class StopControl:
         """[stop requested here, a timed save is due] as int64 on `device` (the clock is rank 0's only)."""
         due = self.is_main and self.save_every_s > 0 and time.monotonic() - self._last_save >= self.save_every_s
         return torch.tensor([self.requested is not None, due], dtype=torch.int64, device=device)
-
-    def decide(self, summed: list[int]) -> tuple[bool, bool]:
-        """(stop, save) from the flags summed over ranks: every rank gets the same answer."""
-        stop, due = summed[0] > 0, summed[1] > 0
-        return stop, due
 
     def saved(self) -> None:
         self._last_save = time.monotonic()

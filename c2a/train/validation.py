@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from c2a.config import TrainConfig
-from c2a.data import IGNORE_INDEX, Tokenizer, TokenizedDataset, load_records
+from c2a.data import Tokenizer, TokenizedDataset, load_records
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
 from c2a.train.checkpoint import best_checkpoint, read_trainer_state
 from c2a.train.parallel import Dist
@@ -93,8 +93,9 @@ def validation_loss(model: torch.nn.Module, loader: MicroBatchLoader, device: to
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of target losses, target count]
     for mb in loader:  # one epoch: the same number of micro-batches on every rank (empty rows pad it)
         mb = mb.to(device)
-        sums[0] += model.loss(mb.input_ids, mb.labels, position_ids=mb.position_ids, normalizer=1.0).double()
-        sums[1] += (mb.labels != IGNORE_INDEX).sum()
+        loss = model.loss(mb.input_ids, mb.labels, position_ids=mb.position_ids, normalizer=1.0, num_trained=mb.num_trained)
+        sums[0] += loss.double()
+        sums[1] += mb.num_trained  # counted on the host by the loader
     dist.all_reduce(sums)
     model.train(was_training)
     total, targets = sums.tolist()  # the sync of an evaluation
