@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if d.is_main or not isinstance(e, COLLECTIVE_ERRORS):
             log.error("error: %s", e.args[0] if e.args else e)
         return 1
-    if d.is_main and "already_finished" in summary:
-        print(f"[c2a] {summary['out_dir']} already finished at step {summary['already_finished']}; nothing to do", file=sys.stderr)
-    elif d.is_main:
+    if d.is_main and "already_finished" not in summary:  # a finished run re-run: run() has said so
         _print_summary(summary)
     return 0
 
