@@ -202,6 +202,7 @@ def torch_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tenso
 
 
 _flex = None
+PARTIAL: Path | None = None  # where run_case rewrites the rows so far (main sets DIR/attention.json)
 
 
 def flex_document_causal(q, k, v, position_ids: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -286,6 +287,9 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
             diff = max_diff if name.startswith("c2a") else None
             rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, diff))
             print(format_row(rows[-1]), flush=True)
+            if PARTIAL is not None:  # rewritten after every row: a stage's time limit keeps what was measured
+                PARTIAL.write_text(json.dumps({"environment": environment(False), "rows": [asdict(r) for r in rows],
+                                               "partial": True}, indent=1))  # fmt: skip
 
 
 def format_row(r: Row) -> str:
@@ -537,6 +541,9 @@ def main() -> None:
         seqlens, head_dims = [64], [16, 32]
         gqa_T, gqa, pack_T, pack_rows, doc_lengths = [64], (4, 2), 128, 1, (5, 60)
     print(HEADER)
+    global PARTIAL
+    args.out.mkdir(parents=True, exist_ok=True)
+    PARTIAL = args.out / "attention.json"
     rows: list[Row] = []
     run_dense(seqlens, head_dims, H, tokens, dtype, rows)
     gqa_hd = max(head_dims)

@@ -56,7 +56,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
+# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the `kernels`
+# package that transformers imports when it is installed (ImportError: cannot import name 'CUDAProperties'
+# from 'kernels'): the checkout's root instead, so `c2a` and `benchmarks.*` import without installing.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
 CUDA = torch.cuda.is_available()
 IGNORE = -100
