@@ -38,7 +38,7 @@ def main(out: str, micro_batch: int, mode: str, ac: str, replicas: int) -> None:
     batches = [next(it) for _ in range(loader.accum_steps)]
     with torch.no_grad():  # every rank runs the same number of forwards: FSDP's all-gathers pair up
         sharded_sum = sum(model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=1.0) for b in batches)
-    copy = gather_model(model, model.cfg, torch.float32)  # collective; the unsharded copy lives on rank 0
+    copy = gather_model(model, model.cfg, torch.float32, torch.device("cpu"))  # collective; the unsharded copy lives on rank 0
     attention_calls = [0] * len(model.layers)
     for i, layer in enumerate(model.layers):
         layer.attention.register_forward_pre_hook(lambda *_, i=i: attention_calls.__setitem__(i, attention_calls[i] + 1))

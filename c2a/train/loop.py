@@ -481,13 +481,13 @@ def _last_metrics(out: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- export and evaluation
 
 
-def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype) -> Llama | None:
-    """Collective: an unsharded CPU copy of the model on rank 0 (None elsewhere)."""
+def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> Llama | None:
+    """Collective: an unsharded copy of the model on rank 0's `device` (None elsewhere)."""
     copy = None
     if dist.get_rank() == 0:
         with torch.device("meta"):
             copy = Llama(model_cfg)
-        copy = copy.to(dtype).to_empty(device="cpu")
+        copy = copy.to(dtype).to_empty(device=device)
     params = dict(copy.named_parameters()) if copy is not None else {}
     with torch.no_grad():
         for name, full in full_parameters(model, dtype):
@@ -518,10 +518,13 @@ def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out
 
 def evaluate_demo(model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: TrainConfig, d: Dist, when: str) -> dict[str, Any] | None:
     """Collective: greedy exact match on the demo's held-out split (as `python -m c2a.eval --data demo`
-    computes it), run on rank 0 with a gathered copy of the model."""
+    computes it), run on rank 0 with a gathered copy of the model on its training device: fp32 on a CPU, the
+    run's compute dtype on a GPU (bf16 by default, as c2a.eval's default there). A CPU copy of a GPU run's
+    model would generate on the CPU, and under C2A_KERNELS=triton fail there (seen on an H200, 2026-12-04)."""
     from c2a.eval import answers, demo_exact_match
 
-    copy = gather_model(model, model_cfg, torch.float32)
+    dtype = torch.float32 if d.device.type == "cpu" else compute_dtype(cfg.train.dtype, d.device)
+    copy = gather_model(model, model_cfg, dtype, d.device)
     result = None
     if copy is not None:
         start = time.perf_counter()
