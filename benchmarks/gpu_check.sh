@@ -106,7 +106,7 @@ EOF
 stage tests "$PY" -m pytest tests/test_kernels_*.py tests/test_attention*.py -q -p no:cacheprovider \
     --junitxml="$WORK/tests.xml" "${TEST_ARGS[@]}"
 stage gpu_path "$PY" -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$WORK/gpu_path.xml" "${PATH_ARGS[@]}"
-stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" "${SMOKE[@]}"
+stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" --profile "${SMOKE[@]}"
 # the planner's peak for that run beside its torch.cuda.max_memory_allocated: train/plan_vs_measured.json, a line in train.log
 [[ -f "$WORK/train/train_throughput.json" ]] && "$PY" -c 'import logging, sys; logging.basicConfig(level=logging.INFO, format="%(message)s"); from c2a.plan.cli import compare_benchmark; compare_benchmark(sys.argv[1])' \
     "$WORK/train/train_throughput.json" >>"$WORK/train.log" 2>&1 && echo "   $(tail -n 1 "$WORK/train.log" | cut -c1-150)"

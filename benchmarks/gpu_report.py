@@ -108,6 +108,14 @@ else:  # a side failed or ran out of time: what was measured, and the log
         md.append(f"- {side}: {f(r.get('trained_tokens_per_s'), ',.0f')} trained tokens/s, "
                   f"peak {f(r.get('peak_memory_mib'), ',.0f')} MiB, MFU {r.get('mfu')}")
     md += ["```", tail("train"), "```"]
+prof = (((train or {}).get("sides") or {}).get("c2a") or {}).get("profile")
+if prof:  # where one c2a step's device time goes
+    md += ["", f"c2a, one profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels", "",
+           "| kernel family | ms | share of kernel time |", "|---|---:|---:|"]
+    busy = prof["device_busy_ms"] or 1.0
+    md += [f"| {k} | {v:.1f} | {v / busy:.1%} |" for k, v in prof["families_ms"].items()]
+    md += ["", "| kernel | calls | ms |", "|---|---:|---:|"]
+    md += [f"| `{k['name'][:90]}` | {k['calls']} | {k['ms']:.2f} |" for k in prof["top_kernels"]]
 
 # attention
 att = load(work / "attention" / "attention.json")
@@ -128,7 +136,7 @@ report["sweep"] = sw and sw.get("sweep")
 md += ["", "## Attention tiles (benchmarks/attention.py --sweep-only)"]
 if sw:
     md += ["| kernel | BLOCK_M, BLOCK_N, warps, stages | mode | ms |", "|---|---|---|---:|"]
-    md += [f"| {r['kernel']} | {r['blocks']} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
+    md += [f"| {r['kernel']} | {r['blocks']}{' (default)' if r.get('default') else ''} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
 else:
     md += ["```", tail("sweep"), "```"]
 

@@ -89,6 +89,7 @@ class Setup:
     device: str
     dtype: str  # "bf16" or "fp32": c2a's compute dtype and the baseline's autocast dtype
     threads: int = 0  # torch intra-op threads in each side's process (0: torch's default)
+    profile: bool = False  # c2a side: one more step under torch.profiler, its device time by kernel family
 
     @property
     def n_examples(self) -> int:
@@ -206,7 +207,55 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         stats.append(StepStats(seconds, sum(b.num_examples for b in micro), int(result.targets), result.tokens, result.positions, result.attn_sq))
     info = {"batching": desc, "parameters": model_cfg.num_params, "final_loss": loss,
             "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch")}  # fmt: skip
+    if s.profile:
+        info["profile"] = profile_step(lambda: train_step(model, optimizer, [next(batches) for _ in range(loader.accum_steps)],
+                                                          cfg.train.grad_clip, d.device).loss.item(), d.device)  # fmt: skip
     return stats, info
+
+
+# Kernel families by name, first match wins: where a step's device time goes
+FAMILIES = [
+    ("attention (c2a)", ("_attn_",)),
+    ("loss head (c2a)", ("_lce_", "cross_entropy", "_ce_")),
+    ("rmsnorm (c2a)", ("rms",)),
+    ("rotary (c2a)", ("rotary", "rope")),
+    ("swiglu (c2a)", ("swiglu", "silu")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("collectives / FSDP copies", ("nccl", "all_gather", "reduce_scatter", "chunk_cat", "split_with_sizes", "foreach_copy")),
+    ("memcpy / memset", ("memcpy", "memset")),
+]
+
+
+def profile_step(step, device: torch.device) -> dict[str, Any]:
+    """One optimizer step under torch.profiler: wall time, the device's busy time, and that time by kernel
+    family (FAMILIES) and by the 15 costliest kernels. The device's busy time is the sum of kernel times (an
+    upper bound on the busy span where kernels overlap)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - start
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            entry = kernels.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time / 1e3  # ms
+            entry[1] += 1
+    busy = sum(ms for ms, _ in kernels.values())
+    families: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        low = name.lower()
+        family = next((f for f, keys in FAMILIES if any(k in low for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"wall_ms": wall * 1e3, "device_busy_ms": busy,
+            "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, (ms, c) in top]}  # fmt: skip
 
 
 def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
@@ -417,6 +466,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp32"))
     ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run")
+    ap.add_argument("--profile", action="store_true", help="c2a side: profile one more step (device time by kernel family)")
     ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -430,7 +480,7 @@ def main() -> None:
 
     values = default_setup(args.smoke, args.device)
     fields = {f.name for f in dataclasses.fields(Setup)}
-    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False})
     s = Setup(**values)
     if s.global_batch % s.micro_batch:
         ap.error(f"--global-batch ({s.global_batch}) must be a multiple of --micro-batch ({s.micro_batch})")
@@ -451,6 +501,10 @@ def main() -> None:
             r = runs[side][-1]
             print(f"{side}: {r['trained_tokens_per_s']:,.0f} trained tokens/s (best step {r['best_step_trained_tokens_per_s']:,.0f}), "
                   f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            if "profile" in r:
+                prof = r["profile"]
+                print(f"{side} profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()), flush=True)  # fmt: skip
             # the side's result: its fastest run (the least disturbed), with the highest peak of all its runs
             results[side] = {**max(runs[side], key=lambda x: x["trained_tokens_per_s"]),
                              "peak_memory_mib": max(x["peak_memory_mib"] for x in runs[side]), "runs": len(runs[side])}  # fmt: skip
