@@ -306,10 +306,12 @@ HEADER = (f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) alternatives to each kernel's default, for Hd 128
-SWEEP = {  # dK/dV first: its tile is the one chosen from compiled code only (a GPU stage may time out)
-    "_bwd_dkdv_blocks": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)],
-    "_fwd_blocks": [(128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    "_bwd_dq_blocks": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+# (timed on an H200 on 2026-12-04: benchmarks/RESULTS.md). The sweep times each kernel's default first, in the
+# same process as its alternatives. The dQ pass first: it is the one a GPU has not timed yet.
+SWEEP = {
+    "_bwd_dq_blocks": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    "_bwd_dkdv_blocks": [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)],
+    "_fwd_blocks": [(64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3)],
 }
 
 
@@ -324,7 +326,8 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None) 
     for name, candidates in SWEEP.items():
         default = getattr(attention, name)
         mode = "fwd" if name == "_fwd_blocks" else "fwd+bwd"
-        for cand in candidates:
+        mine = tuple(vars(default(Hd, dtype)).values())  # the default tile, timed beside its alternatives
+        for cand in [mine] + [c for c in candidates if c != mine]:
             setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
                 ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode, deterministic=name == "_bwd_dq_blocks")
@@ -333,8 +336,8 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None) 
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
             finally:
                 setattr(attention, name, default)
-            results.append({"kernel": name, "blocks": cand, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
-            print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms", flush=True)
+            results.append({"kernel": name, "blocks": cand, "default": cand == mine, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
+            print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}", flush=True)
             if out is not None:
                 out.write_text(json.dumps({"environment": environment(False), "sweep": results}, indent=1))
     return results

@@ -584,14 +584,16 @@ def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     # be >= 16 · num_warps, or warp groups repeat each other's work. 64 keys with 8 warps did (issued /
     # useful tensor-core FLOPs 1.40, worst dot 2.00). sm_90a, packed, atomic dQ, MHA and GQA 64:8
     # (`benchmarks/attention.py --compile-only`; the ratio from the SASS's wgmma count):
-    #   Hd 128, 128 keys × 32 queries, 8 warps, 2 stages: 255 / 253 registers, 0 spills, 112 KiB, 1.00;
+    #   Hd 128, 128 keys × 32 queries, 8 warps, 3 stages: 255 registers, 0 spills, 129 KiB, 1.00
+    #           (2 stages: 255 / 253 registers, 0 spills, 112 KiB, 1.00);
     #           64 keys, 4 warps, 3 stages (the alternative: two programs per SM): 253 / 254, 0, 97 KiB, 1.00;
-    #           64 × 128 (64 queries) spills 276 B; 3 stages of the pick need 129 KiB for no register saving.
+    #           64 × 128 (64 queries) spills 276 B.
     #   Hd 64, 128 keys × 32 queries, 8 warps, 3 stages: 196 / 193 registers, 0 spills, 65 KiB, 1.00.
     # 128-key tiles also halve the atomic dQ traffic against 64-key ones (BLOCK_M · Hd fp32 adds per pair).
-    if head_dim <= 64:
-        return _Blocks(32, 128, 8, 3)
-    return _Blocks(32, 128, 8, 2)
+    # Timed on an H200 (benchmarks/gpu_check.sh, 2026-12-04, Triton 3.6, B 4 × T 4096, 32 heads, Hd 128,
+    # forward + backward): 3 stages 5.54 ms, 2 stages 6.01 ms, 64 keys × 4 warps 5.61 ms, 16 × 64 6.70 ms,
+    # 64 × 64 × 8 warps 7.99 ms (the duplicated work above), 32 × 64 × 8 warps 9.93 ms.
+    return _Blocks(32, 128, 8, 3)
 
 
 def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
