@@ -315,29 +315,40 @@ SWEEP = {
 }
 
 
-def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None) -> list[dict]:
+def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, packing=None) -> list[dict]:
     """Times each kernel's alternative tile sizes (BLOCK_M, BLOCK_N, warps, stages), the others at their
     defaults: the forward by forward time, the two backward passes by forward + backward time (the dQ
-    pass's tiles on the deterministic path, which is the one that runs it). With `out`, the results so far
-    are rewritten there after every candidate, so a time limit keeps what was measured."""
+    pass's tiles on the deterministic path, which is the one that runs it). First on dense rows (B × T =
+    `tokens`); given `packing` (rows of document lengths, as `alpaca_like_rows` makes them), also the
+    forward and dK/dV tiles on those packed rows, where short documents may favour other tiles. With `out`, the
+    results so far are rewritten there after every candidate, so a time limit keeps what was measured."""
     B = max(1, tokens // T)
     q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
+    plans = [("dense", name, None) for name in SWEEP]
+    if packing is not None:  # after the first dense kernel (the dQ pass): the two the packed rows run
+        pos = position_ids_of(packing)
+        plans[1:1] = [("packed", name, pos) for name in ("_fwd_blocks", "_bwd_dkdv_blocks")]
+        qp, kp, vp, dop = make_qkv(len(packing), T, H, H, Hd, dtype)
     results = []
-    for name, candidates in SWEEP.items():
+    for case, name, position_ids in plans:
+        x = (q, k, v, do) if position_ids is None else (qp, kp, vp, dop)
         default = getattr(attention, name)
         mode = "fwd" if name == "_fwd_blocks" else "fwd+bwd"
         mine = tuple(vars(default(Hd, dtype)).values())  # the default tile, timed beside its alternatives
-        for cand in [mine] + [c for c in candidates if c != mine]:
+        for cand in [mine] + [c for c in SWEEP[name] if c != mine]:
             setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
-                ms = timed(lambda: flash_attention(q, k, v), [q, k, v], do, mode, deterministic=name == "_bwd_dq_blocks")
+                ms = timed(lambda: flash_attention(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
+                           deterministic=name == "_bwd_dq_blocks")  # fmt: skip
             except Exception as err:  # e.g. out of shared memory for this tile/stage count
                 ms = float("nan")
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
             finally:
                 setattr(attention, name, default)
-            results.append({"kernel": name, "blocks": cand, "default": cand == mine, "mode": mode, "T": T, "Hd": Hd, "ms": ms})
-            print(f"sweep {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}", flush=True)
+            results.append({"case": case, "kernel": name, "blocks": cand, "default": cand == mine, "mode": mode, "T": T,
+                            "Hd": Hd, "ms": ms})  # fmt: skip
+            print(f"sweep {case:6s} {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}",
+                  flush=True)  # fmt: skip
             if out is not None:
                 out.write_text(json.dumps({"environment": environment(False), "sweep": results}, indent=1))
     return results
@@ -529,9 +540,9 @@ def main() -> None:
         if smoke:  # one candidate of each kernel at a tiny shape: the code path, not a measurement
             for name in SWEEP:
                 SWEEP[name] = [(32, 16, 4, 1) if name != "_bwd_dkdv_blocks" else (16, 32, 4, 1)]
-            sweep(64, 16, 2, 64, torch.float32, path)
+            sweep(64, 16, 2, 64, torch.float32, path, alpaca_like_rows(1, 64, 5, 30))
         else:
-            sweep(4096, 128, 32, args.tokens, torch.bfloat16, path)
+            sweep(4096, 128, 32, args.tokens, torch.bfloat16, path, alpaca_like_rows(4, 4096))
         print(f"wrote {path}")
         return
     if not smoke:

@@ -135,8 +135,8 @@ sw = load(work / "attention" / "attention_sweep.json")
 report["sweep"] = sw and sw.get("sweep")
 md += ["", "## Attention tiles (benchmarks/attention.py --sweep-only)"]
 if sw:
-    md += ["| kernel | BLOCK_M, BLOCK_N, warps, stages | mode | ms |", "|---|---|---|---:|"]
-    md += [f"| {r['kernel']} | {r['blocks']}{' (default)' if r.get('default') else ''} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
+    md += ["| case | kernel | BLOCK_M, BLOCK_N, warps, stages | mode | ms |", "|---|---|---|---|---:|"]
+    md += [f"| {r.get('case', 'dense')} | {r['kernel']} | {r['blocks']}{' (default)' if r.get('default') else ''} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
 else:
     md += ["```", tail("sweep"), "```"]
 
