@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything to run whenever a GPU is available, as one command (at most ~9.5 minutes on one H100):
+# Everything to run whenever a GPU is available, as one command (at most ~8.6 minutes; 4.5 on an H200):
 #
 #   benchmarks/gpu_check.sh [REPORT_DIR]          (default: $OUT if set, else benchmarks/results/gpu_check)
 #
@@ -14,9 +14,10 @@
 #                 (8 of its 32 layers), rows of 2048 tokens; MFU and the ratios
 #   5. attention  benchmarks/attention.py at T = 1024, 4096, 16384, head dim 128 (+ its GQA and packed cases)
 #   6. kernels    benchmarks/kernels.py at 16384 tokens, without the torch.compile baselines (they take
-#                 minutes to compile)
-#   7. sweep      benchmarks/attention.py --sweep-only: the alternative attention tiles at T 4096, Hd 128,
-#                 dK/dV first (its default was chosen from compiled code only); results kept as they come
+#                 minutes to compile), and the RMSNorm backward's programs-per-SM and warps sweep
+#   7. sweep      benchmarks/attention.py --sweep-only: each attention kernel's default tile beside its
+#                 alternatives at T 4096, Hd 128, dense and (forward, dK/dV) on packed Alpaca-like rows;
+#                 results kept as they come
 #   8. report     benchmarks/gpu_report.py: REPORT_DIR/gpu_check.md and gpu_check.json (every stage's status, time and key numbers),
 #                 the training JSON and the three plots, and gpu_check_details.tar.gz (all logs and outputs):
 #                 7 files, within what a device run sends back (8).
@@ -46,7 +47,7 @@ if [[ "${GPU_CHECK_SMOKE:-0}" != 1 ]] && "$PY" -c 'import sys, torch; sys.exit(n
     SMOKE=()
     TEST_ARGS=()
     PATH_ARGS=()  # one process: the suite's tests share its training runs (module fixtures)
-    KERNEL_ARGS=()
+    KERNEL_ARGS=(--sweep-rmsnorm)
     # Triton compiles each kernel specialisation on the CPU: spread the tests over 8 processes where
     # pytest-xdist is installed (it is on the device machines), all sharing the one GPU
     if "$PY" -c 'import xdist' 2>/dev/null; then TEST_ARGS=(-n 8); fi
@@ -59,12 +60,12 @@ else
     KERNEL_ARGS=(--kernels rmsnorm,cross_entropy)  # the two launcher shapes (row-wise, chunked GEMM); all five take 17 s
 fi
 
-# seconds per stage; together 500 s at most, so that one run and the machine's start (~30 s on an H200) leave a lent card's
+# seconds per stage; together 515 s at most, so that one run and the machine's start (~30 s on an H200) leave a lent card's
 # 15 minutes room for a second, shorter run (the sweep keeps whatever it measured when its limit ends). gpu_path: three
 # torchrun runs of a 2-layer model (each compiling the kernels it has not cached yet), two eval CLIs and the
 # in-process generation; reasoned, not yet timed on a GPU (2-3 min on 2 CPU cores interpreted, where the
 # kernels are 100x slower but nothing compiles).
-declare -A LIMITS=([setup]=30 [tests]=100 [gpu_path]=100 [train]=90 [attention]=75 [kernels]=30 [sweep]=75)
+declare -A LIMITS=([setup]=30 [tests]=100 [gpu_path]=100 [train]=90 [attention]=75 [kernels]=45 [sweep]=75)
 # GPU_CHECK_STAGES="attention sweep" runs only those stages (a rerun of what failed or changed); setup always runs
 STAGES=" setup ${GPU_CHECK_STAGES:-tests gpu_path train attention kernels sweep} "
 

@@ -148,6 +148,11 @@ if ker:
     md += ["| kernel | shape | mode | provider | ms | GB/s | TFLOP/s | peak MiB | note |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     md += [f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['provider']} | {f(r.get('ms'), '.3f')} | {f(r.get('gbps'), '.0f')} | "
            f"{f(r.get('tflops'), '.1f')} | {f(r.get('peak_mb'), ',.0f')} | {r.get('note') or ''} |" for r in ker["rows"]]
+    if ker.get("rmsnorm_backward_sweep"):
+        md += ["", "RMSNorm backward launch settings (forward + backward, 7B width):", "",
+               "| programs per SM | warps | ms |", "|---:|---:|---:|"]
+        md += [f"| {r['programs_per_sm']} | {r['warps']}{' (default)' if r['default'] else ''} | {f(r['ms'], '.3f')} |"
+               for r in ker["rmsnorm_backward_sweep"]]
 else:
     md += ["```", tail("kernels"), "```"]
 

@@ -482,6 +482,39 @@ def environment(smoke: bool, copy_gbps: float | None) -> dict:
     }
 
 
+def sweep_rmsnorm_backward(tokens: int, dim: int, dtype: torch.dtype) -> list[dict]:
+    """The RMSNorm backward's launch settings, timed as forward + backward (the backward runs at about a
+    third of the copy bandwidth on an H200): programs per SM (`_bwd_programs`, each walking its rows in turn)
+    and warps per program (`_settings`, the forward keeps its own), everything else at its default."""
+    x = torch.randn(tokens, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.randn(dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    programs, settings = rmsnorm._bwd_programs, rmsnorm._settings
+    results = []
+    sms = rmsnorm._sm_count(0) if CUDA else 1
+    for per_sm in (2, 4, 8, 16):
+        for warps in (4, 8, 16):
+            rmsnorm._bwd_programs = lambda n_rows, device, k=per_sm: max(1, min(n_rows, k * sms))
+            try:
+                def fwd_bwd():
+                    # the forward with its own settings, the backward's launch with these warps
+                    out = rms_norm(x, w, 1e-5)
+                    rmsnorm._settings = lambda n_cols, k=warps: (settings(n_cols)[0], k)
+                    try:
+                        out.backward(dy)
+                    finally:
+                        rmsnorm._settings = settings
+
+                ms = bench_ms(fwd_bwd, [x, w])
+            finally:
+                rmsnorm._bwd_programs = programs
+            results.append({"programs_per_sm": per_sm, "warps": warps, "ms": ms,
+                            "default": (per_sm, warps) == (4, settings(dim)[1])})  # fmt: skip
+            print(f"rmsnorm backward sweep: {per_sm:2d} programs/SM, {warps:2d} warps: {ms:.3f} ms fwd+bwd"
+                  f"{' (default)' if results[-1]['default'] else ''}", flush=True)  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -494,6 +527,8 @@ def main() -> None:
     parser.add_argument("--arch", default="90,80", help="with --compile-only: compute capabilities, e.g. 90,80")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="with --compile-only: input dtypes")
     parser.add_argument("--models", default=",".join(MODELS), help="with --compile-only: model shapes")
+    parser.add_argument("--sweep-rmsnorm", action="store_true",
+                        help="also time the RMSNorm backward's programs per SM and warps (7B width, the largest --tokens)")
     args = parser.parse_args()
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
@@ -538,6 +573,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(smoke, copy_gbps), "rows": [asdict(r) for r in rows]}
+    if args.sweep_rmsnorm:
+        result["rmsnorm_backward_sweep"] = sweep_rmsnorm_backward(max(tokens), 64 if smoke else 4096, dtype)
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "kernels.png", smoke, copy_gbps)
     print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.png'}")
