@@ -686,8 +686,18 @@ def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
         return _Blocks(32, 16, 4, 1)
     if dtype == torch.float32:
         return _Blocks(32, 16, 4, 2)
-    # TILE_CHOICE_PENDING
-    return _Blocks(128, 64, 8, 3)
+    # 128 × 128 tiles, 8 warps (two warp groups of 64 query rows each; the Triton tutorial keeps 8 warps on
+    # Hopper only for tiles of at least 128 × 128). Without address tensors for the tiles the pointer kernel
+    # needed 255 registers for, the doubled key tile fits. sm_90a, bf16, T 4096, MHA 32:32 and GQA 64:8
+    # (`benchmarks/attention.py --compile-only`), registers unpacked / packed, Triton 3.9 (3.6):
+    #   Hd 128, 128 × 128, 2 stages: 194 / 228 (215 / 205), 0 spills, 161 KiB, tensor-core ratio 1.00;
+    #           3 stages: 225 KiB, at the edge of the 227 KiB an H100 block may have, for the same registers;
+    #           128 × 64, 3 stages: 138 / 156 (150 / 151), 0 spills, 129 KiB (the pointer kernel's tile).
+    #   Hd 64, 128 × 128, 3 stages: 158 / 196, 0 spills, 113 KiB; 128 × 64: 109 / 121, 65 KiB; 4 warps: 214.
+    # Not yet timed: `benchmarks/attention.py` runs c2a-tma beside c2a on a GPU.
+    if head_dim <= 64:
+        return _Blocks(128, 128, 8, 3)
+    return _Blocks(128, 128, 8, 2)
 
 
 def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
@@ -727,7 +737,12 @@ def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
 # Which forward kernel runs: "pointer" (`_attn_fwd_kernel`, plain tl.load of pointer tiles, any GPU), "tma"
 # (`_attn_fwd_tma_kernel`, tensor descriptors, compute capability 9.0+) or "tma_ws" (the same with its bulk
 # loop warp-specialised). C2A_ATTN_FWD picks one; unset, the default below, which a GPU measurement
-# (`benchmarks/attention.py`, providers c2a / c2a-tma / c2a-tma-ws) is to decide.
+# (`benchmarks/attention.py`, providers c2a and c2a-tma) is to decide.
+# "tma_ws" is for the Triton that can split this loop on Hopper; 3.6 and 3.9 cannot. They pass
+# `warp_specialize` on sm_90 to their Hopper pass (NVGPUWarpSpecialization), which at 8 warps leaves this loop
+# unpartitioned (TTGIR without ttg.warp_specialize: the "tma" build, register for register) and at 4 warps
+# aborts on an MLIR dominance assertion; the Triton tutorial (python/tutorials/06-fused-attention.py) tests
+# warp_specialize on Blackwell only. `benchmarks/attention.py --compile-only` reports the partitions it gets.
 FORWARD_VARIANTS = ("pointer", "tma", "tma_ws")
 _DEFAULT_FORWARD = "pointer"
 
