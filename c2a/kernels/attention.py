@@ -36,6 +36,11 @@ documents and skips the query tiles after. Causal tiles above the diagonal are n
 computed only on diagonal tiles and tiles that straddle a document start. The model builds a `Documents`
 once per forward, so the index is made once for all layers and their checkpoint recompute.
 
+The forward has a second kernel for Hopper (`_attn_fwd_tma_kernel`, C2A_ATTN_FWD=tma): the same O and lse,
+with Q, K, V read and O written through one tensor descriptor (TMA) per batch row and head, whose [T, Hd]
+bounds zero-fill the rows past T. Which forward is the default is for a GPU measurement to decide; see
+FORWARD_VARIANTS.
+
 Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat).
 The dK/dV pass runs one program per query head and sums each group's dK, dV afterwards (see
 `_attn_bwd_dkdv_kernel` for why not a loop over the group). Every grid puts the tiles of a sequence on
