@@ -11,7 +11,8 @@ Cases (bf16, 32 query heads, batch × T = 16384 tokens so every T fills the card
           flash-attn's varlen kernel), TFLOP/s counting only the real documents' causal FLOPs.
 FLOPs: causal forward = half the dense 4·B·H·T²·Hd; backward = 2.5 × forward (its five matmuls against
 the forward's two), so forward + backward = 3.5 × forward, whatever a kernel actually recomputes.
-Every c2a row first checks its forward output against SDPA's (max |difference| in the table).
+Every c2a row first checks its forward output against SDPA's (max |difference| in the table). c2a-tma is c2a
+with its tensor-descriptor forward (C2A_ATTN_FWD=tma; Hopper and newer), the backward unchanged.
 
 Without CUDA the script says so and runs a smoke mode (`--smoke` asks for it on a GPU too): tiny fp32 shapes,
 under Triton's CPU interpreter and timed with a wall clock there (times of the interpreter, not the kernel).
@@ -23,7 +24,9 @@ needs no GPU: builds the kernels' default tiles (bf16, T 4096, packed and not, b
 heads of Llama-2 7B (32:32), 13B (40:40) and 70B (64:8) for CUDA sm_<arch> with Triton's real compiler and
 bundled ptxas; prints registers, spill bytes, shared memory, whether TMA and wgmma are used, and the issued
 ÷ useful tensor-core FLOPs of the worst dot and of all dots (1.00: no tensor-core work done twice; method in
-benchmarks/gpu_compile.py), writes DIR/attention_compile.json, and exits 1 if a default build fails. With
+benchmarks/gpu_compile.py), writes DIR/attention_compile.json, and exits 1 if a default build fails. For
+sm_90 and newer it also builds the forward's tensor-descriptor variants (C2A_ATTN_FWD=tma, tma_ws; kind "tma",
+"tma_ws", never a failure) and reports the warp-specialised partitions Triton made. With
 --sweep the SWEEP tiles at Hd 128 are built too (reported, never a failure: some are expected not to fit).
 """
 
@@ -38,9 +41,10 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # Smoke mode's interpreter runs tl.dot as numpy matmul: keep OpenBLAS to one thread (see tests/conftest.py)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -81,7 +85,7 @@ SDPA_NAME = "sdpa-flash" if CUDA else "sdpa-math"
 @dataclass
 class Row:
     case: str  # dense | gqa | packed
-    provider: str  # c2a | c2a-deterministic | sdpa-flash (sdpa-math on CPU) | flash-attn | sdpa-per-doc
+    provider: str  # c2a | c2a-deterministic | c2a-tma | sdpa-flash (sdpa-math on CPU) | flash-attn | sdpa-per-doc
     #                flash-attn-varlen | torch-varlen | flex-doc-causal
     mode: str  # fwd | fwd+bwd
     B: int
@@ -230,6 +234,34 @@ def flash_attn_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.
     return o.view(B, T, H, Hd)
 
 
+@contextmanager
+def forward_variant(variant: str | None) -> Iterator[None]:
+    """C2A_ATTN_FWD set to `variant` (None: as it was) inside the block: which forward kernel c2a runs."""
+    previous = os.environ.get("C2A_ATTN_FWD")
+    if variant is not None:
+        os.environ["C2A_ATTN_FWD"] = variant
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("C2A_ATTN_FWD", None)
+        else:
+            os.environ["C2A_ATTN_FWD"] = previous
+
+
+def with_forward(variant: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        with forward_variant(variant):
+            return fn()
+
+    return call
+
+
+# c2a's providers other than "c2a" (the default forward) that run a different forward kernel; "tma_ws" is left
+# out while Triton does not warp-specialise its loop on Hopper (see FORWARD_VARIANTS in the kernel file)
+FORWARD_PROVIDERS = {"c2a-tma": "tma"}
+
+
 # ------------------------------------------------------------------------------------------------ cases
 
 
@@ -271,9 +303,19 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
                 providers["flex-doc-causal"] = flex_document_causal(q, k, v, position_ids)
             except Exception as err:  # noqa: BLE001 - a baseline this torch cannot build: report, go on
                 print(f"  {case} flex-doc-causal: skipped ({type(err).__name__}: {str(err)[:100]})")
+    c2a = providers["c2a"]
+    for name, variant in FORWARD_PROVIDERS.items():
+        providers[name] = with_forward(variant, c2a)
     with torch.no_grad():
         want = sdpa(q, k, v) if packing is None else sdpa_per_document(q, k, v, spans)
-        max_diff = (flash_attention(q, k, v, position_ids).float() - want.float()).abs().max().item()
+        diffs = {}
+        for name, variant in {"c2a": None, **FORWARD_PROVIDERS}.items():
+            try:
+                with forward_variant(variant):
+                    diffs[name] = (flash_attention(q, k, v, position_ids).float() - want.float()).abs().max().item()
+            except Exception as err:  # e.g. TMA on a GPU before Hopper: its rows are skipped below
+                print(f"  {case} {name} T={T} Hd={Hd}: forward check failed ({type(err).__name__}: {str(err)[:100]})")
+                providers.pop(name)
     for mode in ("fwd", "fwd+bwd"):
         for name, fwd in providers.items():
             if mode == "fwd" and name == "c2a-deterministic":
@@ -284,7 +326,7 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
                 print(f"  {case} {name} {mode} T={T} Hd={Hd}: skipped ({type(err).__name__}: {str(err)[:100]})")
                 continue
             total = flops * (1.0 if mode == "fwd" else 3.5)
-            diff = max_diff if name.startswith("c2a") else None
+            diff = diffs.get(name, diffs["c2a"]) if name.startswith("c2a") else None
             rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, diff))
             print(format_row(rows[-1]), flush=True)
             if PARTIAL is not None:  # rewritten after every row: a stage's time limit keeps what was measured
@@ -378,7 +420,7 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
     has_paths = "deterministic" in inspect.signature(attention.attention_backward).parameters
     paths = {"atomic": False, "deterministic": True} if has_paths else {"default": None}
 
-    def launches(H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name) -> list:
+    def launches(H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name, variant: str) -> list:
         meta = torch.device("meta")
         q = torch.empty(1, 4096, H, Hd, device=meta, dtype=torch.bfloat16)
         k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
@@ -390,30 +432,36 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
             attention.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
         extra = {} if deterministic is None else {"deterministic": deterministic}
         try:
-            with capture_launches(attention) as recorded:
+            with capture_launches(attention) as recorded, forward_variant(variant):
                 o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
-                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start, doc_end,
-                                             **extra)  # fmt: skip
+                if variant == default_forward:  # the other forwards' rows are theirs alone
+                    attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start,
+                                                 doc_end, **extra)  # fmt: skip
         finally:
             if name:
                 attention.__dict__[name] = default
         return recorded
 
-    jobs = [(arch, model, Hd, packed, path, None, None, "default") for arch in archs for Hd in head_dims
-            for model in models for packed in (False, True) for path in paths]  # fmt: skip
+    default_forward = getattr(attention, "_DEFAULT_FORWARD", None)  # None: a launcher with one forward
+    jobs = [(arch, model, Hd, packed, path, None, None, "default", default_forward) for arch in archs
+            for Hd in head_dims for model in models for packed in (False, True) for path in paths]  # fmt: skip
+    # the tensor-descriptor forwards (TMA: sm_90 and newer), at their own default tiles, where the launcher has them
+    others = [v for v in getattr(attention, "FORWARD_VARIANTS", ()) if v != default_forward]
+    jobs += [(arch, model, Hd, packed, "forward only", None, None, variant, variant) for arch in archs if arch >= 90
+             for variant in others for Hd in head_dims for model in models for packed in (False, True)]  # fmt: skip
     if with_sweep:
         # the dQ pass runs on the deterministic path only (where the launcher has two)
         sweep_path = {name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths))
                       for name in SWEEP}  # fmt: skip
-        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep") for arch in archs
+        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", default_forward) for arch in archs
                  for name, cands in SWEEP.items() if hasattr(attention, name) for c in cands]  # fmt: skip
     results, seen = [], {}
     print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
           f"{'tile (M, N, warps, stages)':27s} "
           f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}")
-    for arch, model, Hd, packed, path, blocks, name, kind in jobs:
+    for arch, model, Hd, packed, path, blocks, name, kind, variant in jobs:
         H, K = MODELS[model]
-        for launch in launches(H, K, Hd, packed, paths[path], blocks, name):
+        for launch in launches(H, K, Hd, packed, paths.get(path), blocks, name, variant):
             kernel = launch.kernel.fn.__name__
             signature, constexprs, attrs, options = specialise(launch, arch)
             key = (arch, kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)
@@ -446,8 +494,9 @@ def compile_row(r: dict) -> str:
     ratio = "-" if not r["dots"] else f"{r['mma_ratio_max']:.2f} (worst dot), {r['mma_ratio']:.2f} (all)"
     if r["unattributed"]:
         ratio = f"{r['unattributed']} MMA instructions with no dot site"
+    ws = f"; {r['ws_partitions']} warp-specialised partitions" if r.get("ws_partitions") else ""
     return (f"{head} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_kib']:4.0f} "
-            f"{'yes' if r['tma'] else 'no':3s} {'yes' if r['wgmma'] else 'no':5s} {ratio}")
+            f"{'yes' if r['tma'] else 'no':3s} {'yes' if r['wgmma'] else 'no':5s} {ratio}{ws}")
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -587,6 +636,12 @@ def main() -> None:
     for r in rows:
         if r.provider == "c2a-deterministic" and (r.case, r.B, r.T, r.K, r.Hd) in atomic:
             summary[f"c2a atomic / deterministic backward, {r.case} T={r.T} K={r.K}, fwd+bwd"] = atomic[(r.case, r.B, r.T, r.K, r.Hd)] / r.tflops
+    # each other forward kernel against the default one, same shapes and mode
+    c2a_rate = {(r.case, r.B, r.T, r.K, r.Hd, r.mode): r.tflops for r in rows if r.provider == "c2a"}
+    for r in rows:
+        key = (r.case, r.B, r.T, r.K, r.Hd, r.mode)
+        if r.provider in FORWARD_PROVIDERS and key in c2a_rate:
+            summary[f"{r.provider} / c2a, {r.case} T={r.T} K={r.K} Hd={r.Hd}, {r.mode}"] = r.tflops / c2a_rate[key]
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
 

@@ -260,7 +260,8 @@ def mma_report(asm: dict[str, Any], arch: int) -> dict[str, Any]:
     """Tensor-core work issued by a compiled kernel against the work its dots ask for (see the module
     docstring for the method) -> tma, wgmma, mma (instruction counts by shape), dots (per source site:
     instances, M, N, K, issued and useful FLOPs, ratio), mma_ratio (all sites), mma_ratio_max (worst
-    site), unattributed (MMA instructions with no dot site), sass_check (SASS FLOPs == PTX FLOPs)."""
+    site), unattributed (MMA instructions with no dot site), sass_check (SASS FLOPs == PTX FLOPs), ws_partitions
+    (warp-specialisation partitions in the final TTGIR)."""
     ptx = asm["ptx"]
     dots, instrs = ttgir_dots(asm["ttgir"]), ptx_mma(ptx)
     sites: dict[Any, dict[str, Any]] = {}
@@ -303,4 +304,6 @@ def mma_report(asm: dict[str, Any], arch: int) -> dict[str, Any]:
         "mma_ratio_max": max(ratios) if ratios and not unattributed else None,
         "unattributed": unattributed,
         "sass_check": None if sass is None else sass == ptx_once,
+        # partitions of `tl.range(..., warp_specialize=True)` loops that Triton did split (0: none split)
+        "ws_partitions": len(_TTGIR_PARTITION.findall(asm["ttgir"])),
     }

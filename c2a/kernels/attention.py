@@ -36,6 +36,11 @@ documents and skips the query tiles after. Causal tiles above the diagonal are n
 computed only on diagonal tiles and tiles that straddle a document start. The model builds a `Documents`
 once per forward, so the index is made once for all layers and their checkpoint recompute.
 
+The forward has a second kernel for Hopper (`_attn_fwd_tma_kernel`, C2A_ATTN_FWD=tma): the same O and lse,
+with Q, K, V read and O written through one tensor descriptor (TMA) per batch row and head, whose [T, Hd]
+bounds zero-fill the rows past T. Which forward is the default is for a GPU measurement to decide; see
+FORWARD_VARIANTS.
+
 Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat).
 The dK/dV pass runs one program per query head and sums each group's dK, dV afterwards (see
 `_attn_bwd_dkdv_kernel` for why not a loop over the group). Every grid puts the tiles of a sequence on
@@ -260,6 +265,114 @@ def _attn_fwd_kernel(
     o_base = o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+# Hopper forward through tensor descriptors (TMA): the same O and lse as `_attn_fwd_kernel`, with Q, K, V
+# read and O written by the copy engine instead of per-thread pointer loads. One descriptor per (batch row,
+# head) over that head's [T, Hd] slab: TMA fills rows at or past T with zeros on load and drops them on
+# store, so a tile that runs past the row's end needs no mask (pointer masks are left only for the softmax's
+# causal/document mask), and it can never read the next batch row's tokens, which a descriptor over a
+# flattened [B·T, ·] view would. Descriptors need 16-byte aligned bases and token strides
+# (`_tma_layout_problem`); the launcher checks that before choosing this kernel.
+
+
+@triton.jit
+def _fwd_tiles_tma(
+    acc, l_i, m_i, q,
+    k_desc, v_desc,
+    offs_m, doc_q, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MMA_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`_fwd_tiles` with K and V tiles [BLOCK_N, Hd] loaded through descriptors. Keys at or past T arrive as
+    zeros: on masked tiles the causal mask hides them from real rows (s <= t < T); unmasked tiles end at or
+    before the query tile's start, so they never reach T. WARP_SPECIALIZE lets Triton split the loop into
+    a TMA producer and MMA/softmax consumer partitions (`tl.range(..., warp_specialize=True)`)."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([start_n, 0]).to(MMA_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= doc_q[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = s - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            s = s * qk_scale - m_new[:, None]
+        p = tl.math.exp2(s)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0]).to(MMA_DTYPE)
+        acc = tl.dot(p.to(MMA_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_tma_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    T, H, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """`_attn_fwd_kernel` through tensor descriptors: the same grid (cdiv(T, BLOCK_M), B·H), heaviest query
+    tiles first, and the same three key ranges (masked document-start tiles, the unmasked bulk, the masked
+    diagonal). Only the bulk loop is warp-specialised (WARP_SPECIALIZE): it is where the time goes, and the
+    masked ranges hold one or two tiles each."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kv_h = h // GROUP
+    b64 = b.to(tl.int64)
+
+    # one [T, Hd] descriptor per operand and (batch row, head); the last stride is the literal 1 TMA requires
+    q_desc = tl.make_tensor_descriptor(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh, shape=[T, HEAD_DIM],
+                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh,
+                                       shape=[T, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh,
+                                       shape=[T, HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    o_desc = tl.make_tensor_descriptor(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, shape=[T, HEAD_DIM],
+                                       strides=[stride_ot, 1], block_shape=[BLOCK_M, HEAD_DIM])
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    q = q_desc.load([m0, 0]).to(MMA_DTYPE)  # rows past T are zeros
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    if PACKED:  # the key ranges of `_attn_fwd_kernel`, from the tile's first and last document starts
+        doc_row = doc_start_ptr + b64 * T
+        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
+        lo = (tl.load(doc_row + m0) // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.cdiv(tl.load(doc_row + hi - 1), BLOCK_N) * BLOCK_N, hi)
+        mid_hi = tl.maximum(mid_lo, m0)
+    else:
+        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        mid_lo = 0
+        mid_hi = m0
+
+    m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, lo, mid_lo, qk_scale,
+                                   BLOCK_N, True, False, MMA_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, mid_lo, mid_hi, qk_scale,
+                                   BLOCK_N, False, WARP_SPECIALIZE, MMA_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, mid_hi, hi, qk_scale,
+                                   BLOCK_N, True, False, MMA_DTYPE, DOT_PRECISION)
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past T (l_i = 0) stay finite; the descriptor drops them
+    o = acc / l_i[:, None]
+    o_desc.store([m0, 0], o.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -573,6 +686,25 @@ def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     return _Blocks(128, 64, 8, 3)
 
 
+def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
+    if _interpreting():
+        return _Blocks(32, 16, 4, 1)
+    if dtype == torch.float32:
+        return _Blocks(32, 16, 4, 2)
+    # 128 × 128 tiles, 8 warps (two warp groups of 64 query rows each; the Triton tutorial keeps 8 warps on
+    # Hopper only for tiles of at least 128 × 128). Without address tensors for the tiles the pointer kernel
+    # needed 255 registers for, the doubled key tile fits. sm_90a, bf16, T 4096, MHA 32:32 and GQA 64:8
+    # (`benchmarks/attention.py --compile-only`), registers unpacked / packed, Triton 3.9 (3.6):
+    #   Hd 128, 128 × 128, 2 stages: 194 / 228 (215 / 205), 0 spills, 161 KiB, tensor-core ratio 1.00;
+    #           3 stages: 225 KiB, at the edge of the 227 KiB an H100 block may have, for the same registers;
+    #           128 × 64, 3 stages: 138 / 156 (150 / 151), 0 spills, 129 KiB (the pointer kernel's tile).
+    #   Hd 64, 128 × 128, 3 stages: 158 / 196, 0 spills, 113 KiB; 128 × 64: 109 / 121, 65 KiB; 4 warps: 214.
+    # Not yet timed: `benchmarks/attention.py` runs c2a-tma beside c2a on a GPU.
+    if head_dim <= 64:
+        return _Blocks(128, 128, 8, 3)
+    return _Blocks(128, 128, 8, 2)
+
+
 def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(16, 32, 4, 1)
@@ -607,6 +739,49 @@ def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if head_dim <= 64:
         return _Blocks(128, 32, 4, 3)
     return _Blocks(128, 64, 8, 2)
+
+
+# Which forward kernel runs: "pointer" (`_attn_fwd_kernel`, plain tl.load of pointer tiles, any GPU), "tma"
+# (`_attn_fwd_tma_kernel`, tensor descriptors, compute capability 9.0+) or "tma_ws" (the same with its bulk
+# loop warp-specialised). C2A_ATTN_FWD picks one; unset, the default below, which a GPU measurement
+# (`benchmarks/attention.py`, providers c2a and c2a-tma) is to decide.
+# "tma_ws" is for the Triton that can split this loop on Hopper; 3.6 and 3.9 cannot. They pass
+# `warp_specialize` on sm_90 to their Hopper pass (NVGPUWarpSpecialization), which at 8 warps leaves this loop
+# unpartitioned (TTGIR without ttg.warp_specialize: the "tma" build, register for register) and at 4 warps
+# aborts on an MLIR dominance assertion; the Triton tutorial (python/tutorials/06-fused-attention.py) tests
+# warp_specialize on Blackwell only. `benchmarks/attention.py --compile-only` reports the partitions it gets.
+FORWARD_VARIANTS = ("pointer", "tma", "tma_ws")
+_DEFAULT_FORWARD = "pointer"
+
+
+def _forward_variant() -> tuple[str, bool]:
+    """(variant, whether C2A_ATTN_FWD asked for it explicitly)."""
+    asked = os.environ.get("C2A_ATTN_FWD")
+    variant = asked or _DEFAULT_FORWARD
+    if variant not in FORWARD_VARIANTS:
+        raise ValueError(f"flash_attention: C2A_ATTN_FWD must be one of {FORWARD_VARIANTS}, got {variant!r}")
+    return variant, asked is not None
+
+
+def _tma_layout_problem(tensors: dict[str, torch.Tensor], capability: tuple[int, int] | None) -> str | None:
+    """Why the descriptor forward cannot read these [B, T, heads, Hd] tensors, or None if it can.
+
+    TMA needs compute capability 9.0 (Hopper) and, per descriptor, a 16-byte aligned base and 16-byte
+    multiples for every stride but the last (which is 1). Each (batch row, head) descriptor starts at
+    data_ptr + b·stride_b + h·stride_h, so the batch and head strides must be 16-byte multiples too.
+    `capability` is None off CUDA (the interpreter, or meta tensors for compile-only builds).
+    """
+    if capability is not None and capability < (9, 0):
+        return f"tensor descriptors (TMA) need compute capability 9.0 or newer, this GPU has {capability[0]}.{capability[1]}"
+    for name, x in tensors.items():
+        size = x.element_size()
+        if x.data_ptr() % 16:
+            return f"{name}'s data pointer is not 16-byte aligned (offset {x.data_ptr() % 16} B)"
+        strides = dict(zip(("batch", "token", "head"), _strides(x)))
+        for dim, stride in strides.items():
+            if stride * size % 16:
+                return f"{name}'s {dim} stride is {stride * size} B, not a multiple of 16 B"
+    return None
 
 
 def _check_blocks(blocks: _Blocks, bigger: int, smaller: int, kernel: str) -> None:
@@ -721,9 +896,20 @@ def attention_forward(
     K = k.shape[2]
     o = _empty((B, T, H, Hd), q.dtype, q.device)
     lse = _empty((B, H, T), torch.float32, q.device)
+    sm_scale = 1.0 / math.sqrt(Hd)
+    variant, asked = _forward_variant()
+    if variant != "pointer":
+        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        problem = _tma_layout_problem({"q": q, "k": k, "v": v, "o": o}, capability)
+        if problem is not None and asked:
+            raise ValueError(f"flash_attention: C2A_ATTN_FWD={variant} cannot run here: {problem}; "
+                             "unset C2A_ATTN_FWD or use C2A_ATTN_FWD=pointer")
+        if problem is None:
+            _tma_forward(q, k, v, o, lse, doc_start, sm_scale, warp_specialize=variant == "tma_ws")
+            return o, lse
+        # the default asked for TMA, this layout or GPU cannot have it: the pointer kernel reads any layout
     blocks = _fwd_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
-    sm_scale = 1.0 / math.sqrt(Hd)
     grid = (triton.cdiv(T, blocks.block_m), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, q if doc_start is None else doc_start,
@@ -734,6 +920,33 @@ def attention_forward(
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
     return o, lse
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # global memory for the descriptors `tl.make_tensor_descriptor` builds on the device (128 B each)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    doc_start: torch.Tensor | None, sm_scale: float, warp_specialize: bool,
+) -> None:
+    """Launches `_attn_fwd_tma_kernel`, writing o and lse; the layout was checked by `_tma_layout_problem`."""
+    B, T, H, Hd = q.shape
+    K = k.shape[2]
+    blocks = _fwd_tma_blocks(Hd, q.dtype)
+    _check_blocks(blocks, blocks.block_m, blocks.block_n, "TMA forward")
+    if q.device.type == "cuda":
+        triton.set_allocator(_tma_scratch)  # device-side descriptors live in a scratch buffer Triton asks for
+    grid = (triton.cdiv(T, blocks.block_m), B * H)
+    _attn_fwd_tma_kernel[grid](
+        q, k, v, o, lse, q if doc_start is None else doc_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        T, H, H // K, sm_scale * math.log2(math.e),
+        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=doc_start is not None,
+        WARP_SPECIALIZE=warp_specialize, MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
+    )
 
 
 def attention_backward(
