@@ -354,7 +354,10 @@ SWEEP = {
     "_bwd_dq_blocks": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
     "_bwd_dkdv_blocks": [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)],
     "_fwd_blocks": [(64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3)],
+    # the tensor-descriptor forward (C2A_ATTN_FWD=tma, sm_90+), timed with that variant
+    "_fwd_tma_blocks": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3)],
 }
+SWEEP_VARIANT = {"_fwd_tma_blocks": "tma"}  # C2A_ATTN_FWD while a kernel's tiles are timed or built
 
 
 def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, packing=None) -> list[dict]:
@@ -366,22 +369,24 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
     results so far are rewritten there after every candidate, so a time limit keeps what was measured."""
     B = max(1, tokens // T)
     q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
-    plans = [("dense", name, None) for name in SWEEP]
-    if packing is not None:  # after the first dense kernel (the dQ pass): the two the packed rows run
+    names = [n for n in SWEEP if CUDA and torch.cuda.get_device_capability() >= (9, 0) or n not in SWEEP_VARIANT]
+    plans = [("dense", name, None) for name in names]
+    if packing is not None:  # after the first dense kernel (the dQ pass): the ones the packed rows run
         pos = position_ids_of(packing)
-        plans[1:1] = [("packed", name, pos) for name in ("_fwd_blocks", "_bwd_dkdv_blocks")]
+        plans[1:1] = [("packed", n, pos) for n in ("_fwd_blocks", "_fwd_tma_blocks", "_bwd_dkdv_blocks") if n in names]
         qp, kp, vp, dop = make_qkv(len(packing), T, H, H, Hd, dtype)
     results = []
     for case, name, position_ids in plans:
         x = (q, k, v, do) if position_ids is None else (qp, kp, vp, dop)
         default = getattr(attention, name)
-        mode = "fwd" if name == "_fwd_blocks" else "fwd+bwd"
+        mode = "fwd" if name.startswith("_fwd") else "fwd+bwd"
         mine = tuple(vars(default(Hd, dtype)).values())  # the default tile, timed beside its alternatives
         for cand in [mine] + [c for c in SWEEP[name] if c != mine]:
             setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
-                ms = timed(lambda: flash_attention(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
-                           deterministic=name == "_bwd_dq_blocks")  # fmt: skip
+                with forward_variant(SWEEP_VARIANT.get(name)):
+                    ms = timed(lambda: flash_attention(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
+                               deterministic=name == "_bwd_dq_blocks")  # fmt: skip
             except Exception as err:  # e.g. out of shared memory for this tile/stage count
                 ms = float("nan")
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
@@ -453,8 +458,9 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
         # the dQ pass runs on the deterministic path only (where the launcher has two)
         sweep_path = {name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths))
                       for name in SWEEP}  # fmt: skip
-        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", default_forward) for arch in archs
-                 for name, cands in SWEEP.items() if hasattr(attention, name) for c in cands]  # fmt: skip
+        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", SWEEP_VARIANT.get(name, default_forward))
+                 for arch in archs for name, cands in SWEEP.items() if hasattr(attention, name)
+                 and (arch >= 90 or name not in SWEEP_VARIANT) for c in cands]  # fmt: skip
     results, seen = [], {}
     print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
           f"{'tile (M, N, warps, stages)':27s} "

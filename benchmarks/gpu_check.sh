@@ -60,12 +60,12 @@ else
     KERNEL_ARGS=(--kernels rmsnorm,cross_entropy)  # the two launcher shapes (row-wise, chunked GEMM); all five take 17 s
 fi
 
-# seconds per stage; together 515 s at most, so that one run and the machine's start (~30 s on an H200) leave a lent card's
+# seconds per stage; together 470 s at most, so that one run and the machine's start (~30 s on an H200) leave a lent card's
 # 15 minutes room for a second, shorter run (the sweep keeps whatever it measured when its limit ends). gpu_path: three
 # torchrun runs of a 2-layer model (each compiling the kernels it has not cached yet), two eval CLIs and the
 # in-process generation; reasoned, not yet timed on a GPU (2-3 min on 2 CPU cores interpreted, where the
 # kernels are 100x slower but nothing compiles).
-declare -A LIMITS=([setup]=30 [tests]=100 [gpu_path]=100 [train]=90 [attention]=75 [kernels]=45 [sweep]=75)
+declare -A LIMITS=([setup]=20 [tests]=90 [gpu_path]=100 [train]=90 [attention]=75 [kernels]=45 [sweep]=50)
 # GPU_CHECK_STAGES="attention sweep" runs only those stages (a rerun of what failed or changed); setup always runs
 STAGES=" setup ${GPU_CHECK_STAGES:-tests gpu_path train attention kernels sweep} "
 
