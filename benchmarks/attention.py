@@ -349,13 +349,13 @@ HEADER = (f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) alternatives to each kernel's default, for Hd 128
 # (timed on an H200 on 2026-12-04: benchmarks/RESULTS.md). The sweep times each kernel's default first, in the
-# same process as its alternatives. The dQ pass first: it is the one a GPU has not timed yet.
+# same process as its alternatives, in this order (a stage's time limit keeps the first ones).
 SWEEP = {
-    "_bwd_dq_blocks": [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
-    "_bwd_dkdv_blocks": [(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)],
-    "_fwd_blocks": [(64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3)],
+    "_bwd_dq_blocks": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "_bwd_dkdv_blocks": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2)],
+    "_fwd_blocks": [(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3)],
     # the tensor-descriptor forward (C2A_ATTN_FWD=tma, sm_90+), timed with that variant
-    "_fwd_tma_blocks": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3)],
+    "_fwd_tma_blocks": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)],
 }
 SWEEP_VARIANT = {"_fwd_tma_blocks": "tma"}  # C2A_ATTN_FWD while a kernel's tiles are timed or built
 
@@ -425,7 +425,7 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
     has_paths = "deterministic" in inspect.signature(attention.attention_backward).parameters
     paths = {"atomic": False, "deterministic": True} if has_paths else {"default": None}
 
-    def launches(H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name, variant: str) -> list:
+    def launches(arch: int, H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name, variant: str) -> list:
         meta = torch.device("meta")
         q = torch.empty(1, 4096, H, Hd, device=meta, dtype=torch.bfloat16)
         k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
@@ -436,6 +436,8 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
         if name:
             attention.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
         extra = {} if deterministic is None else {"deterministic": deterministic}
+        target = attention._target_capability
+        attention._target_capability = lambda: divmod(arch, 10)  # the tiles the launcher picks for this target
         try:
             with capture_launches(attention) as recorded, forward_variant(variant):
                 o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
@@ -443,6 +445,7 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
                     attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start,
                                                  doc_end, **extra)  # fmt: skip
         finally:
+            attention._target_capability = target
             if name:
                 attention.__dict__[name] = default
         return recorded
@@ -467,7 +470,7 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
           f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}")
     for arch, model, Hd, packed, path, blocks, name, kind, variant in jobs:
         H, K = MODELS[model]
-        for launch in launches(H, K, Hd, packed, paths.get(path), blocks, name, variant):
+        for launch in launches(arch, H, K, Hd, packed, paths.get(path), blocks, name, variant):
             kernel = launch.kernel.fn.__name__
             signature, constexprs, attrs, options = specialise(launch, arch)
             key = (arch, kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)

@@ -189,15 +189,12 @@ def test_dots_in_a_warp_specialisation_partition_take_its_warps():
 ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
                      "_attn_bwd_dq_cast_kernel")  # fmt: skip
 
-# Default tiles that break the rule under a Triton other than CI's main one (3.9), as measured at commit
-# a0d5ebb (benchmarks/RESULTS.md; the dK/dV tile's 16 B under 3.6 went with its third stage, 2026-12-04): .ci/run also runs this file under 3.6, the lent GPU machines' version.
-# strict: once a kernel passes there, the test fails until its entry is removed.
-KNOWN_BREAKS = {
-    (3, 6): {
-        "_attn_fwd_kernel": "Triton 3.6, sm_90a: the packed forward (128, 64, 8 warps, 3 stages) at 255 registers "
-                            "spills 8 B (0 B under 3.9)",
-    },
-}
+# Default tiles that break the rule under a Triton other than CI's main one (3.9): .ci/run also runs this file
+# under 3.6, the lent GPU machines' version. An entry marks its kernel xfail(strict) there, so once the kernel
+# passes the test fails until the entry is removed. None at present: the two 3.6 spills measured at commit
+# a0d5ebb (the packed forward's 8 B, the packed atomic dK/dV's 16 B) went with the tiles timed on an H200 on
+# 2026-12-04 (benchmarks/RESULTS.md). Form: {(3, 6): {"_attn_fwd_kernel": "why"}}.
+KNOWN_BREAKS: dict[tuple[int, int], dict[str, str]] = {}
 _known = KNOWN_BREAKS.get(tuple(int(x) for x in triton.__version__.split(".")[:2]), {})
 RULE_CASES = [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_known[k])) if k in _known else k
               for k in ATTENTION_KERNELS]  # fmt: skip

@@ -38,8 +38,8 @@ once per forward, so the index is made once for all layers and their checkpoint 
 
 The forward has a second kernel for Hopper (`_attn_fwd_tma_kernel`, C2A_ATTN_FWD=tma): the same O and lse,
 with Q, K, V read and O written through one tensor descriptor (TMA) per batch row and head, whose [T, Hd]
-bounds zero-fill the rows past T. Which forward is the default is for a GPU measurement to decide; see
-FORWARD_VARIANTS.
+bounds zero-fill the rows past T. It measured slower than the pointer forward on an H200, which stays the
+default; see FORWARD_VARIANTS.
 
 Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat).
 The dK/dV pass runs one program per query head and sums each group's dK, dV afterwards (see
@@ -674,16 +674,27 @@ class _Blocks:
 # kilobytes (64 × 32 forward at Hd 64: 1292 B).
 
 
+def _target_capability() -> tuple[int, int]:
+    """The compute capability the tiles are chosen for: the current CUDA device's; Hopper's (9, 0) where
+    there is none (the compile-only reports build for other targets by replacing this function)."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+
+
 def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     if _interpreting():
         return _Blocks(32, 16, 4, 1)
     if dtype == torch.float32:
         return _Blocks(32, 16, 4, 2)
-    # 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper shape), 8 warps: the [128, Hd] fp32 accumulator
-    # is 64 registers per thread at Hd 128. sm_90a: Hd 128 255 registers, 0 spills, 128 KiB shared (3 stages
-    # of K and V: 3 · 2 · 64 · 128 · 2 B = 96 KiB, plus Q); Hd 64 166 registers, 0 spills, 64 KiB.
-    # 4 warps spill: 20 B at Hd 64, 1288 B at Hd 128.
-    return _Blocks(128, 64, 8, 3)
+    # Hd 64: 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper shape), 8 warps, 3 stages: sm_90a 166
+    # registers, 0 spills, 64 KiB shared; 4 warps spill 20 B.
+    # Hd 128: 64 × 64 tiles, one warp group (4 warps), 3 stages: sm_90a 242 registers, 0 spills, 112 KiB.
+    # Timed on an H200 (benchmarks/gpu_check.sh's sweep, 2026-12-04, Triton 3.6, forward ms at B 4 × T 4096 ×
+    # 32 heads): dense 1.276 against 1.309 and 1.287 (two runs) for the 128 × 64 × 8 warps tile it replaced;
+    # packed Alpaca-like rows 0.461 against 0.576, as a 64-row query tile crosses fewer document edges.
+    # Also timed: 128 × 128 × 8 warps × 2 stages 1.378 / 0.652, 128 × 32 × 8 × 3 1.361 / 0.624.
+    if head_dim <= 64:
+        return _Blocks(128, 64, 8, 3)
+    return _Blocks(64, 64, 4, 3)
 
 
 def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
@@ -699,7 +710,9 @@ def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     #           3 stages: 225 KiB, at the edge of the 227 KiB an H100 block may have, for the same registers;
     #           128 × 64, 3 stages: 138 / 156 (150 / 151), 0 spills, 129 KiB (the pointer kernel's tile).
     #   Hd 64, 128 × 128, 3 stages: 158 / 196, 0 spills, 113 KiB; 128 × 64: 109 / 121, 65 KiB; 4 warps: 214.
-    # Not yet timed: `benchmarks/attention.py` runs c2a-tma beside c2a on a GPU.
+    # Timed on an H200 (2026-12-04, Triton 3.6): 0.75-0.96x the pointer forward's speed (dense, T 1k-8k), 0.86x
+    # on packed rows; its best sweep tile there, 64 × 64 × 4 warps × 3 stages, was still behind the pointer
+    # kernel's (benchmarks/RESULTS.md). So "pointer" is the default below.
     if head_dim <= 64:
         return _Blocks(128, 128, 8, 3)
     return _Blocks(128, 128, 8, 2)
@@ -725,6 +738,10 @@ def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     # Timed on an H200 (benchmarks/gpu_check.sh, 2026-12-04, Triton 3.6, B 4 × T 4096, 32 heads, Hd 128,
     # forward + backward): 3 stages 5.54 ms, 2 stages 6.01 ms, 64 keys × 4 warps 5.61 ms, 16 × 64 6.70 ms,
     # 64 × 64 × 8 warps 7.99 ms (the duplicated work above), 32 × 64 × 8 warps 9.93 ms.
+    # Before Hopper (sm_80, not timed) the third stage spills 364-380 B at 7B/13B (atomic path), two stages
+    # 60-136 B, so the A100 keeps two.
+    if head_dim > 64 and _target_capability() < (9, 0):
+        return _Blocks(32, 128, 8, 2)
     return _Blocks(32, 128, 8, 3)
 
 
@@ -733,18 +750,21 @@ def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
         return _Blocks(32, 16, 4, 1)
     if dtype == torch.float32:
         return _Blocks(32, 16, 4, 2)
-    # Mirrors the forward: 128 query rows resident (Q, dO, dQ), keys streamed; each key tile costs three
-    # dots (Q Kᵀ, dO Vᵀ, dS K). sm_90a: Hd 64, 32-key tiles, 4 warps: 221 registers, 0 spills, 56 KiB.
-    # Hd 128, 64-key tiles, 8 warps, 2 stages: 254 registers, 0 spills, 128 KiB (3 stages spill 40 B).
+    # The deterministic path's second pass: query rows resident (Q, dO, dQ), keys streamed; each key tile
+    # costs three dots (Q Kᵀ, dO Vᵀ, dS K). sm_90a: Hd 64, 32-key tiles, 4 warps: 221 registers, 0 spills,
+    # 56 KiB. Hd 128: 64 × 32 tiles, 4 warps, 3 stages: 154 registers, 0 spills, 80 KiB. Timed on an H200
+    # (2026-12-04, Triton 3.6, deterministic forward + backward ms at B 4 × T 4096 × 32 heads): 5.98 against
+    # 6.22 for the 128 × 64 × 8 warps × 2 stages tile it replaced; 128 × 64 × 8 × 3 ran 5.77 but spills
+    # (48 B on sm_90a at 70B's heads, packed). sm_80: 204 / 254 registers, 0 spills, 68 KiB.
     if head_dim <= 64:
         return _Blocks(128, 32, 4, 3)
-    return _Blocks(128, 64, 8, 2)
+    return _Blocks(64, 32, 4, 3)
 
 
 # Which forward kernel runs: "pointer" (`_attn_fwd_kernel`, plain tl.load of pointer tiles, any GPU), "tma"
 # (`_attn_fwd_tma_kernel`, tensor descriptors, compute capability 9.0+) or "tma_ws" (the same with its bulk
-# loop warp-specialised). C2A_ATTN_FWD picks one; unset, the default below, which a GPU measurement
-# (`benchmarks/attention.py`, providers c2a and c2a-tma) is to decide.
+# loop warp-specialised). C2A_ATTN_FWD picks one; unset, the default below, chosen by measurement
+# (`benchmarks/attention.py`, providers c2a and c2a-tma: the pointer forward was faster on an H200).
 # "tma_ws" is for the Triton that can split this loop on Hopper; 3.6 and 3.9 cannot. They pass
 # `warp_specialize` on sm_90 to their Hopper pass (NVGPUWarpSpecialization), which at 8 warps leaves this loop
 # unpartitioned (TTGIR without ttg.warp_specialize: the "tma" build, register for register) and at 4 warps
