@@ -2,6 +2,7 @@
 # Everything to run whenever a GPU is available, as one command (at most ~8.6 minutes; 4.5 on an H200):
 #
 #   benchmarks/gpu_check.sh [REPORT_DIR]          (default: $OUT if set, else benchmarks/results/gpu_check)
+#   GPU_CHECK_COMMIT=<hash> benchmarks/gpu_check.sh "$OUT"   (on a lent machine: the commit the report names)
 #
 #   1. setup      the packages c2a needs are importable (c2a itself from this checkout via PYTHONPATH; no
 #                 install, no network); versions, GPU and commit recorded
@@ -84,7 +85,7 @@ stage() {  # stage NAME COMMAND...: run it under its limit, log to $WORK/NAME.lo
 }
 
 stage setup "$PY" - "$WORK/setup.json" <<'EOF'
-import importlib, json, platform, subprocess, sys
+import importlib, json, os, platform, subprocess, sys
 found, missing = {}, []
 for name in ("torch", "triton", "numpy", "sentencepiece", "safetensors", "transformers", "matplotlib", "pytest", "c2a"):
     try:
@@ -94,7 +95,10 @@ for name in ("torch", "triton", "numpy", "sentencepiece", "safetensors", "transf
 import torch
 info = {"python": platform.python_version(), "packages": found, "missing": missing,
         "cuda": torch.cuda.is_available(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None}
+        # the device machine's copy of the checkout carried a stale .git on 2026-12-04 (it named the session's
+        # first commit for later ones): the caller names the commit it sent
+        "commit": os.environ.get("GPU_CHECK_COMMIT")
+                  or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None}
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(gpu_memory_gib=p.total_memory / 2**30, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}")
