@@ -402,6 +402,23 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
         assert rel_err(exported(ids), hf(ids).logits) < 1e-5
 
 
+def test_finetune_from_meta_takes_the_tokenizers_ids(tmp_path):
+    """A Meta checkpoint names no special tokens: fine-tuned with a tokenizer.json, final/config.json holds
+    that tokenizer's BOS / EOS (the ones every example was trained with), not Llama-2's 1 / 2."""
+    from c2a.model.weights import save_meta
+
+    tok = Tokenizer(byte_level_tokenizer(tmp_path / "tok"))
+    family_hf(vocab=tok.vocab_size + 4, std=0.1).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    meta = save_meta(model.cfg, model.named_parameters(), tmp_path / "meta")
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_split(32, 4, seed=5)[0]))
+    run_train(1, tmp_path / "out", *RUN, "--train.max_steps=1", f"--model.checkpoint={meta}", f"--data.path={data}",
+              f"--data.tokenizer={tok.path}", tiny=False)  # fmt: skip
+    config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 4)
+
+
 def test_family_finetune_resumes_tied(family_run, tmp_path):
     """The run's directory without its last checkpoint and export: the same command resumes from step 2 and
     trains step 3 to the same loss and the same tied weights."""

@@ -398,10 +398,11 @@ def _special_ids(model_cfg: LlamaConfig, reader: CheckpointReader | None, data: 
     tok = data.tokenizer
     model_cfg = with_tokenizer_ids(model_cfg, reader.named_ids if reader else frozenset(), tok.bos_id, tok.eos_id)
     eos = model_cfg.eos_token_id
-    if tok.eos_id not in (eos if isinstance(eos, tuple) else (eos,)):
+    stops = list(eos) if isinstance(eos, tuple) else [eos]
+    if tok.eos_id not in stops:
         log.warning("the tokenizer's EOS %d (%r) ends every training example, but the checkpoint's config.json names eos_token_id %s: "
                     "final/config.json keeps the checkpoint's, so transformers' generate will not stop at %d",
-                    tok.eos_id, tok.eos_token, eos, tok.eos_id)  # fmt: skip
+                    tok.eos_id, tok.eos_token, stops[0] if len(stops) == 1 else stops, tok.eos_id)  # fmt: skip
     return model_cfg
 
 
