@@ -40,8 +40,18 @@ class LlamaConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    # Special-token ids written to an exported config.json (transformers' generate stops at its
+    # eos_token_id). Defaults: Llama-2's, also what transformers' LlamaConfig assumes when config.json has
+    # no such key. Read from an HF config.json (Llama-3: 128000 and 128001, or several EOS ids such as
+    # Llama-3.1-Instruct's [128001, 128008, 128009]); Meta's params.json names none. None: the config.json
+    # said null. Several EOS ids may be given as a list; they are kept as a tuple so the config stays
+    # hashable, and written back as a list.
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_hidden_dim is None:
@@ -62,6 +72,11 @@ class LlamaConfig:
                 problems.append("llama3 rope scaling needs rope_scaling_factor >= 1, 0 < low_freq_factor < high_freq_factor and "
                                 f"original_max_seq_len > 0, got {self.rope_scaling_factor}, {self.low_freq_factor}, "
                                 f"{self.high_freq_factor}, {self.original_max_seq_len}")
+        bos, eos = self.bos_token_id, self.eos_token_id
+        if not (bos is None or _is_token_id(bos)):
+            problems.append(f"bos_token_id must be a non-negative integer or None, got {bos!r}")
+        if not (eos is None or _is_token_id(eos) or (isinstance(eos, tuple) and all(map(_is_token_id, eos)))):
+            problems.append(f"eos_token_id must be a non-negative integer, a list of them or None, got {eos!r}")
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
 
@@ -89,6 +104,10 @@ class LlamaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -63,6 +63,16 @@ def test_a_config_value_of_the_wrong_type_is_named(hf_dir, tmp_path):
     assert f"{broken / 'config.json'}: num_hidden_layers must be an integer, got str '2'" in proc.stderr
 
 
+def test_a_special_token_id_of_the_wrong_type_is_named(hf_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"eos_token_id": "two"}))
+    proc = cli(*COMMANDS["convert"](broken, tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{broken / 'config.json'}: eos_token_id must be a non-negative integer, a list of them or null, got str 'two'" in proc.stderr
+
+
 def test_convert_copies_the_tokenizer_and_writes_files_readable_as_usual(hf_dir, tmp_path):
     meta, back = tmp_path / "meta", tmp_path / "back"
     assert cli("-m", "c2a.model.convert", str(hf_dir), str(meta)).returncode == 0

@@ -8,6 +8,7 @@ library; transformers' apply_chat_template for chat rendering.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -30,14 +31,15 @@ from train_runs import loss_on_rows, metrics, run_train, step_rows, trainer_stat
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def family_hf(vocab: int = 263, seed: int = 0, std: float = 0.05, rope: dict | None = ROPE) -> transformers.LlamaForCausalLM:
+def family_hf(vocab: int = 263, seed: int = 0, std: float = 0.05, rope: dict | None = ROPE,
+              bos: int = 1, eos: int | list[int] = 2) -> transformers.LlamaForCausalLM:
     """A random tied-embedding GQA HF Llama with llama3 rope scaling, norms randomised too."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=True,
         rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=0, attn_implementation="eager",
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -268,6 +270,75 @@ def test_tokenizer_json_identity_and_errors(tmp_path):
         Tokenizer(tmp_path)
 
 
+# ------------------------------------------------------------------------------------ special-token ids
+
+
+def test_special_ids_survive_save_and_convert(tmp_path):
+    """A checkpoint whose config.json names ids Llama-2 does not have (BOS 7, EOS [8, 9]) and whose
+    tokenizer.json says otherwise (BOS 0, EOS 4): save_pretrained, the convert CLI and export_tokenizer all
+    write the config.json's ids back, and transformers reads them there."""
+    from c2a.data.tokenizer import export_tokenizer
+    from c2a.model.convert import main as convert_main
+
+    src = tmp_path / "src"
+    byte_level_tokenizer(src)
+    family_hf(bos=7, eos=[8, 9]).save_pretrained(src)
+    model = load_pretrained(src, dtype=torch.float32)
+    assert (model.cfg.bos_token_id, model.cfg.eos_token_id) == (7, (8, 9))
+    saved = save_pretrained(model, tmp_path / "saved")
+    assert export_tokenizer(src / "tokenizer.json", saved) == ["tokenizer.json", "tokenizer_config.json"]
+    assert convert_main([str(src), str(tmp_path / "converted"), "--to", "hf"]) == 0
+    for out in (saved, tmp_path / "converted"):
+        config = json.loads((out / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (7, [8, 9]), out
+        read = transformers.AutoConfig.from_pretrained(out)
+        assert (read.bos_token_id, read.eos_token_id) == (7, [8, 9]), out
+        assert transformers.GenerationConfig.from_model_config(read).eos_token_id == [8, 9]  # where generate stops
+
+
+def test_special_ids_fallback_to_the_tokenizer(tmp_path):
+    """The tokenizer's BOS / EOS fill only what the checkpoint does not name: a Meta params.json (no ids:
+    Llama-2's 1 / 2 until a tokenizer says otherwise, and none written into params.json), a config.json
+    with null; export_tokenizer fills a null and leaves a named id alone."""
+    from c2a.data.tokenizer import export_tokenizer
+    from c2a.model.weights import CheckpointReader, save_meta, with_tokenizer_ids
+
+    tok = Tokenizer(byte_level_tokenizer(tmp_path / "tok"))
+    family_hf(bos=7, eos=[8, 9]).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    meta = save_meta(model.cfg, model.named_parameters(), tmp_path / "meta")
+    assert not {"bos_token_id", "eos_token_id"} & set(json.loads((meta / "params.json").read_text()))
+    reader = CheckpointReader(meta)
+    assert (reader.config.bos_token_id, reader.config.eos_token_id, reader.named_ids) == (1, 2, frozenset())
+    filled = with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id)
+    assert (filled.bos_token_id, filled.eos_token_id) == (0, 4)
+    reader = CheckpointReader(tmp_path / "hf")
+    assert with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id) == reader.config  # config.json wins
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"eos_token_id": None}))
+    reader = CheckpointReader(tmp_path / "hf")
+    assert (reader.config.eos_token_id, reader.named_ids) == (None, frozenset({"bos_token_id"}))
+    filled = with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id)
+    assert (filled.bos_token_id, filled.eos_token_id) == (7, 4)
+    out = save_pretrained(Llama(reader.config), tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] is None  # null written back as null
+    export_tokenizer(tok.path, out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (7, 4)
+
+
+def test_special_ids_of_the_wrong_type_are_named(family_dir, tmp_path):
+    path, _ = family_dir
+    shutil.copytree(path, tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    for key, value, want in [("eos_token_id", "two", "eos_token_id must be a non-negative integer, a list of them or null, got str 'two'"),
+                             ("eos_token_id", [8, "9"], "eos_token_id must be .* got list \\[8, '9'\\]"),
+                             ("bos_token_id", [1], "bos_token_id must be a non-negative integer or null, got list \\[1\\]")]:  # fmt: skip
+        (tmp_path / "bad" / "config.json").write_text(json.dumps(config | {key: value}))
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 'bad' / 'config.json'))}: {want}"):
+            load_pretrained(tmp_path / "bad")
+
+
 # ----------------------------------------------------- fine-tuning a tied, llama3, tokenizer.json checkpoint
 
 # configs/llama3.2-1b-alpaca.toml (the recipe for this kind of checkpoint) with the sizes of a CPU test
@@ -285,7 +356,8 @@ def family_run(tmp_path_factory):
     tok = Tokenizer(byte_level_tokenizer(ckpt))
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     (ckpt / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": LLAMA3_STYLE}))
-    family_hf(vocab=tok.vocab_size + 4, std=0.1).save_pretrained(ckpt)  # a padded vocabulary, as real models have
+    # a padded vocabulary, as real models have; Llama-3.1-Instruct's kind of EOS list (end_of_text, eot_id)
+    family_hf(vocab=tok.vocab_size + 4, std=0.1, bos=tok.bos_id, eos=[1, tok.eos_id]).save_pretrained(ckpt)
     data = work / "mixed.jsonl"
     records = demo_split(64, 4, seed=5)[0]
     chats = [{"messages": [{"role": "user", "content": r["instruction"] + " " + r["input"]}, {"role": "assistant", "content": r["output"]}]}
@@ -314,7 +386,7 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
     final = out / "final"
     config = json.loads((final / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["rope_parameters"]["rope_type"] == "llama3"
-    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 4)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, [1, 4])  # the checkpoint's list, not the tokenizer's one EOS
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (final / name).read_bytes() == (ckpt / name).read_bytes()
     assert not (final / "tokenizer.model").exists()
@@ -328,6 +400,23 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
     ids = torch.randint(0, exported.cfg.vocab_size, (2, 90))
     with torch.no_grad():
         assert rel_err(exported(ids), hf(ids).logits) < 1e-5
+
+
+def test_finetune_from_meta_takes_the_tokenizers_ids(tmp_path):
+    """A Meta checkpoint names no special tokens: fine-tuned with a tokenizer.json, final/config.json holds
+    that tokenizer's BOS / EOS (the ones every example was trained with), not Llama-2's 1 / 2."""
+    from c2a.model.weights import save_meta
+
+    tok = Tokenizer(byte_level_tokenizer(tmp_path / "tok"))
+    family_hf(vocab=tok.vocab_size + 4, std=0.1).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    meta = save_meta(model.cfg, model.named_parameters(), tmp_path / "meta")
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_split(32, 4, seed=5)[0]))
+    run_train(1, tmp_path / "out", *RUN, "--train.max_steps=1", f"--model.checkpoint={meta}", f"--data.path={data}",
+              f"--data.tokenizer={tok.path}", tiny=False)  # fmt: skip
+    config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 4)
 
 
 def test_family_finetune_resumes_tied(family_run, tmp_path):

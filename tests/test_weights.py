@@ -85,7 +85,11 @@ def test_meta_to_hf_to_c2a_bitwise_and_transformers_parity(model, tmp_path):
     meta = save_meta_shards(model, tmp_path / "meta", 2)
     assert convert_main([str(meta), str(tmp_path / "hf")]) == 0
     assert_same_weights(load_pretrained(tmp_path / "hf"), model)
+    # params.json names no special tokens: Llama-2's BOS 1 / EOS 2, in config.json and as transformers reads it
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.generation_config.eos_token_id) == (1, 2, 2)
     ids = torch.randint(0, CFG.vocab_size, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)

@@ -66,10 +66,15 @@ def export_tokenizer(path: str | Path, out_dir: str | Path) -> list[str]:
         shutil.copyfile(tok_file, Path(out_dir) / "tokenizer.model")
         return ["tokenizer.model"]
     config = Path(out_dir) / "config.json"
-    if config.is_file():  # transformers' generate stops at config.json's eos_token_id: make it this tokenizer's
+    if config.is_file():
+        # transformers' generate stops at config.json's eos_token_id. The ids config.json already holds are
+        # the model's (its source checkpoint's, which may list several EOS ids: c2a.model.weights.
+        # with_tokenizer_ids); this tokenizer's BOS / EOS only fill a key that is absent or null.
         tok = HFTokenizer(tok_file)
         raw = json.loads(config.read_text())
-        config.write_text(json.dumps(raw | {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}, indent=2) + "\n")
+        fill = {k: v for k, v in {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}.items() if raw.get(k) is None}
+        if fill:
+            config.write_text(json.dumps(raw | fill, indent=2) + "\n")
     names = []
     for name in ("tokenizer.json", *HF_TOKENIZER_SIDE_FILES):
         src = tok_file if name == "tokenizer.json" else tok_file.parent / name

@@ -103,6 +103,8 @@ class CheckpointReader:
     """A lazy view of an HF or Meta checkpoint directory in c2a's names and layout.
 
     `config` is the model's LlamaConfig; `names` lists the tensors; `get(name)` reads one tensor.
+    `named_ids` holds the special-token keys the checkpoint itself names (an HF config.json's non-null
+    bos_token_id / eos_token_id; none for Meta's params.json): see `with_tokenizer_ids`.
     Construction validates the whole directory (files present, every expected tensor present with the
     expected shape, nothing unexpected) before any tensor data is read.
     """
@@ -145,6 +147,7 @@ class CheckpointReader:
     def _open_hf(self) -> tuple[LlamaConfig, dict[str, Any]]:
         raw = _read_json(self.path / "config.json")
         cfg = config_from_hf(raw, self.path / "config.json")
+        self.named_ids = named_special_ids(raw)
         self._handles: dict[str, Any] = {}
         index = self.path / HF_INDEX
         if index.is_file():
@@ -190,6 +193,7 @@ class CheckpointReader:
     def _open_meta(self) -> tuple[LlamaConfig, dict[str, Any]]:
         params_path = self.path / "params.json"
         params = _read_json(params_path)
+        self.named_ids: frozenset[str] = frozenset()  # params.json has no special-token ids: Llama-2's 1 / 2 stay
         pth = sorted(self.path.glob("consolidated.*.pth"))
         sft = sorted(self.path.glob("consolidated.*.safetensors"))
         if pth and sft:
@@ -373,6 +377,7 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     _check_types(raw, where, ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                                    "intermediate_size", "max_position_embeddings", "head_dim"),
                  numbers=("rms_norm_eps", "rope_theta"))  # fmt: skip
+    special_ids = _special_ids_from_hf(raw, where)
     try:
         heads = raw["num_attention_heads"]
         cfg = LlamaConfig(
@@ -387,6 +392,7 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
             ffn_hidden_dim=raw["intermediate_size"],
             # transformers' default is true, but every config.json of a Llama says which it is
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            **special_ids,
             **scaled,
         )
     except KeyError as e:
@@ -396,6 +402,44 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     if raw.get("head_dim") not in (None, cfg.head_dim):
         raise CheckpointError(f"{where}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
     return cfg
+
+
+SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id")
+
+
+def _special_ids_from_hf(raw: dict[str, Any], where: Path | str) -> dict[str, Any]:
+    """config.json's bos_token_id (an integer) and eos_token_id (an integer or a list of them), as written;
+    null is kept as None. An absent key keeps LlamaConfig's default, Llama-2's 1 / 2, which is also what
+    transformers reads for it."""
+    ids: dict[str, Any] = {}
+    for key in SPECIAL_ID_KEYS:
+        if key not in raw:
+            continue
+        value = raw[key]
+        several = key == "eos_token_id" and isinstance(value, list)
+        ok = value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (value if several else [value]))
+        if not ok:
+            want = "a non-negative integer" + (", a list of them" if key == "eos_token_id" else "") + " or null"
+            raise CheckpointError(f"{where}: {key} must be {want}, got {type(value).__name__} {value!r}")
+        ids[key] = tuple(value) if several else value
+    return ids
+
+
+def named_special_ids(raw: dict[str, Any]) -> frozenset[str]:
+    """The special-token keys an HF config.json gives a value (not absent, not null)."""
+    return frozenset(k for k in SPECIAL_ID_KEYS if raw.get(k) is not None)
+
+
+def with_tokenizer_ids(cfg: LlamaConfig, named: frozenset[str], bos_id: int, eos_id: int) -> LlamaConfig:
+    """The special-token ids an export writes when a tokenizer is known (the trainer's export).
+
+    The rule: the source checkpoint's config.json is the authority for every id it names, since it can list
+    several EOS ids (Llama-3.1-Instruct's end_of_text, eom_id and eot_id), which a tokenizer file cannot
+    express, and transformers' generate stops at exactly those. The tokenizer's BOS / EOS fill the ids the
+    source does not name: a Meta params.json, a preset, a config.json without the key or with null.
+    `named` is `CheckpointReader.named_ids` (empty without a checkpoint)."""
+    fill = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    return cfg.replace(**{k: v for k, v in fill.items() if k not in named})
 
 
 _META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len",
@@ -464,8 +508,9 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": cfg.bos_token_id,
+        # several EOS ids are a list in config.json, as transformers writes them
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 

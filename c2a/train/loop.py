@@ -27,7 +27,7 @@ from c2a.data import Tokenizer, TokenizedDataset, load_records
 from c2a.data.tokenizer import export_tokenizer, find_tokenizer
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
-from c2a.model.weights import CheckpointReader, save_hf
+from c2a.model.weights import CheckpointReader, save_hf, with_tokenizer_ids
 from c2a.plan import predicted_peak_mb
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point, save_checkpoint
 from c2a.train.lifecycle import RunStopped, StopControl, claim_out_dir
@@ -266,6 +266,7 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     validation = Validation.start(cfg, data, d)  # with data.val_fraction, takes its examples out of data.train
     reader = CheckpointReader(cfg.model.checkpoint) if cfg.model.checkpoint else None
     model_cfg = reader.config if reader else LlamaConfig.from_name(cfg.model.preset)
+    model_cfg = _special_ids(model_cfg, reader, data)  # what final/config.json names as BOS / EOS
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainingError(f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}")
     if cfg.data.max_len > model_cfg.max_seq_len:
@@ -389,6 +390,20 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         summary["demo_after"] = evaluate_demo(model, model_cfg, data, cfg, d, "after training")
     summary.update(validation.finish(summary))  # rank 0: the validation numbers; the demo's exact match into metrics.jsonl
     return summary
+
+
+def _special_ids(model_cfg: LlamaConfig, reader: CheckpointReader | None, data: RunData) -> LlamaConfig:
+    """The checkpoint's config.json ids, the tokenizer's where it names none (with_tokenizer_ids); a warning
+    when the EOS every example ends with is not one transformers' generate would stop at."""
+    tok = data.tokenizer
+    model_cfg = with_tokenizer_ids(model_cfg, reader.named_ids if reader else frozenset(), tok.bos_id, tok.eos_id)
+    eos = model_cfg.eos_token_id
+    stops = list(eos) if isinstance(eos, tuple) else [eos]
+    if tok.eos_id not in stops:
+        log.warning("the tokenizer's EOS %d (%r) ends every training example, but the checkpoint's config.json names eos_token_id %s: "
+                    "final/config.json keeps the checkpoint's, so transformers' generate will not stop at %d",
+                    tok.eos_id, tok.eos_token, stops[0] if len(stops) == 1 else stops, tok.eos_id)  # fmt: skip
+    return model_cfg
 
 
 def _model_desc(cfg: TrainConfig, m: LlamaConfig) -> str:
