@@ -255,3 +255,13 @@ def test_tma_forward_builds_for_sm90_without_spills(attention_sm90):
 
 if __name__ == "__main__":  # a report built outside pytest (see test_mma_ratio_of_a_tma_warp_specialised_loop)
     print(json.dumps({"tma_loop": tma_loop_report}[sys.argv[1]]()))
+
+
+def test_attention_default_tiles_fit_a_consumer_gpu(tmp_path):
+    """An RTX 4090 (sm_89) gives a block at most 99 KiB of shared memory (101376 B, CUDA's opt-in limit for
+    compute capability 8.6/8.9/12.x): every default attention build for it must fit, or its launch fails."""
+    rows = compile_only("attention.py", tmp_path, "--arch", "89", "--models", "7b", "--head-dims", "128")["kernels"]
+    assert not [r for r in rows if "error" in r]
+    assert {r["kernel"] for r in rows} >= {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    too_big = [(r["kernel"], r["packed"], r["blocks"], r["shared_kib"]) for r in rows if r["shared_kib"] > 99]
+    assert not too_big, too_big
