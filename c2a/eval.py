@@ -17,6 +17,10 @@ the demo task's held-out split (`--data demo`, the split `python -m c2a.train` h
 --json-out writes the numbers as JSON too. --alpaca-eval-prompts FILE answers the prompts of a local file
 instead (AlpacaEval's 805-prompt set: a JSON list of objects with "instruction"); with --alpaca-eval-out.
 
+--template (alpaca by default; auto, tokenizer or llama2-chat as in `python -m c2a.generate`) is the prompt
+format of the generated answers (exact match, AlpacaEval): the loss is always computed on the records as
+training encodes them.
+
 --tasks / --suite (needs the `eval` extra: pip install -e ".[eval]") run lm-evaluation-harness with c2a's
 model (c2a/lm_eval_model.py): lm-eval's task names, its result JSON in --output. --suite open-llm-v1 runs
 the card's four benchmarks at the Open LLM Leaderboard v1 settings and prints them beside the card's row.
@@ -37,8 +41,8 @@ from typing import Any
 import torch
 
 from c2a.config import DataSection, EvalSection
-from c2a.data import IGNORE_INDEX, Tokenizer, encode_example, format_prompt, load_records
-from c2a.generate import USER_ERRORS, add_device_arguments, load_model_and_tokenizer
+from c2a.data import IGNORE_INDEX, Tokenizer, encode_example, load_records
+from c2a.generate import USER_ERRORS, PromptFormat, add_device_arguments, add_template_argument, load_model, load_tokenizer, prompt_format
 from c2a.model import Llama
 from c2a.model.generate import generate_batch
 
@@ -70,14 +74,17 @@ def heldout_loss(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]]
     return float(total) / max(targets, 1), targets
 
 
-def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy responses to every record, `batch_size` prompts at a time."""
+def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_new_tokens: int, batch_size: int,
+            fmt: PromptFormat | None = None) -> list[str]:  # fmt: skip
+    """Greedy responses to every record, `batch_size` prompts at a time, prompted as `fmt` says (default:
+    Alpaca's template, as training encodes an Alpaca record)."""
+    fmt = fmt or PromptFormat("alpaca", None, (tok.eos_id,))
     out = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        prompts = [tok.encode(format_prompt(r["instruction"], r["input"]), bos=True) for r in chunk]
-        for p, new in zip(prompts, generate_batch(model, prompts, max_new_tokens, stop_ids=(tok.eos_id,), vocab_size=tok.vocab_size)):
-            if new and new[-1] == tok.eos_id:
+        prompts = [fmt.encode(tok, r["instruction"], r["input"]) for r in chunk]
+        for p, new in zip(prompts, generate_batch(model, prompts, max_new_tokens, stop_ids=fmt.stop_ids, vocab_size=tok.vocab_size)):
+            if new and new[-1] in fmt.stop_ids:
                 new = new[:-1]
             out.append(tok.decode_continuation(p, new))
     return out
@@ -135,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpaca-eval-out", type=Path, help="write the model's answers as AlpacaEval model outputs (JSON)")
     ap.add_argument("--alpaca-eval-prompts", type=Path, help="answer these prompts (AlpacaEval's set as a local JSON file) instead of --data's")
     ap.add_argument("--generator", help="the model's name in the AlpacaEval file (default: the model directory's name)")
+    add_template_argument(ap)
     ap.add_argument("--json-out", type=Path, help="also write the results as JSON")
     add_device_arguments(ap)
     return ap
@@ -176,16 +184,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--alpaca-eval-prompts needs --alpaca-eval-out (where the answers go)")
         return alpaca_eval_answers(args)
     records, described = load_eval_records(args.data, args.limit, args.demo_heldout_size, args.skip_bad_rows)  # bad data fails before loading weights
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    demo = args.data == "demo"
+    tok = load_tokenizer(args.model, args.tokenizer)
+    fmt = prompt_format(args.template, tok) if demo or args.alpaca_eval_out else None  # before the weights are read
+    model = load_model(args.model, tok, args.device, args.dtype)
     result: dict[str, Any] = {"model": str(args.model), "data": described, "examples": len(records), "max_len": args.max_len}
     start = time.perf_counter()
     loss, targets = heldout_loss(model, tok, records, args.max_len, args.batch_size)
     result.update(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf, targets=targets, loss_seconds=time.perf_counter() - start)
-    demo = args.data == "demo"
-    if demo or args.alpaca_eval_out:
+    if fmt is not None:
         max_new = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if demo else DEFAULT_MAX_NEW_TOKENS)
         start = time.perf_counter()
-        responses = answers(model, tok, records, max_new, args.batch_size)
+        responses = answers(model, tok, records, max_new, args.batch_size, fmt)
         result.update(max_new_tokens=max_new, generation_seconds=time.perf_counter() - start)
         if demo:
             result["exact_match"] = demo_exact_match(records, responses)
@@ -199,10 +209,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def alpaca_eval_answers(args: argparse.Namespace) -> dict[str, Any]:
     records = load_alpaca_eval_prompts(args.alpaca_eval_prompts, args.limit)
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    tok = load_tokenizer(args.model, args.tokenizer)
+    fmt = prompt_format(args.template, tok)
+    model = load_model(args.model, tok, args.device, args.dtype)
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     start = time.perf_counter()
-    responses = answers(model, tok, records, max_new, args.batch_size)
+    responses = answers(model, tok, records, max_new, args.batch_size, fmt)
     generator = args.generator or Path(args.model).resolve().name
     args.alpaca_eval_out.parent.mkdir(parents=True, exist_ok=True)
     args.alpaca_eval_out.write_text(json.dumps(alpaca_eval_records(records, responses, generator), indent=2, ensure_ascii=False) + "\n")

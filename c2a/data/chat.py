@@ -23,6 +23,11 @@ the Alpaca convention: input_ids = tokens[:-1], labels = tokens[1:] with every t
 turn set to -100. Over-length (`max_len` bounds len(input_ids)): "truncate" keeps the head (the first
 max_len + 1 tokens: earlier turns are the later turns' context) and drops the example if no trained target
 is left; "drop" drops it. Both are counted by the caller.
+
+Generation (c2a.generate, c2a.eval with --template): an instruction becomes one user turn
+(`instruction_messages`: the input, if any, after an empty line), rendered with the generation prompt and
+encoded exactly as training encodes a rendering (`generation_prompt`); the model's turn ends at EOS or at
+the template's end-of-turn token (`end_of_turn_ids`).
 """
 
 from __future__ import annotations
@@ -86,10 +91,11 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> tuple[str, str]:
     if name in BUILTIN_TEMPLATES:
         return name, BUILTIN_TEMPLATES[name]
     if tokenizer.chat_template is not None:
-        return f"chat_template of {tokenizer.path.parent / 'tokenizer_config.json'}", tokenizer.chat_template
+        return f"chat_template of {tokenizer.chat_template_file}", tokenizer.chat_template
     if name == "tokenizer":
-        raise ChatTemplateError(f"{tokenizer.path.parent / 'tokenizer_config.json'} has no chat_template; "
-                                f"name a built-in one ({', '.join(BUILTIN_TEMPLATES)})")
+        directory = tokenizer.path.parent
+        raise ChatTemplateError(f"{directory / 'tokenizer_config.json'} has no chat_template; name a built-in one "
+                                f"({', '.join(BUILTIN_TEMPLATES)}), or put the template in {directory / 'chat_template.jinja'}")
     return "alpaca", ALPACA_TEMPLATE
 
 
@@ -159,6 +165,35 @@ def assistant_spans(source: str, messages: Sequence[Mapping[str, str]], tokenize
                                     "is not a prefix of the whole rendering, so its trained characters cannot be found")
         spans.append((len(before), len(upto)))
     return full, spans
+
+
+def instruction_messages(instruction: str, input: str = "") -> list[dict[str, str]]:  # noqa: A002
+    """One instruction as a conversation to answer: a user turn holding the instruction and, after an empty
+    line, its input (as AlpacaEval folds an input into its instruction)."""
+    return [{"role": "user", "content": instruction + (f"\n\n{input}" if input else "")}]
+
+
+def generation_prompt(source: str, messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """Ids of `messages` and the assistant's generation prompt, encoded as training encodes a rendering: BOS
+    only where the template writes bos_token (Llama-3's does; a second one is never added)."""
+    return encode_text(render_chat(source, messages, tokenizer, add_generation_prompt=True), tokenizer, [])
+
+
+END_OF_TURN_PROBE = "c2a-end-of-turn-probe"
+
+
+def end_of_turn_ids(source: str, tokenizer: Tokenizer) -> list[int]:
+    """The special token an assistant turn ends with under `source` (Llama-3's <|eot_id|>, ChatML's
+    <|im_end|>, EOS for the built-ins), as a one-element list; empty if the turn ends in plain text. Found
+    as the first special token after the answer in a rendered one-turn conversation: the token training
+    taught the model to close its turn with (the trained span of `assistant_spans` ends with it)."""
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+    text = render_chat(source, messages, tokenizer)
+    after = text.rfind(END_OF_TURN_PROBE)
+    if after < 0:
+        return []
+    m = _special_pattern(tokenizer).search(text, after + len(END_OF_TURN_PROBE))
+    return [tokenizer.special_tokens[m.group()]] if m else []
 
 
 def _special_pattern(tokenizer: Tokenizer) -> re.Pattern[str]:

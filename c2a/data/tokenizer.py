@@ -45,6 +45,9 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in the order a checkpoint directory is searched
 HF_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# transformers' own file for a chat template (what save_pretrained writes since 4.47); when present it wins
+# over tokenizer_config.json's chat_template, in transformers and here
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def find_tokenizer(directory: str | Path) -> Path | None:
@@ -76,7 +79,7 @@ def export_tokenizer(path: str | Path, out_dir: str | Path) -> list[str]:
         if fill:
             config.write_text(json.dumps(raw | fill, indent=2) + "\n")
     names = []
-    for name in ("tokenizer.json", *HF_TOKENIZER_SIDE_FILES):
+    for name in ("tokenizer.json", *HF_TOKENIZER_SIDE_FILES, CHAT_TEMPLATE_FILE):
         src = tok_file if name == "tokenizer.json" else tok_file.parent / name
         if src.is_file():
             shutil.copyfile(src, Path(out_dir) / name)
@@ -101,7 +104,8 @@ class Tokenizer:
     """`Tokenizer(path)` is the tokenizer in `path` (a tokenizer.model, a tokenizer.json, or a checkpoint
     directory holding one): a SentencePieceTokenizer or an HFTokenizer, which share this contract:
     `path`, `files` (what an export copies), `sha256` (the identity a tokenized cache records), `bos_id`,
-    `eos_id`, `bos_token`, `eos_token`, `vocab_size`, `chat_template` (tokenizer_config.json's, or None),
+    `eos_id`, `bos_token`, `eos_token`, `vocab_size`, `chat_template` (chat_template.jinja's, else
+    tokenizer_config.json's, else None) and `chat_template_file` (where it came from),
     `special_tokens` (text -> id: BOS, EOS, and a tokenizer.json's other special added tokens),
     `encode`, `encode_continuation`, `decode`, `decode_continuation`, `piece`, `pieces`, `unk_count`."""
 
@@ -112,6 +116,7 @@ class Tokenizer:
     eos_id: int
     vocab_size: int
     chat_template: str | None
+    chat_template_file: Path | None
     special_tokens: dict[str, int]
 
     def __new__(cls, path: str | Path) -> Tokenizer:
@@ -157,7 +162,7 @@ class SentencePieceTokenizer(Tokenizer):
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{self.path}: the model has no BOS/EOS piece (bos_id={self.bos_id}, eos_id={self.eos_id})")
         self.files: list[Path] = [self.path]  # what an export copies beside the weights
-        self.chat_template: str | None = _chat_template(self.path.parent)
+        self.chat_template, self.chat_template_file = _chat_template(self.path.parent)
         self.special_tokens: dict[str, int] = {self.bos_token: self.bos_id, self.eos_token: self.eos_id}
 
     @property
@@ -207,7 +212,8 @@ class HFTokenizer(Tokenizer):
         self._continuation = _Tokenizers.from_str(json.dumps(_without_prefix_space(spec)))
         for tok in (self._tok, self._continuation):
             tok.encode_special_tokens = True  # text is text: "<|eot_id|>" typed in a record is not the token
-        self.files = [self.path] + [self.path.parent / n for n in HF_TOKENIZER_SIDE_FILES if (self.path.parent / n).is_file()]
+        side = (*HF_TOKENIZER_SIDE_FILES, CHAT_TEMPLATE_FILE)
+        self.files = [self.path] + [self.path.parent / n for n in side if (self.path.parent / n).is_file()]
         self.bos_token, self.eos_token = _special_token(self.path, "bos_token"), _special_token(self.path, "eos_token")
         self.bos_id, self.eos_id = self._token_id("bos_token", self.bos_token), self._token_id("eos_token", self.eos_token)
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
@@ -215,7 +221,7 @@ class HFTokenizer(Tokenizer):
         self.sha256 = hashlib.sha256(raw + json.dumps([self.bos_token, self.eos_token]).encode()).hexdigest()
         unk = (spec.get("model") or {}).get("unk_token")
         self._unk_id = self._tok.token_to_id(unk) if isinstance(unk, str) else None
-        self.chat_template: str | None = _chat_template(self.path.parent)
+        self.chat_template, self.chat_template_file = _chat_template(self.path.parent)
         self.special_tokens: dict[str, int] = {
             t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         } | {self.bos_token: self.bos_id, self.eos_token: self.eos_id}
@@ -275,15 +281,22 @@ def _special_token(path: Path, key: str) -> str:
                      f"c2a needs the {key[:3].upper()} token of the model")
 
 
-def _chat_template(directory: Path) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or a list of {name, template} (its "default" one)."""
+def _chat_template(directory: Path) -> tuple[str | None, Path | None]:
+    """(the chat template, its file): chat_template.jinja if the directory has one (transformers' precedence),
+    else tokenizer_config.json's chat_template (a string, or a list of {name, template}: its "default" one)."""
+    jinja = directory / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), jinja
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{jinja}: cannot be read as UTF-8 text ({e})") from e
     template = _side_json(directory, "tokenizer_config.json").get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string, got {type(template).__name__}")
-    return template
+    return template, directory / "tokenizer_config.json" if template is not None else None
 
 
 def _without_prefix_space(spec: Any) -> Any:
