@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from c2a.config import LlamaConfig
 from c2a.data import TokenizedDataset, Tokenizer, encode_example, format_prompt
+from c2a.data.chat import ALPACA_TEMPLATE
 from c2a.data.demo import demo_split
 from c2a.model import Llama, load_pretrained, save_pretrained
 from c2a.model.generate import generate
@@ -389,6 +390,9 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, [1, 4])  # the checkpoint's list, not the tokenizer's one EOS
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (final / name).read_bytes() == (ckpt / name).read_bytes()
+    # the template the chat records were trained with, where transformers and `c2a.generate --template auto` look first
+    assert (final / "chat_template.jinja").read_text() == LLAMA3_STYLE
+    assert transformers.AutoTokenizer.from_pretrained(final).chat_template == LLAMA3_STYLE
     assert not (final / "tokenizer.model").exists()
     with safe_open(final / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys() and len(list(f.keys())) == 20  # as the source: one [V, D] matrix
@@ -417,6 +421,8 @@ def test_finetune_from_meta_takes_the_tokenizers_ids(tmp_path):
               f"--data.tokenizer={tok.path}", tiny=False)  # fmt: skip
     config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 4)
+    # Alpaca records only: the export names Alpaca's prompt as its template, so --template auto prompts as trained
+    assert (tmp_path / "out" / "final" / "chat_template.jinja").read_text() == ALPACA_TEMPLATE
 
 
 def test_family_finetune_resumes_tied(family_run, tmp_path):

@@ -52,7 +52,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     lines += [
         f"metrics          {s['out_dir']}/metrics.jsonl" + (f" (plotted: {s['plot']})" if "plot" in s else ""),
         f"checkpoints      {s['out_dir']}/checkpoints/",
-        f"final model      {s['final']}  (HF safetensors + the tokenizer files)",
+        f"final model      {s['final']}  (HF safetensors, the tokenizer files, the trained chat_template.jinja)",
     ]
     print("\n".join(lines), flush=True)
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from c2a.config import LlamaConfig, TrainConfig, config_to_toml
-from c2a.data import Tokenizer, TokenizedDataset, load_records
-from c2a.data.tokenizer import export_tokenizer, find_tokenizer
+from c2a.data import Tokenizer, TokenizedDataset, chat, load_records
+from c2a.data.tokenizer import CHAT_TEMPLATE_FILE, export_tokenizer, find_tokenizer
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, save_hf, with_tokenizer_ids
@@ -378,7 +378,8 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if writer is not None:
         writer.close()
 
-    final = export_final(model, model_cfg, data.tokenizer_path, out, compute_dtype(t.dtype, d.device), d)
+    final = export_final(model, model_cfg, data.tokenizer_path, out, compute_dtype(t.dtype, d.device), d,
+                         trained_template(data, cfg.data.template) if d.is_main else None)  # fmt: skip
     summary: dict[str, Any] = {"steps": step, "out_dir": str(out), "final": str(final), "train_seconds": counters.train_seconds,
                                "tokens": counters.tokens, "trained_tokens": counters.trained_tokens,
                                "skipped_steps": counters.skipped_steps, "wall_seconds": time.perf_counter() - run_start}  # fmt: skip
@@ -511,9 +512,32 @@ def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype, devic
     return copy
 
 
-def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out: Path, dtype: torch.dtype, d: Dist) -> Path:
+def trained_template(data: RunData, template: str) -> str | None:
+    """The Jinja source of the prompt format the run trained with: the chat template its chat records were
+    rendered with (a run mixing both kinds counts as chat), else Alpaca's (`chat.ALPACA_TEMPLATE`: Alpaca
+    records only, the demo). None, with a warning, when a prepared cache's recorded template is not what
+    data.template resolves to here (the cache records its sha256, not its text)."""
+    recorded = data.train.manifest.get("chat_template")
+    if recorded is None:
+        return chat.ALPACA_TEMPLATE
+    try:
+        label, source = chat.resolve_template(template, data.tokenizer)
+    except chat.ChatTemplateError as e:
+        log.warning("final/ gets no %s: %s", CHAT_TEMPLATE_FILE, e)
+        return None
+    if chat.template_sha256(source) != recorded["sha256"]:
+        log.warning("final/ gets no %s: the data's chat records were rendered with %s, but data.template=%s is %s",
+                    CHAT_TEMPLATE_FILE, recorded["name"], template, label)  # fmt: skip
+        return None
+    return source
+
+
+def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out: Path, dtype: torch.dtype, d: Dist,
+                 chat_template: str | None = None) -> Path:  # fmt: skip
     """Collective: out_dir/final/ as an HF directory (safetensors, config.json, the tokenizer's files), written
-    beside it and renamed into place, streaming one parameter at a time through rank 0."""
+    beside it and renamed into place, streaming one parameter at a time through rank 0. `chat_template` (the
+    one the run trained with, `trained_template`) goes into final/chat_template.jinja, where transformers'
+    apply_chat_template and `python -m c2a.generate --template auto` find it before tokenizer_config.json's."""
     final, tmp = out / "final", out / "final.tmp"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -521,6 +545,8 @@ def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out
     if d.is_main:
         save_hf(model_cfg, tensors, tmp)
         export_tokenizer(tokenizer_path, tmp)  # tokenizer.model, or tokenizer.json with its config files
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
