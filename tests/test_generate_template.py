@@ -158,3 +158,14 @@ def test_cli_template_errors(chat_model, tmp_path):
     proc = run_cli("c2a.generate", "--model", str(plain), "--template", "tokenizer", "--prompt", "hi")
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {plain / 'tokenizer_config.json'} has no chat_template; name a built-in one"), proc.stderr
+
+
+def test_eval_answers_through_the_checkpoints_template(chat_model, tmp_path):
+    directory, answer = chat_model
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": INSTRUCTION}, {"instruction": "What is 3 + 4?"}]))
+    out = tmp_path / "answers.json"
+    proc = run_cli("c2a.eval", "--model", str(directory), "--template", "tokenizer", "--alpaca-eval-prompts", str(prompts),
+                   "--alpaca-eval-out", str(out), "--max-new-tokens", "6")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["output"] for r in json.loads(out.read_text())] == [answer, answer]
