@@ -15,28 +15,13 @@ import torch
 
 from c2a.kernels import attention
 from c2a.kernels.attention import _document_index, attention_forward, attention_reference, flash_attention
+from test_attention import CountingKernel, poison_outputs  # noqa: F401 - poison_outputs: an autouse fixture
 
 FP32_TOL = dict(rtol=1e-4, atol=2e-5)
 LSE_TOL = dict(rtol=1e-5, atol=1e-4)  # lse is log2 of a sum, a few units in size
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VARIANTS = ("tma", "tma_ws")
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(attention, "_POISON_OUTPUTS", True)
-
-
-class CountingKernel:
-    """Stands in for a @triton.jit kernel in the module's globals, counting its launches."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.fixture(autouse=True)

@@ -194,6 +194,29 @@ def _fwd_tiles(
 
 
 @triton.jit
+def _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PACKED: tl.constexpr):
+    """(doc_q, lo, mid_lo, mid_hi): each query row's document start, and the key-tile ranges of a query tile
+    [m0, hi), for both forward kernels: [lo, mid_lo) masked (tiles holding a document start of some query of
+    the tile), [mid_lo, mid_hi) unmasked, [mid_hi, hi) masked (the diagonal)."""
+    if PACKED:
+        doc_row = doc_start_ptr + b64 * T
+        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
+        # doc_start is non-decreasing in t, so the tile's first and last rows hold its min and max
+        first_doc = tl.load(doc_row + m0)
+        last_doc = tl.load(doc_row + hi - 1)
+        lo = (first_doc // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, hi)
+        mid_hi = tl.maximum(mid_lo, m0)
+    else:
+        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        mid_lo = 0
+        mid_hi = m0
+    return doc_q, lo, mid_lo, mid_hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
     stride_qb, stride_qt, stride_qh,
@@ -233,20 +256,7 @@ def _attn_fwd_kernel(
     q = q.to(MMA_DTYPE)
 
     hi = tl.minimum(m0 + BLOCK_M, T)
-    if PACKED:
-        doc_row = doc_start_ptr + b64 * T
-        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
-        # doc_start is non-decreasing in t, so the tile's first and last rows hold its min and max
-        first_doc = tl.load(doc_row + m0)
-        last_doc = tl.load(doc_row + hi - 1)
-        lo = (first_doc // BLOCK_N) * BLOCK_N
-        mid_lo = tl.minimum(tl.cdiv(last_doc, BLOCK_N) * BLOCK_N, hi)
-        mid_hi = tl.maximum(mid_lo, m0)
-    else:
-        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
-        lo = 0
-        mid_lo = 0
-        mid_hi = m0
+    doc_q, lo, mid_lo, mid_hi = _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M, BLOCK_N, PACKED)
 
     m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -348,17 +358,7 @@ def _attn_fwd_tma_kernel(
     q = q_desc.load([m0, 0]).to(MMA_DTYPE)  # rows past T are zeros
 
     hi = tl.minimum(m0 + BLOCK_M, T)
-    if PACKED:  # the key ranges of `_attn_fwd_kernel`, from the tile's first and last document starts
-        doc_row = doc_start_ptr + b64 * T
-        doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
-        lo = (tl.load(doc_row + m0) // BLOCK_N) * BLOCK_N
-        mid_lo = tl.minimum(tl.cdiv(tl.load(doc_row + hi - 1), BLOCK_N) * BLOCK_N, hi)
-        mid_hi = tl.maximum(mid_lo, m0)
-    else:
-        doc_q = tl.zeros([BLOCK_M], dtype=tl.int32)
-        lo = 0
-        mid_lo = 0
-        mid_hi = m0
+    doc_q, lo, mid_lo, mid_hi = _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M, BLOCK_N, PACKED)
 
     m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
