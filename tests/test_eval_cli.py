@@ -21,6 +21,7 @@ from c2a.data import Tokenizer, encode_example
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.model import Llama, load_pretrained, save_pretrained
 from c2a.model.generate import generate
+from bigram_model import bigram_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=48)
@@ -79,19 +80,7 @@ def bigram_model(tmp_path_factory) -> Path:
     response_piece = tok.encode(TEMPLATE.format(instruction="x"), bos=True)[-1]
     assert tok.encode(TEMPLATE_INPUT.format(instruction="x", input="y"), bos=True)[-1] == response_piece
     (answer_piece,) = tok.encode_continuation(ANSWER)
-    torch.manual_seed(1)
-    model = Llama(CFG)
-    with torch.no_grad():
-        model.tok_embeddings.weight.normal_(0.0, 1.0)
-        for layer in model.layers:
-            layer.attention.wo.weight.zero_()
-            layer.feed_forward.w2.weight.zero_()
-        h = model.norm(model.tok_embeddings.weight)  # [V, D]: the final hidden state of each input token
-        w = model.output.weight
-        w.normal_(0.0, 0.02)
-        # logit of the wanted token: 2 * |h|^2 = 2 * D = 64; any other: h·h' (std sqrt(D) = 5.7) or noise
-        w[answer_piece] = 2 * h[response_piece]
-        w[tok.eos_id] = 2 * h[answer_piece]
+    model = bigram_llama(CFG, {answer_piece: (response_piece,), tok.eos_id: (answer_piece,)}, seed=1)
     return save(model, tmp_path_factory.mktemp("bigram") / "bigram-llama")
 
 

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from c2a.config import LlamaConfig
@@ -21,7 +20,8 @@ from c2a.data import Tokenizer, format_prompt
 from c2a.data.chat import ALPACA_TEMPLATE, ChatTemplateError
 from c2a.data.demo import DEMO_TOKENIZER
 from c2a.generate import prompt_format
-from c2a.model import Llama, save_pretrained
+from c2a.model import save_pretrained
+from bigram_model import bigram_llama
 from test_eval_cli import run_cli
 from test_family import LLAMA3_STYLE, byte_level_tokenizer
 
@@ -115,18 +115,7 @@ def chat_model(tmp_path_factory) -> tuple[Path, str]:
     eot = tok.special_tokens["<|eot_id|>"]
     cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_hidden_dim=48,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)  # fmt: skip
-    torch.manual_seed(2)
-    model = Llama(cfg)
-    with torch.no_grad():
-        model.tok_embeddings.weight.normal_(0.0, 1.0)
-        for layer in model.layers:
-            layer.attention.wo.weight.zero_()
-            layer.feed_forward.w2.weight.zero_()
-        h = model.norm(model.tok_embeddings.weight)  # [V, D]: the final hidden state of each input token
-        w = model.output.weight
-        w.normal_(0.0, 0.02)
-        w[answer] = 2 * (h[last] + h[eot])
-        w[eot] = 2 * h[answer]
+    model = bigram_llama(cfg, {answer: (last, eot), eot: (answer,)}, seed=2)
     directory = save_pretrained(model, work / "model")
     for f in tok.files:
         (directory / f.name).write_bytes(f.read_bytes())
