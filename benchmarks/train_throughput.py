@@ -470,7 +470,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp32"))
     ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run")
-    ap.add_argument("--profile", action="store_true", help="c2a side: profile one more step (device time by kernel family)")
+    ap.add_argument("--profile", action="store_true", default=None,
+                    help="c2a side: profile one more step (device time by kernel family)")
     ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -484,7 +485,7 @@ def main() -> None:
 
     values = default_setup(args.smoke, args.device)
     fields = {f.name for f in dataclasses.fields(Setup)}
-    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None and v is not False})
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
     s = Setup(**values)
     if s.global_batch % s.micro_batch:
         ap.error(f"--global-batch ({s.global_batch}) must be a multiple of --micro-batch ({s.micro_batch})")

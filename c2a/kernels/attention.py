@@ -703,10 +703,8 @@ def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
 
 
 def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
-    if _interpreting():
-        return _Blocks(32, 16, 4, 1)
-    if dtype == torch.float32:
-        return _Blocks(32, 16, 4, 2)
+    if _interpreting() or dtype == torch.float32:
+        return _fwd_blocks(head_dim, dtype)  # the pointer forward's small test tiles
     # 128 × 128 tiles, 8 warps (two warp groups of 64 query rows each; the Triton tutorial keeps 8 warps on
     # Hopper only for tiles of at least 128 × 128). Without address tensors for the tiles the pointer kernel
     # needed 255 registers for, the doubled key tile fits. sm_90a, bf16, T 4096, MHA 32:32 and GQA 64:8
