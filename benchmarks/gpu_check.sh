@@ -113,7 +113,7 @@ stage tests "$PY" -m pytest tests/test_kernels_*.py tests/test_attention*.py -q 
 stage gpu_path "$PY" -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$WORK/gpu_path.xml" "${PATH_ARGS[@]}"
 stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" --profile "${SMOKE[@]}"
 # the planner's peak for that run beside its torch.cuda.max_memory_allocated: train/plan_vs_measured.json, a line in train.log
-[[ -f "$WORK/train/train_throughput.json" ]] && "$PY" -c 'import logging, sys; logging.basicConfig(level=logging.INFO, format="%(message)s"); from c2a.plan.cli import compare_benchmark; compare_benchmark(sys.argv[1])' \
+[[ -f "$WORK/train/train_throughput.json" ]] && "$PY" benchmarks/plan_vs_measured.py \
     "$WORK/train/train_throughput.json" >>"$WORK/train.log" 2>&1 && echo "   $(tail -n 1 "$WORK/train.log" | cut -c1-150)"
 stage attention "$PY" benchmarks/attention.py --out "$WORK/attention" --seqlens 1024,4096,16384 --head-dims 128 "${SMOKE[@]}"
 stage kernels "$PY" benchmarks/kernels.py --out "$WORK/kernels" --tokens 16384 --no-compile "${SMOKE[@]}" "${KERNEL_ARGS[@]}"

@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--out DIR] [--steps N] [--smoke]
 
-  c2a       c2a's default path for the machine: packed rows (`c2a.train.loop.make_loader`, which packs with
+  c2a       c2a's default path for the machine: packed rows (`c2a.train.run_data.make_loader`, which packs with
             MicroBatchLoader(mode="packed") and turns the global batch in examples into rows), the c2a Llama
             built sharded by FSDP2 in a process group of one (`build_sharded_model` + `materialize`), the
             kernel switch's default (Triton on CUDA, torch elsewhere), AdamW (`build_optimizer`), and one
@@ -176,7 +176,9 @@ def sync(device: torch.device) -> None:
 
 def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
     from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
-    from c2a.train.loop import build_optimizer, make_loader, train_step
+    from c2a.train.optim import build_optimizer
+    from c2a.train.run_data import make_loader
+    from c2a.train.step import train_step
     from c2a.train.parallel import build_sharded_model, init_distributed, materialize
 
     d = init_distributed()
@@ -371,7 +373,7 @@ def side_main(side: str, s: Setup, out: Path) -> None:
     }
     if device.type == "cuda":
         from c2a.config import LlamaConfig
-        from c2a.train.metrics import attention_flops, matmul_flops_per_token, peak_flops
+        from c2a.model.flops import attention_flops, matmul_flops_per_token, peak_flops
 
         cfg = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size)
         flops = sum(t.tokens for t in timed) * matmul_flops_per_token(cfg) + attention_flops(cfg, sum(t.attn_sq for t in timed))

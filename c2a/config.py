@@ -1,4 +1,7 @@
-"""Typed configuration: model presets (Meta's params.json names). Dataclasses only, no torch."""
+"""Typed configuration: model presets (Meta's params.json names), the training config, the one dtype table.
+
+Dataclasses and tables only: no torch logic beyond naming dtypes.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,24 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+# The dtype names every CLI and config key takes (train.dtype, --dtype, convert --dtype).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A name of DTYPES, or "auto": bf16 on CUDA, fp32 elsewhere (CPUs have no fast bf16 matmuls)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Llama-2 hyper-parameters under the field names of Meta's params.json.
+    """A Llama model's hyper-parameters under the field names of Meta's params.json.
 
     `n_kv_heads=None` means multi-head attention (n_kv_heads = n_heads). `ffn_hidden_dim=None` derives
     the feed-forward width with Meta's formula from `dim`, `ffn_dim_multiplier` and `multiple_of`; an

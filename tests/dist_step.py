@@ -19,7 +19,9 @@ from torch.distributed.tensor import DTensor
 
 from c2a.config import LlamaConfig, build_config
 from c2a.data.batching import MicroBatchLoader
-from c2a.train.loop import build_data, forward_backward, gather_model
+from c2a.train.export import gather_model
+from c2a.train.run_data import build_data
+from c2a.train.step import forward_backward
 from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit
 
 GLOBAL_ROWS = 4

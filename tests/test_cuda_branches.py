@@ -12,18 +12,18 @@ import torch
 
 from c2a.config import LlamaConfig, build_config
 from c2a.model import Llama
-from c2a.train.loop import build_optimizer
-from c2a.train.metrics import peak_flops, peak_flops_of
-from c2a.train.parallel import compute_dtype
+from c2a.config import resolve_dtype
+from c2a.model.flops import peak_flops, peak_flops_of
+from c2a.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
 
 
 def test_auto_dtype_is_bf16_on_cuda_and_fp32_elsewhere():
-    assert compute_dtype("auto", CUDA) == torch.bfloat16
-    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
-    assert compute_dtype("fp32", CUDA) == torch.float32 and compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("auto", CUDA) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("fp32", CUDA) == torch.float32 and resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_optimizer_on_cuda_is_fused_adamw_and_steps_like_foreach():

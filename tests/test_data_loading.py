@@ -161,7 +161,7 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
 
     # an existing cache is not overwritten by accident
     res = _prepare("--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "64")
-    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert res.returncode == 1 and "--overwrite" in res.stderr
     res = _prepare("--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "64", "--overwrite", "--workers", "1")
     assert res.returncode == 0, res.stderr
     assert TokenizedDataset.open(out, expect_max_len=64).max_len == 64
@@ -171,7 +171,7 @@ def test_prepare_cli_bad_rows(tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD[0]), '{"instruction": "x"}', json.dumps(GOOD[1])])
     args = ["--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--max-len", "64", "--workers", "1"]
     res = _prepare(*args, "--out", str(tmp_path / "c1"))
-    assert res.returncode == 2 and "d.jsonl:2: missing field 'output'" in res.stderr and "--skip-bad-rows" in res.stderr
+    assert res.returncode == 1 and "d.jsonl:2: missing field 'output'" in res.stderr and "--skip-bad-rows" in res.stderr
     assert not (tmp_path / "c1").exists()
     res = _prepare(*args, "--out", str(tmp_path / "c2"), "--skip-bad-rows")
     assert res.returncode == 0, res.stderr

@@ -69,7 +69,7 @@ def test_a_special_token_id_of_the_wrong_type_is_named(hf_dir, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(config | {"eos_token_id": "two"}))
     proc = cli(*COMMANDS["convert"](broken, tmp_path))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{broken / 'config.json'}: eos_token_id must be a non-negative integer, a list of them or null, got str 'two'" in proc.stderr
 
 
@@ -143,3 +143,39 @@ def test_tensorboard_without_the_package_fails_before_any_work(tmp_path):
     proc = cli("-m", "c2a.train", f"--out_dir={tmp_path / 'tb'}", "--train.tensorboard=true")
     assert proc.returncode == 1 and "train.tensorboard = true needs the tensorboard package" in proc.stderr
     assert not (tmp_path / "tb").exists()  # nothing was made or loaded first
+
+
+# Every command: a user error exits 1 with one "error: ..." line, a usage
+# error exits 2 as argparse does. Each user error here needs no model, so the commands stop before loading one.
+USER_ERROR = {
+    "train": ["-m", "c2a.train", "--out_dir={tmp}/run", "--data.path={tmp}/missing.jsonl", "--data.tokenizer=" + str(DEMO_TOKENIZER)],
+    "plan": ["-m", "c2a.plan", "--gpus", "1", "--model.checkpoint={tmp}/nowhere"],
+    "generate": ["-m", "c2a.generate", "--model", "{tmp}/nowhere", "--prompt", "hi"],
+    "eval": ["-m", "c2a.eval", "--model", "{tmp}/nowhere", "--data", "{tmp}/missing.jsonl"],
+    "prepare": ["-m", "c2a.data.prepare", "--data", "{tmp}/missing.jsonl", "--tokenizer", str(DEMO_TOKENIZER), "--out", "{tmp}/cache"],
+    "convert": ["-m", "c2a.model.convert", "{tmp}/nowhere", "{tmp}/out"],
+    "plot": ["-m", "c2a.train.plot", "{tmp}"],
+}
+USAGE_ERROR = {
+    "train": ["-m", "c2a.train", "--train.no_such_key=1"],
+    "plan": ["-m", "c2a.plan", "--train.lr=1e-5"],
+    "generate": ["-m", "c2a.generate", "--no-such-flag"],
+    "eval": ["-m", "c2a.eval", "--model", "x", "--no-such-flag"],
+    "prepare": ["-m", "c2a.data.prepare", "--data", "x"],
+    "convert": ["-m", "c2a.model.convert", "only-one-path"],
+    "plot": ["-m", "c2a.train.plot"],
+    "demo": ["-m", "c2a.data.demo", "--show", "many"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_ERROR))
+def test_every_command_reports_a_user_error_in_one_line_and_exits_1(name, tmp_path):
+    proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in USER_ERROR[name]))
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("name", sorted(USAGE_ERROR))
+def test_every_command_exits_2_on_a_usage_error(name):
+    proc = cli(*USAGE_ERROR[name])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.returncode, proc.stderr[-2000:])

@@ -19,7 +19,7 @@ from c2a.config import LlamaConfig
 from c2a.data import Tokenizer, format_prompt
 from c2a.data.chat import ALPACA_TEMPLATE, ChatTemplateError
 from c2a.data.demo import DEMO_TOKENIZER
-from c2a.generate import prompt_format
+from c2a.inference import prompt_format
 from c2a.model import save_pretrained
 from bigram_model import bigram_llama
 from test_eval_cli import run_cli

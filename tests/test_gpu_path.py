@@ -274,7 +274,7 @@ def test_model_loss_with_prompt_rows_kept_as_on_cuda(monkeypatch):
 
 
 def test_cli_device_and_dtype_defaults(monkeypatch):
-    from c2a.generate import resolve_device
+    from c2a.inference import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(None, "auto") == (torch.device("cuda"), torch.bfloat16)

@@ -1,4 +1,4 @@
-"""c2a's lm-evaluation-harness model (c2a/lm_eval_model.py) against lm-eval's own `hf` model on c2a's HF export
+"""c2a's lm-evaluation-harness model (c2a/inference/lm_eval.py) against lm-eval's own `hf` model on c2a's HF export
 of the same weights: local tasks (multiple choice, rolling log-likelihood, generate_until) must give the same
 per-request results and the same metrics; the CLI paths of `python -m c2a.eval`, the card's table, and the
 offline error of --suite. Needs the `eval` extra (lm-eval, accelerate, protobuf for HF's Llama tokenizer)."""
@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from c2a.config import LlamaConfig  # noqa: E402
 from c2a.data import Tokenizer  # noqa: E402
-from c2a.lm_eval_model import OPEN_LLM_V1, C2ALM, evaluate_tasks, suite_scores, suite_table  # noqa: E402
+from c2a.inference.lm_eval import OPEN_LLM_V1, C2ALM, evaluate_tasks, suite_scores, suite_table  # noqa: E402
 from c2a.model import Llama, save_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,14 +90,15 @@ def _snapshot(mt, kind: str) -> dict[str, int]:
 
 def measure(spec: str, d) -> dict:
     """One optimizer step of the trainer's sharded model under FSDPMemTracker (after a first step, so
-    AdamW's state exists): the step as c2a.train.loop.forward_backward + train_step run it."""
+    AdamW's state exists): the step as c2a.train.step.forward_backward + train_step run it."""
     import torch
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.fsdp import FSDPModule
 
     from c2a.config import build_config
-    from c2a.train.loop import build_optimizer, train_step
+    from c2a.train.optim import build_optimizer
+    from c2a.train.step import train_step
     from c2a.train.parallel import build_sharded_model, materialize
 
     s = parse(spec)
@@ -234,7 +235,7 @@ LLAMA2_7B, LLAMA2_13B = 6_738_415_616, 13_015_864_320
 @pytest.fixture
 def plan_cli(capsys, monkeypatch):
     """`python -m c2a.plan ... --json`, in this process (the CLI's main; the error tests below run the module)."""
-    from c2a.plan.cli import main
+    from c2a.plan.__main__ import main
 
     monkeypatch.chdir(ROOT)
 
@@ -286,8 +287,8 @@ def test_plan_cli_offload_moves_state_to_the_host(plan_cli) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", "configs/claude2-alpaca-7b.toml"], "--gpus N is required"),
-    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--gpu", "v100"], "known cards are h100, h200, a100"),
+    (["--config", "configs/claude2-alpaca-7b.toml"], "the following arguments are required: --gpus"),
+    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--gpu", "v100"], "invalid choice: 'v100'"),
     (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--train.micro_batchh=2"], "did you mean train.micro_batch"),
     (["--gpus", "1", "--model.checkpoint=/nowhere/my-model"], "no config.json or params.json"),
 ])  # fmt: skip

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
-from c2a.eval import answers, demo_exact_match
+from c2a.inference import answers, demo_exact_match
 from c2a.model import Llama, load_pretrained
 from train_runs import ROOT, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, trainer_state
 

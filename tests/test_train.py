@@ -20,8 +20,8 @@ from c2a.config import LlamaConfig, TrainConfig, build_config
 from c2a.data import TokenizedDataset
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.model import Llama, load_pretrained
-from c2a.train.cli import help_text, parse_args
-from c2a.train.loop import cosine_with_warmup
+from c2a.options import help_text, parse_args
+from c2a.train.optim import cosine_with_warmup
 from c2a.train.metrics import MetricsWriter
 from train_runs import ROOT, TINY, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, train_cmd, trainer_state
 

@@ -16,7 +16,7 @@ from c2a.data import TokenizedDataset
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.eval import main as eval_main
 from c2a.train.checkpoint import best_checkpoint, stale_checkpoints
-from c2a.train.plot import figure
+from c2a.train.plotting import figure
 from c2a.train.plot import main as plot_main
 from c2a.train.validation import ExampleSubset, Validation, split_examples
 from train_runs import metrics, run_train, trainer_state

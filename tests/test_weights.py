@@ -194,7 +194,7 @@ def test_convert_cli_subprocess(model, tmp_path):
     assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert_same_weights(load_pretrained(tmp_path / "hf"), model.to(torch.bfloat16))  # rounded, not otherwise changed
     again = subprocess.run([sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf")], capture_output=True, text=True)
-    assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites what is there
+    assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites what is there
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -263,3 +263,21 @@ def test_real_llama2_tokenizer_loads(real_tokenizer_path):
     sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
     assert (sp.vocab_size(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (32000, 1, 2, -1)
     assert sp.decode(sp.encode("### Response:\nHello, world!")) == "### Response:\nHello, world!"
+
+
+def test_convert_keeps_every_tokenizer_file_and_the_chat_template(model, tmp_path):
+    """One copier of tokenizer files (c2a.data.tokenizer.export_tokenizer) for the trainer's export and the
+    converter: a run's final/ converted keeps the chat template it trained with, and the tokenizer's files."""
+    from c2a.data.demo import DEMO_TOKENIZER
+
+    src = save_pretrained(model, tmp_path / "final")
+    (src / "tokenizer.model").write_bytes(DEMO_TOKENIZER.read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (src / "chat_template.jinja").write_text(template)
+    assert convert_main([str(src), str(tmp_path / "meta")]) == 0
+    assert convert_main([str(tmp_path / "meta"), str(tmp_path / "hf")]) == 0
+    for out in (tmp_path / "meta", tmp_path / "hf"):
+        assert (out / "chat_template.jinja").read_text() == template
+        assert (out / "tokenizer.model").read_bytes() == DEMO_TOKENIZER.read_bytes()
+        assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "</s>"

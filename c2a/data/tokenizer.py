@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +60,41 @@ def find_tokenizer(directory: str | Path) -> Path | None:
 
 
 def export_tokenizer(path: str | Path, out_dir: str | Path) -> list[str]:
-    """Copies the tokenizer `path` names into an exported model directory under the names a checkpoint
-    directory uses (a SentencePiece model as tokenizer.model; a tokenizer.json with its config files).
-    Returns the names written."""
-    import shutil
+    """Copies a tokenizer into an exported model directory, under the names a checkpoint directory uses;
+    returns the names written. The one copier of tokenizer files (the trainer's export, `c2a.model.convert`).
 
-    tok_file = resolve_tokenizer_file(path)
-    if tok_file.suffix != ".json":
-        shutil.copyfile(tok_file, Path(out_dir) / "tokenizer.model")
-        return ["tokenizer.model"]
-    config = Path(out_dir) / "config.json"
-    if config.is_file():
-        # transformers' generate stops at config.json's eos_token_id. The ids config.json already holds are
-        # the model's (its source checkpoint's, which may list several EOS ids: c2a.model.weights.
-        # with_tokenizer_ids); this tokenizer's BOS / EOS only fill a key that is absent or null.
-        tok = HFTokenizer(tok_file)
-        raw = json.loads(config.read_text())
-        fill = {k: v for k, v in {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}.items() if raw.get(k) is None}
-        if fill:
-            config.write_text(json.dumps(raw | fill, indent=2) + "\n")
-    names = []
-    for name in ("tokenizer.json", *HF_TOKENIZER_SIDE_FILES, CHAT_TEMPLATE_FILE):
-        src = tok_file if name == "tokenizer.json" else tok_file.parent / name
-        if src.is_file():
-            shutil.copyfile(src, Path(out_dir) / name)
-            names.append(name)
-    return names
+    `path` a file: a SentencePiece model as tokenizer.model; a tokenizer.json with its config files and chat
+    template beside it. `path` a checkpoint directory: every tokenizer file it holds (tokenizer.model,
+    tokenizer.json, their config files, chat_template.jinja), so a converted checkpoint keeps them all."""
+    path, out_dir = Path(path), Path(out_dir)
+    side_files = (*HF_TOKENIZER_SIDE_FILES, CHAT_TEMPLATE_FILE)
+    if path.is_dir():
+        resolve_tokenizer_file(path)  # a directory without a tokenizer is named, not silently skipped
+        files = {n: path / n for n in (*TOKENIZER_FILES, *side_files) if (path / n).is_file()}
+    else:
+        tok_file = resolve_tokenizer_file(path)
+        if tok_file.suffix != ".json":
+            files = {"tokenizer.model": tok_file}
+        else:
+            files = {"tokenizer.json": tok_file} | {n: tok_file.parent / n for n in side_files if (tok_file.parent / n).is_file()}
+    for name, src in files.items():
+        shutil.copyfile(src, out_dir / name)
+    if "tokenizer.json" in files:
+        _fill_special_ids(out_dir / "tokenizer.json", out_dir / "config.json")
+    return list(files)
+
+
+def _fill_special_ids(tokenizer_json: Path, config: Path) -> None:
+    """transformers' generate stops at config.json's eos_token_id. The ids config.json already holds are the
+    model's (its source checkpoint's, which may list several EOS ids: c2a.model.weights.with_tokenizer_ids);
+    the tokenizer's BOS / EOS only fill a key that is absent or null."""
+    if not config.is_file():
+        return
+    tok = HFTokenizer(tokenizer_json)
+    raw = json.loads(config.read_text())
+    fill = {k: v for k, v in {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}.items() if raw.get(k) is None}
+    if fill:
+        config.write_text(json.dumps(raw | fill, indent=2) + "\n")
 
 
 def resolve_tokenizer_file(path: str | Path) -> Path:

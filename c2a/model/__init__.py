@@ -1,4 +1,4 @@
-"""The Llama-2 network, checkpoint import/export, and generation."""
+"""The Llama network, checkpoint import/export (HF and Meta layouts), decoding, and FLOP counts."""
 
 from c2a.config import LlamaConfig
 from c2a.model.llama import Llama

@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from c2a.model.weights import DEFAULT_SHARD_BYTES, CheckpointError, CheckpointReader, save_hf, save_meta
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# what training, generation and evaluation read beside the weights; the same in both layouts
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from c2a.config import DTYPES
+from c2a.data.tokenizer import export_tokenizer, find_tokenizer
+from c2a.errors import USER_ERRORS, report
+from c2a.model.weights import DEFAULT_SHARD_BYTES, CheckpointReader, save_hf, save_meta
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copies the source's tokenizer files, so the converted directory is usable on its own."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m c2a.model.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="HF or Meta checkpoint directory")
     parser.add_argument("dst", help="output directory (must not exist or be empty)")
     parser.add_argument("--to", choices=("hf", "meta"), help="output format (default: the other one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast tensors (default: as stored)")
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024**3, help="HF shard size limit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         reader = CheckpointReader(args.src)
@@ -52,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             save_hf(reader.config, tensors, args.dst, int(args.max_shard_gb * 1024**3))
         else:
             save_meta(reader.config, tensors, args.dst)
-        copied = copy_tokenizer_files(args.src, args.dst)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.info("wrote %s checkpoint of %s (%s) to %s%s", to, args.src, reader.format, args.dst,
-                 f" with {', '.join(copied)}" if copied else " (no tokenizer files in the source to copy)")
+        # so the converted directory is usable on its own: tokenizer, its config files, the chat template
+        copied = export_tokenizer(args.src, args.dst) if find_tokenizer(args.src) else []
+    except USER_ERRORS as e:
+        return report(e)
+    logging.info("wrote %s checkpoint of %s (%s) to %s%s", to, args.src, reader.format, Path(args.dst),
+                 f" with {', '.join(copied)}" if copied else " (no tokenizer files in the source to copy)")  # fmt: skip
     return 0
 
 

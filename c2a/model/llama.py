@@ -1,4 +1,5 @@
-"""Llama-2 (Touvron et al. 2023), bottom-up: RMSNorm, rotary, attention, feed-forward, block, model.
+"""The Llama family's network (Llama-2, Touvron et al. 2023; Llama-3.x), bottom-up: RMSNorm, rotary, attention,
+feed-forward, block, model.
 
 Shapes: B batch, T sequence, D model dim, H query heads, K key/value heads, Hd head dim (D / H),
 F feed-forward width, V vocabulary.
@@ -122,7 +123,7 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama-2, with an untied output head, or tied (`cfg.tie_word_embeddings`): then `output.weight` IS
+    """A Llama model, with an untied output head (Llama-2), or tied (`cfg.tie_word_embeddings`): then `output.weight` IS
     `tok_embeddings.weight`, one parameter, listed once by `named_parameters()` (as tok_embeddings.weight).
 
     `Llama(cfg)` is initialised and ready on the current default device. Built under

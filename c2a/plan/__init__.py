@@ -1,20 +1,18 @@
 """Will a run fit, and how long will it take: `python -m c2a.plan --config FILE.toml --gpus N`.
 
 `memory` holds the per-rank memory model (checked against torch's FSDPMemTracker in tests/test_plan.py);
-`cli` resolves a training config into a workload, searches the settings that fit, and times the run.
+`workload` resolves a training config into what a rank runs; `report` searches the settings that fit and
+times the run. The planner reads config, model and data, never train (which asks it for its predicted peak).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-from c2a.config import LlamaConfig, TrainConfig
+from c2a.config import LlamaConfig, TrainConfig, resolve_dtype
+from c2a.data.batching import MicroBatchLoader
+from c2a.kernels import backend
 from c2a.plan.memory import MemoryPlan, Workload, plan_memory
-
-if TYPE_CHECKING:
-    import torch
-
-    from c2a.data.batching import MicroBatchLoader
 
 __all__ = ["MemoryPlan", "Workload", "plan_memory", "predicted_peak_mb"]
 
@@ -23,16 +21,13 @@ def predicted_peak_mb(cfg: TrainConfig, model: LlamaConfig, ranks: int, device: 
     """The planner's per-rank peak for this run, in MiB, for metrics.jsonl beside the measured peak_memory_mb
     (torch.cuda.max_memory_allocated on CUDA: the same tensor bytes; on CPU the process's peak RSS, which also
     holds the Python runtime and torch's own buffers, so it reads higher)."""
-    from c2a.kernels import backend
-    from c2a.train.parallel import compute_dtype
-
     counts = getattr(loader.dataset, "manifest", {}).get("counts", {})
     trained = counts.get("trained_tokens", 0) / counts["tokens"] if counts.get("tokens") else 0.5
     t = cfg.train
     longest = int(loader.dataset.lengths.max()) if len(loader.dataset.lengths) else cfg.data.max_len
     seq_len = cfg.data.max_len if cfg.data.packing else min(cfg.data.max_len, longest)
     w = Workload(model, t.micro_batch, seq_len, trained_fraction=trained, packed=cfg.data.packing, ranks=ranks, replicas=t.replicas,
-                 compute_bytes=compute_dtype(t.dtype, device).itemsize, backend=backend(device), cuda=device.type == "cuda",
+                 compute_bytes=resolve_dtype(t.dtype, device).itemsize, backend=backend(device), cuda=device.type == "cuda",
                  activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every, accumulation=loader.accum_steps,
                  cpu_offload=t.cpu_offload)  # fmt: skip
     plan = plan_memory(w)

@@ -8,22 +8,20 @@ import sys
 import traceback
 from typing import Any
 
-from c2a.data import DataError
-from c2a.data.prepare import CacheMismatchError
-from c2a.model.weights import CheckpointError
+from c2a.errors import EXIT_USAGE, EXIT_USER_ERROR, USER_ERRORS, ConfigError, message
+from c2a.options import help_text, parse_args, wants_help
 from c2a.train.checkpoint import CheckpointSaveError, CheckpointUnusable
-from c2a.train.cli import help_text, parse_args, wants_help
+from c2a.train.errors import TrainingError
 from c2a.train.lifecycle import EXIT_STOPPED, OutDirUnusable, RunLocked, RunStopped, watch_parent
-from c2a.train.loop import TrainingError, run
+from c2a.train.loop import run
 from c2a.train.parallel import init_distributed, shutdown_and_exit
 
 log = logging.getLogger("c2a")
 
-# Errors whose message is the whole story for the user: printed without a traceback. The collective ones
-# are raised by every rank alike (each decides from the same files and all-reduced values), so only rank 0
-# prints them; the others (a data file rank 0 alone tokenizes, a rank's own I/O) are printed where raised.
-COLLECTIVE_ERRORS = (TrainingError, RunLocked, OutDirUnusable, CheckpointUnusable, CheckpointSaveError)
-USER_ERRORS = (*COLLECTIVE_ERRORS, DataError, CacheMismatchError, CheckpointError, KeyError, ValueError, FileNotFoundError, FileExistsError)
+# User errors raised by every rank alike (each decides from the same config, files and all-reduced values):
+# only rank 0 prints them. The others (a data file rank 0 alone tokenizes, a rank's own I/O) are printed
+# where raised.
+COLLECTIVE_ERRORS = (ConfigError, TrainingError, RunLocked, OutDirUnusable, CheckpointUnusable, CheckpointSaveError)
 
 
 def _setup_logging(rank: int) -> None:
@@ -65,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except (KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        print(f"error: {message(e)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         d = init_distributed(cfg.train.replicas, cfg.train.deterministic)
     except ValueError as e:  # train.replicas that does not divide the ranks
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+        print(f"error: {message(e)}", file=sys.stderr)
+        return EXIT_USAGE
     _setup_logging(d.rank)
     watch_parent()  # under torchrun: exit if the launcher dies, instead of finishing the run as an orphan
     try:
@@ -82,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     except USER_ERRORS as e:
         if d.is_main or not isinstance(e, COLLECTIVE_ERRORS):
-            log.error("error: %s", e.args[0] if e.args else e)
-        return 1
+            log.error("error: %s", message(e))
+        return EXIT_USER_ERROR
     if d.is_main and "already_finished" not in summary:  # a finished run re-run: run() has said so
         _print_summary(summary)
     return 0

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from c2a.errors import UserError
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -72,7 +73,7 @@ def stale_checkpoints(out_dir: str | Path, keep_last: int, keep_best: bool = Fal
     return [p for p in complete_checkpoints(out_dir)[:-keep_last] if p != best]
 
 
-class CheckpointUnusable(RuntimeError):
+class CheckpointUnusable(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
 
 
@@ -132,7 +133,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
     """A checkpoint could not be written; the message says why, and what a checkpoint of this run needs."""
 
 

@@ -14,8 +14,8 @@
   checkpoint and exits with `EXIT_STOPPED`. A second signal exits at once. The same agreement carries the
   time-based checkpoint (`train.save_every_minutes`), decided by rank 0's clock so all ranks save together.
 
-The agreement rides on the step's existing all-reduce of the trained-target count (two more integers), so
-it adds no collective and no host sync to a step.
+The agreement rides on the step's existing all-reduce of the loss (two more numbers), so it adds no
+collective and no host sync to a step.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from c2a.train.parallel import Dist
+from c2a.errors import UserError
+from c2a.train.parallel import Dist
 
 
 LOCK_FILE = ".c2a.lock"
@@ -44,11 +43,11 @@ LOCK_FILE = ".c2a.lock"
 EXIT_STOPPED = 75
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another live process holds the out_dir lock."""
 
 
-class OutDirUnusable(RuntimeError):
+class OutDirUnusable(UserError, RuntimeError):
     """out_dir (or a directory the run writes in it) cannot be written."""
 
 

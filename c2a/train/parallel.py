@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from c2a.config import LlamaConfig, TrainSection
+from c2a.config import LlamaConfig, TrainSection, resolve_dtype
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.weights import CheckpointReader
 
@@ -92,17 +93,9 @@ def use_deterministic(enabled: bool) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
 def _checkpointed(forward: Callable) -> Callable:
@@ -135,7 +128,7 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
     #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
     #    in fp32.
-    dtype = compute_dtype(train.dtype, d.device)
+    dtype = resolve_dtype(train.dtype, d.device)
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
@@ -186,10 +179,6 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
     for name, p in model.named_parameters():
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
         yield name, (full.to("cpu", dtype or full.dtype) if rank == 0 else None)
-
-
-def is_fsdp(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def shutdown_and_exit(code: int) -> None:

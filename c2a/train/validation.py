@@ -12,8 +12,9 @@ every rank runs the same number of forwards (the sharded model's all-gathers are
 one forward fewer would hang the others). Each rank sums the cross-entropy of its targets (`model.loss`
 with normalizer 1) in float64, and one all-reduce gives the global sum and count: the loss is the mean over
 every held-out target, token-weighted as a training step's loss is, and equal to what `python -m c2a.eval`
-reports on the same records and weights (its batches are padded, not packed; attention never crosses a
-packed document's boundary, so only the fp32 summation order differs). The model is never gathered.
+reports on the same records and weights (both sum through c2a.inference.target_loss_sum; its batches are
+padded, not packed, and attention never crosses a packed document's boundary, so only the fp32 summation
+order differs). The model is never gathered.
 
 `train.keep_best`: an evaluation whose loss is the lowest so far also saves a checkpoint, its trainer state
 records `val_loss`, and checkpoint pruning keeps that one beside the last `train.keep_last`.
@@ -21,13 +22,11 @@ records `val_loss`, and checkpoint pruning keeps that one beside the last `train
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +35,11 @@ import torch.distributed as dist
 from c2a.config import TrainConfig
 from c2a.data import Tokenizer, TokenizedDataset, load_records
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
+from c2a.data.sources import SKIP_HINT
+from c2a.inference import target_loss_sum
 from c2a.train.checkpoint import best_checkpoint, read_trainer_state
 from c2a.train.parallel import Dist
-
-if TYPE_CHECKING:
-    from c2a.train.loop import RunData
+from c2a.train.run_data import RunData
 
 log = logging.getLogger("c2a")
 
@@ -80,24 +79,16 @@ def load_validation_set(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizedData
     if Path(path).is_dir():
         return TokenizedDataset.open(path, expect_tokenizer=tokenizer, expect_max_len=cfg.data.max_len,
                                      hint=f"data.val_path: rebuild {path} with the run's tokenizer and max_len")  # fmt: skip
-    loaded = load_records(path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint="--data.skip_bad_rows=true")
+    loaded = load_records(path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint=SKIP_HINT)
     return TokenizedDataset.from_records(loaded.records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source=loaded.source)
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, loader: MicroBatchLoader, device: torch.device) -> tuple[float, int]:
     """Collective: (mean cross-entropy over every target of one epoch of `loader`, all ranks together; the
-    number of those targets). Every rank must hold a loader over the same data with its own rank."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of target losses, target count]
-    for mb in loader:  # one epoch: the same number of micro-batches on every rank (empty rows pad it)
-        mb = mb.to(device)
-        loss = model.loss(mb.input_ids, mb.labels, position_ids=mb.position_ids, normalizer=1.0, num_trained=mb.num_trained)
-        sums[0] += loss.double()
-        sums[1] += mb.num_trained  # counted on the host by the loader
+    number of those targets). Every rank must hold a loader over the same data with its own rank; an epoch
+    gives every rank the same number of micro-batches (empty rows pad it)."""
+    sums = target_loss_sum(model, loader, device)  # [sum of target losses, target count]
     dist.all_reduce(sums)
-    model.train(was_training)
     total, targets = sums.tolist()  # the sync of an evaluation
     return total / max(targets, 1.0), int(targets)
 
@@ -114,21 +105,22 @@ class Validation:
         self.best = (read_trainer_state(best)["val_loss"], best.name) if best is not None else (math.inf, "")
 
     @classmethod
-    def start(cls, cfg: TrainConfig, data: RunData, d: Dist) -> Validation:
-        """The held-out set; with data.val_fraction, data.train becomes the examples that are not held out."""
+    def start(cls, cfg: TrainConfig, data: RunData, d: Dist) -> tuple[Validation, ExampleDataset]:
+        """The run's validation, and the examples it trains on: with data.val_fraction, those of data.train
+        that are not held out; otherwise data.train itself."""
         if cfg.data.val_path:
             dataset = load_validation_set(cfg, data.tokenizer)
             described = f"{cfg.data.val_path} ({len(dataset):,} examples)"
+            train = data.train
         elif cfg.data.val_fraction:
             train_idx, val_idx = split_examples(len(data.train), cfg.data.val_fraction, cfg.train.seed)
-            dataset = ExampleSubset(data.train, val_idx)
-            data.train = ExampleSubset(data.train, train_idx)
+            dataset, train = ExampleSubset(data.train, val_idx), ExampleSubset(data.train, train_idx)
             described = f"{len(val_idx):,} of {len(train_idx) + len(val_idx):,} training examples held out (data.val_fraction={cfg.data.val_fraction})"
         else:
-            return cls(cfg, d, None, "")
+            return cls(cfg, d, None, ""), data.train
         every = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
         log.info("validation: %s; evaluated %s%s", described, every, ", best checkpoint kept" if cfg.train.keep_best else "")
-        return cls(cfg, d, dataset, described)
+        return cls(cfg, d, dataset, described), train
 
     def due(self, step: int, total_steps: int) -> bool:
         every = self.cfg.eval.every
@@ -158,42 +150,11 @@ class Validation:
         """The progress bar's validation field (the latest evaluation's loss)."""
         return {"val_loss": f"{self.last['val_loss']:.4f}"} if self.last else {}
 
-    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 at the end of a run: the summary's validation entries, the demo's before / after exact match
-        added to metrics.jsonl's last record (the run's last step), and with eval.plot OUT_DIR/metrics.png."""
-        if not self.d.is_main:
-            return {}
-        metrics = Path(self.cfg.out_dir) / "metrics.jsonl"
-        if summary.get("demo_after"):
-            _add_to_last_record(metrics, {"demo_exact_match_before": summary["demo_before"]["accuracy"],
-                                          "demo_exact_match_after": summary["demo_after"]["accuracy"]})  # fmt: skip
-        out: dict[str, Any] = {}
-        if not self.cfg.eval.plot:
-            pass
-        elif importlib.util.find_spec("matplotlib") is None:
-            log.warning("eval.plot: no metrics.png, matplotlib is not installed (pip install matplotlib; then python -m c2a.train.plot %s)", self.cfg.out_dir)
-        elif metrics.is_file():
-            from c2a.train.plot import plot_metrics
-
-            try:
-                out["plot"] = str(plot_metrics(self.cfg.out_dir))
-            except Exception as e:  # noqa: BLE001 - a picture must not fail a finished run
-                log.warning("could not draw metrics.png (%s: %s); the numbers are in %s", type(e).__name__, e, metrics)
+    def summary(self) -> dict[str, Any]:
+        """The run summary's validation entries (the last evaluation, and the best one with keep_best)."""
         if not self.last:
-            return out
-        out.update({k: self.last[k] for k in ("val_loss", "val_ppl", "val_targets")})
+            return {}
+        out = {k: self.last[k] for k in ("val_loss", "val_ppl", "val_targets")}
         if self.cfg.train.keep_best:
             out.update(best_val_loss=self.best[0], best_checkpoint=str(Path(self.cfg.out_dir) / "checkpoints" / self.best[1]))
         return out
-
-
-def _add_to_last_record(path: Path, fields: dict[str, Any]) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    if not lines:
-        return
-    lines[-1] = json.dumps({**json.loads(lines[-1]), **fields})
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)

@@ -1,4 +1,8 @@
-"""Command line of `python -m c2a.train` / `torchrun -m c2a.train`: --config FILE.toml and dotted overrides."""
+"""The training config from the command line: `--config FILE.toml` and dotted `--section.key=value` overrides.
+
+Read by `python -m c2a.train` (and torchrun) and `python -m c2a.plan`, which take the same recipe and keys.
+A key may be spelled with dashes (`--data.skip-bad-rows`), as the argparse CLIs spell their flags.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         if key == "config":
             config_file = value
         else:
-            overrides[key] = value
+            overrides[key.replace("-", "_")] = value
         i += 1
     values = {}
     if config_file is not None:

@@ -2,6 +2,8 @@
 
     pip install -e ".[eval]"      # lm-eval is an optional extra, imported only by this module
 
+Importing this module registers the model with lm-eval (`lm_eval --model c2a`).
+
 `C2ALM` subclasses lm-eval's `TemplateLM`, so the harness itself splits each (context, continuation)
 request into tokens exactly as it does for its own `hf` model (trailing spaces of the context moved to the
 continuation, the pair encoded whole and cut at the context's length, an empty context replaced by BOS);
@@ -24,6 +26,7 @@ log-likelihoods (1e-4) and the same metrics (tests/test_lm_eval.py).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,16 +37,18 @@ import torch
 import torch.nn.functional as F
 
 try:
+    import lm_eval
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 except ImportError as e:  # the optional extra is not installed
     raise ImportError("lm-evaluation-harness is not installed: pip install -e \".[eval]\" (or pip install lm_eval)") from e
 
 from c2a.data import Tokenizer
-from c2a.generate import load_model_and_tokenizer
+from c2a.inference.loading import load_model_and_tokenizer
 from c2a.model import Llama
-from c2a.model.generate import generate_batch
+from c2a.model.decode import generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ log = logging.getLogger(__name__)
 @register_model("c2a")
 class C2ALM(TemplateLM):
     """lm-eval model over a c2a `Llama` and its tokenizer. From lm-eval's own CLI:
-    `lm_eval --model c2a --model_args pretrained=DIR,dtype=bf16 --tasks ...` (after `import c2a.lm_eval_model`)."""
+    `lm_eval --model c2a --model_args pretrained=DIR,dtype=bf16 --tasks ...` (after `import c2a.inference.lm_eval`)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, batch_size: int = 8, max_gen_toks: int = 256) -> None:
         super().__init__()
@@ -214,8 +219,6 @@ def _unreachable(e: BaseException) -> bool:
 def evaluate_tasks(lm: C2ALM, tasks: list[str], num_fewshot: int | None, limit: int | None, include_path: str | None,
                    log_samples: bool = False, task_manager: Any = None) -> dict[str, Any]:  # fmt: skip
     """lm-eval's simple_evaluate on c2a's model: its result dict ("results", "configs", "n-shot", ...)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
 
     known = task_manager
     if known is None and include_path:
@@ -241,7 +244,6 @@ def suite_scores(b: Benchmark, results: dict[str, Any]) -> float:
 
 def run_suite(lm: C2ALM, suite: Sequence[Benchmark], limit: int | None, task_manager: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Every benchmark at its setting: ({column: percent, "Average": ...}, {task: lm-eval's results})."""
-    from lm_eval.tasks import TaskManager
 
     tm = task_manager or TaskManager()
     scores, raw = {}, {}
@@ -276,28 +278,24 @@ def suite_table(name: str, scores: dict[str, float], suite: Sequence[Benchmark] 
     return "\n".join(lines)
 
 
-def run_lm_eval(args: Any) -> dict[str, Any]:
-    """`python -m c2a.eval --tasks ... | --suite ...` (argparse namespace of c2a.eval)."""
-    import json
-
-    from lm_eval.utils import handle_non_serializable
-
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
-    lm = C2ALM(model, tok, batch_size=args.batch_size)
-    name = Path(args.model).resolve().name
-    if args.suite:
-        scores, raw = run_suite(lm, SUITES[args.suite], args.limit)
-        out = {"model": str(args.model), "suite": args.suite, "scores": scores, "report": suite_table(name, scores, SUITES[args.suite], args.limit)}
-        to_write = {"suite": args.suite, "scores": scores, "results": {t: r["results"] for t, r in raw.items()}}
+def run_lm_eval(model_dir: str | Path, *, tasks: Sequence[str] = (), suite: str | None = None, tokenizer: str | None = None,
+                device: str | None = None, dtype: str = "auto", batch_size: int = 8, num_fewshot: int | None = None,
+                limit: int | None = None, include_path: str | Path | None = None, output: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """lm-eval's `tasks`, or the card's `suite` (a name of SUITES), on a checkpoint: {"report": the table, ...};
+    lm-eval's result JSON (the suite's scores and results) written to `output` when given."""
+    model, tok = load_model_and_tokenizer(model_dir, tokenizer, device, dtype)
+    lm = C2ALM(model, tok, batch_size=batch_size)
+    name = Path(model_dir).resolve().name
+    if suite:
+        scores, raw = run_suite(lm, SUITES[suite], limit)
+        out = {"model": str(model_dir), "suite": suite, "scores": scores, "report": suite_table(name, scores, SUITES[suite], limit)}
+        to_write = {"suite": suite, "scores": scores, "results": {t: r["results"] for t, r in raw.items()}}
     else:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        results = evaluate_tasks(lm, tasks, args.num_fewshot, args.limit, str(args.include_path) if args.include_path else None)
-        from lm_eval.utils import make_table
-
-        out = {"model": str(args.model), "tasks": tasks, "results": results["results"], "report": make_table(results)}
+        results = evaluate_tasks(lm, list(tasks), num_fewshot, limit, str(include_path) if include_path else None)
+        out = {"model": str(model_dir), "tasks": list(tasks), "results": results["results"], "report": make_table(results)}
         to_write = results
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(to_write, indent=2, default=handle_non_serializable) + "\n")
-        out["report"] += f"\nresults      {args.output}"
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(to_write, indent=2, default=handle_non_serializable) + "\n")
+        out["report"] += f"\nresults      {output}"
     return out

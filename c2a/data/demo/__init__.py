@@ -26,16 +26,14 @@ Demo examples are 11-33 input positions (mean 21), answers 1-9 tokens + EOS.
 
 from __future__ import annotations
 
-import argparse
 import io
 import random
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from c2a.data.alpaca import format_prompt
 
-DEMO_TOKENIZER = Path(__file__).resolve().parent / "assets" / "demo_tokenizer.model"
+DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "demo_tokenizer.model"
 DEMO_VOCAB_SIZE = 512  # = LlamaConfig.from_name("demo").vocab_size
 
 WORDS: tuple[str, ...] = (
@@ -252,23 +250,3 @@ def make_tokenizer(out: str | Path, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m c2a.data.demo", description="The bundled demo task.")
-    ap.add_argument("--make-tokenizer", metavar="OUT", help="train the demo SentencePiece model and write it to OUT")
-    ap.add_argument("--show", type=int, metavar="N", default=0, help="print N training records")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.make_tokenizer:
-        path = make_tokenizer(args.make_tokenizer, seed=args.seed)
-        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-    for r in demo_split(n_train=max(args.show, 1), n_heldout=0, seed=args.seed)[0][:args.show]:
-        print(r)
-    if not args.make_tokenizer and not args.show:
-        ap.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,78 @@
+"""One optimizer step on every rank.
+
+A step is: this rank's micro-batches for the step, the global count of trained targets (all-reduced),
+forward/backward of each micro-batch with the loss divided by that global count (so loss and gradients do
+not depend on how the global batch is split over ranks and accumulation), clipping on the global norm, then
+the optimizer step unless the loss or gradient is non-finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from c2a.data.batching import MicroBatch
+from c2a.model.llama import Llama
+from c2a.train.lifecycle import StopControl
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # global mean loss of the step (0-dim, on device)
+    grad_norm: torch.Tensor
+    targets: torch.Tensor  # global count of trained targets
+    tokens: int  # this rank's non-padding tokens
+    positions: int  # this rank's positions (padding included)
+    attn_sq: int  # this rank's sum over documents of length^2 (for the attention FLOP count)
+    finite: bool
+    stop: bool = False  # some rank was asked to stop (SIGTERM/SIGINT): every rank stops after this step
+    save_due: bool = False  # a timed checkpoint is due (rank 0's clock)
+
+
+def forward_backward(
+    model: Llama, batches: list[MicroBatch], device: torch.device, flags: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
+    mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors.
+    `flags` (a small int64 tensor, e.g. StopControl's) is summed over ranks in place by the same
+    all-reduce as the loss, at the end of the step, so agreeing on it costs no extra collective."""
+    batches = [b.to(device, non_blocking=True) for b in batches]
+    targets = sum((b.labels != -100).sum() for b in batches)
+    dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
+    normalizer = targets.clamp(min=1).float()
+    loss_sum = torch.zeros((), device=device)
+    for b in batches:
+        loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained)
+        loss.backward()
+        loss_sum += loss.detach()
+    if flags is None:
+        dist.all_reduce(loss_sum)
+        return loss_sum, targets
+    reduced = torch.cat([loss_sum.view(1), flags.to(device, loss_sum.dtype)])
+    dist.all_reduce(reduced)
+    flags.copy_(reduced[1:])
+    return reduced[0], targets
+
+
+def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device,
+               control: StopControl | None = None) -> StepResult:  # fmt: skip
+    flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
+    loss, targets = forward_backward(model, batches, device, flags)
+    params = [p for p in model.parameters() if p.grad is not None]
+    # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    # the one host sync of a step: a non-finite loss or gradient must skip the update, and a step without
+    # any trained target has nothing to learn from (Adam's momentum alone would still move the weights)
+    # (the stop / timed-save flags ride along: they were summed over ranks with the loss)
+    finite, has_targets, stop, save_due = torch.cat([torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]), flags > 0]).tolist()
+    if finite and has_targets:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b.num_tokens for b in batches)
+    positions = sum(b.input_ids.numel() for b in batches)
+    attn_sq = sum(b.sum_len_sq for b in batches)
+    return StepResult(loss, grad_norm, targets, tokens, positions, attn_sq, finite, stop, save_due)
