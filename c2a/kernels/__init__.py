@@ -1,4 +1,4 @@
-"""Fused ops for the Llama-2 block, each with its plain-torch reference beside it.
+"""Fused ops for the Llama block, each with its plain-torch reference beside it.
 
 One switch picks the implementation for every op: the environment variable `C2A_KERNELS=torch|triton`.
 Unset, Triton runs on CUDA tensors and the torch reference everywhere else; `C2A_KERNELS=triton
