@@ -12,7 +12,8 @@ Cases (bf16, 32 query heads, batch × T = 16384 tokens so every T fills the card
 FLOPs: causal forward = half the dense 4·B·H·T²·Hd; backward = 2.5 × forward (its five matmuls against
 the forward's two), so forward + backward = 3.5 × forward, whatever a kernel actually recomputes.
 Every c2a row first checks its forward output against SDPA's (max |difference| in the table). c2a-tma is c2a
-with its tensor-descriptor forward (C2A_ATTN_FWD=tma; Hopper and newer), the backward unchanged.
+with the tensor-descriptor forward of c2a/kernels/attention_tma.py (C2A_ATTN_FWD=tma in the model; Hopper and
+newer), the backward unchanged.
 
 Without CUDA the script says so and runs a smoke mode (`--smoke` asks for it on a GPU too): tiny fp32 shapes,
 under Triton's CPU interpreter and timed with a wall clock there (times of the interpreter, not the kernel).
@@ -25,8 +26,8 @@ heads of Llama-2 7B (32:32), 13B (40:40) and 70B (64:8) for CUDA sm_<arch> with 
 bundled ptxas; prints registers, spill bytes, shared memory, whether TMA and wgmma are used, and the issued
 ÷ useful tensor-core FLOPs of the worst dot and of all dots (1.00: no tensor-core work done twice; method in
 benchmarks/gpu_compile.py), writes DIR/attention_compile.json, and exits 1 if a default build fails. For
-sm_90 and newer it also builds the forward's tensor-descriptor variants (C2A_ATTN_FWD=tma, tma_ws; kind "tma",
-"tma_ws", never a failure) and reports the warp-specialised partitions Triton made. With
+sm_90 and newer it also builds attention_tma.py's tensor-descriptor forward (C2A_ATTN_FWD=tma, tma_ws; kind
+"tma", "tma_ws", never a failure) and reports the warp-specialised partitions Triton made. With
 --sweep the SWEEP tiles at Hd 128 are built too (reported, never a failure: some are expected not to fit).
 """
 
@@ -41,10 +42,10 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from types import ModuleType
+from typing import Callable
 
 # Smoke mode's interpreter runs tl.dot as numpy matmul: keep OpenBLAS to one thread (see tests/conftest.py)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -62,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from c2a.kernels import attention  # noqa: E402
+from c2a.kernels import attention, attention_tma  # noqa: E402
 from c2a.kernels.attention import flash_attention  # noqa: E402
+from c2a.kernels.attention_tma import flash_attention_tma  # noqa: E402
 
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -234,32 +236,10 @@ def flash_attn_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.
     return o.view(B, T, H, Hd)
 
 
-@contextmanager
-def forward_variant(variant: str | None) -> Iterator[None]:
-    """C2A_ATTN_FWD set to `variant` (None: as it was) inside the block: which forward kernel c2a runs."""
-    previous = os.environ.get("C2A_ATTN_FWD")
-    if variant is not None:
-        os.environ["C2A_ATTN_FWD"] = variant
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("C2A_ATTN_FWD", None)
-        else:
-            os.environ["C2A_ATTN_FWD"] = previous
-
-
-def with_forward(variant: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    def call() -> torch.Tensor:
-        with forward_variant(variant):
-            return fn()
-
-    return call
-
-
-# c2a's providers other than "c2a" (the default forward) that run a different forward kernel; "tma_ws" is left
-# out while Triton does not warp-specialise its loop on Hopper (see FORWARD_VARIANTS in the kernel file)
-FORWARD_PROVIDERS = {"c2a-tma": "tma"}
+# c2a's providers that run attention_tma.py's forward instead of the pointer one ("c2a"), the backward unchanged:
+# provider -> warp_specialize. "tma_ws" is left out while Triton does not warp-specialise its loop on Hopper
+# (attention_tma.py's module docstring)
+TMA_PROVIDERS = {"c2a-tma": False}
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -303,16 +283,14 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
                 providers["flex-doc-causal"] = flex_document_causal(q, k, v, position_ids)
             except Exception as err:  # noqa: BLE001 - a baseline this torch cannot build: report, go on
                 print(f"  {case} flex-doc-causal: skipped ({type(err).__name__}: {str(err)[:100]})")
-    c2a = providers["c2a"]
-    for name, variant in FORWARD_PROVIDERS.items():
-        providers[name] = with_forward(variant, c2a)
+    for name, warp_specialize in TMA_PROVIDERS.items():
+        providers[name] = lambda ws=warp_specialize: flash_attention_tma(q, k, v, position_ids, warp_specialize=ws)
     with torch.no_grad():
         want = sdpa(q, k, v) if packing is None else sdpa_per_document(q, k, v, spans)
         diffs = {}
-        for name, variant in {"c2a": None, **FORWARD_PROVIDERS}.items():
+        for name in ("c2a", *TMA_PROVIDERS):
             try:
-                with forward_variant(variant):
-                    diffs[name] = (flash_attention(q, k, v, position_ids).float() - want.float()).abs().max().item()
+                diffs[name] = (providers[name]().float() - want.float()).abs().max().item()
             except Exception as err:  # e.g. TMA on a GPU before Hopper: its rows are skipped below
                 print(f"  {case} {name} T={T} Hd={Hd}: forward check failed ({type(err).__name__}: {str(err)[:100]})")
                 providers.pop(name)
@@ -354,10 +332,15 @@ SWEEP = {
     "_bwd_dq_blocks": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     "_bwd_dkdv_blocks": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2)],
     "_fwd_blocks": [(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3)],
-    # the tensor-descriptor forward (C2A_ATTN_FWD=tma, sm_90+), timed with that variant
+    # attention_tma.py's tensor-descriptor forward (sm_90+), timed through it
     "_fwd_tma_blocks": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)],
 }
-SWEEP_VARIANT = {"_fwd_tma_blocks": "tma"}  # C2A_ATTN_FWD while a kernel's tiles are timed or built
+SWEEP_TMA = {"_fwd_tma_blocks"}  # tile functions of attention_tma.py; the others are attention.py's
+
+
+def tiles_module(name: str) -> ModuleType:
+    """The kernel module whose tile function `name` is (and whose forward times and builds it)."""
+    return attention_tma if name in SWEEP_TMA else attention
 
 
 def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, packing=None) -> list[dict]:
@@ -369,7 +352,7 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
     results so far are rewritten there after every candidate, so a time limit keeps what was measured."""
     B = max(1, tokens // T)
     q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
-    names = [n for n in SWEEP if CUDA and torch.cuda.get_device_capability() >= (9, 0) or n not in SWEEP_VARIANT]
+    names = [n for n in SWEEP if CUDA and torch.cuda.get_device_capability() >= (9, 0) or n not in SWEEP_TMA]
     plans = [("dense", name, None) for name in names]
     if packing is not None:  # after the first dense kernel (the dQ pass): the ones the packed rows run
         pos = position_ids_of(packing)
@@ -378,20 +361,21 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
     results = []
     for case, name, position_ids in plans:
         x = (q, k, v, do) if position_ids is None else (qp, kp, vp, dop)
-        default = getattr(attention, name)
+        module = tiles_module(name)
+        default = getattr(module, name)
+        run = flash_attention_tma if name in SWEEP_TMA else flash_attention
         mode = "fwd" if name.startswith("_fwd") else "fwd+bwd"
         mine = tuple(vars(default(Hd, dtype)).values())  # the default tile, timed beside its alternatives
         for cand in [mine] + [c for c in SWEEP[name] if c != mine]:
-            setattr(attention, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
+            setattr(module, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
-                with forward_variant(SWEEP_VARIANT.get(name)):
-                    ms = timed(lambda: flash_attention(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
-                               deterministic=name == "_bwd_dq_blocks")  # fmt: skip
+                ms = timed(lambda: run(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
+                           deterministic=name == "_bwd_dq_blocks")  # fmt: skip
             except Exception as err:  # e.g. out of shared memory for this tile/stage count
                 ms = float("nan")
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
             finally:
-                setattr(attention, name, default)
+                setattr(module, name, default)
             results.append({"case": case, "kernel": name, "blocks": cand, "default": cand == mine, "mode": mode, "T": T,
                             "Hd": Hd, "ms": ms})  # fmt: skip
             print(f"sweep {case:6s} {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}",
@@ -408,6 +392,47 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
 MODELS = {"7b": (32, 32), "13b": (40, 40), "70b": (64, 8)}
 
 
+# C2A_ATTN_FWD's values that run attention_tma.py's forward -> its warp_specialize; the compile-only report
+# builds each (kind "tma", "tma_ws")
+TMA_FORWARDS = {"tma": False, "tma_ws": True}
+
+
+def record_launches(arch: int, H: int, K: int, Hd: int, packed: bool, deterministic: bool | None,
+                    blocks: tuple | None, name: str | None, variant: str) -> list:
+    """The kernel launches of one build, recorded on meta tensors, not run (bf16, T 4096, batch 1): for variant
+    "pointer" attention.py's forward and backward (`deterministic` picks the dQ path; None: a launcher with
+    one), for "tma" and "tma_ws" attention_tma.py's forward alone. With `name`, that tile function returns
+    `blocks` meanwhile; the launchers pick tiles for compute capability `arch`."""
+    from benchmarks.gpu_compile import capture_launches
+
+    meta = torch.device("meta")
+    q = torch.empty(1, 4096, H, Hd, device=meta, dtype=torch.bfloat16)
+    k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
+    doc_start = doc_end = None
+    if packed:
+        doc_start, doc_end = (torch.empty(1, 4096, device=meta, dtype=torch.int32) for _ in range(2))
+    module = tiles_module(name) if name else None
+    default = getattr(module, name) if name else None
+    if name:
+        module.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
+    extra = {} if deterministic is None else {"deterministic": deterministic}
+    target = attention._target_capability
+    attention._target_capability = lambda: divmod(arch, 10)  # the tiles the launcher picks for this target
+    try:
+        with capture_launches(attention, attention_tma) as recorded:
+            if variant in TMA_FORWARDS:  # the forward alone: its backward is attention.py's, built in the pointer rows
+                attention_tma.attention_forward_tma(q, k, torch.empty_like(k), doc_start, TMA_FORWARDS[variant])
+            else:
+                o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
+                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start,
+                                             doc_end, **extra)  # fmt: skip
+    finally:
+        attention._target_capability = target
+        if name:
+            module.__dict__[name] = default
+    return recorded
+
+
 def compile_report(archs: list[int], models: list[str], head_dims: list[int], with_sweep: bool) -> list[dict]:
     """Builds every kernel for CUDA sm_<arch> on a machine without a GPU (Triton's compiler and its bundled
     ptxas) and reports registers per thread, bytes spilled, shared memory, TMA and wgmma use and the
@@ -419,58 +444,31 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
     that specialise alike (e.g. the delta kernel for every model) are built once, their models listed."""
     import inspect
 
-    from benchmarks.gpu_compile import capture_launches, compile_launch, specialise
+    from benchmarks.gpu_compile import compile_launch, specialise
 
     # launchers without a deterministic switch (before the atomic dQ) have one backward path
     has_paths = "deterministic" in inspect.signature(attention.attention_backward).parameters
     paths = {"atomic": False, "deterministic": True} if has_paths else {"default": None}
 
-    def launches(arch: int, H: int, K: int, Hd: int, packed: bool, deterministic, blocks, name, variant: str) -> list:
-        meta = torch.device("meta")
-        q = torch.empty(1, 4096, H, Hd, device=meta, dtype=torch.bfloat16)
-        k = torch.empty(1, 4096, K, Hd, device=meta, dtype=torch.bfloat16)
-        doc_start = doc_end = None
-        if packed:
-            doc_start, doc_end = (torch.empty(1, 4096, device=meta, dtype=torch.int32) for _ in range(2))
-        default = getattr(attention, name) if name else None
-        if name:
-            attention.__dict__[name] = lambda head_dim, dtype: attention._Blocks(*blocks)
-        extra = {} if deterministic is None else {"deterministic": deterministic}
-        target = attention._target_capability
-        attention._target_capability = lambda: divmod(arch, 10)  # the tiles the launcher picks for this target
-        try:
-            with capture_launches(attention) as recorded, forward_variant(variant):
-                o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
-                if variant == default_forward:  # the other forwards' rows are theirs alone
-                    attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start,
-                                                 doc_end, **extra)  # fmt: skip
-        finally:
-            attention._target_capability = target
-            if name:
-                attention.__dict__[name] = default
-        return recorded
-
-    default_forward = getattr(attention, "_DEFAULT_FORWARD", None)  # None: a launcher with one forward
-    jobs = [(arch, model, Hd, packed, path, None, None, "default", default_forward) for arch in archs
+    jobs = [(arch, model, Hd, packed, path, None, None, "default", "pointer") for arch in archs
             for Hd in head_dims for model in models for packed in (False, True) for path in paths]  # fmt: skip
-    # the tensor-descriptor forwards (TMA: sm_90 and newer), at their own default tiles, where the launcher has them
-    others = [v for v in getattr(attention, "FORWARD_VARIANTS", ()) if v != default_forward]
+    # attention_tma.py's forward (TMA: sm_90 and newer), at its own default tiles
     jobs += [(arch, model, Hd, packed, "forward only", None, None, variant, variant) for arch in archs if arch >= 90
-             for variant in others for Hd in head_dims for model in models for packed in (False, True)]  # fmt: skip
+             for variant in TMA_FORWARDS for Hd in head_dims for model in models for packed in (False, True)]  # fmt: skip
     if with_sweep:
         # the dQ pass runs on the deterministic path only (where the launcher has two)
         sweep_path = {name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths))
                       for name in SWEEP}  # fmt: skip
-        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", SWEEP_VARIANT.get(name, default_forward))
-                 for arch in archs for name, cands in SWEEP.items() if hasattr(attention, name)
-                 and (arch >= 90 or name not in SWEEP_VARIANT) for c in cands]  # fmt: skip
+        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", "tma" if name in SWEEP_TMA else "pointer")
+                 for arch in archs for name, cands in SWEEP.items() if hasattr(tiles_module(name), name)
+                 and (arch >= 90 or name not in SWEEP_TMA) for c in cands]  # fmt: skip
     results, seen = [], {}
     print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
           f"{'tile (M, N, warps, stages)':27s} "
           f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}")
     for arch, model, Hd, packed, path, blocks, name, kind, variant in jobs:
         H, K = MODELS[model]
-        for launch in launches(arch, H, K, Hd, packed, paths.get(path), blocks, name, variant):
+        for launch in record_launches(arch, H, K, Hd, packed, paths.get(path), blocks, name, variant):
             kernel = launch.kernel.fn.__name__
             signature, constexprs, attrs, options = specialise(launch, arch)
             key = (arch, kernel, repr(signature), repr(constexprs), repr(attrs), options.num_warps, options.num_stages)
@@ -649,7 +647,7 @@ def main() -> None:
     c2a_rate = {(r.case, r.B, r.T, r.K, r.Hd, r.mode): r.tflops for r in rows if r.provider == "c2a"}
     for r in rows:
         key = (r.case, r.B, r.T, r.K, r.Hd, r.mode)
-        if r.provider in FORWARD_PROVIDERS and key in c2a_rate:
+        if r.provider in TMA_PROVIDERS and key in c2a_rate:
             summary[f"{r.provider} / c2a, {r.case} T={r.T} K={r.K} Hd={r.Hd}, {r.mode}"] = r.tflops / c2a_rate[key]
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")

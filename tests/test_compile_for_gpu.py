@@ -240,8 +240,8 @@ def test_attention_default_tiles_do_no_duplicate_tensor_core_work(attention_sm90
 
 
 def test_tma_forward_builds_for_sm90_without_spills(attention_sm90):
-    # C2A_ATTN_FWD=tma and tma_ws, not the default (yet): built at their own tiles, descriptors lowered to TMA,
-    # no spills and no duplicated tensor-core work, as a default tile must (measured: 0 B under 3.9 and 3.6)
+    # attention_tma.py's opt-in forward (C2A_ATTN_FWD=tma and tma_ws): built at its own tiles, descriptors lowered
+    # to TMA, no spills and no duplicated tensor-core work, as a default tile must (measured: 0 B under 3.9 and 3.6)
     for variant in ("tma", "tma_ws"):
         rows = [r for r in attention_sm90 if variant in r["kind"]]
         assert {r["kernel"] for r in rows} == {"_attn_fwd_tma_kernel"}, rows

@@ -112,7 +112,7 @@ with capture_launches(rmsnorm, rotary, swiglu, cross_entropy) as launches:
     swiglu.swiglu_forward(x, x)
     swiglu.swiglu_backward(x, x, x)
     cross_entropy.linear_cross_entropy_forward(x.view(26, 64), torch.empty(1000, 64, **meta),
-                                               torch.empty(26, dtype=torch.long, **meta), None, 0.0, True, True)
+                                               torch.empty(26, dtype=torch.long, **meta), None, True, True)
 pinned = [specialise(launch, 90)[3].enable_fp_fusion for launch in launches]
 launches[-1].kwargs.pop("enable_fp_fusion")  # the last launch again without the option: the environment decides
 print(pinned, specialise(launches[-1], 90)[3].enable_fp_fusion)

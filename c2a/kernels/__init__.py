@@ -1,9 +1,10 @@
-"""Fused ops for the Llama-2 block, each with its plain-torch reference beside it.
+"""Fused ops for the Llama block, each with its plain-torch reference beside it.
 
 One switch picks the implementation for every op: the environment variable `C2A_KERNELS=torch|triton`.
 Unset, Triton runs on CUDA tensors and the torch reference everywhere else; `C2A_KERNELS=triton
 TRITON_INTERPRET=1` runs the Triton kernels on CPU tensors through Triton's interpreter. Asking for Triton
-never silently falls back to torch.
+never silently falls back to torch. A second switch, read only on the Triton path, picks the attention
+forward kernel: `C2A_ATTN_FWD=pointer|tma|tma_ws` (`attention_forward_variant`; unset: pointer).
 
 Every Triton launch passes `enable_fp_fusion=True` (a launch option in Triton 3.4 through 3.9, the
 CUDAOptions field the environment's TRITON_DEFAULT_FP_FUSION only defaults): the kernels were written and
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from . import attention
 
 BACKENDS = ("torch", "triton")
+# The attention forward kernels: attention.py's pointer forward (any GPU), or attention_tma.py's through
+# tensor descriptors (compute capability 9.0+), its bulk loop warp-specialised for "tma_ws"
+ATTENTION_FORWARDS = ("pointer", "tma", "tma_ws")
 
 
 def backend(device: torch.device) -> str:
@@ -44,6 +48,16 @@ def backend(device: torch.device) -> str:
             f"C2A_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 (Triton's CPU interpreter); "
             "unset C2A_KERNELS to use the torch path"
         )
+    return choice
+
+
+def attention_forward_variant() -> str:
+    """The forward kernel of the Triton attention, from C2A_ATTN_FWD: "pointer" where it is unset (the
+    default, decided here: the TMA forward ran at 0.75-0.96x its speed on an H200, attention_tma.py), "tma"
+    or "tma_ws" where it asks for attention_tma.py's. The torch path ignores it."""
+    choice = os.environ.get("C2A_ATTN_FWD") or "pointer"
+    if choice not in ATTENTION_FORWARDS:
+        raise ValueError(f"C2A_ATTN_FWD must be one of {', '.join(ATTENTION_FORWARDS)} (or unset), got {choice!r}")
     return choice
 
 
@@ -103,11 +117,17 @@ def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | attention.Documents | None
 ) -> torch.Tensor:
     """q [B, T, H, Hd], k and v [B, T, K, Hd] -> [B, T, H, Hd]; documents restart where position_ids is 0.
-    The model passes an `attention.Documents` built once per forward, so layers share its document index."""
+    The model passes an `attention.Documents` built once per forward, so layers share its document index.
+    On the Triton path `attention_forward_variant()` picks the forward kernel; the backward is attention.py's."""
     if backend(q.device) == "triton":
-        from .attention import flash_attention
+        variant = attention_forward_variant()
+        if variant == "pointer":
+            from .attention import flash_attention
 
-        return flash_attention(q, k, v, position_ids)
+            return flash_attention(q, k, v, position_ids)
+        from .attention_tma import flash_attention_tma
+
+        return flash_attention_tma(q, k, v, position_ids, warp_specialize=variant == "tma_ws")
     from .attention import attention_reference
 
     return attention_reference(q, k, v, position_ids)

@@ -36,10 +36,10 @@ documents and skips the query tiles after. Causal tiles above the diagonal are n
 computed only on diagonal tiles and tiles that straddle a document start. The model builds a `Documents`
 once per forward, so the index is made once for all layers and their checkpoint recompute.
 
-The forward has a second kernel for Hopper (`_attn_fwd_tma_kernel`, C2A_ATTN_FWD=tma): the same O and lse,
-with Q, K, V read and O written through one tensor descriptor (TMA) per batch row and head, whose [T, Hd]
-bounds zero-fill the rows past T. It measured slower than the pointer forward on an H200, which stays the
-default; see FORWARD_VARIANTS.
+The forward here reads its tiles through pointers (`_attn_fwd_kernel`, any GPU), and it is the default.
+An opt-in forward for Hopper, through tensor descriptors (TMA), lives in attention_tma.py: the same O and
+lse for this module's backward, slower on an H200. `c2a.kernels.causal_attention` (c2a/kernels/__init__.py)
+decides which runs, from C2A_ATTN_FWD; attention_tma.py imports this module's helpers, never the reverse.
 
 Grouped-query attention is native: query head h reads K/V head h // (H/K) through strides (no repeat).
 The dK/dV pass runs one program per query head and sums each group's dK, dV afterwards (see
@@ -78,7 +78,7 @@ class Documents:
     derive from it is computed by the first layer that asks and reused by the others, and by activation-
     checkpoint recompute, which is handed the same object: the kernels' per-token index
     (`_document_index`, about 12 small launches) and the reference's [start, end) spans (one device-to-host
-    copy). Built per layer, a 32-layer model with checkpointing paid both 64 times per step.
+    copy). Built per layer, a 32-layer model with checkpointing would pay both 64 times per step.
     """
 
     def __init__(self, position_ids: torch.Tensor | None) -> None:
@@ -197,8 +197,9 @@ def _fwd_tiles(
 def _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PACKED: tl.constexpr):
     """(doc_q, lo, mid_lo, mid_hi): each query row's document start, and the key-tile ranges of a query tile
-    [m0, hi), for both forward kernels: [lo, mid_lo) masked (tiles holding a document start of some query of
-    the tile), [mid_lo, mid_hi) unmasked, [mid_hi, hi) masked (the diagonal)."""
+    [m0, hi), for both forward kernels (this module's and attention_tma.py's): [lo, mid_lo) masked (tiles
+    holding a document start of some query of the tile), [mid_lo, mid_hi) unmasked, [mid_hi, hi) masked
+    (the diagonal)."""
     if PACKED:
         doc_row = doc_start_ptr + b64 * T
         doc_q = tl.load(doc_row + offs_m, mask=row_ok, other=0)
@@ -275,104 +276,6 @@ def _attn_fwd_kernel(
     o_base = o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-
-
-# Hopper forward through tensor descriptors (TMA): the same O and lse as `_attn_fwd_kernel`, with Q, K, V
-# read and O written by the copy engine instead of per-thread pointer loads. One descriptor per (batch row,
-# head) over that head's [T, Hd] slab: TMA fills rows at or past T with zeros on load and drops them on
-# store, so a tile that runs past the row's end needs no mask (pointer masks are left only for the softmax's
-# causal/document mask), and it can never read the next batch row's tokens, which a descriptor over a
-# flattened [B·T, ·] view would. Descriptors need 16-byte aligned bases and token strides
-# (`_tma_layout_problem`); the launcher checks that before choosing this kernel.
-
-
-@triton.jit
-def _fwd_tiles_tma(
-    acc, l_i, m_i, q,
-    k_desc, v_desc,
-    offs_m, doc_q, lo, hi, qk_scale,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MMA_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """`_fwd_tiles` with K and V tiles [BLOCK_N, Hd] loaded through descriptors. Keys at or past T arrive as
-    zeros: on masked tiles the causal mask hides them from real rows (s <= t < T); unmasked tiles end at or
-    before the query tile's start, so they never reach T. WARP_SPECIALIZE lets Triton split the loop into
-    a TMA producer and MMA/softmax consumer partitions (`tl.range(..., warp_specialize=True)`)."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k = k_desc.load([start_n, 0]).to(MMA_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
-        if MASKED:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] >= doc_q[:, None])
-            s = tl.where(visible, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            s = s - m_new[:, None]
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            s = s * qk_scale - m_new[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([start_n, 0]).to(MMA_DTYPE)
-        acc = tl.dot(p.to(MMA_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _attn_fwd_tma_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    T, H, GROUP, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """`_attn_fwd_kernel` through tensor descriptors: the same grid (cdiv(T, BLOCK_M), B·H), heaviest query
-    tiles first, and the same three key ranges (masked document-start tiles, the unmasked bulk, the masked
-    diagonal). Only the bulk loop is warp-specialised (WARP_SPECIALIZE): it is where the time goes, and the
-    masked ranges hold one or two tiles each."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    kv_h = h // GROUP
-    b64 = b.to(tl.int64)
-
-    # one [T, Hd] descriptor per operand and (batch row, head); the last stride is the literal 1 TMA requires
-    q_desc = tl.make_tensor_descriptor(q_ptr + b64 * stride_qb + h.to(tl.int64) * stride_qh, shape=[T, HEAD_DIM],
-                                       strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh,
-                                       shape=[T, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh,
-                                       shape=[T, HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(o_ptr + b64 * stride_ob + h.to(tl.int64) * stride_oh, shape=[T, HEAD_DIM],
-                                       strides=[stride_ot, 1], block_shape=[BLOCK_M, HEAD_DIM])
-
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < T
-    q = q_desc.load([m0, 0]).to(MMA_DTYPE)  # rows past T are zeros
-
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    doc_q, lo, mid_lo, mid_hi = _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M, BLOCK_N, PACKED)
-
-    m_i = tl.full([BLOCK_M], _M_FLOOR, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, lo, mid_lo, qk_scale,
-                                   BLOCK_N, True, False, MMA_DTYPE, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, mid_lo, mid_hi, qk_scale,
-                                   BLOCK_N, False, WARP_SPECIALIZE, MMA_DTYPE, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, doc_q, mid_hi, hi, qk_scale,
-                                   BLOCK_N, True, False, MMA_DTYPE, DOT_PRECISION)
-
-    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past T (l_i = 0) stay finite; the descriptor drops them
-    o = acc / l_i[:, None]
-    o_desc.store([m0, 0], o.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -663,15 +566,16 @@ class _Blocks:
 
 # Tile sizes, one function per kernel. Under the interpreter (CPU tests) the tiles are small and unequal so
 # that T <= 128 crosses many tile, diagonal and document boundaries; warps/stages do not matter there.
-# GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM). Not yet timed
-# on a GPU (`benchmarks/attention.py --sweep` does that); what was measured is the compiled code:
-# `benchmarks/attention.py --compile-only` builds each kernel, as its launcher launches it, for sm_90a on a
-# CPU machine (Triton 3.9, ptxas 13.4) and reports registers, spills and shared memory, quoted below for
-# the packed variant (the unpacked one needs no more) with GQA 32:8 heads; MHA (Llama-2 7B/13B, where
-# the group of one specialises away) needs no more either. Among the shapes the FA2 paper and the Triton tutorial use, the picks are
-# those that compile without register spills, or with the fewest. fp32 inputs (tests on a GPU) take the
-# interpreter's small tiles and 2 stages: IEEE fp32 dots run on FMA units, not wgmma, and larger tiles spill
-# kilobytes (64 × 32 forward at Hd 64: 1292 B).
+# GPU choices are for bf16/fp16 on Hopper (H100: 228 KiB shared memory, 64K registers per SM). Two
+# measurements, quoted per kernel below: the compiled code, from `benchmarks/attention.py --compile-only`,
+# which builds each kernel, as its launcher launches it, for sm_90a on a CPU machine (Triton 3.9, ptxas 13.4)
+# and reports registers, spills and shared memory, for the packed variant (the unpacked one needs no more)
+# with GQA 32:8 heads; MHA (Llama-2 7B/13B, where the group of one specialises away) needs no more either.
+# And times on an H200 (Triton 3.6) from `benchmarks/attention.py --sweep`. Among the shapes the FA2 paper
+# and the Triton tutorial use, the picks are those that compile without register spills, or with the fewest,
+# and of those the fastest timed. fp32 inputs (tests on a GPU) take the interpreter's small tiles and 2
+# stages: IEEE fp32 dots run on FMA units, not wgmma, and larger tiles spill kilobytes (64 × 32 forward at
+# Hd 64: 1292 B).
 
 
 # GPUs whose blocks may use at most 99 KiB of shared memory (GeForce/RTX Ampere, Ada and Blackwell); the A100
@@ -693,32 +597,13 @@ def _fwd_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     # Hd 64: 128 × 64 tiles (FA2 §3.3; the Triton tutorial's Hopper shape), 8 warps, 3 stages: sm_90a 166
     # registers, 0 spills, 64 KiB shared; 4 warps spill 20 B.
     # Hd 128: 64 × 64 tiles, one warp group (4 warps), 3 stages: sm_90a 242 registers, 0 spills, 112 KiB.
-    # Timed on an H200 (benchmarks/gpu_check.sh's sweep, 2026-12-04, Triton 3.6, forward ms at B 4 × T 4096 ×
-    # 32 heads): dense 1.276 against 1.309 and 1.287 (two runs) for the 128 × 64 × 8 warps tile it replaced;
-    # packed Alpaca-like rows 0.461 against 0.576, as a 64-row query tile crosses fewer document edges.
+    # Timed on an H200 (benchmarks/gpu_check.sh's sweep, Triton 3.6, forward ms at B 4 × T 4096 × 32 heads):
+    # dense 1.276 against 1.309 and 1.287 (two runs) for the 128 × 64 × 8 warps tile it replaced; packed
+    # Alpaca-like rows 0.461 against 0.576, as a 64-row query tile crosses fewer document edges.
     # Also timed: 128 × 128 × 8 warps × 2 stages 1.378 / 0.652, 128 × 32 × 8 × 3 1.361 / 0.624.
     if head_dim <= 64:
         return _Blocks(128, 64, 8, 3)
     return _Blocks(64, 64, 4, 3)
-
-
-def _fwd_tma_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
-    if _interpreting() or dtype == torch.float32:
-        return _fwd_blocks(head_dim, dtype)  # the pointer forward's small test tiles
-    # 128 × 128 tiles, 8 warps (two warp groups of 64 query rows each; the Triton tutorial keeps 8 warps on
-    # Hopper only for tiles of at least 128 × 128). Without address tensors for the tiles the pointer kernel
-    # needed 255 registers for, the doubled key tile fits. sm_90a, bf16, T 4096, MHA 32:32 and GQA 64:8
-    # (`benchmarks/attention.py --compile-only`), registers unpacked / packed, Triton 3.9 (3.6):
-    #   Hd 128, 128 × 128, 2 stages: 194 / 228 (215 / 205), 0 spills, 161 KiB, tensor-core ratio 1.00;
-    #           3 stages: 225 KiB, at the edge of the 227 KiB an H100 block may have, for the same registers;
-    #           128 × 64, 3 stages: 138 / 156 (150 / 151), 0 spills, 129 KiB (the pointer kernel's tile).
-    #   Hd 64, 128 × 128, 3 stages: 158 / 196, 0 spills, 113 KiB; 128 × 64: 109 / 121, 65 KiB; 4 warps: 214.
-    # Timed on an H200 (2026-12-04, Triton 3.6): 0.75-0.96x the pointer forward's speed (dense, T 1k-8k), 0.86x
-    # on packed rows; its best sweep tile there, 64 × 64 × 4 warps × 3 stages, was still behind the pointer
-    # kernel's (benchmarks/RESULTS.md). So "pointer" is the default below.
-    if head_dim <= 64:
-        return _Blocks(128, 128, 8, 3)
-    return _Blocks(128, 128, 8, 2)
 
 
 def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
@@ -738,8 +623,8 @@ def _bwd_dkdv_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     #           64 × 128 (64 queries) spills 276 B.
     #   Hd 64, 128 keys × 32 queries, 8 warps, 3 stages: 196 / 193 registers, 0 spills, 65 KiB, 1.00.
     # 128-key tiles also halve the atomic dQ traffic against 64-key ones (BLOCK_M · Hd fp32 adds per pair).
-    # Timed on an H200 (benchmarks/gpu_check.sh, 2026-12-04, Triton 3.6, B 4 × T 4096, 32 heads, Hd 128,
-    # forward + backward): 3 stages 5.54 ms, 2 stages 6.01 ms, 64 keys × 4 warps 5.61 ms, 16 × 64 6.70 ms,
+    # Timed on an H200 (benchmarks/gpu_check.sh, Triton 3.6, B 4 × T 4096, 32 heads, Hd 128, forward +
+    # backward): 3 stages 5.54 ms, 2 stages 6.01 ms, 64 keys × 4 warps 5.61 ms, 16 × 64 6.70 ms,
     # 64 × 64 × 8 warps 7.99 ms (the duplicated work above), 32 × 64 × 8 warps 9.93 ms.
     # Before Hopper (sm_80, not timed) the third stage spills 364-380 B at 7B/13B (atomic path), two stages
     # 60-136 B, so the A100 keeps two. The consumer cards (sm_86, sm_89, sm_120: 99 KiB of shared memory a
@@ -762,55 +647,12 @@ def _bwd_dq_blocks(head_dim: int, dtype: torch.dtype) -> _Blocks:
     # The deterministic path's second pass: query rows resident (Q, dO, dQ), keys streamed; each key tile
     # costs three dots (Q Kᵀ, dO Vᵀ, dS K). sm_90a: Hd 64, 32-key tiles, 4 warps: 221 registers, 0 spills,
     # 56 KiB. Hd 128: 64 × 32 tiles, 4 warps, 3 stages: 154 registers, 0 spills, 80 KiB. Timed on an H200
-    # (2026-12-04, Triton 3.6, deterministic forward + backward ms at B 4 × T 4096 × 32 heads): 5.98 against
+    # (Triton 3.6, deterministic forward + backward ms at B 4 × T 4096 × 32 heads): 5.98 against
     # 6.22 for the 128 × 64 × 8 warps × 2 stages tile it replaced; 128 × 64 × 8 × 3 ran 5.77 but spills
     # (48 B on sm_90a at 70B's heads, packed). sm_80: 204 / 254 registers, 0 spills, 68 KiB.
     if head_dim <= 64:
         return _Blocks(128, 32, 4, 3)
     return _Blocks(64, 32, 4, 3)
-
-
-# Which forward kernel runs: "pointer" (`_attn_fwd_kernel`, plain tl.load of pointer tiles, any GPU), "tma"
-# (`_attn_fwd_tma_kernel`, tensor descriptors, compute capability 9.0+) or "tma_ws" (the same with its bulk
-# loop warp-specialised). C2A_ATTN_FWD picks one; unset, the default below, chosen by measurement
-# (`benchmarks/attention.py`, providers c2a and c2a-tma: the pointer forward was faster on an H200).
-# "tma_ws" is for the Triton that can split this loop on Hopper; 3.6 and 3.9 cannot. They pass
-# `warp_specialize` on sm_90 to their Hopper pass (NVGPUWarpSpecialization), which at 8 warps leaves this loop
-# unpartitioned (TTGIR without ttg.warp_specialize: the "tma" build, register for register) and at 4 warps
-# aborts on an MLIR dominance assertion; the Triton tutorial (python/tutorials/06-fused-attention.py) tests
-# warp_specialize on Blackwell only. `benchmarks/attention.py --compile-only` reports the partitions it gets.
-FORWARD_VARIANTS = ("pointer", "tma", "tma_ws")
-_DEFAULT_FORWARD = "pointer"
-
-
-def _forward_variant() -> tuple[str, bool]:
-    """(variant, whether C2A_ATTN_FWD asked for it explicitly)."""
-    asked = os.environ.get("C2A_ATTN_FWD")
-    variant = asked or _DEFAULT_FORWARD
-    if variant not in FORWARD_VARIANTS:
-        raise ValueError(f"flash_attention: C2A_ATTN_FWD must be one of {FORWARD_VARIANTS}, got {variant!r}")
-    return variant, asked is not None
-
-
-def _tma_layout_problem(tensors: dict[str, torch.Tensor], capability: tuple[int, int] | None) -> str | None:
-    """Why the descriptor forward cannot read these [B, T, heads, Hd] tensors, or None if it can.
-
-    TMA needs compute capability 9.0 (Hopper) and, per descriptor, a 16-byte aligned base and 16-byte
-    multiples for every stride but the last (which is 1). Each (batch row, head) descriptor starts at
-    data_ptr + b·stride_b + h·stride_h, so the batch and head strides must be 16-byte multiples too.
-    `capability` is None off CUDA (the interpreter, or meta tensors for compile-only builds).
-    """
-    if capability is not None and capability < (9, 0):
-        return f"tensor descriptors (TMA) need compute capability 9.0 or newer, this GPU has {capability[0]}.{capability[1]}"
-    for name, x in tensors.items():
-        size = x.element_size()
-        if x.data_ptr() % 16:
-            return f"{name}'s data pointer is not 16-byte aligned (offset {x.data_ptr() % 16} B)"
-        strides = dict(zip(("batch", "token", "head"), _strides(x)))
-        for dim, stride in strides.items():
-            if stride * size % 16:
-                return f"{name}'s {dim} stride is {stride * size} B, not a multiple of 16 B"
-    return None
 
 
 def _check_blocks(blocks: _Blocks, bigger: int, smaller: int, kernel: str) -> None:
@@ -926,17 +768,6 @@ def attention_forward(
     o = _empty((B, T, H, Hd), q.dtype, q.device)
     lse = _empty((B, H, T), torch.float32, q.device)
     sm_scale = 1.0 / math.sqrt(Hd)
-    variant, asked = _forward_variant()
-    if variant != "pointer":
-        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-        problem = _tma_layout_problem({"q": q, "k": k, "v": v, "o": o}, capability)
-        if problem is not None and asked:
-            raise ValueError(f"flash_attention: C2A_ATTN_FWD={variant} cannot run here: {problem}; "
-                             "unset C2A_ATTN_FWD or use C2A_ATTN_FWD=pointer")
-        if problem is None:
-            _tma_forward(q, k, v, o, lse, doc_start, sm_scale, warp_specialize=variant == "tma_ws")
-            return o, lse
-        # the default asked for TMA, this layout or GPU cannot have it: the pointer kernel reads any layout
     blocks = _fwd_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
     grid = (triton.cdiv(T, blocks.block_m), B * H)
@@ -949,33 +780,6 @@ def attention_forward(
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
     return o, lse
-
-
-def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    # global memory for the descriptors `tl.make_tensor_descriptor` builds on the device (128 B each)
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _tma_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    doc_start: torch.Tensor | None, sm_scale: float, warp_specialize: bool,
-) -> None:
-    """Launches `_attn_fwd_tma_kernel`, writing o and lse; the layout was checked by `_tma_layout_problem`."""
-    B, T, H, Hd = q.shape
-    K = k.shape[2]
-    blocks = _fwd_tma_blocks(Hd, q.dtype)
-    _check_blocks(blocks, blocks.block_m, blocks.block_n, "TMA forward")
-    if q.device.type == "cuda":
-        triton.set_allocator(_tma_scratch)  # device-side descriptors live in a scratch buffer Triton asks for
-    grid = (triton.cdiv(T, blocks.block_m), B * H)
-    _attn_fwd_tma_kernel[grid](
-        q, k, v, o, lse, q if doc_start is None else doc_start,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        T, H, H // K, sm_scale * math.log2(math.e),
-        HEAD_DIM=Hd, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PACKED=doc_start is not None,
-        WARP_SPECIALIZE=warp_specialize, MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
-    )
 
 
 def attention_backward(
@@ -996,7 +800,8 @@ def attention_backward(
     -29% backward tensor FLOPs) for, per (key tile, query tile) pair, BLOCK_M·Hd fp32 atomic adds in L2:
     at T = 4096, Hd 128 and 128-key × 32-query tiles, about 2100 pairs × 16 KiB = 33 MiB per head, plus the
     zeroing (4 B per dQ element) and the cast (4 B read, 2 B written). FA2 and FA3 take the atomic route,
-    the Triton tutorial the separate pass. Which is faster on an H100 is for `benchmarks/gpu_check.sh` to measure.
+    the Triton tutorial the separate pass. On an H200 (Triton 3.6, bf16, 32 heads, Hd 128, T 4k-16k) the atomic
+    path's forward + backward ran 1.08-1.14x the deterministic one's speed (benchmarks/RESULTS.md).
     """
     q, k, v, do = (_head_dim_contiguous(x) for x in (q, k, v, do))
     B, T, H, Hd = q.shape
