@@ -42,15 +42,15 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 # Smoke mode's interpreter runs tl.dot as numpy matmul: keep OpenBLAS to one thread (see tests/conftest.py)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 CUDA = torch.cuda.is_available()
 COMPILE_ONLY = "--compile-only" in sys.argv  # compiles for a GPU target: needs Triton's compiler, not its interpreter
@@ -121,8 +121,13 @@ def causal_flops(H: int, Hd: int, lengths: list[int]) -> float:
     return sum(2.0 * H * Hd * L * L for L in lengths)
 
 
-def timed(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], do: torch.Tensor, mode: str,
-          deterministic: bool = False) -> float:
+def timed(
+    fwd: Callable[[], torch.Tensor],
+    leaves: list[torch.Tensor],
+    do: torch.Tensor,
+    mode: str,
+    deterministic: bool = False,
+) -> float:
     """`deterministic` times c2a's deterministic backward (its separate dQ pass instead of fp32 atomics),
     which torch's deterministic mode selects; torch's filling of uninitialised memory in that mode is
     turned off meanwhile so that only the kernels differ."""
@@ -145,9 +150,7 @@ def timed(fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor], do: torch
 def make_qkv(B: int, T: int, H: int, K: int, Hd: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """q [B, T, H, Hd], k, v [B, T, K, Hd] (leaves that require grad), dO [B, T, H, Hd]."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v = (
-        torch.randn(B, T, n, Hd, device=DEVICE, dtype=dtype, generator=gen).requires_grad_() for n in (H, K, K)
-    )
+    q, k, v = (torch.randn(B, T, n, Hd, device=DEVICE, dtype=dtype, generator=gen).requires_grad_() for n in (H, K, K))
     do = torch.randn(B, T, H, Hd, device=DEVICE, dtype=dtype, generator=gen)
     return q, k, v, do
 
@@ -202,7 +205,9 @@ def torch_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tenso
     """torch.nn.attention.varlen (FlashAttention under torch) over the packed tokens as one sequence list."""
     B, T, H, Hd = q.shape
     flat = [x.reshape(B * T, x.shape[2], Hd) for x in (q, k, v)]
-    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+    causal = (
+        {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+    )
     gqa = {"enable_gqa": True} if k.shape[2] != H else {}
     return varlen_attn(*flat, cu_seqlens, cu_seqlens, max_len, max_len, **causal, **gqa).view(B, T, H, Hd)
 
@@ -230,8 +235,14 @@ def flex_document_causal(q, k, v, position_ids: torch.Tensor) -> Callable[[], to
 def flash_attn_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int) -> torch.Tensor:
     B, T, H, Hd = q.shape
     o = flash_attn_varlen_func(
-        q.reshape(B * T, H, Hd), k.reshape(B * T, -1, Hd), v.reshape(B * T, -1, Hd),
-        cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
+        q.reshape(B * T, H, Hd),
+        k.reshape(B * T, -1, Hd),
+        v.reshape(B * T, -1, Hd),
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        causal=True,
     )
     return o.view(B, T, H, Hd)
 
@@ -258,8 +269,11 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
     if packing is None:
         flops = B * causal_flops(H, Hd, [T])
         position_ids = None
-        providers = {"c2a": lambda: flash_attention(q, k, v), "c2a-deterministic": lambda: flash_attention(q, k, v),
-                     SDPA_NAME: lambda: sdpa(q, k, v)}
+        providers = {
+            "c2a": lambda: flash_attention(q, k, v),
+            "c2a-deterministic": lambda: flash_attention(q, k, v),
+            SDPA_NAME: lambda: sdpa(q, k, v),
+        }
         if flash_attn_func is not None:
             providers["flash-attn"] = lambda: flash_attn_func(q, k, v, causal=True)
     else:
@@ -281,7 +295,7 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
         if CUDA and flex_attention is not None:
             try:
                 providers["flex-doc-causal"] = flex_document_causal(q, k, v, position_ids)
-            except Exception as err:  # noqa: BLE001 - a baseline this torch cannot build: report, go on
+            except Exception as err:
                 print(f"  {case} flex-doc-causal: skipped ({type(err).__name__}: {str(err)[:100]})")
     for name, warp_specialize in TMA_PROVIDERS.items():
         providers[name] = lambda ws=warp_specialize: flash_attention_tma(q, k, v, position_ids, warp_specialize=ws)
@@ -308,18 +322,26 @@ def run_case(case: str, B: int, T: int, H: int, K: int, Hd: int, dtype, packing,
             rows.append(Row(case, name, mode, B, T, H, K, Hd, ms, total / ms / 1e9, diff))
             print(format_row(rows[-1]), flush=True)
             if PARTIAL is not None:  # rewritten after every row: a stage's time limit keeps what was measured
-                PARTIAL.write_text(json.dumps({"environment": environment(False), "rows": [asdict(r) for r in rows],
-                                               "partial": True}, indent=1))  # fmt: skip
+                PARTIAL.write_text(
+                    json.dumps(
+                        {"environment": environment(False), "rows": [asdict(r) for r in rows], "partial": True},
+                        indent=1,
+                    )
+                )
 
 
 def format_row(r: Row) -> str:
     diff = "" if r.max_diff is None else f"{r.max_diff:9.2e}"
-    return (f"{r.case:7s} {r.provider:18s} {r.mode:8s} {r.B:3d} {r.T:6d} {r.H:3d} {r.K:3d} {r.Hd:4d} "
-            f"{r.ms:10.3f} {r.tflops:8.4g} {diff}")
+    return (
+        f"{r.case:7s} {r.provider:18s} {r.mode:8s} {r.B:3d} {r.T:6d} {r.H:3d} {r.K:3d} {r.Hd:4d} "
+        f"{r.ms:10.3f} {r.tflops:8.4g} {diff}"
+    )
 
 
-HEADER = (f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s} {'K':>3s} {'Hd':>4s} "
-          f"{'ms':>10s} {'TFLOP/s':>8s} {'max|diff|':>9s}")
+HEADER = (
+    f"{'case':7s} {'provider':18s} {'mode':8s} {'B':>3s} {'T':>6s} {'H':>3s} {'K':>3s} {'Hd':>4s} "
+    f"{'ms':>10s} {'TFLOP/s':>8s} {'max|diff|':>9s}"
+)
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -352,7 +374,7 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
     results so far are rewritten there after every candidate, so a time limit keeps what was measured."""
     B = max(1, tokens // T)
     q, k, v, do = make_qkv(B, T, H, H, Hd, dtype)
-    names = [n for n in SWEEP if CUDA and torch.cuda.get_device_capability() >= (9, 0) or n not in SWEEP_TMA]
+    names = [n for n in SWEEP if (CUDA and torch.cuda.get_device_capability() >= (9, 0)) or n not in SWEEP_TMA]
     plans = [("dense", name, None) for name in names]
     if packing is not None:  # after the first dense kernel (the dQ pass): the ones the packed rows run
         pos = position_ids_of(packing)
@@ -369,17 +391,34 @@ def sweep(T: int, Hd: int, H: int, tokens: int, dtype, out: Path | None = None, 
         for cand in [mine] + [c for c in SWEEP[name] if c != mine]:
             setattr(module, name, lambda head_dim, dtype, c=cand: attention._Blocks(*c))
             try:
-                ms = timed(lambda: run(x[0], x[1], x[2], position_ids), list(x[:3]), x[3], mode,
-                           deterministic=name == "_bwd_dq_blocks")  # fmt: skip
+                ms = timed(
+                    lambda: run(x[0], x[1], x[2], position_ids),
+                    list(x[:3]),
+                    x[3],
+                    mode,
+                    deterministic=name == "_bwd_dq_blocks",
+                )
             except Exception as err:  # e.g. out of shared memory for this tile/stage count
                 ms = float("nan")
                 print(f"  {name} {cand}: {type(err).__name__}: {str(err)[:100]}")
             finally:
                 setattr(module, name, default)
-            results.append({"case": case, "kernel": name, "blocks": cand, "default": cand == mine, "mode": mode, "T": T,
-                            "Hd": Hd, "ms": ms})  # fmt: skip
-            print(f"sweep {case:6s} {name:18s} {str(cand):18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}",
-                  flush=True)  # fmt: skip
+            results.append(
+                {
+                    "case": case,
+                    "kernel": name,
+                    "blocks": cand,
+                    "default": cand == mine,
+                    "mode": mode,
+                    "T": T,
+                    "Hd": Hd,
+                    "ms": ms,
+                }
+            )
+            print(
+                f"sweep {case:6s} {name:18s} {cand!s:18s} {mode:8s} {ms:9.3f} ms{' (default)' if cand == mine else ''}",
+                flush=True,
+            )
             if out is not None:
                 out.write_text(json.dumps({"environment": environment(False), "sweep": results}, indent=1))
     return results
@@ -397,8 +436,17 @@ MODELS = {"7b": (32, 32), "13b": (40, 40), "70b": (64, 8)}
 TMA_FORWARDS = {"tma": False, "tma_ws": True}
 
 
-def record_launches(arch: int, H: int, K: int, Hd: int, packed: bool, deterministic: bool | None,
-                    blocks: tuple | None, name: str | None, variant: str) -> list:
+def record_launches(
+    arch: int,
+    H: int,
+    K: int,
+    Hd: int,
+    packed: bool,
+    deterministic: bool | None,
+    blocks: tuple | None,
+    name: str | None,
+    variant: str,
+) -> list:
     """The kernel launches of one build, recorded on meta tensors, not run (bf16, T 4096, batch 1): for variant
     "pointer" attention.py's forward and backward (`deterministic` picks the dQ path; None: a launcher with
     one), for "tma" and "tma_ws" attention_tma.py's forward alone. With `name`, that tile function returns
@@ -424,8 +472,9 @@ def record_launches(arch: int, H: int, K: int, Hd: int, packed: bool, determinis
                 attention_tma.attention_forward_tma(q, k, torch.empty_like(k), doc_start, TMA_FORWARDS[variant])
             else:
                 o, lse = attention.attention_forward(q, k, torch.empty_like(k), doc_start)
-                attention.attention_backward(torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start,
-                                             doc_end, **extra)  # fmt: skip
+                attention.attention_backward(
+                    torch.empty_like(o), q, k, torch.empty_like(k), o, lse, doc_start, doc_end, **extra
+                )
     finally:
         attention._target_capability = target
         if name:
@@ -450,22 +499,42 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
     has_paths = "deterministic" in inspect.signature(attention.attention_backward).parameters
     paths = {"atomic": False, "deterministic": True} if has_paths else {"default": None}
 
-    jobs = [(arch, model, Hd, packed, path, None, None, "default", "pointer") for arch in archs
-            for Hd in head_dims for model in models for packed in (False, True) for path in paths]  # fmt: skip
+    jobs = [
+        (arch, model, Hd, packed, path, None, None, "default", "pointer")
+        for arch in archs
+        for Hd in head_dims
+        for model in models
+        for packed in (False, True)
+        for path in paths
+    ]
     # attention_tma.py's forward (TMA: sm_90 and newer), at its own default tiles
-    jobs += [(arch, model, Hd, packed, "forward only", None, None, variant, variant) for arch in archs if arch >= 90
-             for variant in TMA_FORWARDS for Hd in head_dims for model in models for packed in (False, True)]  # fmt: skip
+    jobs += [
+        (arch, model, Hd, packed, "forward only", None, None, variant, variant)
+        for arch in archs
+        if arch >= 90
+        for variant in TMA_FORWARDS
+        for Hd in head_dims
+        for model in models
+        for packed in (False, True)
+    ]
     if with_sweep:
         # the dQ pass runs on the deterministic path only (where the launcher has two)
-        sweep_path = {name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths))
-                      for name in SWEEP}  # fmt: skip
-        jobs += [(arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", "tma" if name in SWEEP_TMA else "pointer")
-                 for arch in archs for name, cands in SWEEP.items() if hasattr(tiles_module(name), name)
-                 and (arch >= 90 or name not in SWEEP_TMA) for c in cands]  # fmt: skip
+        sweep_path = {
+            name: "deterministic" if name == "_bwd_dq_blocks" and has_paths else next(iter(paths)) for name in SWEEP
+        }
+        jobs += [
+            (arch, models[-1], 128, True, sweep_path[name], c, name, "sweep", "tma" if name in SWEEP_TMA else "pointer")
+            for arch in archs
+            for name, cands in SWEEP.items()
+            if hasattr(tiles_module(name), name) and (arch >= 90 or name not in SWEEP_TMA)
+            for c in cands
+        ]
     results, seen = [], {}
-    print(f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
-          f"{'tile (M, N, warps, stages)':27s} "
-          f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}")
+    print(
+        f"{'arch':6s} {'kernel':26s} {'Hd':>3s} {'packed':6s} {'models':11s} {'backward path':20s} "
+        f"{'tile (M, N, warps, stages)':27s} "
+        f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'TMA':3s} {'wgmma':5s} {'mma issued/useful'}"
+    )
     for arch, model, Hd, packed, path, blocks, name, kind, variant in jobs:
         H, K = MODELS[model]
         for launch in record_launches(arch, H, K, Hd, packed, paths.get(path), blocks, name, variant):
@@ -485,8 +554,17 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
                 r = compile_launch(launch, arch)
             except Exception as err:  # e.g. a tile that does not fit: report and go on
                 r = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-            row = {"arch": arch, "kernel": kernel, "Hd": Hd, "packed": packed, "models": [model], "backward": [path],
-                   "blocks": tile, "kind": [kind], **r}  # fmt: skip
+            row = {
+                "arch": arch,
+                "kernel": kernel,
+                "Hd": Hd,
+                "packed": packed,
+                "models": [model],
+                "backward": [path],
+                "blocks": tile,
+                "kind": [kind],
+                **r,
+            }
             seen[key] = row
             results.append(row)
             print(compile_row(row), flush=True)
@@ -494,16 +572,20 @@ def compile_report(archs: list[int], models: list[str], head_dims: list[int], wi
 
 
 def compile_row(r: dict) -> str:
-    head = (f"sm_{r['arch']:<3d} {r['kernel']:26s} {r['Hd']:3d} {str(r['packed']):6s} {','.join(r['models']):11s} "
-            f"{'/'.join(r['backward']):20s} {str(r['blocks']) + ' ' + '/'.join(r['kind']):27s}")
+    head = (
+        f"sm_{r['arch']:<3d} {r['kernel']:26s} {r['Hd']:3d} {r['packed']!s:6s} {','.join(r['models']):11s} "
+        f"{'/'.join(r['backward']):20s} {str(r['blocks']) + ' ' + '/'.join(r['kind']):27s}"
+    )
     if "error" in r:
         return f"{head} {r['error']}"
     ratio = "-" if not r["dots"] else f"{r['mma_ratio_max']:.2f} (worst dot), {r['mma_ratio']:.2f} (all)"
     if r["unattributed"]:
         ratio = f"{r['unattributed']} MMA instructions with no dot site"
     ws = f"; {r['ws_partitions']} warp-specialised partitions" if r.get("ws_partitions") else ""
-    return (f"{head} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_kib']:4.0f} "
-            f"{'yes' if r['tma'] else 'no':3s} {'yes' if r['wgmma'] else 'no':5s} {ratio}{ws}")
+    return (
+        f"{head} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_kib']:4.0f} "
+        f"{'yes' if r['tma'] else 'no':3s} {'yes' if r['wgmma'] else 'no':5s} {ratio}{ws}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -542,8 +624,9 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def environment(smoke: bool) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     import triton
@@ -564,16 +647,28 @@ def main() -> None:
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--tokens", type=int, default=16384, help="batch × T of every dense case")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time (with --compile-only: build) alternative tile sizes (Hd 128, T 4096)")
-    parser.add_argument("--sweep-only", action="store_true",
-                        help="only time the alternative tiles, writing DIR/attention_sweep.json after each one")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time (with --compile-only: build) alternative tile sizes (Hd 128, T 4096)",
+    )
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only time the alternative tiles, writing DIR/attention_sweep.json after each one",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: build the kernels for sm_<arch>; report registers, spills, shared memory",
+    )
     parser.add_argument("--arch", default="90", help="with --compile-only: compute capabilities, e.g. 90,80")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help="with --compile-only: Llama-2 sizes whose heads are built (7b 32:32, 13b 40:40, 70b 64:8)")
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="with --compile-only: Llama-2 sizes whose heads are built (7b 32:32, 13b 40:40, 70b 64:8)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -642,7 +737,9 @@ def main() -> None:
     atomic = {(r.case, r.B, r.T, r.K, r.Hd): r.tflops for r in rows if r.provider == "c2a" and r.mode == "fwd+bwd"}
     for r in rows:
         if r.provider == "c2a-deterministic" and (r.case, r.B, r.T, r.K, r.Hd) in atomic:
-            summary[f"c2a atomic / deterministic backward, {r.case} T={r.T} K={r.K}, fwd+bwd"] = atomic[(r.case, r.B, r.T, r.K, r.Hd)] / r.tflops
+            summary[f"c2a atomic / deterministic backward, {r.case} T={r.T} K={r.K}, fwd+bwd"] = (
+                atomic[(r.case, r.B, r.T, r.K, r.Hd)] / r.tflops
+            )
     # each other forward kernel against the default one, same shapes and mode
     c2a_rate = {(r.case, r.B, r.T, r.K, r.Hd, r.mode): r.tflops for r in rows if r.provider == "c2a"}
     for r in rows:
@@ -654,8 +751,12 @@ def main() -> None:
 
     sweep_results = sweep(4096, 128, 32, args.tokens, dtype) if args.sweep and not smoke else []
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(smoke), "rows": [asdict(r) for r in rows], "summary": summary,
-              "sweep": sweep_results}
+    result = {
+        "environment": environment(smoke),
+        "rows": [asdict(r) for r in rows],
+        "summary": summary,
+        "sweep": sweep_results,
+    }
     (args.out / "attention.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "attention.png")
     print(f"wrote {args.out / 'attention.json'} and {args.out / 'attention.png'}")

@@ -39,10 +39,11 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def gpu_name(arch: int) -> str:
@@ -57,8 +58,11 @@ def ptxas_stats(ptx: str, arch: int) -> dict[str, int | None]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name(arch)}", f.name, "-o", os.devnull],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name(arch)}", f.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed for {gpu_name(arch)}: {done.stderr.strip()[:300]}")
     regs = re.search(r"Used (\d+) registers", done.stderr)
@@ -208,9 +212,17 @@ def ttgir_dots(ttgir: str) -> list[dict[str, Any]]:
             a, c = [int(x) for x in m.group(2)[:-1].split("x")], [int(x) for x in m.group(3)[:-1].split("x")]
             batch = math.prod(c[:-2])
             loc = re.search(r"loc\((.*)\)\s*$", line)
-            dots.append({"site": _resolve_loc(loc.group(1), defs) if loc else None, "M": c[-2], "N": c[-1],
-                         "K": a[-1], "batch": batch, "warps": warps_stack[-1][1],
-                         "wgmma": m.group(1) == "ttng.warp_group_dot"})  # fmt: skip
+            dots.append(
+                {
+                    "site": _resolve_loc(loc.group(1), defs) if loc else None,
+                    "M": c[-2],
+                    "N": c[-1],
+                    "K": a[-1],
+                    "batch": batch,
+                    "warps": warps_stack[-1][1],
+                    "wgmma": m.group(1) == "ttng.warp_group_dot",
+                }
+            )
         depth += line.count("{") - line.count("}")
         while len(warps_stack) > 1 and depth <= warps_stack[-1][0]:
             warps_stack.pop()
@@ -227,8 +239,15 @@ def ptx_mma(ptx: str) -> list[dict[str, Any]]:
         elif m := _PTX_LOC.match(line):
             site = (files.get(m.group(1), m.group(1)), int(m.group(2)), int(m.group(3)))
         elif m := _PTX_MMA.search(line):
-            found.append({"wgmma": m.group(1).startswith("wgmma"), "m": int(m.group(2)), "n": int(m.group(3)),
-                          "k": int(m.group(4)), "site": site})  # fmt: skip
+            found.append(
+                {
+                    "wgmma": m.group(1).startswith("wgmma"),
+                    "m": int(m.group(2)),
+                    "n": int(m.group(3)),
+                    "k": int(m.group(4)),
+                    "site": site,
+                }
+            )
     for m in _PTX_FILE.finditer(ptx):  # .file directives may follow the code: re-resolve the file names
         files[m.group(1)] = os.path.basename(m.group(3) or m.group(2))
     for ins in found:
@@ -266,8 +285,19 @@ def mma_report(asm: dict[str, Any], arch: int) -> dict[str, Any]:
     dots, instrs = ttgir_dots(asm["ttgir"]), ptx_mma(ptx)
     sites: dict[Any, dict[str, Any]] = {}
     for d in dots:
-        s = sites.setdefault(d["site"], {"site": d["site"], "instances": 0, "M": d["M"], "N": d["N"], "K": d["K"],
-                                         "useful_flops": 0, "issued_flops": 0, "warps": set()})  # fmt: skip
+        s = sites.setdefault(
+            d["site"],
+            {
+                "site": d["site"],
+                "instances": 0,
+                "M": d["M"],
+                "N": d["N"],
+                "K": d["K"],
+                "useful_flops": 0,
+                "issued_flops": 0,
+                "warps": set(),
+            },
+        )
         s["instances"] += 1
         s["useful_flops"] += 2 * d["batch"] * d["M"] * d["N"] * d["K"]
         s["warps"].add(d["warps"])

@@ -41,23 +41,36 @@ for line in (work / "stages.tsv").read_text().splitlines():
     name, rc, millis, command = line.split("\t", 3)
     rc = int(rc)
     status = "pass" if rc == 0 else "timeout" if rc in (124, 137) else f"fail (exit {rc})"
-    stages.append({"stage": name, "status": status, "exit": rc, "seconds": round(int(millis) / 1000, 1), "command": command})
-report = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "setup": load(work / "setup.json"), "stages": stages}
+    stages.append(
+        {"stage": name, "status": status, "exit": rc, "seconds": round(int(millis) / 1000, 1), "command": command}
+    )
+report = {
+    "mode": mode,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "setup": load(work / "setup.json"),
+    "stages": stages,
+}
 md = [f"# gpu_check ({mode} mode)", ""]
 env = report["setup"] or {}
-md += [f"- date: {report['date']}", f"- commit: {env.get('commit')}", f"- device: {env.get('device')} {env.get('nvidia_smi', '')}".rstrip(),
-       f"- packages: {', '.join(f'{k} {v}' for k, v in env.get('packages', {}).items())}"]
+md += [
+    f"- date: {report['date']}",
+    f"- commit: {env.get('commit')}",
+    f"- device: {env.get('device')} {env.get('nvidia_smi', '')}".rstrip(),
+    f"- packages: {', '.join(f'{k} {v}' for k, v in env.get('packages', {}).items())}",
+]
 if env.get("missing"):
     md.append(f"- MISSING: {'; '.join(env['missing'])}")
-md += ["", "| stage | status | seconds |", "|---|---|---:|"] + [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
+md += ["", "| stage | status | seconds |", "|---|---|---:|"] + [
+    f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages
+]
+
 
 def pytest_stage(name, title):
     """A pytest stage: in smoke mode the collection line; on the GPU the counts, each failure, and (for the
     short end-to-end suite) every test's time, from its junit XML; the log's tail where pytest wrote none."""
     global md
     if mode == "smoke":
-        collected = next((l for l in tail(name, 5).splitlines() if "collected" in l), None)
+        collected = next((line for line in tail(name, 5).splitlines() if "collected" in line), None)
         md += ["", f"## {title} (smoke: collected, not run; CI runs them under the interpreter)", str(collected)]
         return {"collected": collected}
     if not (work / f"{name}.xml").is_file():  # pytest did not get as far as writing its report (timeout, import error)
@@ -66,18 +79,32 @@ def pytest_stage(name, title):
     root = ET.parse(work / f"{name}.xml").getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    cases = [{"test": f"{c.get('classname')}::{c.get('name')}", "seconds": float(c.get("time") or 0),
-              "status": "failed" if c.find("failure") is not None or c.find("error") is not None
-              else "skipped" if c.find("skipped") is not None else "passed"} for c in suite.iter("testcase")]
+    cases = [
+        {
+            "test": f"{c.get('classname')}::{c.get('name')}",
+            "seconds": float(c.get("time") or 0),
+            "status": "failed"
+            if c.find("failure") is not None or c.find("error") is not None
+            else "skipped"
+            if c.find("skipped") is not None
+            else "passed",
+        }
+        for c in suite.iter("testcase")
+    ]
     failed = [c["test"] for c in cases if c["status"] == "failed"]
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    md += ["", f"## {title}",
-           f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"]
+    md += [
+        "",
+        f"## {title}",
+        f"{counts['tests']} tests: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped",
+    ]
     md += [f"- FAILED {test}" for test in failed[:40]]
     result = {**counts, "failed": failed}
     if len(cases) <= 40:
         result["cases"] = cases
-        md += ["", "| test | status | seconds |", "|---|---|---:|"] + [f"| {c['test']} | {c['status']} | {c['seconds']:.1f} |" for c in cases]
+        md += ["", "| test | status | seconds |", "|---|---|---:|"] + [
+            f"| {c['test']} | {c['status']} | {c['seconds']:.1f} |" for c in cases
+        ]
     return result
 
 
@@ -90,28 +117,45 @@ report["train"] = train
 md += ["", "## Training throughput (benchmarks/train_throughput.py)"]
 if train and "ratios" in train:
     c2a, base, s = train["sides"]["c2a"], train["sides"]["baseline"], train["setup"]
-    md.append(f"dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, vocab {s['vocab_size']}, rows of {s['seq_len']}, "
-              f"{s['global_batch']} examples/step, {s['dtype']}")
+    md.append(
+        f"dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, vocab {s['vocab_size']}, rows of {s['seq_len']}, "
+        f"{s['global_batch']} examples/step, {s['dtype']}"
+    )
     md += ["", "| | c2a | HF baseline | c2a / baseline |", "|---|---:|---:|---:|"]
-    for label, key, fmt in (("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"), ("all tokens/s", "tokens_per_s", "{:,.0f}"),
-                            ("padding", "padding_fraction", "{:.1%}"), ("step s", "step_seconds", "{:.3f}"),
-                            ("examples/step", "examples_per_step", "{:.1f}"), ("peak memory MiB", "peak_memory_mib", "{:,.0f}"),
-                            ("model TFLOP/s", "model_tflops_per_s", "{:.1f}"), ("MFU", "mfu", "{:.1%}")):
+    for label, key, fmt in (
+        ("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"),
+        ("all tokens/s", "tokens_per_s", "{:,.0f}"),
+        ("padding", "padding_fraction", "{:.1%}"),
+        ("step s", "step_seconds", "{:.3f}"),
+        ("examples/step", "examples_per_step", "{:.1f}"),
+        ("peak memory MiB", "peak_memory_mib", "{:,.0f}"),
+        ("model TFLOP/s", "model_tflops_per_s", "{:.1f}"),
+        ("MFU", "mfu", "{:.1%}"),
+    ):
         if c2a.get(key) is not None and base.get(key):
             md.append(f"| {label} | {fmt.format(c2a[key])} | {fmt.format(base[key])} | {c2a[key] / base[key]:.2f}x |")
     if mode == "gpu":
         mfu, speed = c2a.get("mfu"), train["ratios"]["trained_tokens_per_s"]
-        md.append(f"\nGoals (issue 7): MFU >= 50%: {'met' if mfu and mfu >= 0.5 else 'NOT met'} ({mfu if mfu is None else f'{mfu:.1%}'}); "
-                  f">= 2x baseline trained tokens/s: {'met' if speed >= 2 else 'NOT met'} ({speed:.2f}x)")
+        md.append(
+            f"\nGoals (issue 7): MFU >= 50%: {'met' if mfu and mfu >= 0.5 else 'NOT met'} ({mfu if mfu is None else f'{mfu:.1%}'}); "
+            f">= 2x baseline trained tokens/s: {'met' if speed >= 2 else 'NOT met'} ({speed:.2f}x)"
+        )
 else:  # a side failed or ran out of time: what was measured, and the log
     for side, r in ((train or {}).get("sides") or {}).items():
-        md.append(f"- {side}: {f(r.get('trained_tokens_per_s'), ',.0f')} trained tokens/s, "
-                  f"peak {f(r.get('peak_memory_mib'), ',.0f')} MiB, MFU {r.get('mfu')}")
+        md.append(
+            f"- {side}: {f(r.get('trained_tokens_per_s'), ',.0f')} trained tokens/s, "
+            f"peak {f(r.get('peak_memory_mib'), ',.0f')} MiB, MFU {r.get('mfu')}"
+        )
     md += ["```", tail("train"), "```"]
 prof = (((train or {}).get("sides") or {}).get("c2a") or {}).get("profile")
 if prof:  # where one c2a step's device time goes
-    md += ["", f"c2a, one profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels", "",
-           "| kernel family | ms | share of kernel time |", "|---|---:|---:|"]
+    md += [
+        "",
+        f"c2a, one profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels",
+        "",
+        "| kernel family | ms | share of kernel time |",
+        "|---|---:|---:|",
+    ]
     busy = prof["device_busy_ms"] or 1.0
     md += [f"| {k} | {v:.1f} | {v / busy:.1%} |" for k, v in prof["families_ms"].items()]
     md += ["", "| kernel | calls | ms |", "|---|---:|---:|"]
@@ -119,13 +163,19 @@ if prof:  # where one c2a step's device time goes
 
 # attention
 att = load(work / "attention" / "attention.json")
-report["attention"] = att and {"summary": att.get("summary"), "environment": att.get("environment"),
-                               "rows": [r for r in att.get("rows", []) if r.get("provider")]}
+report["attention"] = att and {
+    "summary": att.get("summary"),
+    "environment": att.get("environment"),
+    "rows": [r for r in att.get("rows", []) if r.get("provider")],
+}
 md += ["", "## Attention (benchmarks/attention.py)"]
 if att:
     md += ["| case | provider | mode | B | T | H/K | Hd | ms | TFLOP/s |", "|---|---|---|---:|---:|---|---:|---:|---:|"]
-    md += [f"| {r['case']} | {r['provider']} | {r['mode']} | {r['B']} | {r['T']} | {r['H']}/{r['K']} | {r['Hd']} | "
-           f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} |" for r in att["rows"]]
+    md += [
+        f"| {r['case']} | {r['provider']} | {r['mode']} | {r['B']} | {r['T']} | {r['H']}/{r['K']} | {r['Hd']} | "
+        f"{f(r.get('ms'), '.3f')} | {f(r.get('tflops'), '.1f')} |"
+        for r in att["rows"]
+    ]
     md += [f"- {k}: {f(v, '.3f')}" for k, v in (att.get("summary") or {}).items()]
 else:
     md += ["```", tail("attention"), "```"]
@@ -136,7 +186,10 @@ report["sweep"] = sw and sw.get("sweep")
 md += ["", "## Attention tiles (benchmarks/attention.py --sweep-only)"]
 if sw:
     md += ["| case | kernel | BLOCK_M, BLOCK_N, warps, stages | mode | ms |", "|---|---|---|---|---:|"]
-    md += [f"| {r.get('case', 'dense')} | {r['kernel']} | {r['blocks']}{' (default)' if r.get('default') else ''} | {r['mode']} | {f(r.get('ms'), '.3f')} |" for r in sw.get("sweep", [])]
+    md += [
+        f"| {r.get('case', 'dense')} | {r['kernel']} | {r['blocks']}{' (default)' if r.get('default') else ''} | {r['mode']} | {f(r.get('ms'), '.3f')} |"
+        for r in sw.get("sweep", [])
+    ]
 else:
     md += ["```", tail("sweep"), "```"]
 
@@ -145,14 +198,27 @@ ker = load(work / "kernels" / "kernels.json")
 report["kernels"] = ker
 md += ["", "## Kernels (benchmarks/kernels.py)"]
 if ker:
-    md += ["| kernel | shape | mode | provider | ms | GB/s | TFLOP/s | peak MiB | note |", "|---|---|---|---|---:|---:|---:|---:|---|"]
-    md += [f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['provider']} | {f(r.get('ms'), '.3f')} | {f(r.get('gbps'), '.0f')} | "
-           f"{f(r.get('tflops'), '.1f')} | {f(r.get('peak_mb'), ',.0f')} | {r.get('note') or ''} |" for r in ker["rows"]]
+    md += [
+        "| kernel | shape | mode | provider | ms | GB/s | TFLOP/s | peak MiB | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    md += [
+        f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['provider']} | {f(r.get('ms'), '.3f')} | {f(r.get('gbps'), '.0f')} | "
+        f"{f(r.get('tflops'), '.1f')} | {f(r.get('peak_mb'), ',.0f')} | {r.get('note') or ''} |"
+        for r in ker["rows"]
+    ]
     if ker.get("rmsnorm_backward_sweep"):
-        md += ["", "RMSNorm backward launch settings (forward + backward, 7B width):", "",
-               "| programs per SM | warps | ms |", "|---:|---:|---:|"]
-        md += [f"| {r['programs_per_sm']} | {r['warps']}{' (default)' if r['default'] else ''} | {f(r['ms'], '.3f')} |"
-               for r in ker["rmsnorm_backward_sweep"]]
+        md += [
+            "",
+            "RMSNorm backward launch settings (forward + backward, 7B width):",
+            "",
+            "| programs per SM | warps | ms |",
+            "|---:|---:|---:|",
+        ]
+        md += [
+            f"| {r['programs_per_sm']} | {r['warps']}{' (default)' if r['default'] else ''} | {f(r['ms'], '.3f')} |"
+            for r in ker["rmsnorm_backward_sweep"]
+        ]
 else:
     md += ["```", tail("kernels"), "```"]
 
@@ -162,8 +228,12 @@ for s in failed_stages:
 
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 (out / "gpu_check.md").write_text("\n".join(md) + "\n")
-for src, dst in ((work / "train" / "train_throughput.json", "train_throughput.json"), (work / "train" / "train_throughput.png", "train_throughput.png"),
-                 (work / "attention" / "attention.png", "attention.png"), (work / "kernels" / "kernels.png", "kernels.png")):
+for src, dst in (
+    (work / "train" / "train_throughput.json", "train_throughput.json"),
+    (work / "train" / "train_throughput.png", "train_throughput.png"),
+    (work / "attention" / "attention.png", "attention.png"),
+    (work / "kernels" / "kernels.png", "kernels.png"),
+):
     if src.is_file():
         shutil.copyfile(src, out / dst)
 with tarfile.open(out / "gpu_check_details.tar.gz", "w:gz") as tar:

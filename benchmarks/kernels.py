@@ -37,9 +37,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,7 +53,8 @@ elif not CUDA:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 import triton  # noqa: E402
 
-from c2a.kernels import cross_entropy, rmsnorm, rotary, swiglu as swiglu_module  # noqa: E402
+from c2a.kernels import cross_entropy, rmsnorm, rotary  # noqa: E402
+from c2a.kernels import swiglu as swiglu_module  # noqa: E402
 from c2a.kernels.cross_entropy import (  # noqa: E402
     linear_cross_entropy,
     linear_cross_entropy_chunked,
@@ -188,8 +189,17 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                 if liger:
                     norm = liger.LigerRMSNorm(D, eps=EPS).to(DEVICE, dtype)
                     providers["liger"] = lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,))
-                cases.append(Case("rmsnorm", f"{shape} D={D}", [x, w], providers, (torch.randn_like(x),),
-                                  fwd_bytes=(2 * N * D + D) * s, fwdbwd_bytes=(5 * N * D + 3 * D) * s))  # fmt: skip
+                cases.append(
+                    Case(
+                        "rmsnorm",
+                        f"{shape} D={D}",
+                        [x, w],
+                        providers,
+                        (torch.randn_like(x),),
+                        fwd_bytes=(2 * N * D + D) * s,
+                        fwdbwd_bytes=(5 * N * D + 3 * D) * s,
+                    )
+                )
             if "add_rmsnorm" in kernels:
                 x, r, w = randn(N, D), randn(N, D), randn(D, scale=0.1)
                 providers = {
@@ -198,9 +208,17 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                 }
                 providers |= maybe_compile(lambda x, r, w: add_rms_norm_reference(x, r, w, EPS), use_compile)
                 # forward reads x, r, w, writes h, y; backward reads dh, dy, h, w, writes dx (= dr), dw
-                cases.append(Case("add_rmsnorm", f"{shape} D={D}", [x, r, w], providers,
-                                  (torch.randn_like(x), torch.randn_like(x)),
-                                  fwd_bytes=(4 * N * D + D) * s, fwdbwd_bytes=(8 * N * D + 3 * D) * s))  # fmt: skip
+                cases.append(
+                    Case(
+                        "add_rmsnorm",
+                        f"{shape} D={D}",
+                        [x, r, w],
+                        providers,
+                        (torch.randn_like(x), torch.randn_like(x)),
+                        fwd_bytes=(4 * N * D + D) * s,
+                        fwdbwd_bytes=(8 * N * D + 3 * D) * s,
+                    )
+                )
             if "rotary" in kernels:
                 T = min(N, 4096)
                 B = N // T
@@ -220,16 +238,34 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                     )
                     notes["liger"] = "HF rotate-half layout, [B,H,T,Hd] views"
                 qk = 2 * q.numel() * s
-                cases.append(Case("rotary", f"{shape} H={H} Hd={Hd}", [q, k], providers,
-                                  (torch.randn_like(q), torch.randn_like(k)),
-                                  fwd_bytes=2 * qk, fwdbwd_bytes=4 * qk, notes=notes))  # fmt: skip
+                cases.append(
+                    Case(
+                        "rotary",
+                        f"{shape} H={H} Hd={Hd}",
+                        [q, k],
+                        providers,
+                        (torch.randn_like(q), torch.randn_like(k)),
+                        fwd_bytes=2 * qk,
+                        fwdbwd_bytes=4 * qk,
+                        notes=notes,
+                    )
+                )
             if "swiglu" in kernels:
                 a, b = randn(N, F, scale=2.0), randn(N, F)
                 providers = {"c2a": swiglu, "torch": swiglu_reference} | maybe_compile(swiglu_reference, use_compile)
                 if liger_silu_mul:
                     providers["liger"] = liger_silu_mul.apply
-                cases.append(Case("swiglu", f"{shape} F={F}", [a, b], providers, (torch.randn_like(a),),
-                                  fwd_bytes=3 * N * F * s, fwdbwd_bytes=8 * N * F * s))  # fmt: skip
+                cases.append(
+                    Case(
+                        "swiglu",
+                        f"{shape} F={F}",
+                        [a, b],
+                        providers,
+                        (torch.randn_like(a),),
+                        fwd_bytes=3 * N * F * s,
+                        fwdbwd_bytes=8 * N * F * s,
+                    )
+                )
             if "cross_entropy" in kernels:
                 h, W = randn(N, D), randn(vocab, D, scale=D**-0.5)
                 labels = torch.randint(0, vocab, (N,), device=DEVICE)
@@ -243,8 +279,17 @@ def make_cases(kernels: list[str], tokens: list[int], smoke: bool, use_compile: 
                 if liger:
                     flce = liger.LigerFusedLinearCrossEntropyLoss()
                     providers["liger"] = lambda h, W: flce(W, h, labels)
-                cases.append(Case("cross_entropy", f"{shape} D={D} V={vocab}", [h, W], providers, (),
-                                  fwd_flops=2 * N * D * vocab, fwdbwd_flops=6 * N * D * vocab))  # fmt: skip
+                cases.append(
+                    Case(
+                        "cross_entropy",
+                        f"{shape} D={D} V={vocab}",
+                        [h, W],
+                        providers,
+                        (),
+                        fwd_flops=2 * N * D * vocab,
+                        fwdbwd_flops=6 * N * D * vocab,
+                    )
+                )
     return cases
 
 
@@ -285,13 +330,21 @@ def run_case(case: Case, copy_gbps: float | None) -> list[Row]:
             ("fwd+bwd", fwdbwd_ms, case.fwdbwd_bytes, case.fwdbwd_flops),
         ):
             gbps = nbytes / ms / 1e6 if nbytes else None
-            rows.append(Row(
-                case.kernel, case.shape, mode, provider, ms=ms, gbps=gbps,
-                copy_pct=100 * gbps / copy_gbps if gbps and copy_gbps else None,
-                tflops=flops / ms / 1e9 if flops else None,
-                peak_mb=mem if mode == "fwd+bwd" else None,
-                max_diff=diff if mode == "fwd" else None, note=note,
-            ))  # fmt: skip
+            rows.append(
+                Row(
+                    case.kernel,
+                    case.shape,
+                    mode,
+                    provider,
+                    ms=ms,
+                    gbps=gbps,
+                    copy_pct=100 * gbps / copy_gbps if gbps and copy_gbps else None,
+                    tflops=flops / ms / 1e9 if flops else None,
+                    peak_mb=mem if mode == "fwd+bwd" else None,
+                    max_diff=diff if mode == "fwd" else None,
+                    note=note,
+                )
+            )
     return rows
 
 
@@ -357,8 +410,10 @@ def compile_report(
     from benchmarks.gpu_compile import compile_launch, specialise
 
     results = []
-    print(f"{'arch':<8}{'kernel':<28}{'dtypes':<15}{'models':<8}{'regs':>5}{'spill B':>8}{'smem KiB':>9}"
-          f"{'CTAs/SM':>8}  constexprs")  # fmt: skip
+    print(
+        f"{'arch':<8}{'kernel':<28}{'dtypes':<15}{'models':<8}{'regs':>5}{'spill B':>8}{'smem KiB':>9}"
+        f"{'CTAs/SM':>8}  constexprs"
+    )
     for arch in archs:
         seen: dict[tuple, dict] = {}
         for kernel in kernels:
@@ -375,9 +430,16 @@ def compile_report(
                                 if value not in seen[key][field]:
                                     seen[key][field].append(value)
                             continue
-                        row = {"arch": arch, "op": kernel, "kernel": launch.kernel.fn.__name__, "dtypes": [dtype_name],
-                               "models": [model], "constexprs": consts, "signature": signature,
-                               "divisible_by_16": [names[path[0]] for path, a in attrs.items() if a]}  # fmt: skip
+                        row = {
+                            "arch": arch,
+                            "op": kernel,
+                            "kernel": launch.kernel.fn.__name__,
+                            "dtypes": [dtype_name],
+                            "models": [model],
+                            "constexprs": consts,
+                            "signature": signature,
+                            "divisible_by_16": [names[path[0]] for path, a in attrs.items() if a],
+                        }
                         try:
                             row |= compile_launch(launch, arch)
                             row["ctas_per_sm"] = resident_ctas(
@@ -413,8 +475,9 @@ def compile_row(row: dict) -> str:
     head = f"sm_{row['arch']:<5}{row['kernel']:<28}{','.join(row['dtypes']):<15}{','.join(row['models']):<8}"
     if "error" in row:
         return head + f"{'ERROR':>30}  {consts}\n    " + row["error"].replace("\n", " ")[:400]
-    return head + (f"{row['registers']!s:>5}{row['spill_bytes']!s:>8}{row['shared_kib']:9.1f}"
-                   f"{row['ctas_per_sm']!s:>8}  {consts}")  # fmt: skip
+    return head + (
+        f"{row['registers']!s:>5}{row['spill_bytes']!s:>8}{row['shared_kib']:9.1f}{row['ctas_per_sm']!s:>8}  {consts}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -425,8 +488,10 @@ def table(rows: list[Row]) -> str:
         width = int(spec.split(".")[0])
         return format(v, spec) if v is not None else "-".rjust(width)
 
-    lines = [f"{'kernel':<14}{'shape':<26}{'mode':<9}{'provider':<15}{'ms':>9}{'GB/s':>8}{'%copy':>7}"
-             f"{'TFLOP/s':>9}{'peak MiB':>10}{'max diff':>10}  note"]  # fmt: skip
+    lines = [
+        f"{'kernel':<14}{'shape':<26}{'mode':<9}{'provider':<15}{'ms':>9}{'GB/s':>8}{'%copy':>7}"
+        f"{'TFLOP/s':>9}{'peak MiB':>10}{'max diff':>10}  note"
+    ]
     for r in rows:
         lines.append(
             f"{r.kernel:<14}{r.shape:<26}{r.mode:<9}{r.provider:<15}{f(r.ms, '9.3f')}{f(r.gbps, '8.0f')}"
@@ -467,8 +532,12 @@ def plot(rows: list[Row], path: Path, smoke: bool, copy_gbps: float | None) -> N
 
 def environment(smoke: bool, copy_gbps: float | None) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None  # fmt: skip
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {
@@ -496,6 +565,7 @@ def sweep_rmsnorm_backward(tokens: int, dim: int, dtype: torch.dtype) -> list[di
         for warps in (4, 8, 16):
             rmsnorm._bwd_programs = lambda n_rows, device, k=per_sm: max(1, min(n_rows, k * sms))
             try:
+
                 def fwd_bwd():
                     # the forward with its own settings, the backward's launch with these warps
                     out = rms_norm(x, w, 1e-5)
@@ -508,10 +578,19 @@ def sweep_rmsnorm_backward(tokens: int, dim: int, dtype: torch.dtype) -> list[di
                 ms = bench_ms(fwd_bwd, [x, w])
             finally:
                 rmsnorm._bwd_programs = programs
-            results.append({"programs_per_sm": per_sm, "warps": warps, "ms": ms,
-                            "default": (per_sm, warps) == (4, settings(dim)[1])})  # fmt: skip
-            print(f"rmsnorm backward sweep: {per_sm:2d} programs/SM, {warps:2d} warps: {ms:.3f} ms fwd+bwd"
-                  f"{' (default)' if results[-1]['default'] else ''}", flush=True)  # fmt: skip
+            results.append(
+                {
+                    "programs_per_sm": per_sm,
+                    "warps": warps,
+                    "ms": ms,
+                    "default": (per_sm, warps) == (4, settings(dim)[1]),
+                }
+            )
+            print(
+                f"rmsnorm backward sweep: {per_sm:2d} programs/SM, {warps:2d} warps: {ms:.3f} ms fwd+bwd"
+                f"{' (default)' if results[-1]['default'] else ''}",
+                flush=True,
+            )
     return results
 
 
@@ -522,13 +601,19 @@ def main() -> None:
     parser.add_argument("--tokens", default="4096,16384", help="tokens per case (comma-separated)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes only (forced without CUDA)")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="no GPU needed: build every kernel for sm_<arch>; report registers, spills, shared memory")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: build every kernel for sm_<arch>; report registers, spills, shared memory",
+    )
     parser.add_argument("--arch", default="90,80", help="with --compile-only: compute capabilities, e.g. 90,80")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="with --compile-only: input dtypes")
     parser.add_argument("--models", default=",".join(MODELS), help="with --compile-only: model shapes")
-    parser.add_argument("--sweep-rmsnorm", action="store_true",
-                        help="also time the RMSNorm backward's programs per SM and warps (7B width, the largest --tokens)")
+    parser.add_argument(
+        "--sweep-rmsnorm",
+        action="store_true",
+        help="also time the RMSNorm backward's programs per SM and warps (7B width, the largest --tokens)",
+    )
     args = parser.parse_args()
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
@@ -537,16 +622,21 @@ def main() -> None:
 
     if args.compile_only:
         archs = [int(a) for a in args.arch.split(",")]
-        for name, given, valid in (("arch", archs, SM_COUNT), ("dtypes", args.dtypes.split(","), DTYPES),
-                                   ("models", args.models.split(","), MODELS)):  # fmt: skip
+        for name, given, valid in (
+            ("arch", archs, SM_COUNT),
+            ("dtypes", args.dtypes.split(","), DTYPES),
+            ("models", args.models.split(","), MODELS),
+        ):
             if sorted(set(given) - set(valid)):
                 parser.error(f"unknown {name} {sorted(set(given) - set(valid))}; valid: {', '.join(map(str, valid))}")
         tokens = max(int(t) for t in args.tokens.split(","))
         results = compile_report(archs, kernels, args.models.split(","), args.dtypes.split(","), tokens)
         failed = [r for r in results if "error" in r]
         spilled = [r for r in results if r.get("spill_bytes")]
-        print(f"{len(results)} kernel builds, {len(failed)} failed, {len(spilled)} spilling "
-              f"(max {max((r['spill_bytes'] for r in spilled), default=0)} bytes)")  # fmt: skip
+        print(
+            f"{len(results)} kernel builds, {len(failed)} failed, {len(spilled)} spilling "
+            f"(max {max((r['spill_bytes'] for r in spilled), default=0)} bytes)"
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         report = {"environment": environment(False, None) | {"tokens": tokens}, "kernels": results}
         (args.out / "kernels_compile.json").write_text(json.dumps(report, indent=1, default=str))

@@ -66,9 +66,15 @@ def main() -> None:
         return
     rows = []
     for variant in ("chunked", "full-logits"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={getattr(args, k)}" for k in ("tokens", "dim", "vocab", "layers")]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
-    print(f"device {device}; {args.tokens} tokens x dim {args.dim} -> vocab {args.vocab}, {args.layers} layers, forward+backward")
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={getattr(args, k)}" for k in ("tokens", "dim", "vocab", "layers")
+        ]
+        rows.append(
+            json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        )
+    print(
+        f"device {device}; {args.tokens} tokens x dim {args.dim} -> vocab {args.vocab}, {args.layers} layers, forward+backward"
+    )
     print(f"{'variant':<12} {'peak MB':>9} {'seconds':>8} {'loss':>8}")
     for r in rows:
         print(f"{r['variant']:<12} {r['peak_mb']:>9.0f} {r['seconds']:>8.2f} {r['loss']:>8.4f}")

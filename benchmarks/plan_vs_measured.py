@@ -26,22 +26,47 @@ def compare_benchmark(path: str | Path) -> dict[str, Any]:
     torch.cuda.max_memory_allocated on CUDA, RSS on CPU (not comparable: the runtime is in it)."""
     bench = json.loads(Path(path).read_text())
     s, side = bench["setup"], bench["sides"]["c2a"]
-    model = LlamaConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"], vocab_size=s["vocab_size"],
-                        max_seq_len=max(4096, s["seq_len"]))  # fmt: skip
+    model = LlamaConfig(
+        dim=s["dim"],
+        n_layers=s["n_layers"],
+        n_heads=s["n_heads"],
+        n_kv_heads=s["n_kv_heads"],
+        vocab_size=s["vocab_size"],
+        max_seq_len=max(4096, s["seq_len"]),
+    )
     cuda = s["device"].startswith("cuda")
     accum = re.search(r"accumulation (\d+)", side["batching"])
-    w = Workload(model, s["rows_per_micro"], s["seq_len"], trained_fraction=0.5, packed=True, ranks=1,
-                 compute_bytes=2 if s["dtype"] == "bf16" else 4, backend=side.get("kernels", "triton" if cuda else "torch"),
-                 cuda=cuda, accumulation=int(accum.group(1)) if accum else 1)  # fmt: skip
+    w = Workload(
+        model,
+        s["rows_per_micro"],
+        s["seq_len"],
+        trained_fraction=0.5,
+        packed=True,
+        ranks=1,
+        compute_bytes=2 if s["dtype"] == "bf16" else 4,
+        backend=side.get("kernels", "triton" if cuda else "torch"),
+        cuda=cuda,
+        accumulation=int(accum.group(1)) if accum else 1,
+    )
     p = plan_memory(w)
     predicted = (p.peak if cuda else p.peak_combined) / 2**20
-    result = {"predicted_peak_mib": round(predicted, 1), "measured_peak_mib": side["peak_memory_mib"],
-              "measured": "torch.cuda.max_memory_allocated" if cuda else "RSS (includes the runtime: not comparable)",
-              "ratio": round(predicted / side["peak_memory_mib"], 3), "peak_phase": p.peak_phase, "per_rank_bytes": p.as_dict()}  # fmt: skip
+    result = {
+        "predicted_peak_mib": round(predicted, 1),
+        "measured_peak_mib": side["peak_memory_mib"],
+        "measured": "torch.cuda.max_memory_allocated" if cuda else "RSS (includes the runtime: not comparable)",
+        "ratio": round(predicted / side["peak_memory_mib"], 3),
+        "peak_phase": p.peak_phase,
+        "per_rank_bytes": p.as_dict(),
+    }
     out = Path(path).with_name("plan_vs_measured.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    log.info("c2a.plan: predicted peak %.0f MiB, measured %.0f MiB (%s): ratio %.3f", predicted, side["peak_memory_mib"],
-             result["measured"], result["ratio"])  # fmt: skip
+    log.info(
+        "c2a.plan: predicted peak %.0f MiB, measured %.0f MiB (%s): ratio %.3f",
+        predicted,
+        side["peak_memory_mib"],
+        result["measured"],
+        result["ratio"],
+    )
     return result
 
 

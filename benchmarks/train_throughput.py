@@ -102,20 +102,69 @@ def default_setup(smoke: bool, device: str) -> dict[str, Any]:
         # a CI check that both paths run, not a measurement: tiny model and vocabulary (with 32000 pieces at
         # dim 64, torch's loss chunks to 1 token per chunk and one step takes ~30 s on a busy 2-core CPU),
         # one thread (two threads spin against each other's ops on a shared machine)
-        return dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=1024, seq_len=256, global_batch=8, micro_batch=4,
-                    rows_per_micro=1, steps=2, warmup=1, prompt_range=(5, 40), response_range=(3, 150), lr=1e-4, seed=0,
-                    device=device, dtype="fp32", threads=1)  # fmt: skip
+        return dict(
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=4,
+            vocab_size=1024,
+            seq_len=256,
+            global_batch=8,
+            micro_batch=4,
+            rows_per_micro=1,
+            steps=2,
+            warmup=1,
+            prompt_range=(5, 40),
+            response_range=(3, 150),
+            lr=1e-4,
+            seed=0,
+            device=device,
+            dtype="fp32",
+            threads=1,
+        )
     if device.startswith("cuda"):
         # Llama-2-7B's block (dim 4096, 32 heads, FFN 11008) and vocabulary, 8 of its 32 layers so that the
         # baseline's fp32 weights + AdamW state (16 bytes/parameter, 1.9B parameters = 30 GB) and its
         # activations fit one 80 GB card; rows of 2048 as the recipe's max length.
-        return dict(dim=4096, n_layers=8, n_heads=32, n_kv_heads=32, vocab_size=32000, seq_len=2048, global_batch=64,
-                    micro_batch=4, rows_per_micro=2, steps=4, warmup=2, prompt_range=(20, 150), response_range=(10, 600),
-                    lr=1e-5, seed=0, device=device, dtype="bf16")  # fmt: skip
+        return dict(
+            dim=4096,
+            n_layers=8,
+            n_heads=32,
+            n_kv_heads=32,
+            vocab_size=32000,
+            seq_len=2048,
+            global_batch=64,
+            micro_batch=4,
+            rows_per_micro=2,
+            steps=4,
+            warmup=2,
+            prompt_range=(20, 150),
+            response_range=(10, 600),
+            lr=1e-5,
+            seed=0,
+            device=device,
+            dtype="bf16",
+        )
     # CPU: dim 256, 4 layers, 4 heads of 64, vocab 32000: 19.6M parameters, 16.4M of them embedding + head
-    return dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=32000, seq_len=2048, global_batch=32, micro_batch=16,
-                rows_per_micro=1, steps=4, warmup=1, prompt_range=(20, 150), response_range=(10, 600), lr=1e-4, seed=0,
-                device=device, dtype="fp32")  # fmt: skip
+    return dict(
+        dim=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=32000,
+        seq_len=2048,
+        global_batch=32,
+        micro_batch=16,
+        rows_per_micro=1,
+        steps=4,
+        warmup=1,
+        prompt_range=(20, 150),
+        response_range=(10, 600),
+        lr=1e-4,
+        seed=0,
+        device=device,
+        dtype="fp32",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -177,18 +226,31 @@ def sync(device: torch.device) -> None:
 def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
     from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
     from c2a.train.optim import build_optimizer
+    from c2a.train.parallel import build_sharded_model, init_distributed, materialize
     from c2a.train.run_data import make_loader
     from c2a.train.step import train_step
-    from c2a.train.parallel import build_sharded_model, init_distributed, materialize
 
     d = init_distributed()
     cfg = TrainConfig(
         out_dir=tempfile.mkdtemp(prefix="c2a-bench-"),
         data=DataSection(max_len=s.seq_len, packing=True),
-        train=TrainSection(global_batch=s.global_batch, micro_batch=s.rows_per_micro, lr=s.lr, dtype=s.dtype, seed=s.seed, progress=False),
+        train=TrainSection(
+            global_batch=s.global_batch,
+            micro_batch=s.rows_per_micro,
+            lr=s.lr,
+            dtype=s.dtype,
+            seed=s.seed,
+            progress=False,
+        ),
     )
-    model_cfg = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size,
-                            max_seq_len=max(4096, s.seq_len))  # fmt: skip
+    model_cfg = LlamaConfig(
+        dim=s.dim,
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        n_kv_heads=s.n_kv_heads,
+        vocab_size=s.vocab_size,
+        max_seq_len=max(4096, s.seq_len),
+    )
     loader, desc = make_loader(cfg, data, d)
     model = build_sharded_model(model_cfg, cfg.train, d)
     materialize(model, None, s.seed)
@@ -206,12 +268,29 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         seconds = time.perf_counter() - start
         if not math.isfinite(loss):
             raise RuntimeError(f"c2a: non-finite loss {loss}")
-        stats.append(StepStats(seconds, sum(b.num_examples for b in micro), int(result.targets), result.tokens, result.positions, result.attn_sq))
-    info = {"batching": desc, "parameters": model_cfg.num_params, "final_loss": loss,
-            "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch")}  # fmt: skip
+        stats.append(
+            StepStats(
+                seconds,
+                sum(b.num_examples for b in micro),
+                int(result.targets),
+                result.tokens,
+                result.positions,
+                result.attn_sq,
+            )
+        )
+    info = {
+        "batching": desc,
+        "parameters": model_cfg.num_params,
+        "final_loss": loss,
+        "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch"),
+    }
     if s.profile:
-        info["profile"] = profile_step(lambda: train_step(model, optimizer, [next(batches) for _ in range(loader.accum_steps)],
-                                                          cfg.train.grad_clip, d.device).loss.item(), d.device)  # fmt: skip
+        info["profile"] = profile_step(
+            lambda: train_step(
+                model, optimizer, [next(batches) for _ in range(loader.accum_steps)], cfg.train.grad_clip, d.device
+            ).loss.item(),
+            d.device,
+        )
     return stats, info
 
 
@@ -224,7 +303,10 @@ FAMILIES = [
     ("swiglu (c2a)", ("swiglu", "silu")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "cublas", "nvjet", "wgmma")),
     ("optimizer", ("adam", "multi_tensor")),
-    ("collectives / FSDP copies", ("nccl", "all_gather", "reduce_scatter", "chunk_cat", "split_with_sizes", "foreach_copy")),
+    (
+        "collectives / FSDP copies",
+        ("nccl", "all_gather", "reduce_scatter", "chunk_cat", "split_with_sizes", "foreach_copy"),
+    ),
     ("memcpy / memset", ("memcpy", "memset")),
     ("dtype casts and copies (torch)", ("copy_kernel",)),
     ("other elementwise and reductions (torch)", ("elementwise_kernel", "reduce_kernel")),
@@ -259,9 +341,12 @@ def profile_step(step, device: torch.device) -> dict[str, Any]:
         family = next((f for f, keys in FAMILIES if any(k in low for k in keys)), "other")
         families[family] = families.get(family, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-    return {"wall_ms": wall * 1e3, "device_busy_ms": busy,
-            "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, (ms, c) in top]}  # fmt: skip
+    return {
+        "wall_ms": wall * 1e3,
+        "device_busy_ms": busy,
+        "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, (ms, c) in top],
+    }
 
 
 def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
@@ -270,10 +355,19 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
     hf_cfg = transformers.LlamaConfig(
-        hidden_size=s.dim, intermediate_size=_ffn(s), num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads,
-        num_key_value_heads=s.n_kv_heads, vocab_size=s.vocab_size, max_position_embeddings=max(4096, s.seq_len),
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-    )  # fmt: skip
+        hidden_size=s.dim,
+        intermediate_size=_ffn(s),
+        num_hidden_layers=s.n_layers,
+        num_attention_heads=s.n_heads,
+        num_key_value_heads=s.n_kv_heads,
+        vocab_size=s.vocab_size,
+        max_position_embeddings=max(4096, s.seq_len),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     with device:  # initialised where it trains (1.9B parameters initialised on the CPU would take minutes)
         model = transformers.LlamaForCausalLM(hf_cfg)  # fp32 master weights, as HF Trainer keeps them
     model.train()
@@ -293,7 +387,11 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
             cursor += s.micro_batch
             lengths = mask.sum(dim=1).tolist()  # counted on the host, before the copy: no device sync
             trained += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t is trained on token t + 1
-            tokens, positions, attn_sq = tokens + sum(lengths), positions + ids.numel(), attn_sq + sum(n * n for n in lengths)
+            tokens, positions, attn_sq = (
+                tokens + sum(lengths),
+                positions + ids.numel(),
+                attn_sq + sum(n * n for n in lengths),
+            )
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             with autocast:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / accum
@@ -308,9 +406,13 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
         if not math.isfinite(loss):
             raise RuntimeError(f"baseline: non-finite loss {loss}")
         stats.append(StepStats(seconds, s.global_batch, trained, tokens, positions, attn_sq))
-    info = {"batching": f"{s.global_batch} examples = micro-batch {s.micro_batch} x accumulation {accum}, each padded to its longest",
-            "parameters": sum(p.numel() for p in model.parameters()), "final_loss": loss,
-            "attention": model.config._attn_implementation, "transformers": transformers.__version__}  # fmt: skip
+    info = {
+        "batching": f"{s.global_batch} examples = micro-batch {s.micro_batch} x accumulation {accum}, each padded to its longest",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": loss,
+        "attention": model.config._attn_implementation,
+        "transformers": transformers.__version__,
+    }
     return stats, info
 
 
@@ -375,8 +477,12 @@ def side_main(side: str, s: Setup, out: Path) -> None:
         from c2a.config import LlamaConfig
         from c2a.model.flops import attention_flops, matmul_flops_per_token, peak_flops
 
-        cfg = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size)
-        flops = sum(t.tokens for t in timed) * matmul_flops_per_token(cfg) + attention_flops(cfg, sum(t.attn_sq for t in timed))
+        cfg = LlamaConfig(
+            dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, vocab_size=s.vocab_size
+        )
+        flops = sum(t.tokens for t in timed) * matmul_flops_per_token(cfg) + attention_flops(
+            cfg, sum(t.attn_sq for t in timed)
+        )
         peak = peak_flops(device)
         summary["model_tflops_per_s"] = flops / seconds / 1e12
         summary["mfu"] = flops / seconds / peak if peak else None
@@ -391,10 +497,21 @@ def side_main(side: str, s: Setup, out: Path) -> None:
 def run_side(side: str, s: Setup, env: dict[str, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--setup", json.dumps(asdict(s)), "--side-out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--side",
+            side,
+            "--setup",
+            json.dumps(asdict(s)),
+            "--side-out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"the {side} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise RuntimeError(
+                f"the {side} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            )
         return json.loads(out.read_text())
 
 
@@ -427,8 +544,12 @@ def plot(c2a: dict[str, Any], base: dict[str, Any], s: Setup, path: Path, smoke:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("trained tokens/s", "trained_tokens_per_s"), ("all tokens/s", "tokens_per_s"),
-              (f"peak {memory_kind} (MiB)", "peak_memory_mib"), ("padding fraction", "padding_fraction")]  # fmt: skip
+    panels = [
+        ("trained tokens/s", "trained_tokens_per_s"),
+        ("all tokens/s", "tokens_per_s"),
+        (f"peak {memory_kind} (MiB)", "peak_memory_mib"),
+        ("padding fraction", "padding_fraction"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
     for ax, (label, key) in zip(axes, panels):
         values = [c2a[key], base[key]]
@@ -436,8 +557,10 @@ def plot(c2a: dict[str, Any], base: dict[str, Any], s: Setup, path: Path, smoke:
         ax.set_title(label + (f"  ({c2a[key] / base[key]:.2f}x)" if base[key] else ""))
         ax.bar_label(bars, [f"{v:.1%}" if key == "padding_fraction" else f"{v:,.0f}" for v in values], fontsize=8)
     where = "smoke run (tiny model)" if smoke else f"{s.device}"
-    fig.suptitle(f"training throughput, {where}: dim {s.dim}, {s.n_layers} layers, vocab {s.vocab_size}, "
-                 f"{s.global_batch} examples/step, Alpaca-like lengths")  # fmt: skip
+    fig.suptitle(
+        f"training throughput, {where}: dim {s.dim}, {s.n_layers} layers, vocab {s.vocab_size}, "
+        f"{s.global_batch} examples/step, Alpaca-like lengths"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -453,7 +576,9 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name()
+        if CUDA
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average": os.getloadavg(),
@@ -461,19 +586,39 @@ def environment() -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps: checks both paths run (CI)")
     ap.add_argument("--device", default="cuda" if CUDA else "cpu")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "seq_len", "global_batch", "micro_batch", "rows_per_micro", "steps", "warmup"):
+    for name in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "seq_len",
+        "global_batch",
+        "micro_batch",
+        "rows_per_micro",
+        "steps",
+        "warmup",
+    ):
         ap.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help="override the default for the machine")
     ap.add_argument("--threads", type=int, help="torch intra-op threads on both sides (default: torch's)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"))
     ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run")
-    ap.add_argument("--profile", action="store_true", default=None,
-                    help="c2a side: profile one more step (device time by kernel family)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run"
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        default=None,
+        help="c2a side: profile one more step (device time by kernel family)",
+    )
     ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -501,25 +646,36 @@ def main() -> None:
     results = summary["sides"]
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     summary["runs"] = runs
-    for repeat in range(args.repeats):
+    for _repeat in range(args.repeats):
         for side in sides:  # alternating, so that a busy spell on a shared machine does not hit one side only
             start = time.perf_counter()
             runs[side].append(run_side(side, s, env))
             r = runs[side][-1]
-            print(f"{side}: {r['trained_tokens_per_s']:,.0f} trained tokens/s (best step {r['best_step_trained_tokens_per_s']:,.0f}), "
-                  f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{side}: {r['trained_tokens_per_s']:,.0f} trained tokens/s (best step {r['best_step_trained_tokens_per_s']:,.0f}), "
+                f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
             if "profile" in r:
                 prof = r["profile"]
-                print(f"{side} profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()), flush=True)  # fmt: skip
+                print(
+                    f"{side} profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()),
+                    flush=True,
+                )
             # the side's result: its fastest run (the least disturbed), with the highest peak of all its runs
-            results[side] = {**max(runs[side], key=lambda x: x["trained_tokens_per_s"]),
-                             "peak_memory_mib": max(x["peak_memory_mib"] for x in runs[side]), "runs": len(runs[side])}  # fmt: skip
+            results[side] = {
+                **max(runs[side], key=lambda x: x["trained_tokens_per_s"]),
+                "peak_memory_mib": max(x["peak_memory_mib"] for x in runs[side]),
+                "runs": len(runs[side]),
+            }
             summary["environment"]["load_average_after"] = os.getloadavg()
             json_path.write_text(json.dumps(summary, indent=1) + "\n")  # after each run: a later failure keeps this one
     if "c2a" in results and "baseline" in results:
         c2a, base = results["c2a"], results["baseline"]
-        summary["ratios"] = {key: c2a[key] / base[key] for _, key, _ in ROWS if c2a.get(key) is not None and base.get(key)}
+        summary["ratios"] = {
+            key: c2a[key] / base[key] for _, key, _ in ROWS if c2a.get(key) is not None and base.get(key)
+        }
         json_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(table(c2a, base, summary["ratios"], memory_kind))
         plot(c2a, base, s, args.out / "train_throughput.png", args.smoke, memory_kind)

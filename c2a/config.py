@@ -72,7 +72,9 @@ class LlamaConfig:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_hidden_dim is None:
-            object.__setattr__(self, "ffn_hidden_dim", meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier))
+            object.__setattr__(
+                self, "ffn_hidden_dim", meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+            )
         problems = []
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "ffn_hidden_dim"):
             if getattr(self, name) <= 0:
@@ -84,11 +86,16 @@ class LlamaConfig:
                 problems.append(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for rotary pairs")
             if self.n_heads % self.n_kv_heads:
                 problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-            if self.use_scaled_rope and not (self.rope_scaling_factor >= 1 and 0 < self.low_freq_factor < self.high_freq_factor
-                                             and self.original_max_seq_len > 0):
-                problems.append("llama3 rope scaling needs rope_scaling_factor >= 1, 0 < low_freq_factor < high_freq_factor and "
-                                f"original_max_seq_len > 0, got {self.rope_scaling_factor}, {self.low_freq_factor}, "
-                                f"{self.high_freq_factor}, {self.original_max_seq_len}")
+            if self.use_scaled_rope and not (
+                self.rope_scaling_factor >= 1
+                and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_seq_len > 0
+            ):
+                problems.append(
+                    "llama3 rope scaling needs rope_scaling_factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+                    f"original_max_seq_len > 0, got {self.rope_scaling_factor}, {self.low_freq_factor}, "
+                    f"{self.high_freq_factor}, {self.original_max_seq_len}"
+                )
         bos, eos = self.bos_token_id, self.eos_token_id
         if not (bos is None or _is_token_id(bos)):
             problems.append(f"bos_token_id must be a non-negative integer or None, got {bos!r}")
@@ -139,7 +146,9 @@ PRESETS: dict[str, LlamaConfig] = {
     # Meta's params.json for the three Llama-2 sizes (FFN 11008 / 13824 / 28672 by the formula).
     "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32),
     "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40),
-    "llama2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+    "llama2-70b": LlamaConfig(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096
+    ),
     # The bundled demo task's model: small enough to fine-tune on 2 CPU cores in minutes. Its vocabulary
     # is the demo SentencePiece tokenizer's (c2a/data/assets/demo_tokenizer.model).
     "demo": LlamaConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=512),
@@ -164,26 +173,51 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    path: str = _f("demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name")
-    tokenizer: str = _f("", "SentencePiece tokenizer.model or HF tokenizer.json ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model, or its tokenizer.json when it has no tokenizer.model)")
+    path: str = _f(
+        "demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name"
+    )
+    tokenizer: str = _f(
+        "",
+        "SentencePiece tokenizer.model or HF tokenizer.json ('' = the demo tokenizer for 'demo', else <model.checkpoint>/tokenizer.model, or its tokenizer.json when it has no tokenizer.model)",
+    )
     max_len: int = _f(256, "maximum tokens per example and packed row length")
-    packing: bool = _f(True, "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)")
+    packing: bool = _f(
+        True,
+        "pack whole examples into rows of max_len (false: pad each micro-batch to its longest, as Stanford Alpaca)",
+    )
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
-    template: str = _f("auto", "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca or llama2-chat; Alpaca records always use Alpaca's prompt")
-    truncation: str = _f("truncate", "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way")
+    template: str = _f(
+        "auto",
+        "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca or llama2-chat; Alpaca records always use Alpaca's prompt",
+    )
+    truncation: str = _f(
+        "truncate",
+        "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way",
+    )
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
-    val_path: str = _f("", "validation set: a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name ('' = none)")
-    val_fraction: float = _f(0.0, "hold out this share of the training examples for validation (seeded by train.seed, never trained on; 0 = none)")
+    val_path: str = _f(
+        "", "validation set: a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name ('' = none)"
+    )
+    val_fraction: float = _f(
+        0.0,
+        "hold out this share of the training examples for validation (seeded by train.seed, never trained on; 0 = none)",
+    )
 
 
 @dataclass(frozen=True)
 class TrainSection:
     epochs: int = _f(3, "passes over the training data")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0 = epochs decide); the schedule spans the steps actually run")
-    global_batch: int = _f(64, "sequences per optimizer step (padded: examples; packed: the equivalent number of packed rows)")
-    micro_batch: int = _f(3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)")
+    max_steps: int = _f(
+        0, "stop after this many optimizer steps (0 = epochs decide); the schedule spans the steps actually run"
+    )
+    global_batch: int = _f(
+        64, "sequences per optimizer step (padded: examples; packed: the equivalent number of packed rows)"
+    )
+    micro_batch: int = _f(
+        3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)"
+    )
     lr: float = _f(2e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
@@ -196,14 +230,25 @@ class TrainSection:
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
-    deterministic: bool = _f(False, "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)")
+    deterministic: bool = _f(
+        False,
+        "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)",
+    )
     replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
-    cpu_offload: bool = _f(False, "keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy, pinned on CUDA); the GPU holds only what a step gathers and computes. `python -m c2a.plan` says when it is needed")
+    cpu_offload: bool = _f(
+        False,
+        "keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy, pinned on CUDA); the GPU holds only what a step gathers and computes. `python -m c2a.plan` says when it is needed",
+    )
     seed: int = _f(0, "seed for weight init and data order")
     save_every: int = _f(0, "checkpoint every this many optimizer steps (0 = only at the end)")
-    save_every_minutes: float = _f(0.0, "also checkpoint when this many minutes passed since the last save (0 = off), so a crash loses at most that")
+    save_every_minutes: float = _f(
+        0.0,
+        "also checkpoint when this many minutes passed since the last save (0 = off), so a crash loses at most that",
+    )
     keep_last: int = _f(2, "complete checkpoints to keep")
-    keep_best: bool = _f(False, "also keep the checkpoint with the lowest validation loss (needs data.val_path or data.val_fraction)")
+    keep_best: bool = _f(
+        False, "also keep the checkpoint with the lowest validation loss (needs data.val_path or data.val_fraction)"
+    )
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
@@ -216,7 +261,9 @@ class EvalSection:
     max_examples: int = _f(500, "held-out examples to evaluate")
     max_new_tokens: int = _f(48, "generation limit per held-out answer")
     every: int = _f(0, "validation loss every this many optimizer steps (0 = only at the end)")
-    plot: bool = _f(False, "draw out_dir/metrics.png (losses, validation loss, lr) at the end of the run (needs matplotlib)")
+    plot: bool = _f(
+        False, "draw out_dir/metrics.png (losses, validation loss, lr) at the end of the run (needs matplotlib)"
+    )
 
 
 @dataclass(frozen=True)
@@ -230,24 +277,42 @@ class TrainConfig:
     def __post_init__(self) -> None:
         t = self.train
         checks = {
-            "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing in ("none", "full", "selective"),
+            "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
+            in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
             "data.truncation must be truncate or drop": self.data.truncation in ("truncate", "drop"),
-            "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(t.global_batch, t.micro_batch, t.epochs, self.data.max_len) > 0,
+            "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(
+                t.global_batch, t.micro_batch, t.epochs, self.data.max_len
+            )
+            > 0,
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
-            "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps) >= 1,
-            "train.max_steps, train.save_every, train.save_every_minutes must be >= 0": min(t.max_steps, t.save_every, t.save_every_minutes) >= 0,
+            "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(
+                t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps
+            )
+            >= 1,
+            "train.max_steps, train.save_every, train.save_every_minutes must be >= 0": min(
+                t.max_steps, t.save_every, t.save_every_minutes
+            )
+            >= 0,
             "train.lr and train.eps must be positive": t.lr > 0 and t.eps > 0,
-            "train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 = off)": min(t.grad_clip, t.weight_decay) >= 0,
+            "train.grad_clip and train.weight_decay must be >= 0 (grad_clip 0 = off)": min(t.grad_clip, t.weight_decay)
+            >= 0,
             "train.min_lr_ratio must be in [0, 1]": 0 <= t.min_lr_ratio <= 1,
             "train.beta1 and train.beta2 must be in [0, 1)": 0 <= t.beta1 < 1 and 0 <= t.beta2 < 1,
-            "data.demo_train_size and data.demo_heldout_size must be positive": min(self.data.demo_train_size, self.data.demo_heldout_size) > 0,
+            "data.demo_train_size and data.demo_heldout_size must be positive": min(
+                self.data.demo_train_size, self.data.demo_heldout_size
+            )
+            > 0,
             "data.workers must be >= 0": self.data.workers >= 0,
             "data.val_fraction must be in [0, 1)": 0 <= self.data.val_fraction < 1,
-            "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (self.data.val_path and self.data.val_fraction),
+            "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (
+                self.data.val_path and self.data.val_fraction
+            ),
             "eval.every must be >= 0": self.eval.every >= 0,
-            "eval.every needs a validation set (data.val_path or data.val_fraction)": not self.eval.every or bool(self.data.val_path or self.data.val_fraction),
-            "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best or bool(self.data.val_path or self.data.val_fraction),
+            "eval.every needs a validation set (data.val_path or data.val_fraction)": not self.eval.every
+            or bool(self.data.val_path or self.data.val_fraction),
+            "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best
+            or bool(self.data.val_path or self.data.val_fraction),
         }
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
@@ -266,25 +331,42 @@ def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dat
 
 
 # HF Trainer / Stanford Alpaca argument names that users of the recipe's original script type: c2a's key
-_HF_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
-             "per_device_train_batch_size": "train.micro_batch", "gradient_accumulation_steps": "train.global_batch",
-             "max_grad_norm": "train.grad_clip", "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
-             "model_max_length": "data.max_len", "output_dir": "out_dir", "model_name_or_path": "model.checkpoint",
-             "data_path": "data.path", "save_steps": "train.save_every", "logging_steps": "train.log_every"}  # fmt: skip
+_HF_NAMES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch",
+    "max_grad_norm": "train.grad_clip",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "model_max_length": "data.max_len",
+    "output_dir": "out_dir",
+    "model_name_or_path": "model.checkpoint",
+    "data_path": "data.path",
+    "save_steps": "train.save_every",
+    "logging_steps": "train.log_every",
+}
 
 
 def _unknown_key(what: str, key: str, keys: dict[str, dataclasses.Field]) -> KeyError:
     known = _HF_NAMES.get(key.rsplit(".", 1)[-1])
     # else the closest keys of the same section first (a typo rarely changes the section), then of any
     section = key.split(".")[0] + "."
-    close = [known] if known else difflib.get_close_matches(key, [k for k in keys if k.startswith(section)], n=2, cutoff=0.6)
+    close = (
+        [known]
+        if known
+        else difflib.get_close_matches(key, [k for k in keys if k.startswith(section)], n=2, cutoff=0.6)
+    )
     close = close or difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else "`python -m c2a.train --help` lists every key"
     return KeyError(f"{what}; {hint}")
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any, from_text: bool) -> Any:
-    want = {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+    want = {"str": str, "int": int, "float": float, "bool": bool}[
+        f.type if isinstance(f.type, str) else f.type.__name__
+    ]
     if from_text:
         if want is bool:
             if value.lower() not in ("true", "false", "1", "0"):
@@ -301,7 +383,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, from_text: bool) -> Any:
     return value
 
 
-def build_config(values: dict[str, Any], overrides: dict[str, str] | None = None, source: str = "config") -> TrainConfig:
+def build_config(
+    values: dict[str, Any], overrides: dict[str, str] | None = None, source: str = "config"
+) -> TrainConfig:
     """TrainConfig from a nested dict (as TOML gives) plus dotted text overrides; unknown keys are errors."""
     keys = config_keys()
     flat: dict[str, Any] = {}
@@ -332,7 +416,11 @@ def build_config(values: dict[str, Any], overrides: dict[str, str] | None = None
             sections.setdefault(sec, {})[name] = v
         else:
             top[key] = v
-    section_types = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if f.default_factory is not dataclasses.MISSING}
+    section_types = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(TrainConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
     return TrainConfig(**top, **{sec: section_types[sec](**vals) for sec, vals in sections.items()})
 
 
@@ -350,5 +438,7 @@ def config_to_toml(cfg: TrainConfig) -> str:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
-            lines += ["", f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(section, g.name))}" for g in dataclasses.fields(section)]
+            lines += ["", f"[{f.name}]"] + [
+                f"{g.name} = {fmt(getattr(section, g.name))}" for g in dataclasses.fields(section)
+            ]
     return "\n".join(lines) + "\n"

@@ -47,25 +47,56 @@ from c2a.inference.evaluation import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m c2a.eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m c2a.eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--model", required=True, help="HF or Meta checkpoint directory")
     ap.add_argument("--data", help="'demo' or an Alpaca-format .json / .jsonl / .parquet file")
     ap.add_argument("--tasks", help="lm-eval task names, comma-separated (lm-evaluation-harness, the eval extra)")
     ap.add_argument("--suite", choices=["open-llm-v1"], help="the model card's benchmark table (lm-evaluation-harness)")
     ap.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples per task (default: the task's)")
     ap.add_argument("--include-path", type=Path, help="with --tasks: a folder of extra lm-eval task YAMLs")
-    ap.add_argument("--output", "--json-out", type=Path, help="write the results as JSON (lm-eval's result JSON with --tasks / --suite)")
-    ap.add_argument("--max-len", type=int, default=DataSection().max_len, help="tokens per example, as in training (data.max_len)")
-    ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (loss) and per generation batch")
+    ap.add_argument(
+        "--output",
+        "--json-out",
+        type=Path,
+        help="write the results as JSON (lm-eval's result JSON with --tasks / --suite)",
+    )
+    ap.add_argument(
+        "--max-len", type=int, default=DataSection().max_len, help="tokens per example, as in training (data.max_len)"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=16, help="examples per forward pass (loss) and per generation batch"
+    )
     ap.add_argument("--limit", type=int, help="evaluate only the first N records")
-    ap.add_argument("--skip-bad-rows", action="store_true", help="skip malformed records (counted in a warning) instead of stopping")
-    ap.add_argument("--demo-heldout-size", type=int, default=DataSection().demo_heldout_size,
-                    help="with --data demo: the size of the held-out split (data.demo_heldout_size of the run)")
-    ap.add_argument("--max-new-tokens", type=int,
-                    help=f"generation limit per answer (default {DEMO_MAX_NEW_TOKENS} for the demo, {DEFAULT_MAX_NEW_TOKENS} otherwise)")
-    ap.add_argument("--alpaca-eval-output", "--alpaca-eval-out", type=Path, help="write the model's answers as AlpacaEval model outputs (JSON)")
-    ap.add_argument("--alpaca-eval-prompts", type=Path, help="answer these prompts (AlpacaEval's set as a local JSON file) instead of --data's")
+    ap.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip malformed records (counted in a warning) instead of stopping"
+    )
+    ap.add_argument(
+        "--demo-heldout-size",
+        type=int,
+        default=DataSection().demo_heldout_size,
+        help="with --data demo: the size of the held-out split (data.demo_heldout_size of the run)",
+    )
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"generation limit per answer (default {DEMO_MAX_NEW_TOKENS} for the demo, {DEFAULT_MAX_NEW_TOKENS} otherwise)",
+    )
+    ap.add_argument(
+        "--alpaca-eval-output",
+        "--alpaca-eval-out",
+        type=Path,
+        help="write the model's answers as AlpacaEval model outputs (JSON)",
+    )
+    ap.add_argument(
+        "--alpaca-eval-prompts",
+        type=Path,
+        help="answer these prompts (AlpacaEval's set as a local JSON file) instead of --data's",
+    )
     ap.add_argument("--generator", help="the model's name in the AlpacaEval file (default: the model directory's name)")
     add_model_arguments(ap)
     return ap
@@ -88,23 +119,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     if args.tasks or args.suite:
         try:
-            from c2a.inference.lm_eval import run_lm_eval  # lm-evaluation-harness, the optional extra, is imported only there
+            from c2a.inference.lm_eval import (
+                run_lm_eval,
+            )  # lm-evaluation-harness, the optional extra, is imported only there
         except ImportError as e:
             raise ValueError(str(e)) from None
         tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-        return run_lm_eval(args.model, tasks=tasks, suite=args.suite, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                           batch_size=args.batch_size, num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path,
-                           output=args.output)  # fmt: skip
+        return run_lm_eval(
+            args.model,
+            tasks=tasks,
+            suite=args.suite,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            include_path=args.include_path,
+            output=args.output,
+        )
     if args.alpaca_eval_prompts:
         return alpaca_eval_answers(args)
-    records, described = load_eval_records(args.data, args.limit, args.demo_heldout_size, args.skip_bad_rows)  # bad data fails before loading weights
+    records, described = load_eval_records(
+        args.data, args.limit, args.demo_heldout_size, args.skip_bad_rows
+    )  # bad data fails before loading weights
     demo = args.data == "demo"
     tok = load_tokenizer(args.model, args.tokenizer)
     fmt = prompt_format(args.template, tok) if demo or args.alpaca_eval_output else None  # before the weights are read
     model = load_model(args.model, tok, args.device, args.dtype)
     max_new = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if demo else DEFAULT_MAX_NEW_TOKENS)
     result = {"model": str(args.model), "data": described, "examples": len(records), "max_len": args.max_len}
-    result |= evaluate_records(model, tok, records, max_len=args.max_len, batch_size=args.batch_size, fmt=fmt, max_new_tokens=max_new, demo=demo)
+    result |= evaluate_records(
+        model,
+        tok,
+        records,
+        max_len=args.max_len,
+        batch_size=args.batch_size,
+        fmt=fmt,
+        max_new_tokens=max_new,
+        demo=demo,
+    )
     responses = result.pop("responses", None)
     if args.alpaca_eval_output:
         generator = args.generator or Path(args.model).resolve().name
@@ -120,10 +174,17 @@ def alpaca_eval_answers(args: argparse.Namespace) -> dict[str, Any]:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     start = time.perf_counter()
     responses = answers(model, tok, records, max_new, args.batch_size, fmt)
-    out = write_alpaca_eval(args.alpaca_eval_output, records, responses, args.generator or Path(args.model).resolve().name)
-    return {"model": str(args.model), "examples": len(records), "alpaca_eval_out": str(out), "max_new_tokens": max_new,
-            "generation_seconds": time.perf_counter() - start,
-            "report": f"answers      {out}  (AlpacaEval model outputs, {len(records)} prompts of {args.alpaca_eval_prompts})"}  # fmt: skip
+    out = write_alpaca_eval(
+        args.alpaca_eval_output, records, responses, args.generator or Path(args.model).resolve().name
+    )
+    return {
+        "model": str(args.model),
+        "examples": len(records),
+        "alpaca_eval_out": str(out),
+        "max_new_tokens": max_new,
+        "generation_seconds": time.perf_counter() - start,
+        "report": f"answers      {out}  (AlpacaEval model outputs, {len(records)} prompts of {args.alpaca_eval_prompts})",
+    }
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -137,11 +198,17 @@ def summary(result: dict[str, Any]) -> str:
     ]
     em = result.get("exact_match")
     if em:
-        lines.append(f"exact match  {100 * em['accuracy']:.1f}% of {em['examples']} (greedy, at most {result['max_new_tokens']} new tokens)")
+        lines.append(
+            f"exact match  {100 * em['accuracy']:.1f}% of {em['examples']} (greedy, at most {result['max_new_tokens']} new tokens)"
+        )
         lines.append(f"  {'task':<10} {'examples':>8} {'exact match':>12}")
-        lines += [f"  {task:<10} {v['examples']:>8} {100 * v['accuracy']:>11.1f}%" for task, v in em["per_task"].items()]
+        lines += [
+            f"  {task:<10} {v['examples']:>8} {100 * v['accuracy']:>11.1f}%" for task, v in em["per_task"].items()
+        ]
     if "alpaca_eval_out" in result:
-        lines.append(f"answers      {result['alpaca_eval_out']}  (AlpacaEval model outputs, {result['examples']} records)")
+        lines.append(
+            f"answers      {result['alpaca_eval_out']}  (AlpacaEval model outputs, {result['examples']} records)"
+        )
     return "\n".join(lines)
 
 

@@ -35,8 +35,12 @@ from c2a.inference.arguments import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m c2a.generate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m c2a.generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--model", required=True, help="HF or Meta checkpoint directory")
     ap.add_argument("--prompt", help="the instruction; without it, instructions are read from stdin, one per line")
     ap.add_argument("--input", default="", help="the optional Alpaca input (context) for the instruction(s)")
@@ -56,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = load_tokenizer(args.model, args.tokenizer)
         fmt = prompt_format(args.template, tok)  # a template error before the weights are read
         model = load_model(args.model, tok, args.device, args.dtype)
-        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=fmt)
+        options = dict(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=fmt
+        )
         if args.prompt is not None:
             print(respond(model, tok, args.prompt, args.input, **options), flush=True)
             return 0

@@ -70,6 +70,3 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def wants_help(argv: list[str]) -> bool:
     return any(a in ("-h", "--help") for a in argv)
-
-
-

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # busy cores, made one interpreted attention backward take 2-12 s instead of 0.7 s (set before numpy loads).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -20,37 +20,71 @@ from torch.distributed.tensor import DTensor
 from c2a.config import LlamaConfig, build_config
 from c2a.data.batching import MicroBatchLoader
 from c2a.train.export import gather_model
+from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit
 from c2a.train.run_data import build_data
 from c2a.train.step import forward_backward
-from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit
 
 GLOBAL_ROWS = 4
 
 
 def main(out: str, micro_batch: int, mode: str, ac: str, replicas: int) -> None:
-    cfg = build_config({}, {"data.demo_train_size": "200", "data.demo_heldout_size": "8", "data.max_len": "64",
-                            "train.activation_checkpointing": ac, "train.ac_every": "2" if ac == "selective" else "1"})  # fmt: skip
+    cfg = build_config(
+        {},
+        {
+            "data.demo_train_size": "200",
+            "data.demo_heldout_size": "8",
+            "data.max_len": "64",
+            "train.activation_checkpointing": ac,
+            "train.ac_every": "2" if ac == "selective" else "1",
+        },
+    )
     d = init_distributed(replicas)
     data = build_data(cfg, d)
-    loader = MicroBatchLoader(data.train, seq_len=64, micro_batch_size=micro_batch, global_batch_rows=GLOBAL_ROWS, mode=mode,
-                              rank=d.rank, world_size=d.world_size, seed=0)  # fmt: skip
+    loader = MicroBatchLoader(
+        data.train,
+        seq_len=64,
+        micro_batch_size=micro_batch,
+        global_batch_rows=GLOBAL_ROWS,
+        mode=mode,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=0,
+    )
     model = build_sharded_model(LlamaConfig.from_name("demo"), cfg.train, d)
     materialize(model, None, seed=0)
     it = iter(loader)
     batches = [next(it) for _ in range(loader.accum_steps)]
     with torch.no_grad():  # every rank runs the same number of forwards: FSDP's all-gathers pair up
-        sharded_sum = sum(model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=1.0) for b in batches)
-    copy = gather_model(model, model.cfg, torch.float32, torch.device("cpu"))  # collective; the unsharded copy lives on rank 0
+        sharded_sum = sum(
+            model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=1.0) for b in batches
+        )
+    copy = gather_model(
+        model, model.cfg, torch.float32, torch.device("cpu")
+    )  # collective; the unsharded copy lives on rank 0
     attention_calls = [0] * len(model.layers)
     for i, layer in enumerate(model.layers):
-        layer.attention.register_forward_pre_hook(lambda *_, i=i: attention_calls.__setitem__(i, attention_calls[i] + 1))
+        layer.attention.register_forward_pre_hook(
+            lambda *_, i=i: attention_calls.__setitem__(i, attention_calls[i] + 1)
+        )
     loss, targets = forward_backward(model, batches, device=d.device)
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
     if d.rank == 0:
         with torch.no_grad():
-            copy_sum = sum(copy.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=1.0) for b in batches)
-        torch.save({"loss": loss, "targets": targets, "grads": grads, "accum": loader.accum_steps, "attention_calls": attention_calls,
-                    "sharded_loss_sum": sharded_sum, "gathered_loss_sum": copy_sum}, out)  # fmt: skip
+            copy_sum = sum(
+                copy.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=1.0) for b in batches
+            )
+        torch.save(
+            {
+                "loss": loss,
+                "targets": targets,
+                "grads": grads,
+                "accum": loader.accum_steps,
+                "attention_calls": attention_calls,
+                "sharded_loss_sum": sharded_sum,
+                "gathered_loss_sum": copy_sum,
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ PACKED_ROWS = {
 
 # every row set through both backward paths and GQA groups 4, 2 and 1; group 8 on the two with most documents
 PACKED_CASES = [
-    (rows, *heads) for rows in sorted(PACKED_ROWS)
+    (rows, *heads)
+    for rows in sorted(PACKED_ROWS)
     for heads in [(4, 1, 16, "deterministic"), (4, 2, 32, "atomic"), (4, 4, 64, "deterministic")]
 ] + [("1-to-4-docs", 8, 1, 16, "atomic"), ("length-1-docs", 8, 1, 16, "atomic")]
 

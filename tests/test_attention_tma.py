@@ -13,12 +13,12 @@ import math
 
 import pytest
 import torch
+from test_attention import CountingKernel, poison_outputs  # noqa: F401 - poison_outputs: an autouse fixture
 
 import c2a.kernels
 from c2a.kernels import attention, attention_tma
 from c2a.kernels.attention import _document_index, attention_reference
 from c2a.kernels.attention_tma import attention_forward_tma, flash_attention_tma
-from test_attention import CountingKernel, poison_outputs  # noqa: F401 - poison_outputs: an autouse fixture
 
 FP32_TOL = dict(rtol=1e-4, atol=2e-5)
 LSE_TOL = dict(rtol=1e-5, atol=1e-4)  # lse is log2 of a sum, a few units in size
@@ -80,8 +80,9 @@ def warp_specialize(request, forward_launches) -> bool:
 
 
 # GQA groups 1, 2 and 4, head dims 16 to 64, T = 1, odd, and not a multiple of the 32-row query tile
-@pytest.mark.parametrize("B,T,H,K,Hd", [(1, 1, 4, 1, 16), (2, 37, 4, 2, 16), (2, 100, 4, 1, 32), (1, 77, 4, 4, 64),
-                                        (1, 64, 8, 2, 32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "B,T,H,K,Hd", [(1, 1, 4, 1, 16), (2, 37, 4, 2, 16), (2, 100, 4, 1, 32), (1, 77, 4, 4, 64), (1, 64, 8, 2, 32)]
+)
 def test_one_document_per_row(warp_specialize, B, T, H, K, Hd):
     q, k, v, _ = random_qkv(B, T, H, K, Hd)
     assert_forward_matches(q, k, v, None, warp_specialize)
@@ -112,7 +113,9 @@ def test_forward_and_backward_gradients(warp_specialize):
     o.backward(do.float())
     want = attention_reference(*want_leaves, position_ids)
     want.backward(do)
-    for name, g, w in zip(("o", "dq", "dk", "dv"), (o, *(x.grad for x in got_leaves)), (want, *(x.grad for x in want_leaves))):
+    for name, g, w in zip(
+        ("o", "dq", "dk", "dv"), (o, *(x.grad for x in got_leaves)), (want, *(x.grad for x in want_leaves))
+    ):
         torch.testing.assert_close(g.double(), w, **FP32_TOL, msg=lambda m: f"{name}: {m}")
 
 
@@ -159,8 +162,10 @@ def test_gpu_tile_sizes(warp_specialize, monkeypatch, packed):
 
 def misaligned_qkv(B: int, T: int, H: int, K: int, Hd: int) -> tuple[torch.Tensor, ...]:
     """fp32 q, k, v whose token stride is heads·Hd + 1 elements: not a 16-byte multiple."""
+
     def view(heads):
         return torch.randn(B, T, heads * Hd + 1, device=DEVICE)[..., : heads * Hd].view(B, T, heads, Hd)
+
     return view(H), view(K), view(K)
 
 
@@ -188,9 +193,16 @@ def test_misaligned_layout_raises(monkeypatch, forward_launches):
     assert launched(forward_launches) == {"_attn_fwd_kernel": 0, "_attn_fwd_tma_kernel": 0}
 
 
-@pytest.mark.parametrize("asked, kernel", [(None, "_attn_fwd_kernel"), ("", "_attn_fwd_kernel"),
-                                           ("pointer", "_attn_fwd_kernel"), ("tma", "_attn_fwd_tma_kernel"),
-                                           ("tma_ws", "_attn_fwd_tma_kernel")])  # fmt: skip
+@pytest.mark.parametrize(
+    "asked, kernel",
+    [
+        (None, "_attn_fwd_kernel"),
+        ("", "_attn_fwd_kernel"),
+        ("pointer", "_attn_fwd_kernel"),
+        ("tma", "_attn_fwd_tma_kernel"),
+        ("tma_ws", "_attn_fwd_tma_kernel"),
+    ],
+)
 def test_switch_runs_the_asked_for_forward(monkeypatch, forward_launches, asked, kernel):
     """C2A_ATTN_FWD through the model's entry point: unset (or empty) and "pointer" run the pointer forward,
     "tma" and "tma_ws" the descriptor one (warp_specialize for "tma_ws"); only that kernel launches, and the
@@ -220,6 +232,8 @@ def test_unknown_forward_name(monkeypatch, forward_launches):
     monkeypatch.setenv("C2A_KERNELS", "triton")
     monkeypatch.setenv("C2A_ATTN_FWD", "tma-ws")
     q = torch.randn(1, 8, 4, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"C2A_ATTN_FWD must be one of pointer, tma, tma_ws \(or unset\), got 'tma-ws'"):
+    with pytest.raises(
+        ValueError, match=r"C2A_ATTN_FWD must be one of pointer, tma, tma_ws \(or unset\), got 'tma-ws'"
+    ):
         c2a.kernels.causal_attention(q, q, q, None)
     assert launched(forward_launches) == {"_attn_fwd_kernel": 0, "_attn_fwd_tma_kernel": 0}

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_attention_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (tmp_path / "attention.png").stat().st_size > 0

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_throughput_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "trained tokens/s" in proc.stdout and "c2a / baseline" in proc.stdout
     assert (tmp_path / "train_throughput.png").stat().st_size > 0

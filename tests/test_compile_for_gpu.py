@@ -44,14 +44,22 @@ def test_pointwise_and_loss_kernels_build_for_sm90(tmp_path):
     rows = report["kernels"]
     assert not [r for r in rows if "error" in r]
     built = {r["kernel"] for r in rows}
-    assert built == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
-                     "_swiglu_bwd_kernel", "_cross_entropy_chunk_kernel"}, built  # fmt: skip
+    assert built == {
+        "_rms_norm_fwd_kernel",
+        "_rms_norm_bwd_kernel",
+        "_rotary_kernel",
+        "_swiglu_fwd_kernel",
+        "_swiglu_bwd_kernel",
+        "_cross_entropy_chunk_kernel",
+    }, built
     assert all(isinstance(r["registers"], int) and 0 < r["registers"] <= 255 for r in rows)
     # both fused-residual variants of the norm, both rotation directions, the loss with and without grads
     assert {r["constexprs"].get("HAS_RESIDUAL") for r in rows if r["kernel"] == "_rms_norm_fwd_kernel"} == {True, False}
     assert {r["constexprs"].get("SIGN") for r in rows if r["kernel"] == "_rotary_kernel"} == {1, -1}
     assert {r["constexprs"].get("COMPUTE_GRAD") for r in rows if r["kernel"] == "_cross_entropy_chunk_kernel"} == {
-        True, False}  # fmt: skip
+        True,
+        False,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -91,8 +99,15 @@ def test_mma_ratio_is_one_when_the_warps_divide_the_tile(arch):
     assert dot["useful_flops"] == 2 * 128 * 128 * 64
     # the PTX's instructions, by shape, times their issuers: wgmma once per warp group, mma.sync per warp
     issuers = {"wgmma": 1, "mma": 4}
-    issued = sum(n * 2 * int(s.split("m")[-1].split("n")[0]) * int(s.split("n")[-1].split("k")[0])
-                 * int(s.split("k")[-1]) * issuers[s.split(".")[0]] for s, n in r["mma"].items())  # fmt: skip
+    issued = sum(
+        n
+        * 2
+        * int(s.split("m")[-1].split("n")[0])
+        * int(s.split("n")[-1].split("k")[0])
+        * int(s.split("k")[-1])
+        * issuers[s.split(".")[0]]
+        for s, n in r["mma"].items()
+    )
     assert issued == dot["issued_flops"] == dot["useful_flops"]
     assert r["mma_ratio"] == r["mma_ratio_max"] == 1.0
 
@@ -144,8 +159,9 @@ def test_mma_ratio_of_a_tma_warp_specialised_loop():
     # descriptors' loads are TMA (cp.async.bulk.tensor). Built in a process without conftest's
     # TRITON_INTERPRET, which Triton's front end reads while compiling descriptor loads (they fail under it).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__, "tma_loop"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, __file__, "tma_loop"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.splitlines()[-1])
     assert r["tma"] and r["wgmma"] and r["unattributed"] == 0 and r["sass_check"] is True
@@ -157,37 +173,48 @@ def test_dots_in_a_warp_specialisation_partition_take_its_warps():
     # partition is issued by that partition's warps; one after the region by the module's
     from benchmarks.gpu_compile import ttgir_dots
 
-    dot = ('      %{0} = ttng.warp_group_dot %a, %b, %c {{isAsync = true}} : !ttg.memdesc<64x64xbf16, #shared, #smem> '
-           '* !ttg.memdesc<64x128xbf16, #shared1, #smem> -> tensor<64x128xf32, #mma> loc(#loc{1})')  # fmt: skip
-    ttgir = "\n".join([
-        '#loc1 = loc("k.py":10:20)',
-        '#loc2 = loc("k.py":30:5)',
-        'module attributes {"ttg.num-ctas" = 1 : i32, "ttg.num-warps" = 8 : i32} {',
-        '  tt.func public @k(%arg0: i32) {',
-        '    ttg.warp_specialize(%x) attributes {requestedRegisters = array<i32: 232>}',
-        '    default {',
-        '      ttg.warp_yield',
-        '    }',
-        '    partition0(%arg4: i32 loc("k.py":3:1)) num_warps(4) {',
-        '      scf.for %i = %c0 to %n step %c1 {',
-        dot.format("d1", 1),
-        '      }',
-        '      ttg.warp_return',
-        '    } : (i32) -> ()',
-        dot.format("d2", 2),
-        '    tt.return',
-        '  }',
-        '}',
-    ])  # fmt: skip
+    dot = (
+        "      %{0} = ttng.warp_group_dot %a, %b, %c {{isAsync = true}} : !ttg.memdesc<64x64xbf16, #shared, #smem> "
+        "* !ttg.memdesc<64x128xbf16, #shared1, #smem> -> tensor<64x128xf32, #mma> loc(#loc{1})"
+    )
+    ttgir = "\n".join(
+        [
+            '#loc1 = loc("k.py":10:20)',
+            '#loc2 = loc("k.py":30:5)',
+            'module attributes {"ttg.num-ctas" = 1 : i32, "ttg.num-warps" = 8 : i32} {',
+            "  tt.func public @k(%arg0: i32) {",
+            "    ttg.warp_specialize(%x) attributes {requestedRegisters = array<i32: 232>}",
+            "    default {",
+            "      ttg.warp_yield",
+            "    }",
+            '    partition0(%arg4: i32 loc("k.py":3:1)) num_warps(4) {',
+            "      scf.for %i = %c0 to %n step %c1 {",
+            dot.format("d1", 1),
+            "      }",
+            "      ttg.warp_return",
+            "    } : (i32) -> ()",
+            dot.format("d2", 2),
+            "    tt.return",
+            "  }",
+            "}",
+        ]
+    )
     dots = ttgir_dots(ttgir)
     assert [(d["site"], d["warps"], d["M"], d["N"], d["K"], d["wgmma"]) for d in dots] == [
-        (("k.py", 10, 20), 4, 64, 128, 64, True), (("k.py", 30, 5), 8, 64, 128, 64, True)]  # fmt: skip
+        (("k.py", 10, 20), 4, 64, 128, 64, True),
+        (("k.py", 30, 5), 8, 64, 128, 64, True),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ attention
 
-ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                     "_attn_bwd_dq_cast_kernel")  # fmt: skip
+ATTENTION_KERNELS = (
+    "_attn_fwd_kernel",
+    "_attn_bwd_delta_kernel",
+    "_attn_bwd_dkdv_kernel",
+    "_attn_bwd_dq_kernel",
+    "_attn_bwd_dq_cast_kernel",
+)
 
 # Default tiles that break the rule under a Triton other than CI's main one (3.9): .ci/run also runs this file
 # under 3.6, the lent GPU machines' version. An entry marks its kernel xfail(strict) there, so once the kernel
@@ -196,8 +223,10 @@ ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dk
 # 2026-12-04 (benchmarks/RESULTS.md). Form: {(3, 6): {"_attn_fwd_kernel": "why"}}.
 KNOWN_BREAKS: dict[tuple[int, int], dict[str, str]] = {}
 _known = KNOWN_BREAKS.get(tuple(int(x) for x in triton.__version__.split(".")[:2]), {})
-RULE_CASES = [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_known[k])) if k in _known else k
-              for k in ATTENTION_KERNELS]  # fmt: skip
+RULE_CASES = [
+    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_known[k])) if k in _known else k
+    for k in ATTENTION_KERNELS
+]
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +246,9 @@ def test_attention_kernels_build_for_sm90(attention_sm90):
     # forward and dK/dV for both models x packed or not, through both backward paths
     for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"):
         built = {(m, r["packed"], p) for r in rows if r["kernel"] == kernel for m in r["models"] for p in r["backward"]}
-        assert built == {(m, packed, p) for m in ("7b", "13b") for packed in (False, True)
-                         for p in ("atomic", "deterministic")}, (kernel, built)  # fmt: skip
+        assert built == {
+            (m, packed, p) for m in ("7b", "13b") for packed in (False, True) for p in ("atomic", "deterministic")
+        }, (kernel, built)
     assert {r["kernel"] for r in rows} >= {"_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel"}
 
 
@@ -245,8 +275,9 @@ def test_tma_forward_builds_for_sm90_without_spills(attention_sm90):
     for variant in ("tma", "tma_ws"):
         rows = [r for r in attention_sm90 if variant in r["kind"]]
         assert {r["kernel"] for r in rows} == {"_attn_fwd_tma_kernel"}, rows
-        assert {(m, r["packed"]) for r in rows for m in r["models"]} == {(m, p) for m in ("7b", "13b")
-                                                                          for p in (False, True)}  # fmt: skip
+        assert {(m, r["packed"]) for r in rows for m in r["models"]} == {
+            (m, p) for m in ("7b", "13b") for p in (False, True)
+        }
         for r in rows:
             where = f"{variant} {r['models']} packed={r['packed']} tile={r['blocks']}"
             assert r["tma"] and r["wgmma"] and r["spill_bytes"] == 0, where

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from c2a.config import LlamaConfig, build_config
+from c2a.config import LlamaConfig, build_config, resolve_dtype
 from c2a.model import Llama
-from c2a.config import resolve_dtype
 from c2a.model.flops import peak_flops, peak_flops_of
 from c2a.train.optim import build_optimizer
 
@@ -54,8 +53,10 @@ def test_peak_flops_by_device_name():
 
 
 def test_flash_attention_refuses_cpu_tensors_without_the_interpreter():
-    code = ("import torch; from c2a.kernels.attention import flash_attention; q = torch.zeros(1, 4, 2, 16)\n"
-            "try:\n    flash_attention(q, q, q)\nexcept RuntimeError as e:\n    print(e)")  # fmt: skip
+    code = (
+        "import torch; from c2a.kernels.attention import flash_attention; q = torch.zeros(1, 4, 2, 16)\n"
+        "try:\n    flash_attention(q, q, q)\nexcept RuntimeError as e:\n    print(e)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert "cpu tensors need TRITON_INTERPRET=1" in proc.stdout, proc.stdout + proc.stderr[-2000:]

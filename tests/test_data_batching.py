@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from c2a.data import Tokenizer, TokenizedDataset
+from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.batching import MicroBatch, MicroBatchLoader, pack_best_fit_decreasing
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 
@@ -58,7 +58,7 @@ def split_row(mb: MicroBatch, b: int) -> list[tuple[int, int]]:
         if seg[0] == 0:
             assert (labels[s:e] == -100).all(), "padding must not be trained"
         else:
-            assert labels[s] == -100 and (labels[s + 1:e] == seg[0]).all()
+            assert labels[s] == -100 and (labels[s + 1 : e] == seg[0]).all()
         docs.append((int(seg[0]), e - s))
     return docs
 
@@ -85,9 +85,11 @@ def test_best_fit_decreasing() -> None:
 def test_every_example_once_per_epoch_never_split(mode: str) -> None:
     lengths = alpaca_like_lengths(700, seed=1)
     ds = IdDataset(lengths)
-    loader = MicroBatchLoader(ds, mode=mode, seq_len=2048, micro_batch_size=3, global_batch_rows=6, seed=4, pack_window=256)
+    loader = MicroBatchLoader(
+        ds, mode=mode, seq_len=2048, micro_batch_size=3, global_batch_rows=6, seed=4, pack_window=256
+    )
     orders = []
-    for epoch in range(2):
+    for _epoch in range(2):
         seen = []
         for mb in epoch_batches(loader):
             B, T = mb.input_ids.shape
@@ -128,14 +130,19 @@ def test_sizes_known_before_iterating_and_equal_per_rank() -> None:
     ds = IdDataset(alpaca_like_lengths(501, seed=3))
     G = 8
     for mode in ("packed", "padded"):
-        loaders = [MicroBatchLoader(ds, mode=mode, seq_len=2048, micro_batch_size=2, global_batch_rows=G, rank=r, world_size=2, seed=1)
-                   for r in range(2)]
+        loaders = [
+            MicroBatchLoader(
+                ds, mode=mode, seq_len=2048, micro_batch_size=2, global_batch_rows=G, rank=r, world_size=2, seed=1
+            )
+            for r in range(2)
+        ]
         steps = loaders[0].steps_in_epoch(0)
         rows = loaders[0].rows_in_epoch(0)
         assert steps == -(-rows // G) and loaders[0].accum_steps == 2
         # the schedule's length: the optimizer steps a fresh loader really yields over 3 epochs
-        fresh = MicroBatchLoader(ds, mode=mode, seq_len=2048, micro_batch_size=2, global_batch_rows=G, rank=0,
-                                 world_size=2, seed=1)  # fmt: skip
+        fresh = MicroBatchLoader(
+            ds, mode=mode, seq_len=2048, micro_batch_size=2, global_batch_rows=G, rank=0, world_size=2, seed=1
+        )
         assert sum(len(epoch_batches(fresh)) for _ in range(3)) == fresh.total_steps(3) * fresh.accum_steps
         if mode == "padded":
             assert rows == 501
@@ -146,11 +153,24 @@ def test_sizes_known_before_iterating_and_equal_per_rank() -> None:
         assert sorted(set(sets[0]) | set(sets[1])) == list(range(1, 502)) and max((sets[0] + sets[1]).values()) == 1
 
 
-def _rows_per_step(world_size: int, micro_batch_size: int, G: int, ds: IdDataset, mode: str, epochs: int = 1,
-                   state: dict | None = None) -> list[list[tuple[tuple[int, ...], ...]]]:
+def _rows_per_step(
+    world_size: int, micro_batch_size: int, G: int, ds: IdDataset, mode: str, epochs: int = 1, state: dict | None = None
+) -> list[list[tuple[tuple[int, ...], ...]]]:
     """For each optimizer step, the sorted rows (as tuples of example ids) that all ranks together used."""
-    loaders = [MicroBatchLoader(ds, mode=mode, seq_len=512, micro_batch_size=micro_batch_size, global_batch_rows=G, rank=r,
-                                world_size=world_size, seed=9, pack_window=64) for r in range(world_size)]
+    loaders = [
+        MicroBatchLoader(
+            ds,
+            mode=mode,
+            seq_len=512,
+            micro_batch_size=micro_batch_size,
+            global_batch_rows=G,
+            rank=r,
+            world_size=world_size,
+            seed=9,
+            pack_window=64,
+        )
+        for r in range(world_size)
+    ]
     if state is not None:
         for ld in loaders:
             ld.load_state_dict(state)
@@ -163,8 +183,12 @@ def _rows_per_step(world_size: int, micro_batch_size: int, G: int, ds: IdDataset
     accum = loaders[0].accum_steps
     steps = []
     for s in range(len(streams[0]) // accum):
-        rows = [tuple(d for d, _ in split_row(mb, b) if d) for stream in streams for mb in stream[s * accum:(s + 1) * accum]
-                for b in range(micro_batch_size)]
+        rows = [
+            tuple(d for d, _ in split_row(mb, b) if d)
+            for stream in streams
+            for mb in stream[s * accum : (s + 1) * accum]
+            for b in range(micro_batch_size)
+        ]
         steps.append(sorted(rows))
     return steps
 
@@ -199,7 +223,11 @@ def test_resume_mid_epoch_gives_identical_remaining_sequence(mode: str) -> None:
             got += list(resumed)
         assert len(got) == len(reference)
         for a, b in zip(got, reference, strict=True):
-            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and torch.equal(a.position_ids, b.position_ids)
+            assert (
+                torch.equal(a.input_ids, b.input_ids)
+                and torch.equal(a.labels, b.labels)
+                and torch.equal(a.position_ids, b.position_ids)
+            )
 
 
 def test_resume_with_another_world_size_at_a_step_boundary() -> None:
@@ -207,8 +235,12 @@ def test_resume_with_another_world_size_at_a_step_boundary() -> None:
     G = 8
     reference = _rows_per_step(1, 2, G, ds, "packed", epochs=2)
     # two ranks run 5 optimizer steps (2 micro-batches of 2 each per step), then save
-    loaders = [MicroBatchLoader(ds, seq_len=512, micro_batch_size=2, global_batch_rows=G, rank=r, world_size=2, seed=9, pack_window=64)
-               for r in range(2)]
+    loaders = [
+        MicroBatchLoader(
+            ds, seq_len=512, micro_batch_size=2, global_batch_rows=G, rank=r, world_size=2, seed=9, pack_window=64
+        )
+        for r in range(2)
+    ]
     for ld in loaders:
         it = iter(ld)
         for _ in range(5 * ld.accum_steps):
@@ -221,7 +253,9 @@ def test_resume_with_another_world_size_at_a_step_boundary() -> None:
     it = iter(loaders[0])
     next(it)
     mid = loaders[0].state_dict()
-    other = MicroBatchLoader(ds, seq_len=512, micro_batch_size=1, global_batch_rows=G, rank=0, world_size=4, seed=9, pack_window=64)
+    other = MicroBatchLoader(
+        ds, seq_len=512, micro_batch_size=1, global_batch_rows=G, rank=0, world_size=4, seed=9, pack_window=64
+    )
     with pytest.raises(ValueError, match="inside an optimizer step"):
         other.load_state_dict(mid)
     changed = MicroBatchLoader(ds, seq_len=512, micro_batch_size=2, global_batch_rows=G, seed=10, pack_window=64)
@@ -231,7 +265,9 @@ def test_resume_with_another_world_size_at_a_step_boundary() -> None:
 
 def test_end_of_epoch_padding_rows_are_untrained() -> None:
     ds = IdDataset(np.full(10, 100))  # 10 one-example rows in padded mode, G = 8: the 2nd step has 2 real rows
-    loader = MicroBatchLoader(ds, mode="padded", seq_len=128, micro_batch_size=2, global_batch_rows=8, world_size=2, rank=1)
+    loader = MicroBatchLoader(
+        ds, mode="padded", seq_len=128, micro_batch_size=2, global_batch_rows=8, world_size=2, rank=1
+    )
     batches = epoch_batches(loader)
     assert loader.steps_in_epoch(0) == 2 and len(batches) == 4
     # step 1's rows 8, 9 go to micro-batches 0 and 1 (rank 0 micro-step 0, rank 1 micro-step 0)
@@ -265,6 +301,8 @@ def test_demo_dataset_packs_into_demo_rows() -> None:
     mb = next(iter(loader))
     starts = (mb.position_ids[0] == 0).nonzero().flatten().tolist() + [512]
     for s, e in zip(starts[:-1], starts[1:], strict=True):  # every document starts with BOS, or is padding
-        assert mb.input_ids[0, s] == tok.bos_id or ((mb.labels[0, s:e] == -100).all() and (mb.input_ids[0, s:e] == tok.eos_id).all())
-    first = mb.input_ids[0, starts[0]:starts[1]].tolist()
+        assert mb.input_ids[0, s] == tok.bos_id or (
+            (mb.labels[0, s:e] == -100).all() and (mb.input_ids[0, s:e] == tok.eos_id).all()
+        )
+    first = mb.input_ids[0, starts[0] : starts[1]].tolist()
     assert tok.decode(first).startswith("Below is an instruction")

@@ -11,19 +11,23 @@ import json
 
 import pytest
 import transformers
+from test_family import LLAMA3_STYLE, byte_level_tokenizer
 
 from c2a.data import DataError, TokenizedDataset, Tokenizer, encode_example, load_records
 from c2a.data.alpaca import encode_example_full
 from c2a.data.chat import ChatTemplateError, encode_chat, render_chat
 from c2a.data.demo import DEMO_TOKENIZER
-from test_family import LLAMA3_STYLE, byte_level_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Name three colours."}, {"role": "assistant", "content": "Red, green and blue."}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "héllo ✓"},
-     {"role": "assistant", "content": "Hi there!"}, {"role": "user", "content": "And 9 times 7?"},
-     {"role": "assistant", "content": "63\n(nine sevens)"}],
-]  # fmt: skip
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "héllo ✓"},
+        {"role": "assistant", "content": "Hi there!"},
+        {"role": "user", "content": "And 9 times 7?"},
+        {"role": "assistant", "content": "63\n(nine sevens)"},
+    ],
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,9 @@ def llama3_style(tmp_path_factory):
     byte_level_tokenizer(directory)
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": LLAMA3_STYLE}))
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), bos_token=config["bos_token"],
-                                              eos_token=config["eos_token"])  # fmt: skip
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), bos_token=config["bos_token"], eos_token=config["eos_token"]
+    )
     hf.chat_template = LLAMA3_STYLE
     return Tokenizer(directory), hf
 
@@ -62,7 +67,9 @@ def test_checkpoint_template_matches_transformers(llama3_style, conversation):
     assert text == hf.apply_chat_template(conversation, tokenize=False)
     tokens, trained = encode_chat({"messages": conversation}, tok, tok.chat_template)
     assert tokens == _ids(hf.apply_chat_template(conversation, tokenize=True))
-    assert tok.decode(tokens) == text.replace(tok.bos_token, "").replace(tok.eos_token, "")  # decode leaves out BOS/EOS, as for Alpaca
+    assert tok.decode(tokens) == text.replace(tok.bos_token, "").replace(
+        tok.eos_token, ""
+    )  # decode leaves out BOS/EOS, as for Alpaca
     answers = [m["content"] for m in conversation if m["role"] == "assistant"]
     # exactly each assistant turn and its end-of-turn token, nothing of the prompts or headers
     assert [tok.decode(run[:-1]) for run in trained_runs(tokens, trained)] == answers
@@ -78,7 +85,9 @@ def test_alpaca_builtin_equals_alpaca_records(llama3_style):
         for system in ("", "5 2 7"):
             record = {"instruction": "sort: 3 1 2", "input": system, "output": "1 2 3"}
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": record["output"]}]
+                {"role": "user", "content": record["instruction"]},
+                {"role": "assistant", "content": record["output"]},
+            ]
             got = encode_example_full({"messages": messages}, tok, 256, template="alpaca")
             assert (got.input_ids, got.labels) == encode_example(record, tok, 256)
 
@@ -116,7 +125,7 @@ def test_chat_truncation_keeps_the_head(llama3_style):
     tok, _ = llama3_style
     conversation = CONVERSATIONS[1]
     tokens, trained = encode_chat({"messages": conversation}, tok, tok.chat_template)
-    first_answer_end = trained.index(True) + trained[trained.index(True):].index(False)
+    first_answer_end = trained.index(True) + trained[trained.index(True) :].index(False)
     max_len = first_answer_end + 2  # the first answer whole, a little of what follows
     got = encode_example_full({"messages": conversation}, tok, max_len)
     assert got.truncated and len(got.input_ids) == max_len and got.input_ids == tokens[:max_len]
@@ -128,25 +137,37 @@ def test_chat_truncation_keeps_the_head(llama3_style):
 def test_chat_records_errors(llama3_style, tmp_path):
     tok, _ = llama3_style
     path = tmp_path / "chat.jsonl"
-    rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "only a question"}]},
-            {"messages": [{"role": "robot", "content": "x"}]}, {"messages": "hello"}]  # fmt: skip
+    rows = [
+        {"messages": CONVERSATIONS[0]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": "hello"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"chat.jsonl:2: no assistant message: nothing to train on"):
         load_records(path)
     loaded = load_records(path, skip_bad_rows=True)
-    assert len(loaded.records) == 1 and "messages[0] has role 'robot'; valid: system, user, assistant" in loaded.skipped[1]
+    assert (
+        len(loaded.records) == 1 and "messages[0] has role 'robot'; valid: system, user, assistant" in loaded.skipped[1]
+    )
     assert "field 'messages' must be a non-empty list" in loaded.skipped[2]
     with pytest.raises(ChatTemplateError, match="does not render turn by turn"):  # a template that reorders turns
-        encode_chat({"messages": CONVERSATIONS[1]}, tok, "{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}")
+        encode_chat(
+            {"messages": CONVERSATIONS[1]}, tok, "{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}"
+        )
     with pytest.raises(ValueError, match="unknown chat template 'chatml'; valid: auto, tokenizer, alpaca, llama2-chat"):
         TokenizedDataset.from_records(loaded.records, tok, 64, template="chatml")
-    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + LLAMA3_STYLE
+    refusing = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + LLAMA3_STYLE
+    )
     (tmp_path / "t").mkdir()
     byte_level_tokenizer(tmp_path / "t")
     config = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
     (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": refusing}))
     with pytest.raises(DataError, match="record 1 .*the chat template refused the conversation: no system role"):
-        TokenizedDataset.from_records([{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[1]}], Tokenizer(tmp_path / "t"), 64)
+        TokenizedDataset.from_records(
+            [{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[1]}], Tokenizer(tmp_path / "t"), 64
+        )
     with pytest.raises(ChatTemplateError, match="tokenizer_config.json has no chat_template; name a built-in one"):
         encode_example_full({"messages": CONVERSATIONS[0]}, Tokenizer(DEMO_TOKENIZER), 64, template="tokenizer")
 
@@ -171,6 +192,9 @@ def test_cache_checks_the_chat_template(llama3_style, tmp_path):
     tok, _ = llama3_style
     TokenizedDataset.from_records([{"messages": CONVERSATIONS[1]}], tok, 256).save(tmp_path / "cache")
     TokenizedDataset.open(tmp_path / "cache", expect_tokenizer=tok, expect_template="auto")
-    with pytest.raises(CacheMismatchError, match=r"chat records were rendered with chat_template of .*tokenizer_config.json "
-                                                  r"\(sha256 \w+\.\.\.\), expected alpaca \(sha256 \w+\.\.\.\)"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"chat records were rendered with chat_template of .*tokenizer_config.json "
+        r"\(sha256 \w+\.\.\.\), expected alpaca \(sha256 \w+\.\.\.\)",
+    ):
         TokenizedDataset.open(tmp_path / "cache", expect_tokenizer=tok, expect_template="alpaca")

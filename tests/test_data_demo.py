@@ -10,7 +10,18 @@ import pytest
 
 from c2a.config import LlamaConfig
 from c2a.data import Tokenizer, encode_example, format_prompt
-from c2a.data.demo import DEMO_TOKENIZER, DIGIT_WORDS, TASKS, WORDS, closed_words, demo_split, exact_match, generate_records, make_tokenizer, record_key
+from c2a.data.demo import (
+    DEMO_TOKENIZER,
+    DIGIT_WORDS,
+    TASKS,
+    WORDS,
+    closed_words,
+    demo_split,
+    exact_match,
+    generate_records,
+    make_tokenizer,
+    record_key,
+)
 
 NUMBER_NAMES = "zero one two three four five six seven eight nine".split()
 
@@ -65,7 +76,12 @@ def test_split_sizes_and_disjointness() -> None:
 
 
 def test_exact_match() -> None:
-    r = {"instruction": "Reverse the order of these words.", "input": "cat dog sun", "output": "sun dog cat", "task": "reverse"}
+    r = {
+        "instruction": "Reverse the order of these words.",
+        "input": "cat dog sun",
+        "output": "sun dog cat",
+        "task": "reverse",
+    }
     assert exact_match(r, "sun dog cat")
     assert exact_match(r, " sun dog cat\n")
     assert not exact_match(r, "sun dog")
@@ -115,4 +131,6 @@ def test_demo_text_encodes_without_unknowns_and_words_are_single_pieces(demo_tok
         assert demo_tok.encode(w, bos=False) == space + demo_tok.encode_continuation(w), w
     # digits are split: a two-digit number is two pieces
     assert len(demo_tok.encode_continuation("12")) == 2
-    assert demo_tok.decode(demo_tok.encode(format_prompt("Copy the text.", "cat dog"))) == format_prompt("Copy the text.", "cat dog")
+    assert demo_tok.decode(demo_tok.encode(format_prompt("Copy the text.", "cat dog"))) == format_prompt(
+        "Copy the text.", "cat dog"
+    )

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from c2a.data import CacheMismatchError, DataError, Tokenizer, TokenizedDataset, encode_example, load_records
+from c2a.data import CacheMismatchError, DataError, TokenizedDataset, Tokenizer, encode_example, load_records
 from c2a.data.demo import DEMO_TOKENIZER, demo_split, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,9 @@ def test_malformed_json_and_parquet_name_the_row(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text('[\n {"instruction": "x", "output": "y"},\n {"instruction": }\n]')
     with pytest.raises(DataError, match=r"broken\.json:3: invalid JSON"):
         load_records(tmp_path / "broken.json")
-    table = pa.Table.from_pylist([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": "", "output": None}])
+    table = pa.Table.from_pylist(
+        [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": "", "output": None}]
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"d\.parquet row 1: field 'output' must be a string, got NoneType"):
         load_records(tmp_path / "d.parquet")
@@ -124,14 +126,20 @@ def test_from_records_matches_encode_example_and_counts(tmp_path: Path) -> None:
 
 
 def _prepare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "c2a.data.prepare", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "c2a.data.prepare", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     records = demo_split(n_train=2200, n_heldout=0, seed=7)[0]
-    data = _write_jsonl(tmp_path / "train.jsonl", [json.dumps({k: r[k] for k in ("instruction", "input", "output")}) for r in records])
+    data = _write_jsonl(
+        tmp_path / "train.jsonl", [json.dumps({k: r[k] for k in ("instruction", "input", "output")}) for r in records]
+    )
     out = tmp_path / "cache"
-    res = _prepare("--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "96", "--workers", "2")
+    res = _prepare(
+        "--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "96", "--workers", "2"
+    )
     assert res.returncode == 0, res.stderr
     for word in ("examples", "tokens", "trained tokens", "truncated", "p50", "p99"):
         assert word in res.stdout
@@ -162,7 +170,19 @@ def test_prepare_cli_end_to_end(tmp_path: Path) -> None:
     # an existing cache is not overwritten by accident
     res = _prepare("--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "64")
     assert res.returncode == 1 and "--overwrite" in res.stderr
-    res = _prepare("--data", str(data), "--tokenizer", str(DEMO_TOKENIZER), "--out", str(out), "--max-len", "64", "--overwrite", "--workers", "1")
+    res = _prepare(
+        "--data",
+        str(data),
+        "--tokenizer",
+        str(DEMO_TOKENIZER),
+        "--out",
+        str(out),
+        "--max-len",
+        "64",
+        "--overwrite",
+        "--workers",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     assert TokenizedDataset.open(out, expect_max_len=64).max_len == 64
 

@@ -38,17 +38,50 @@ def demo_tok() -> Tokenizer:
 def _tricky_records(n: int, seed: int) -> list[dict[str, str]]:
     """Records that stress the prompt/response boundary: leading spaces/newlines, unicode, code, digits."""
     rng = random.Random(seed)
-    starts = ["", " ", "  ", "\n", "\n\n", "\t", ":", "::", "###", "-", "1.", "'", '"', "Response", "é", "日本", "🙂", "```"]
-    bodies = ["The capital of France is Paris.", "def f(x):\n    return x + 1\n", "1. eggs\n2. milk", "sure!!",
-              "Ça va très bien, merci.", "東京は日本の首都です。", "x = 3.14159 * r ** 2", "   indented  text   ",
-              "a\tb\tc", "emoji 🎉 party", "Line one\r\nLine two", "  trailing space ", "URL: https://example.com/a?b=c"]
+    starts = [
+        "",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        ":",
+        "::",
+        "###",
+        "-",
+        "1.",
+        "'",
+        '"',
+        "Response",
+        "é",
+        "日本",
+        "🙂",
+        "```",
+    ]
+    bodies = [
+        "The capital of France is Paris.",
+        "def f(x):\n    return x + 1\n",
+        "1. eggs\n2. milk",
+        "sure!!",
+        "Ça va très bien, merci.",
+        "東京は日本の首都です。",
+        "x = 3.14159 * r ** 2",
+        "   indented  text   ",
+        "a\tb\tc",
+        "emoji 🎉 party",
+        "Line one\r\nLine two",
+        "  trailing space ",
+        "URL: https://example.com/a?b=c",
+    ]
     out = []
-    for i in range(n):
-        out.append({
-            "instruction": rng.choice(bodies) + rng.choice(["", " ", "\n"]),
-            "input": rng.choice(["", "", rng.choice(starts) + rng.choice(bodies)]),
-            "output": rng.choice(starts) + rng.choice(bodies) + rng.choice(["", " ", "\n", "."]),
-        })
+    for _i in range(n):
+        out.append(
+            {
+                "instruction": rng.choice(bodies) + rng.choice(["", " ", "\n"]),
+                "input": rng.choice(["", "", rng.choice(starts) + rng.choice(bodies)]),
+                "output": rng.choice(starts) + rng.choice(bodies) + rng.choice(["", " ", "\n", "."]),
+            }
+        )
     return out
 
 
@@ -64,9 +97,9 @@ def _check_encoding(tok: Tokenizer, record: dict[str, str], max_len: int = 4096)
     prompt_ids = tok.encode(prompt, bos=True)
     lp = len(prompt_ids)
     assert tokens[:lp] == prompt_ids
-    assert labels[:lp - 1] == [IGNORE_INDEX] * (lp - 1)
+    assert labels[: lp - 1] == [IGNORE_INDEX] * (lp - 1)
     # every response target and the EOS are trained
-    assert labels[lp - 1:] == tokens[lp:]
+    assert labels[lp - 1 :] == tokens[lp:]
     # decoding gives back exactly prompt + response: no dummy-prefix space at the boundary
     assert tok.decode(tokens) == prompt + record["output"]
     assert tok.decode_continuation(prompt_ids, tokens[lp:]) == record["output"]
@@ -77,7 +110,9 @@ def test_encode_round_trip_and_masking_demo(demo_tok: Tokenizer) -> None:
     for r in train + heldout:
         _check_encoding(demo_tok, r)
     # the first response piece carries no space mark: "### Response:" is followed directly by the answer
-    ids, labels = encode_example({"instruction": "Copy the text.", "input": "cat dog", "output": "cat dog"}, demo_tok, 512)
+    _ids, labels = encode_example(
+        {"instruction": "Copy the text.", "input": "cat dog", "output": "cat dog"}, demo_tok, 512
+    )
     first_trained = next(x for x in labels if x != IGNORE_INDEX)
     assert demo_tok.piece(first_trained) == "cat"
 
@@ -90,7 +125,7 @@ def test_encode_round_trip_and_masking_real_tokenizer(real_tokenizer_path) -> No
         _check_encoding(tok, r)
     # a plain separate encoding would insert a space: the continuation encoder must not
     r = {"instruction": "Say hi.", "input": "", "output": "Hello"}
-    ids, labels = encode_example(r, tok, 2048)
+    _ids, labels = encode_example(r, tok, 2048)
     assert tok.piece(labels[-2]) == "Hello"
     assert tok.decode(tok.encode(format_prompt("Say hi.")) + tok.encode("Hello", bos=False)).endswith("Response: Hello")
 
@@ -138,7 +173,7 @@ def test_truncation_cuts_response_tail_keeping_eos(demo_tok: Tokenizer) -> None:
     r = {"instruction": "Copy the text.", "input": "", "output": " ".join(["dog"] * 300)}
     prompt = demo_tok.encode(format_prompt(r["instruction"]), bos=True)
     ids, labels = encode_example(r, demo_tok, 100)
-    assert ids[:len(prompt)] == prompt and len(ids) == 100 and labels[-1] == demo_tok.eos_id
+    assert ids[: len(prompt)] == prompt and len(ids) == 100 and labels[-1] == demo_tok.eos_id
 
 
 def test_truncation_drop_policy_and_untouched_fits(demo_tok: Tokenizer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -19,22 +20,40 @@ DEMO_TOKENIZER = ROOT / "c2a" / "data" / "assets" / "demo_tokenizer.model"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "tiny"
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=600)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=600,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     shutil.copyfile(DEMO_TOKENIZER, path / "tokenizer.model")
     return path
 
 
 COMMANDS = {
-    "train": lambda d, tmp: ["-m", "c2a.train", f"--out_dir={tmp / 'run'}", f"--model.checkpoint={d}", "--train.max_steps=1"],
+    "train": lambda d, tmp: [
+        "-m",
+        "c2a.train",
+        f"--out_dir={tmp / 'run'}",
+        f"--model.checkpoint={d}",
+        "--train.max_steps=1",
+    ],
     "generate": lambda d, tmp: ["-m", "c2a.generate", "--model", str(d), "--prompt", "hi"],
     "eval": lambda d, tmp: ["-m", "c2a.eval", "--model", str(d), "--data", "demo"],
     "convert": lambda d, tmp: ["-m", "c2a.model.convert", str(d), str(tmp / "converted")],
@@ -49,7 +68,10 @@ def test_a_truncated_safetensors_file_is_named_by_every_command(hf_dir, tmp_path
     for name, command in COMMANDS.items():
         proc = cli(*command(broken, tmp_path))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
-        assert f"{weights}: not a readable safetensors file (SafetensorError" in proc.stderr, (name, proc.stderr[-2000:])
+        assert f"{weights}: not a readable safetensors file (SafetensorError" in proc.stderr, (
+            name,
+            proc.stderr[-2000:],
+        )
 
 
 def test_a_config_value_of_the_wrong_type_is_named(hf_dir, tmp_path):
@@ -70,7 +92,10 @@ def test_a_special_token_id_of_the_wrong_type_is_named(hf_dir, tmp_path):
     (broken / "config.json").write_text(json.dumps(config | {"eos_token_id": "two"}))
     proc = cli(*COMMANDS["convert"](broken, tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"{broken / 'config.json'}: eos_token_id must be a non-negative integer, a list of them or null, got str 'two'" in proc.stderr
+    assert (
+        f"{broken / 'config.json'}: eos_token_id must be a non-negative integer, a list of them or null, got str 'two'"
+        in proc.stderr
+    )
 
 
 def test_convert_copies_the_tokenizer_and_writes_files_readable_as_usual(hf_dir, tmp_path):
@@ -90,8 +115,19 @@ def test_convert_copies_the_tokenizer_and_writes_files_readable_as_usual(hf_dir,
 
 
 def train(out: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
-    return cli("-m", "c2a.train", f"--out_dir={out}", f"--data.path={data}", f"--data.tokenizer={DEMO_TOKENIZER}", "--data.max_len=64",
-               "--train.global_batch=4", "--train.micro_batch=2", "--train.max_steps=1", "--train.progress=false", *args)  # fmt: skip
+    return cli(
+        "-m",
+        "c2a.train",
+        f"--out_dir={out}",
+        f"--data.path={data}",
+        f"--data.tokenizer={DEMO_TOKENIZER}",
+        "--data.max_len=64",
+        "--train.global_batch=4",
+        "--train.micro_batch=2",
+        "--train.max_steps=1",
+        "--train.progress=false",
+        *args,
+    )
 
 
 def alpaca_lines(n: int, response: str = "the answer") -> str:
@@ -103,13 +139,17 @@ def test_trainer_data_errors_name_the_line_and_the_trainer_flag(tmp_path):
     data.write_text(alpaca_lines(3) + '{"instruction": "no output"}\n')
     proc = train(tmp_path / "a", data)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"{data}:4: " in proc.stderr and "(pass --data.skip_bad_rows=true to skip such rows)" in proc.stderr, proc.stderr[-2000:]
+    assert f"{data}:4: " in proc.stderr and "(pass --data.skip_bad_rows=true to skip such rows)" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
     assert "--skip-bad-rows" not in proc.stderr  # prepare's flag, which the trainer rejects
 
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(alpaca_lines(2).encode() + '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
     proc = train(tmp_path / "b", latin)
-    assert proc.returncode == 1 and f"{latin}:3: not UTF-8 text (byte 0xe9 at offset " in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and f"{latin}:3: not UTF-8 text (byte 0xe9 at offset " in proc.stderr, proc.stderr[
+        -2000:
+    ]
 
 
 def test_over_length_examples_are_counted_and_the_policy_is_a_setting(tmp_path):
@@ -117,14 +157,20 @@ def test_over_length_examples_are_counted_and_the_policy_is_a_setting(tmp_path):
     data.write_text(alpaca_lines(6) + alpaca_lines(2, response=" ".join(["word"] * 200)))
     proc = train(tmp_path / "t", data)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "data: 2 truncated of 8 examples longer than data.max_len=64 (data.truncation=drop leaves them out)" in proc.stderr
+    assert (
+        "data: 2 truncated of 8 examples longer than data.max_len=64 (data.truncation=drop leaves them out)"
+        in proc.stderr
+    )
     proc = train(tmp_path / "d", data, "--data.truncation=drop")
     assert proc.returncode == 0 and "data: 2 dropped of 8 examples longer than data.max_len=64" in proc.stderr
     assert "data: 6 examples" in proc.stderr
     # the run's own cache was made with one policy: resuming with the other says what to do
     proc = train(tmp_path / "d", data, "--data.truncation=truncate")
     assert proc.returncode == 1 and "truncation is 'drop', expected 'truncate'" in proc.stderr
-    assert "is this run's own cache, made when it started: resume with the data and settings it was started with" in proc.stderr
+    assert (
+        "is this run's own cache, made when it started: resume with the data and settings it was started with"
+        in proc.stderr
+    )
 
 
 def test_one_example_logs_the_padding_the_metrics_report(tmp_path):
@@ -145,37 +191,66 @@ def test_tensorboard_without_the_package_fails_before_any_work(tmp_path):
     assert not (tmp_path / "tb").exists()  # nothing was made or loaded first
 
 
-# Every command: a user error exits 1 with one "error: ..." line, a usage
-# error exits 2 as argparse does. Each user error here needs no model, so the commands stop before loading one.
+# Every command: a user error exits 1 with one "error: ..." line, a usage error exits 2 as argparse does.
+# Each user error here needs no model, so the commands stop before loading one. The shells' main() run in
+# this process; the trainer, which joins a process group, in its own.
+SHELLS = {
+    "plan": "c2a.plan.__main__",
+    "generate": "c2a.generate",
+    "eval": "c2a.eval",
+    "prepare": "c2a.data.prepare",
+    "convert": "c2a.model.convert",
+    "plot": "c2a.train.plot",
+    "demo": "c2a.data.demo.__main__",
+}
 USER_ERROR = {
-    "train": ["-m", "c2a.train", "--out_dir={tmp}/run", "--data.path={tmp}/missing.jsonl", "--data.tokenizer=" + str(DEMO_TOKENIZER)],
-    "plan": ["-m", "c2a.plan", "--gpus", "1", "--model.checkpoint={tmp}/nowhere"],
-    "generate": ["-m", "c2a.generate", "--model", "{tmp}/nowhere", "--prompt", "hi"],
-    "eval": ["-m", "c2a.eval", "--model", "{tmp}/nowhere", "--data", "{tmp}/missing.jsonl"],
-    "prepare": ["-m", "c2a.data.prepare", "--data", "{tmp}/missing.jsonl", "--tokenizer", str(DEMO_TOKENIZER), "--out", "{tmp}/cache"],
-    "convert": ["-m", "c2a.model.convert", "{tmp}/nowhere", "{tmp}/out"],
-    "plot": ["-m", "c2a.train.plot", "{tmp}"],
+    "plan": ["--gpus", "1", "--model.checkpoint={tmp}/nowhere"],
+    "generate": ["--model", "{tmp}/nowhere", "--prompt", "hi"],
+    "eval": ["--model", "{tmp}/nowhere", "--data", "{tmp}/missing.jsonl"],
+    "prepare": ["--data", "{tmp}/missing.jsonl", "--tokenizer", str(DEMO_TOKENIZER), "--out", "{tmp}/cache"],
+    "convert": ["{tmp}/nowhere", "{tmp}/out"],
+    "plot": ["{tmp}"],
 }
 USAGE_ERROR = {
-    "train": ["-m", "c2a.train", "--train.no_such_key=1"],
-    "plan": ["-m", "c2a.plan", "--train.lr=1e-5"],
-    "generate": ["-m", "c2a.generate", "--no-such-flag"],
-    "eval": ["-m", "c2a.eval", "--model", "x", "--no-such-flag"],
-    "prepare": ["-m", "c2a.data.prepare", "--data", "x"],
-    "convert": ["-m", "c2a.model.convert", "only-one-path"],
-    "plot": ["-m", "c2a.train.plot"],
-    "demo": ["-m", "c2a.data.demo", "--show", "many"],
+    "plan": ["--train.lr=1e-5"],
+    "generate": ["--no-such-flag"],
+    "eval": ["--model", "x", "--no-such-flag"],
+    "prepare": ["--data", "x"],
+    "convert": ["only-one-path"],
+    "plot": [],
+    "demo": ["--show", "many"],
 }
+
+
+def run_main(name: str, argv: list[str]) -> int:
+    main = importlib.import_module(SHELLS[name]).main
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        return e.code
 
 
 @pytest.mark.parametrize("name", sorted(USER_ERROR))
-def test_every_command_reports_a_user_error_in_one_line_and_exits_1(name, tmp_path):
-    proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in USER_ERROR[name]))
-    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, (name, proc.returncode, proc.stderr[-2000:])
+def test_every_command_reports_a_user_error_in_one_line_and_exits_1(name, tmp_path, capsys):
+    code = run_main(name, [a.replace("{tmp}", str(tmp_path)) for a in USER_ERROR[name]])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, code, err[-2000:])
 
 
 @pytest.mark.parametrize("name", sorted(USAGE_ERROR))
-def test_every_command_exits_2_on_a_usage_error(name):
-    proc = cli(*USAGE_ERROR[name])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.returncode, proc.stderr[-2000:])
+def test_every_command_exits_2_on_a_usage_error(name, capsys):
+    assert run_main(name, USAGE_ERROR[name]) == 2, (name, capsys.readouterr().err[-2000:])
+
+
+def test_the_trainer_exits_1_on_a_user_error_and_2_on_a_usage_error(tmp_path):
+    missing = cli(
+        "-m",
+        "c2a.train",
+        f"--out_dir={tmp_path / 'run'}",
+        f"--data.path={tmp_path / 'missing.jsonl'}",
+        f"--data.tokenizer={DEMO_TOKENIZER}",
+    )
+    lines = [line for line in missing.stderr.splitlines() if "error:" in line]
+    assert missing.returncode == 1 and len(lines) == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert cli("-m", "c2a.train", "--train.no_such_key=1").returncode == 2

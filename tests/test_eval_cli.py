@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bigram_model import bigram_llama
 
 from c2a.config import LlamaConfig
 from c2a.data import Tokenizer, encode_example
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.model import Llama, load_pretrained, save_pretrained
 from c2a.model.generate import generate
-from bigram_model import bigram_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=48)
@@ -33,8 +33,10 @@ TEMPLATE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a response "
     "that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
-TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Response:")  # fmt: skip
+TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,8 +51,15 @@ def _one_thread():
 
 def run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def save(model: Llama, path: Path) -> Path:
@@ -91,19 +100,36 @@ def greedy_text(model: Llama, tok: Tokenizer, prompt_text: str, max_new_tokens: 
 
 
 def test_generate_prompt_applies_alpaca_template(random_model):
-    proc = run_cli("c2a.generate", "--model", str(random_model), "--prompt", "Reverse the order of these words.",
-                   "--input", "cat dog owl", "--max-new-tokens", "12")  # fmt: skip
+    proc = run_cli(
+        "c2a.generate",
+        "--model",
+        str(random_model),
+        "--prompt",
+        "Reverse the order of these words.",
+        "--input",
+        "cat dog owl",
+        "--max-new-tokens",
+        "12",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, tok = load_pretrained(random_model).eval(), Tokenizer(random_model / "tokenizer.model")
-    expected = greedy_text(model, tok, TEMPLATE_INPUT.format(instruction="Reverse the order of these words.", input="cat dog owl"), 12)
+    expected = greedy_text(
+        model, tok, TEMPLATE_INPUT.format(instruction="Reverse the order of these words.", input="cat dog owl"), 12
+    )
     assert expected.strip()
     assert proc.stdout == expected + "\n"
 
 
 def test_generate_reads_instructions_from_stdin(random_model):
     instructions = ["Copy the text: cat dog", "What is 3 + 4?"]
-    proc = run_cli("c2a.generate", "--model", str(random_model), "--max-new-tokens", "8",
-                   stdin=f"{instructions[0]}\n\n{instructions[1]}\n")  # fmt: skip
+    proc = run_cli(
+        "c2a.generate",
+        "--model",
+        str(random_model),
+        "--max-new-tokens",
+        "8",
+        stdin=f"{instructions[0]}\n\n{instructions[1]}\n",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, tok = load_pretrained(random_model).eval(), Tokenizer(random_model / "tokenizer.model")
     expected = [greedy_text(model, tok, TEMPLATE.format(instruction=i), 8) for i in instructions]
@@ -132,8 +158,19 @@ def test_eval_loss_on_a_data_file(random_model, tmp_path):
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "result.json"
-    proc = run_cli("c2a.eval", "--model", str(random_model), "--data", str(data), "--batch-size", "2", "--max-len", "40",
-                   "--json-out", str(out))  # fmt: skip
+    proc = run_cli(
+        "c2a.eval",
+        "--model",
+        str(random_model),
+        "--data",
+        str(data),
+        "--batch-size",
+        "2",
+        "--max-len",
+        "40",
+        "--json-out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     model, tok = load_pretrained(random_model).eval(), Tokenizer(random_model / "tokenizer.model")
@@ -146,8 +183,23 @@ def test_eval_loss_on_a_data_file(random_model, tmp_path):
 
 def test_eval_demo_exact_match_per_task_and_alpaca_eval_file(bigram_model, tmp_path):
     answers, out = tmp_path / "answers.json", tmp_path / "result.json"
-    proc = run_cli("c2a.eval", "--model", str(bigram_model), "--data", "demo", "--limit", str(LIMIT), "--batch-size", "16",
-                   "--alpaca-eval-out", str(answers), "--generator", "c2a-bigram", "--json-out", str(out))  # fmt: skip
+    proc = run_cli(
+        "c2a.eval",
+        "--model",
+        str(bigram_model),
+        "--data",
+        "demo",
+        "--limit",
+        str(LIMIT),
+        "--batch-size",
+        "16",
+        "--alpaca-eval-out",
+        str(answers),
+        "--generator",
+        "c2a-bigram",
+        "--json-out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     heldout = demo_split(n_train=0, n_heldout=500)[1][:LIMIT]  # the split training holds out, first LIMIT records
@@ -160,7 +212,10 @@ def test_eval_demo_exact_match_per_task_and_alpaca_eval_file(bigram_model, tmp_p
     assert result["exact_match"]["accuracy"] == pytest.approx(sum(map(sum, hits.values())) / LIMIT)
     assert sorted(t for t, v in expected.items() if v["accuracy"] > 0) == ["count", "max"]
     for task, v in expected.items():  # the printed per-task table
-        assert any(line.split()[:3] == [task, str(v["examples"]), f"{100 * v['accuracy']:.1f}%"] for line in proc.stdout.splitlines()), task
+        assert any(
+            line.split()[:3] == [task, str(v["examples"]), f"{100 * v['accuracy']:.1f}%"]
+            for line in proc.stdout.splitlines()
+        ), task
 
     model, tok = load_pretrained(bigram_model).eval(), Tokenizer(bigram_model / "tokenizer.model")
     assert result["loss"] == pytest.approx(direct_loss(model, tok, heldout, 512), rel=1e-5)
@@ -188,12 +243,30 @@ def test_bad_input_gives_a_clear_error(random_model, tmp_path):
 
 def test_alpaca_eval_prompts_from_a_local_file(bigram_model, tmp_path, capsys):
     # AlpacaEval's evaluation set as it is distributed: a JSON list whose "instruction" holds the whole prompt
-    prompts = [{"instruction": f"Count the words: {' '.join(['w'] * n)}", "output": "reference", "generator": "text_davinci_003",
-                "dataset": "helpful_base"} for n in range(1, 6)]  # fmt: skip
+    prompts = [
+        {
+            "instruction": f"Count the words: {' '.join(['w'] * n)}",
+            "output": "reference",
+            "generator": "text_davinci_003",
+            "dataset": "helpful_base",
+        }
+        for n in range(1, 6)
+    ]
     prompts_file, answers = tmp_path / "alpaca_eval.json", tmp_path / "answers.json"
     prompts_file.write_text(json.dumps(prompts))
-    proc = run_cli("c2a.eval", "--model", str(bigram_model), "--alpaca-eval-prompts", str(prompts_file), "--alpaca-eval-out", str(answers),
-                   "--limit", "4", "--max-new-tokens", "8")  # fmt: skip
+    proc = run_cli(
+        "c2a.eval",
+        "--model",
+        str(bigram_model),
+        "--alpaca-eval-prompts",
+        str(prompts_file),
+        "--alpaca-eval-out",
+        str(answers),
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = json.loads(answers.read_text())
     assert [w["instruction"] for w in written] == [p["instruction"] for p in prompts[:4]]
@@ -204,8 +277,13 @@ def test_alpaca_eval_prompts_from_a_local_file(bigram_model, tmp_path, capsys):
     from c2a.eval import main
 
     prompts_file.write_text(json.dumps([{"instruction": "ok"}, {"prompt": "no instruction key"}]))
-    for args, message in ((["--alpaca-eval-prompts", str(prompts_file), "--alpaca-eval-out", str(answers)], f"{prompts_file}: record 1 has no \"instruction\" string"),
-                          (["--alpaca-eval-prompts", str(prompts_file)], "--alpaca-eval-prompts needs --alpaca-eval-out"),
-                          ([], "give one of --data, --tasks, --suite or --alpaca-eval-prompts")):  # fmt: skip
+    for args, message in (
+        (
+            ["--alpaca-eval-prompts", str(prompts_file), "--alpaca-eval-out", str(answers)],
+            f'{prompts_file}: record 1 has no "instruction" string',
+        ),
+        (["--alpaca-eval-prompts", str(prompts_file)], "--alpaca-eval-prompts needs --alpaca-eval-out"),
+        ([], "give one of --data, --tasks, --suite or --alpaca-eval-prompts"),
+    ):
         assert main(["--model", str(bigram_model), *args]) == 1
         assert message in capsys.readouterr().err

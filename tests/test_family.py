@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from train_runs import loss_on_rows, metrics, run_train, step_rows, trainer_state
 
 from c2a.config import LlamaConfig
 from c2a.data import TokenizedDataset, Tokenizer, encode_example, format_prompt
@@ -24,24 +25,40 @@ from c2a.data.demo import demo_split
 from c2a.model import Llama, load_pretrained, save_pretrained
 from c2a.model.generate import generate
 from c2a.model.weights import CheckpointError
-from train_runs import loss_on_rows, metrics, run_train, step_rows, trainer_state
 
 # Original context 64 tokens with theta 10000 and Hd 16: the 8 pair wavelengths 2π·10000^(i/8) are
 # 6.3, 20, 63, 199, ... tokens, so pair 0 is high-frequency (kept, < 64/4), pairs 1-2 are blended and
 # pairs 3-7 are low-frequency (divided by the factor): all three branches of the llama3 rule are exercised.
-ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-def family_hf(vocab: int = 263, seed: int = 0, std: float = 0.05, rope: dict | None = ROPE,
-              bos: int = 1, eos: int | list[int] = 2) -> transformers.LlamaForCausalLM:
+def family_hf(
+    vocab: int = 263, seed: int = 0, std: float = 0.05, rope: dict | None = ROPE, bos: int = 1, eos: int | list[int] = 2
+) -> transformers.LlamaForCausalLM:
     """A random tied-embedding GQA HF Llama with llama3 rope scaling, norms randomised too."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
         rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})},
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=0, attn_implementation="eager",
-    )  # fmt: skip
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -68,7 +85,12 @@ def test_hf_family_checkpoint_loads_tied_and_scaled(family_dir):
     path, hf = family_dir
     model = load_pretrained(path, dtype=torch.float32)
     assert model.cfg.tie_word_embeddings and model.cfg.use_scaled_rope
-    assert (model.cfg.rope_scaling_factor, model.cfg.low_freq_factor, model.cfg.high_freq_factor, model.cfg.original_max_seq_len) == (8.0, 1.0, 4.0, 64)
+    assert (
+        model.cfg.rope_scaling_factor,
+        model.cfg.low_freq_factor,
+        model.cfg.high_freq_factor,
+        model.cfg.original_max_seq_len,
+    ) == (8.0, 1.0, 4.0, 64)
     assert model.output.weight is model.tok_embeddings.weight
     names = [n for n, _ in model.named_parameters()]
     assert "output.weight" not in names and len(names) == 1 + 2 * 9 + 1
@@ -125,8 +147,14 @@ def _greedy_matches_hf(tmp_path) -> None:
     for seed, length in ((0, 3), (1, 70)):
         g = torch.Generator().manual_seed(seed)
         prompt = [1] + torch.randint(3, 263, (length - 1,), generator=g).tolist()
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
-                          attention_mask=torch.ones(1, length, dtype=torch.long))[0, length:].tolist()  # fmt: skip
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=40,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, length, dtype=torch.long),
+        )[0, length:].tolist()
         assert len(set(ref)) > 5  # a varied path, not one token repeated
         assert generate(model, prompt, max_new_tokens=40, stop_ids=()) == ref
 
@@ -143,7 +171,9 @@ def test_tied_gradient_is_embedding_plus_head():
     labels[0, :4] = -100
     tied.loss(ids, labels).backward()
     untied.loss(ids, labels).backward()
-    torch.testing.assert_close(tied.tok_embeddings.weight.grad, untied.tok_embeddings.weight.grad + untied.output.weight.grad)
+    torch.testing.assert_close(
+        tied.tok_embeddings.weight.grad, untied.tok_embeddings.weight.grad + untied.output.weight.grad
+    )
     assert len(list(tied.parameters())) == len(list(untied.parameters())) - 1
 
 
@@ -173,7 +203,10 @@ def test_unsupported_rope_type_named(family_dir, tmp_path):
         load_pretrained(tmp_path)
     config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="llama3 rope scaling without low_freq_factor, high_freq_factor, original_max_position_embeddings"):
+    with pytest.raises(
+        CheckpointError,
+        match="llama3 rope scaling without low_freq_factor, high_freq_factor, original_max_position_embeddings",
+    ):
         load_pretrained(tmp_path)
 
 
@@ -190,7 +223,9 @@ LLAMA3_STYLE = (
 
 def corpus(n: int = 200) -> list[str]:
     records = demo_split(n, 4, seed=3)[0]
-    return [format_prompt(r["instruction"], r["input"]) + r["output"] for r in records] + ["héllo wörld ✓ 日本語 — ünïcode"]
+    return [format_prompt(r["instruction"], r["input"]) + r["output"] for r in records] + [
+        "héllo wörld ✓ 日本語 — ünïcode"
+    ]
 
 
 def byte_level_tokenizer(directory: Path, vocab: int = 420) -> Path:
@@ -202,13 +237,21 @@ def byte_level_tokenizer(directory: Path, vocab: int = 420) -> Path:
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=LLAMA3_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=LLAMA3_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    )
     return directory / "tokenizer.json"
 
 
@@ -220,16 +263,28 @@ def metaspace_tokenizer(directory: Path) -> Path:
 
     tok = HFTok(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}}))
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}})
+    )
     return directory / "tokenizer.json"
 
 
-TEXTS = ["Red, green and blue.", " a leading space", "\nnewline first", "héllo ✓ 日本語", "x<|eot_id|>y </s> <s>", "tabs\tand  two  spaces ", "9"]
+TEXTS = [
+    "Red, green and blue.",
+    " a leading space",
+    "\nnewline first",
+    "héllo ✓ 日本語",
+    "x<|eot_id|>y </s> <s>",
+    "tabs\tand  two  spaces ",
+    "9",
+]
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
@@ -248,7 +303,10 @@ def test_tokenizer_json_exact_prompt_response_decode(kind, tmp_path):
         input_ids, labels = encode_example({"instruction": instruction, "input": "", "output": response}, tok, 512)
         assert tok.decode(input_ids + labels[-1:]) == prompt + response
         n_prompt = sum(1 for label in labels if label == -100) + 1
-        assert tok.decode(input_ids[:n_prompt]) == prompt and tok.decode_continuation(input_ids[:n_prompt], labels[n_prompt - 1:]) == response
+        assert (
+            tok.decode(input_ids[:n_prompt]) == prompt
+            and tok.decode_continuation(input_ids[:n_prompt], labels[n_prompt - 1 :]) == response
+        )
 
 
 def test_tokenizer_json_identity_and_errors(tmp_path):
@@ -256,13 +314,19 @@ def test_tokenizer_json_identity_and_errors(tmp_path):
     a = Tokenizer(path)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert Tokenizer(tmp_path / "b").sha256 == a.sha256
-    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    )
     assert Tokenizer(tmp_path / "b").sha256 != a.sha256  # another EOS encodes every example differently
-    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|nope|>"}))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|nope|>"})
+    )
     with pytest.raises(ValueError, match=r"tokenizer.json: eos_token '<\|nope\|>' .* is not in the vocabulary"):
         Tokenizer(tmp_path / "b")
     (tmp_path / "b" / "tokenizer_config.json").unlink()
-    with pytest.raises(ValueError, match="tokenizer.json: no bos_token in .*tokenizer_config.json or .*special_tokens_map.json"):
+    with pytest.raises(
+        ValueError, match="tokenizer.json: no bos_token in .*tokenizer_config.json or .*special_tokens_map.json"
+    ):
         Tokenizer(tmp_path / "b")
     (tmp_path / "b" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json is not an HF tokenizer.json"):
@@ -314,7 +378,9 @@ def test_special_ids_fallback_to_the_tokenizer(tmp_path):
     filled = with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id)
     assert (filled.bos_token_id, filled.eos_token_id) == (0, 4)
     reader = CheckpointReader(tmp_path / "hf")
-    assert with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id) == reader.config  # config.json wins
+    assert (
+        with_tokenizer_ids(reader.config, reader.named_ids, tok.bos_id, tok.eos_id) == reader.config
+    )  # config.json wins
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"eos_token_id": None}))
     reader = CheckpointReader(tmp_path / "hf")
@@ -332,9 +398,11 @@ def test_special_ids_of_the_wrong_type_are_named(family_dir, tmp_path):
     path, _ = family_dir
     shutil.copytree(path, tmp_path / "bad")
     config = json.loads((tmp_path / "bad" / "config.json").read_text())
-    for key, value, want in [("eos_token_id", "two", "eos_token_id must be a non-negative integer, a list of them or null, got str 'two'"),
-                             ("eos_token_id", [8, "9"], "eos_token_id must be .* got list \\[8, '9'\\]"),
-                             ("bos_token_id", [1], "bos_token_id must be a non-negative integer or null, got list \\[1\\]")]:  # fmt: skip
+    for key, value, want in [
+        ("eos_token_id", "two", "eos_token_id must be a non-negative integer, a list of them or null, got str 'two'"),
+        ("eos_token_id", [8, "9"], "eos_token_id must be .* got list \\[8, '9'\\]"),
+        ("bos_token_id", [1], "bos_token_id must be a non-negative integer or null, got list \\[1\\]"),
+    ]:
         (tmp_path / "bad" / "config.json").write_text(json.dumps(config | {key: value}))
         with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 'bad' / 'config.json'))}: {want}"):
             load_pretrained(tmp_path / "bad")
@@ -343,8 +411,20 @@ def test_special_ids_of_the_wrong_type_are_named(family_dir, tmp_path):
 # ----------------------------------------------------- fine-tuning a tied, llama3, tokenizer.json checkpoint
 
 # configs/llama3.2-1b-alpaca.toml (the recipe for this kind of checkpoint) with the sizes of a CPU test
-RUN = ["--config=configs/llama3.2-1b-alpaca.toml", "--train.dtype=fp32", "--train.save_every_minutes=0", "--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1",
-       "--train.max_steps=3", "--train.save_every=1", "--train.lr=1e-3", "--train.activation_checkpointing=full"]  # fmt: skip
+RUN = [
+    "--config=configs/llama3.2-1b-alpaca.toml",
+    "--train.dtype=fp32",
+    "--train.save_every_minutes=0",
+    "--data.max_len=64",
+    "--train.micro_batch=1",
+    "--train.global_batch=16",
+    "--train.progress=false",
+    "--train.log_every=1",
+    "--train.max_steps=3",
+    "--train.save_every=1",
+    "--train.lr=1e-3",
+    "--train.activation_checkpointing=full",
+]
 
 
 @pytest.fixture(scope="module")
@@ -361,8 +441,15 @@ def family_run(tmp_path_factory):
     family_hf(vocab=tok.vocab_size + 4, std=0.1, bos=tok.bos_id, eos=[1, tok.eos_id]).save_pretrained(ckpt)
     data = work / "mixed.jsonl"
     records = demo_split(64, 4, seed=5)[0]
-    chats = [{"messages": [{"role": "user", "content": r["instruction"] + " " + r["input"]}, {"role": "assistant", "content": r["output"]}]}
-             for r in records[48:]]  # fmt: skip
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": r["instruction"] + " " + r["input"]},
+                {"role": "assistant", "content": r["output"]},
+            ]
+        }
+        for r in records[48:]
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:48] + chats))
     out = work / "out"
     proc = run_train(2, out, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={data}", tiny=False)
@@ -387,7 +474,10 @@ def test_family_finetune_trains_tied_and_exports_tied(family_run):
     final = out / "final"
     config = json.loads((final / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["rope_parameters"]["rope_type"] == "llama3"
-    assert (config["bos_token_id"], config["eos_token_id"]) == (0, [1, 4])  # the checkpoint's list, not the tokenizer's one EOS
+    assert (config["bos_token_id"], config["eos_token_id"]) == (
+        0,
+        [1, 4],
+    )  # the checkpoint's list, not the tokenizer's one EOS
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (final / name).read_bytes() == (ckpt / name).read_bytes()
     # the template the chat records were trained with, where transformers and `c2a.generate --template auto` look first
@@ -417,8 +507,16 @@ def test_finetune_from_meta_takes_the_tokenizers_ids(tmp_path):
     meta = save_meta(model.cfg, model.named_parameters(), tmp_path / "meta")
     data = tmp_path / "alpaca.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_split(32, 4, seed=5)[0]))
-    run_train(1, tmp_path / "out", *RUN, "--train.max_steps=1", f"--model.checkpoint={meta}", f"--data.path={data}",
-              f"--data.tokenizer={tok.path}", tiny=False)  # fmt: skip
+    run_train(
+        1,
+        tmp_path / "out",
+        *RUN,
+        "--train.max_steps=1",
+        f"--model.checkpoint={meta}",
+        f"--data.path={data}",
+        f"--data.tokenizer={tok.path}",
+        tiny=False,
+    )
     config = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 4)
     # Alpaca records only: the export names Alpaca's prompt as its template, so --template auto prompts as trained
@@ -435,7 +533,9 @@ def test_family_finetune_resumes_tied(family_run, tmp_path):
     shutil.rmtree(sorted((resumed / "checkpoints").iterdir())[-1])
     proc = run_train(2, resumed, *RUN, f"--model.checkpoint={ckpt}", f"--data.path={data}", tiny=False)
     assert "resumed from step_00000002" in proc.stderr
-    assert metrics(resumed)[-1]["step"] == 3 and metrics(resumed)[-1]["loss"] == pytest.approx(metrics(out)[-1]["loss"], rel=1e-6)
+    assert metrics(resumed)[-1]["step"] == 3 and metrics(resumed)[-1]["loss"] == pytest.approx(
+        metrics(out)[-1]["loss"], rel=1e-6
+    )
     a, b = load_pretrained(out / "final", dtype=torch.float32), load_pretrained(resumed / "final", dtype=torch.float32)
     torch.testing.assert_close(b.tok_embeddings.weight, a.tok_embeddings.weight, rtol=1e-6, atol=1e-7)
     assert b.output.weight is b.tok_embeddings.weight
@@ -464,7 +564,11 @@ def test_meta_export_round_trip_tied_scaled(family_dir, tmp_path):
     model = load_pretrained(path, dtype=torch.float32)
     out = save_meta(model.cfg, model.named_parameters(), tmp_path / "meta")
     params = json.loads((out / "params.json").read_text())
-    assert params["use_scaled_rope"] is True and params["rope_scaling_factor"] == 8.0 and params["original_max_seq_len"] == 64
+    assert (
+        params["use_scaled_rope"] is True
+        and params["rope_scaling_factor"] == 8.0
+        and params["original_max_seq_len"] == 64
+    )
     with safe_open(out / "consolidated.00.safetensors", "pt") as f:
         assert "output.weight" not in f.keys()
     back = load_pretrained(out, dtype=torch.float32)

@@ -16,7 +16,9 @@ from c2a.model.generate import generate, generate_batch, sample
 
 CONFIGS = {
     "mha": LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=301, ffn_hidden_dim=96, norm_eps=1e-6),
-    "gqa": LlamaConfig(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=257, ffn_hidden_dim=160, rope_theta=500000.0),
+    "gqa": LlamaConfig(
+        dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=257, ffn_hidden_dim=160, rope_theta=500000.0
+    ),
 }
 
 
@@ -34,11 +36,20 @@ def hf_llama(cfg: LlamaConfig) -> transformers.LlamaForCausalLM:
     """A random HF LlamaForCausalLM of the same shape. Weights at std 0.3 (norms around 1 with spread 0.5)
     give varied, confident next-token choices, so greedy paths are long and ties are far apart."""
     hf_cfg = transformers.LlamaConfig(
-        hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden_dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -63,9 +74,15 @@ def prompt(length: int, vocab: int, seed: int) -> list[int]:
 
 
 def hf_greedy(hf: transformers.LlamaForCausalLM, ids: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0,
-                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))  # fmt: skip
-    return out[0, len(ids):].tolist()
+    out = hf.generate(
+        torch.tensor([ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("length", [1, 6, 41])
@@ -90,7 +107,10 @@ def test_stop_id_ends_generation_as_hf_does(pair):
     assert ours == hf_greedy(hf, ids, 20, eos=stop)
     # any of several stop ids ends it; one that never comes changes nothing
     other = free[8]
-    assert generate(model, ids, 20, stop_ids=(cfg.vocab_size - 1 if cfg.vocab_size - 1 not in free else 0, other, stop)) == free[: min(first, free.index(other)) + 1]
+    assert (
+        generate(model, ids, 20, stop_ids=(cfg.vocab_size - 1 if cfg.vocab_size - 1 not in free else 0, other, stop))
+        == free[: min(first, free.index(other)) + 1]
+    )
 
 
 def test_batched_equals_one_by_one(pair):

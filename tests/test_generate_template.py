@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import transformers
+from bigram_model import bigram_llama
+from test_eval_cli import run_cli
+from test_family import LLAMA3_STYLE, byte_level_tokenizer
 
 from c2a.config import LlamaConfig
 from c2a.data import Tokenizer, format_prompt
@@ -21,9 +24,6 @@ from c2a.data.chat import ALPACA_TEMPLATE, ChatTemplateError
 from c2a.data.demo import DEMO_TOKENIZER
 from c2a.inference import prompt_format
 from c2a.model import save_pretrained
-from bigram_model import bigram_llama
-from test_eval_cli import run_cli
-from test_family import LLAMA3_STYLE, byte_level_tokenizer
 
 INSTRUCTION, INPUT = "Name three colours.", "héllo ✓"
 # a different template, to tell which file a directory's template came from
@@ -92,9 +92,14 @@ def test_alpaca_default_auto_without_template_and_an_alpaca_export(tmp_path):
 
 def test_template_errors_are_named():
     tok = Tokenizer(DEMO_TOKENIZER)
-    with pytest.raises(ChatTemplateError, match="unknown chat template 'chatml'; valid: auto, tokenizer, alpaca, llama2-chat"):
+    with pytest.raises(
+        ChatTemplateError, match="unknown chat template 'chatml'; valid: auto, tokenizer, alpaca, llama2-chat"
+    ):
         prompt_format("chatml", tok)
-    with pytest.raises(ChatTemplateError, match=r"tokenizer_config.json has no chat_template; name a built-in one \(alpaca, llama2-chat\)"):
+    with pytest.raises(
+        ChatTemplateError,
+        match=r"tokenizer_config.json has no chat_template; name a built-in one \(alpaca, llama2-chat\)",
+    ):
         prompt_format("tokenizer", tok)
 
 
@@ -113,8 +118,16 @@ def chat_model(tmp_path_factory) -> tuple[Path, str]:
     assert all(fmt.encode(tok, i)[-1] == last for i in (INSTRUCTION, "What is 3 + 4?"))
     answer = tok.encode_continuation("red")[0]
     eot = tok.special_tokens["<|eot_id|>"]
-    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_hidden_dim=48,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)  # fmt: skip
+    cfg = LlamaConfig(
+        dim=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=tok.vocab_size,
+        ffn_hidden_dim=48,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+    )
     model = bigram_llama(cfg, {answer: (last, eot), eot: (answer,)}, seed=2)
     directory = save_pretrained(model, work / "model")
     for f in tok.files:
@@ -124,12 +137,31 @@ def chat_model(tmp_path_factory) -> tuple[Path, str]:
 
 def test_cli_answers_through_the_checkpoints_template(chat_model):
     directory, answer = chat_model
-    proc = run_cli("c2a.generate", "--model", str(directory), "--template", "tokenizer", "--prompt", INSTRUCTION,
-                   "--input", INPUT, "--max-new-tokens", "6")  # fmt: skip
+    proc = run_cli(
+        "c2a.generate",
+        "--model",
+        str(directory),
+        "--template",
+        "tokenizer",
+        "--prompt",
+        INSTRUCTION,
+        "--input",
+        INPUT,
+        "--max-new-tokens",
+        "6",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == answer + "\n"  # one answer, stopped at <|eot_id|> (not EOS), which is not printed
-    proc = run_cli("c2a.generate", "--model", str(directory), "--template", "auto", "--max-new-tokens", "6",
-                   stdin=f"{INSTRUCTION}\nWhat is 3 + 4?\n")  # fmt: skip
+    proc = run_cli(
+        "c2a.generate",
+        "--model",
+        str(directory),
+        "--template",
+        "auto",
+        "--max-new-tokens",
+        "6",
+        stdin=f"{INSTRUCTION}\nWhat is 3 + 4?\n",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == f"{answer}\n\n{answer}\n\n"
 
@@ -143,10 +175,14 @@ def test_cli_template_errors(chat_model, tmp_path):
     for f in directory.iterdir():
         if f.name not in ("tokenizer_config.json", "chat_template.jinja"):
             (plain / f.name).write_bytes(f.read_bytes())
-    (plain / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    (plain / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    )
     proc = run_cli("c2a.generate", "--model", str(plain), "--template", "tokenizer", "--prompt", "hi")
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: {plain / 'tokenizer_config.json'} has no chat_template; name a built-in one"), proc.stderr
+    assert proc.stderr.startswith(
+        f"error: {plain / 'tokenizer_config.json'} has no chat_template; name a built-in one"
+    ), proc.stderr
 
 
 def test_eval_answers_through_the_checkpoints_template(chat_model, tmp_path):
@@ -154,7 +190,18 @@ def test_eval_answers_through_the_checkpoints_template(chat_model, tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": INSTRUCTION}, {"instruction": "What is 3 + 4?"}]))
     out = tmp_path / "answers.json"
-    proc = run_cli("c2a.eval", "--model", str(directory), "--template", "tokenizer", "--alpaca-eval-prompts", str(prompts),
-                   "--alpaca-eval-out", str(out), "--max-new-tokens", "6")  # fmt: skip
+    proc = run_cli(
+        "c2a.eval",
+        "--model",
+        str(directory),
+        "--template",
+        "tokenizer",
+        "--alpaca-eval-prompts",
+        str(prompts),
+        "--alpaca-eval-out",
+        str(out),
+        "--max-new-tokens",
+        "6",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["output"] for r in json.loads(out.read_text())] == [answer, answer]

@@ -17,15 +17,30 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["setup", "tests", "gpu_path", "train", "attention", "kernels", "sweep"]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_check_smoke(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1"}
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=env)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    names = {"gpu_check.md", "gpu_check.json", "gpu_check_details.tar.gz", "train_throughput.json", "train_throughput.png",
-             "attention.png", "kernels.png"}  # fmt: skip
+    names = {
+        "gpu_check.md",
+        "gpu_check.json",
+        "gpu_check_details.tar.gz",
+        "train_throughput.json",
+        "train_throughput.png",
+        "attention.png",
+        "kernels.png",
+    }
     assert {p.name for p in tmp_path.iterdir()} == names  # at most 8 files: what a device run sends back
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["mode"] == "smoke"
@@ -38,8 +53,14 @@ def test_gpu_check_smoke(tmp_path):
     assert {r["kernel"] for r in report["sweep"]} == {"_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks"}
     assert any(r["provider"] == "c2a-deterministic" and r["mode"] == "fwd+bwd" for r in report["attention"]["rows"])
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("| stage | status | seconds |", "## End-to-end GPU path", "## Training throughput", "## Attention",
-                    "## Attention tiles", "## Kernels"):  # fmt: skip
+    for heading in (
+        "| stage | status | seconds |",
+        "## End-to-end GPU path",
+        "## Training throughput",
+        "## Attention",
+        "## Attention tiles",
+        "## Kernels",
+    ):
         assert heading in md
     with tarfile.open(tmp_path / "gpu_check_details.tar.gz") as tar:
         logs = {Path(n).name for n in tar.getnames()}
@@ -52,23 +73,47 @@ def test_gpu_report_survives_failed_stages_and_rows(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "kernels").mkdir(parents=True)
     out.mkdir()
-    (work / "stages.tsv").write_text("setup\t0\t900\tpython3 -\ngpu_path\t1\t80000\tpython3 -m pytest\n"
-                                     "train\t124\t170000\tpython3 train\nkernels\t0\t5000\tpython3 k\n")
+    (work / "stages.tsv").write_text(
+        "setup\t0\t900\tpython3 -\ngpu_path\t1\t80000\tpython3 -m pytest\n"
+        "train\t124\t170000\tpython3 train\nkernels\t0\t5000\tpython3 k\n"
+    )
     (work / "gpu_path.xml").write_text(
         '<testsuites><testsuite name="pytest" tests="2" failures="1" errors="0" skipped="0">'
         '<testcase classname="tests.test_gpu_path" name="test_training_losses_match_the_torch_path" time="61.5"/>'
         '<testcase classname="tests.test_gpu_path" name="test_seeded_sampling" time="2.25"><failure message="x"/></testcase>'
         "</testsuite></testsuites>"
     )
-    (work / "setup.json").write_text(json.dumps({"commit": "abc1234", "device": "NVIDIA H100", "packages": {"torch": "2.13"}}))
+    (work / "setup.json").write_text(
+        json.dumps({"commit": "abc1234", "device": "NVIDIA H100", "packages": {"torch": "2.13"}})
+    )
     (work / "train.log").write_text("step 1\nkilled: time limit\n")
-    rows = [{"kernel": "cross_entropy", "shape": "16384x4096->32000", "mode": "fwd", "provider": "liger", "ms": None,
-             "note": "error: OutOfMemoryError: CUDA out of memory"},
-            {"kernel": "cross_entropy", "shape": "16384x4096->32000", "mode": "fwd", "provider": "c2a", "ms": 12.5,
-             "gbps": None, "tflops": 171.9, "peak_mb": 2100.0}]  # fmt: skip
+    rows = [
+        {
+            "kernel": "cross_entropy",
+            "shape": "16384x4096->32000",
+            "mode": "fwd",
+            "provider": "liger",
+            "ms": None,
+            "note": "error: OutOfMemoryError: CUDA out of memory",
+        },
+        {
+            "kernel": "cross_entropy",
+            "shape": "16384x4096->32000",
+            "mode": "fwd",
+            "provider": "c2a",
+            "ms": 12.5,
+            "gbps": None,
+            "tflops": 171.9,
+            "peak_mb": 2100.0,
+        },
+    ]
     (work / "kernels" / "kernels.json").write_text(json.dumps({"rows": rows}))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), str(work), str(out), "gpu"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), str(work), str(out), "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1, done.stderr[-3000:]  # a stage failed: the exit says so, after the report
     md = (out / "gpu_check.md").read_text()
     assert "| train | timeout | 170.0 |" in md and "killed: time limit" in md

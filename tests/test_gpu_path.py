@@ -39,10 +39,23 @@ LOSS_RTOL = 2e-2 if CUDA else 2e-6
 
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=97, max_seq_len=128)
 STEPS = 4
-TRAIN = ["--data.path=demo", "--data.demo_train_size=96", "--data.demo_heldout_size=8", "--data.max_len=64",
-         "--data.packing=true", "--train.micro_batch=1", "--train.global_batch=2", f"--train.max_steps={STEPS}",
-         "--train.save_every=2", "--train.lr=3e-3", "--train.log_every=1", "--train.progress=false",
-         "--eval.demo_accuracy=true", "--eval.max_examples=4", "--eval.max_new_tokens=4"]  # fmt: skip
+TRAIN = [
+    "--data.path=demo",
+    "--data.demo_train_size=96",
+    "--data.demo_heldout_size=8",
+    "--data.max_len=64",
+    "--data.packing=true",
+    "--train.micro_batch=1",
+    "--train.global_batch=2",
+    f"--train.max_steps={STEPS}",
+    "--train.save_every=2",
+    "--train.lr=3e-3",
+    "--train.log_every=1",
+    "--train.progress=false",
+    "--eval.demo_accuracy=true",
+    "--eval.max_examples=4",
+    "--eval.max_new_tokens=4",
+]
 
 
 def env_for(kernels: str) -> dict[str, str]:
@@ -144,7 +157,9 @@ def generate_with(kernels: str, model: Llama, monkeypatch, **kwargs) -> list[lis
         return generate_batch(model, PROMPTS, max_new_tokens=6, stop_ids=(), **kwargs)
 
 
-def assert_greedy_under(model: Llama, prompts: list[list[int]], outputs: list[list[int]], monkeypatch, tol: float) -> None:
+def assert_greedy_under(
+    model: Llama, prompts: list[list[int]], outputs: list[list[int]], monkeypatch, tol: float
+) -> None:
     """Each generated token is an argmax of the torch path's logits for its prefix, to within `tol`: greedy
     decoding that follows the reference model, whatever ties the kernels' rounding broke another way."""
     with monkeypatch.context() as m, torch.no_grad():
@@ -202,11 +217,32 @@ def evals(runs, tmp_path_factory) -> dict[str, dict]:
     results = {}
     for kernels in ("torch", "triton"):
         json_out, answers = base / f"{kernels}.json", base / f"{kernels}_answers.json"
-        cmd = [sys.executable, "-m", "c2a.eval", "--model", str(runs["triton"] / "final"), "--data", "demo", "--limit", "6",
-               "--batch-size", "4", "--max-new-tokens", "5", "--alpaca-eval-out", str(answers), "--json-out", str(json_out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "c2a.eval",
+            "--model",
+            str(runs["triton"] / "final"),
+            "--data",
+            "demo",
+            "--limit",
+            "6",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "5",
+            "--alpaca-eval-out",
+            str(answers),
+            "--json-out",
+            str(json_out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env_for(kernels))
         assert proc.returncode == 0, proc.stderr[-4000:]
-        results[kernels] = {**json.loads(json_out.read_text()), "answers": json.loads(answers.read_text()), "stdout": proc.stdout}
+        results[kernels] = {
+            **json.loads(json_out.read_text()),
+            "answers": json.loads(answers.read_text()),
+            "stdout": proc.stdout,
+        }
     return results
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from c2a.kernels import cross_entropy
 from c2a.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy, linear_cross_entropy_reference
-from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 
 def problem(N: int, D: int, V: int, dtype: torch.dtype, ignored: float = 0.3):
@@ -35,7 +35,9 @@ def run(fn, h, w, labels, grad_h: bool = True, grad_w: bool = True, scale: float
 def check_against_float64(h, w, labels, grad_h=True, grad_w=True, scale=1.0, chunk_size=None, **kwargs):
     loss, dh, dw = run(linear_cross_entropy, h, w, labels, grad_h, grad_w, scale, chunk_size=chunk_size, **kwargs)
     loss_t, dh_t, dw_t = run(linear_cross_entropy_reference, h, w, labels, grad_h, grad_w, scale, **kwargs)
-    loss64, dh64, dw64 = run(linear_cross_entropy_reference, h.double(), w.double(), labels, grad_h, grad_w, scale, **kwargs)
+    loss64, dh64, dw64 = run(
+        linear_cross_entropy_reference, h.double(), w.double(), labels, grad_h, grad_w, scale, **kwargs
+    )
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_within_torch_error("loss", loss, loss_t, loss64)
     if grad_h:
@@ -75,7 +77,9 @@ def test_all_ignored_gives_zero_not_nan():
     assert torch.all(dh == 0) and torch.all(dw == 0)
 
 
-@pytest.mark.parametrize("normalizer", [None, 11.0, torch.tensor(11), torch.tensor(11.0)], ids=["count", "float", "int-tensor", "tensor"])
+@pytest.mark.parametrize(
+    "normalizer", [None, 11.0, torch.tensor(11), torch.tensor(11.0)], ids=["count", "float", "int-tensor", "tensor"]
+)
 def test_normalizer_and_grad_output(normalizer):
     """The divisor from outside (gradient accumulation, data parallel) and a loss scaled before backward."""
     h, w, labels = problem(9, 80, 1000, torch.float32)
@@ -89,7 +93,9 @@ def test_only_some_inputs_want_gradients(grad_h, grad_w, monkeypatch):
     h, w, labels = problem(9, 80, 1000, torch.float32)
     calls = {"addmm": 0}
     real = cross_entropy._addmm_fp32_
-    monkeypatch.setattr(cross_entropy, "_addmm_fp32_", lambda *a: (calls.__setitem__("addmm", calls["addmm"] + 1), real(*a)))
+    monkeypatch.setattr(
+        cross_entropy, "_addmm_fp32_", lambda *a: (calls.__setitem__("addmm", calls["addmm"] + 1), real(*a))
+    )
     check_against_float64(h, w, labels, grad_h=grad_h, grad_w=grad_w, chunk_size=4)
     assert calls["addmm"] == (3 if grad_w else 0)
 
@@ -103,7 +109,9 @@ def test_no_grad_gives_the_loss_without_gradient_work(monkeypatch):
     monkeypatch.setattr(cross_entropy, "_addmm_fp32_", lambda *a: (dw_gemms.append(1), real(*a)))
     with torch.no_grad():
         loss = linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), labels, chunk_size=4)
-    torch.testing.assert_close(loss, linear_cross_entropy_reference(h.detach(), w.detach(), labels), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        loss, linear_cross_entropy_reference(h.detach(), w.detach(), labels), rtol=1e-6, atol=1e-6
+    )
     assert not loss.requires_grad
     assert launches.launches == 3 and not any(kw["COMPUTE_GRAD"] for kw in launches.kwargs) and not dw_gemms
 
@@ -135,10 +143,22 @@ def test_out_of_range_target_makes_the_loss_nan():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: (torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long)), r"h must be \[N, D\] and weight \[V, D\]"),
-        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)), r"labels must be \[N\] = \[4\], got \(5,\)"),
-        (lambda: (torch.randn(4, 8), torch.randn(10, 8).half(), torch.zeros(4, dtype=torch.long)), "h and weight must share a dtype"),
-        (lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)), "labels must be int64 or int32, got torch.float32"),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long)),
+            r"h must be \[N, D\] and weight \[V, D\]",
+        ),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long)),
+            r"labels must be \[N\] = \[4\], got \(5,\)",
+        ),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(10, 8).half(), torch.zeros(4, dtype=torch.long)),
+            "h and weight must share a dtype",
+        ),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)),
+            "labels must be int64 or int32, got torch.float32",
+        ),
     ],
     ids=["shapes", "labels-shape", "dtype", "labels-dtype"],
 )
@@ -167,9 +187,15 @@ class FreshTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and t.untyped_storage().data_ptr() not in inputs:
+            if (
+                isinstance(t, torch.Tensor)
+                and tuple(t.shape) == self.shape
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
                 self.dtypes.append(t.dtype)
         return out
 
@@ -186,7 +212,7 @@ def test_weight_gradient_is_made_once():
         loss = linear_cross_entropy(h, w, labels, chunk_size=4)
         (2.5 * loss).backward()
     assert fresh.dtypes == [torch.float32, torch.float16]
-    loss_t, _, dw_t = run(linear_cross_entropy_reference, h, w, labels, scale=2.5)
+    _loss_t, _, dw_t = run(linear_cross_entropy_reference, h, w, labels, scale=2.5)
     _, _, dw64 = run(linear_cross_entropy_reference, h.double(), w.double(), labels, scale=2.5)
     assert_within_torch_error("dW", w.grad, dw_t, dw64)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_checks import DEVICE, count_launches
 
 from c2a.config import LlamaConfig
 from c2a.kernels import attention, cross_entropy, rmsnorm, rotary, swiglu
 from c2a.model import Llama
-from kernel_checks import DEVICE, count_launches
 
 # GQA (4 query heads over 2 kv heads), head dim 16, an FFN width that is not a power of two
 CFG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, ffn_hidden_dim=96, max_seq_len=64)
@@ -32,9 +32,13 @@ KERNELS = {
 # add) + the final norm, each once forward and once backward; rotary once per layer each way; SwiGLU
 # once per layer each way; the loss kernel once (26 tokens fit one chunk).
 EXPECTED_LAUNCHES = {
-    "_rms_norm_fwd_kernel": 5, "_rms_norm_bwd_kernel": 5, "_rotary_kernel": 4,
-    "_swiglu_fwd_kernel": 2, "_swiglu_bwd_kernel": 2, "_cross_entropy_chunk_kernel": 1,
-}  # fmt: skip
+    "_rms_norm_fwd_kernel": 5,
+    "_rms_norm_bwd_kernel": 5,
+    "_rotary_kernel": 4,
+    "_swiglu_fwd_kernel": 2,
+    "_swiglu_bwd_kernel": 2,
+    "_cross_entropy_chunk_kernel": 1,
+}
 
 
 def loss_and_grads(model: Llama, backend: str, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
@@ -75,7 +79,7 @@ def test_triton_model_matches_torch_model(monkeypatch):
     monkeypatch.setattr(attention, "flash_attention", attention.attention_reference)
     loss_k, logits_k, grads_k, launches_k = loss_and_grads(model, "triton", monkeypatch)
 
-    assert launches_t == {name: 0 for name in EXPECTED_LAUNCHES}
+    assert launches_t == dict.fromkeys(EXPECTED_LAUNCHES, 0)
     assert launches_k == EXPECTED_LAUNCHES  # the Triton kernels, not the references, produced the numbers
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits_k, logits_t, rtol=1e-4, atol=1e-5)
@@ -126,6 +130,8 @@ def test_pinned_fp_fusion_overrides_the_environment_default():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", FP_FUSION_CHECK], capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", FP_FUSION_CHECK], capture_output=True, text=True, timeout=120, cwd=root, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[-2] == f"{[True] * 6} False"  # 2 RMSNorm, rotary, 2 SwiGLU, the loss

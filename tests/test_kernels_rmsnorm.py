@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 from c2a.kernels import rmsnorm
 from c2a.kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 EPS = 1e-5
 
@@ -65,7 +65,7 @@ def test_add_rms_norm_matches_float64(shape, dtype):
     dh = torch.randn(shape, device=DEVICE).to(dtype)
     (h, y), (dx, dr, dw) = grads(lambda x, r, w: add_rms_norm(x, r, w, EPS), [x, r, w], [dh, dy])
     (h_t, y_t), (dx_t, dr_t, dw_t) = grads(lambda x, r, w: add_rms_norm_reference(x, r, w, EPS), [x, r, w], [dh, dy])
-    (h64, y64), (dx64, dr64, dw64) = grads(
+    (_h64, y64), (dx64, dr64, dw64) = grads(
         add_rms_norm_float64, [x.double(), r.double(), w.double()], [dh.double(), dy.double()]
     )
     torch.testing.assert_close(h, h_t, rtol=0, atol=0)  # the same single rounding of x + r
@@ -114,7 +114,11 @@ def test_row_strided_input(layout, fused, dtype, monkeypatch):
     gradient against float64, through the views back into the full tensors."""
     fwd = count_launches(monkeypatch, rmsnorm, "_rms_norm_fwd_kernel")
     B, T, D = 3, 5, 80
-    full = torch.randn(B, T, D, device=DEVICE).to(dtype) if layout == "last-position" else torch.randn(D, B, device=DEVICE).to(dtype)
+    full = (
+        torch.randn(B, T, D, device=DEVICE).to(dtype)
+        if layout == "last-position"
+        else torch.randn(D, B, device=DEVICE).to(dtype)
+    )
     res_full = torch.randn_like(full)
     w = (1 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
     view = (lambda t: t[:, -1:]) if layout == "last-position" else (lambda t: t.T)
@@ -134,7 +138,10 @@ def test_row_strided_input(layout, fused, dtype, monkeypatch):
         return (y,), [leaves[0].grad, leaves[2].grad]
 
     if fused:
-        kernel_op, torch_op = (lambda x, r, w: add_rms_norm(x, r, w, EPS)), (lambda x, r, w: add_rms_norm_reference(x, r, w, EPS))
+        kernel_op, torch_op = (
+            (lambda x, r, w: add_rms_norm(x, r, w, EPS)),
+            (lambda x, r, w: add_rms_norm_reference(x, r, w, EPS)),
+        )
         float64_op = add_rms_norm_float64
     else:
         kernel_op, torch_op = (lambda x, w: rms_norm(x, w, EPS)), (lambda x, w: rms_norm_reference(x, w, EPS))
@@ -169,9 +176,15 @@ def test_last_position_is_not_copied(monkeypatch):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: (torch.randn(4, 8).double(), torch.ones(8).double()), "x must be float32, bfloat16 or float16, got torch.float64"),
+        (
+            lambda: (torch.randn(4, 8).double(), torch.ones(8).double()),
+            "x must be float32, bfloat16 or float16, got torch.float64",
+        ),
         (lambda: (torch.randn(4, 8), torch.ones(7)), r"weight must be \[D\] = \[8\]"),
-        (lambda: (torch.randn(4, 8), torch.ones(8).half()), "weight must have x's dtype torch.float32, got torch.float16"),
+        (
+            lambda: (torch.randn(4, 8), torch.ones(8).half()),
+            "weight must have x's dtype torch.float32, got torch.float16",
+        ),
         (lambda: (torch.randn(4, 8), torch.ones(8, device="meta")), "weight must be on x's device"),
         (lambda: (torch.randn(1, 40000), torch.ones(40000)), "D must be at most 32768"),
     ],
@@ -183,6 +196,8 @@ def test_rms_norm_rejects_bad_inputs(make, message):
 
 
 def test_add_rms_norm_rejects_mismatched_residual():
-    x, w, _ = inputs((4, 8), torch.float32)
-    with pytest.raises(ValueError, match=r"add_rms_norm: residual must match x \(\(4, 8\), torch.float32\), got \(\(4, 7\)"):
+    x, _w, _ = inputs((4, 8), torch.float32)
+    with pytest.raises(
+        ValueError, match=r"add_rms_norm: residual must match x \(\(4, 8\), torch.float32\), got \(\(4, 7\)"
+    ):
         add_rms_norm(x, torch.randn(4, 7, device=DEVICE), torch.ones(8, device=DEVICE), EPS)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 from c2a.kernels import rotary
 from c2a.kernels.rotary import apply_rotary, rotary_angles, rotary_reference
-from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 THETA = 10000.0
 
@@ -62,8 +62,11 @@ def test_rotary_matches_float64(B, T, H, K, Hd, dtype, monkeypatch):
     qt, kt, gqt, gkt = run(lambda q, k, p: rotary_reference(q, k, p, THETA), q, k, pos, dq, dk)
     q64, k64, gq64, gk64 = run(rotary_float64, q.double(), k.double(), pos, dq.double(), dk.double())
     for name, out, ref_t, ref64 in [
-        ("q", qo, qt, q64), ("k", ko, kt, k64), ("dq", gq, gqt, gq64), ("dk", gk, gkt, gk64),
-    ]:  # fmt: skip
+        ("q", qo, qt, q64),
+        ("k", ko, kt, k64),
+        ("dq", gq, gqt, gq64),
+        ("dk", gk, gkt, gk64),
+    ]:
         assert_within_torch_error(name, out, ref_t, ref64)
 
 
@@ -83,7 +86,9 @@ def test_rotary_positions_come_from_position_ids():
     qo, _ = apply_rotary(q, q, restart, THETA)
     torch.testing.assert_close(qo[:, 3], q[:, 3], rtol=0, atol=0)
     second_doc = q[:, 3:].contiguous()  # rotated on its own, from position 0
-    torch.testing.assert_close(qo[:, 3:], apply_rotary(second_doc, second_doc, restart[:, :3], THETA)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        qo[:, 3:], apply_rotary(second_doc, second_doc, restart[:, :3], THETA)[0], rtol=0, atol=0
+    )
 
 
 def test_rotary_backward_is_rotation_by_minus_theta():
@@ -98,12 +103,34 @@ def test_rotary_backward_is_rotation_by_minus_theta():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: (torch.randn(1, 2, 4, 7), torch.randn(1, 2, 4, 7), torch.zeros(1, 2, dtype=torch.long)), "head dim must be even"),
-        (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 3, 4, 8), torch.zeros(1, 2, dtype=torch.long)), r"k must be \[B, T, K, Hd\]"),
-        (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8).half(), torch.zeros(1, 2, dtype=torch.long)), "q and k must share a dtype"),
-        (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.zeros(2, 1, dtype=torch.long)), r"position_ids must be \[B, T\] = \[1, 2\], got \(2, 1\)"),
-        (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.zeros(1, 2)), "position_ids must be int64 or int32, got torch.float32"),
-        (lambda: (torch.randn(1, 4, 2, 8).transpose(1, 2), torch.randn(1, 2, 2, 8), torch.zeros(1, 2, dtype=torch.long)), "q must have contiguous"),
+        (
+            lambda: (torch.randn(1, 2, 4, 7), torch.randn(1, 2, 4, 7), torch.zeros(1, 2, dtype=torch.long)),
+            "head dim must be even",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 3, 4, 8), torch.zeros(1, 2, dtype=torch.long)),
+            r"k must be \[B, T, K, Hd\]",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8).half(), torch.zeros(1, 2, dtype=torch.long)),
+            "q and k must share a dtype",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.zeros(2, 1, dtype=torch.long)),
+            r"position_ids must be \[B, T\] = \[1, 2\], got \(2, 1\)",
+        ),
+        (
+            lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 2, 8), torch.zeros(1, 2)),
+            "position_ids must be int64 or int32, got torch.float32",
+        ),
+        (
+            lambda: (
+                torch.randn(1, 4, 2, 8).transpose(1, 2),
+                torch.randn(1, 2, 2, 8),
+                torch.zeros(1, 2, dtype=torch.long),
+            ),
+            "q must have contiguous",
+        ),
     ],
     ids=["odd-head-dim", "k-shape", "dtype", "position-shape", "position-dtype", "strides"],
 )
@@ -159,8 +186,11 @@ def test_rotary_llama3_scaling_matches_float64(dtype):
         return torch.stack((x0 * cos - sign * x1 * sin, sign * x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
     for name, out, ref_t, ref64 in [
-        ("q", qo, qt, rotate(q, 1)), ("k", ko, kt, rotate(k, 1)), ("dq", gq, gqt, rotate(dq, -1)), ("dk", gk, gkt, rotate(dk, -1)),
-    ]:  # fmt: skip
+        ("q", qo, qt, rotate(q, 1)),
+        ("k", ko, kt, rotate(k, 1)),
+        ("dq", gq, gqt, rotate(dq, -1)),
+        ("dk", gk, gkt, rotate(dk, -1)),
+    ]:
         assert_within_torch_error(name, out, ref_t, ref64)
     plain_q, _ = apply_rotary(q, k, pos, THETA)
     assert (plain_q.float() - qo.float()).abs().max() > 0.1
@@ -169,4 +199,6 @@ def test_rotary_llama3_scaling_matches_float64(dtype):
 def test_rotary_rejects_bad_scaling():
     q = torch.randn(1, 2, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="apply_rotary: scaling needs factor >= 1"):
-        apply_rotary(q, q, torch.zeros(1, 2, dtype=torch.long, device=DEVICE), THETA, SCALING._replace(high_freq_factor=0.5))
+        apply_rotary(
+            q, q, torch.zeros(1, 2, dtype=torch.long, device=DEVICE), THETA, SCALING._replace(high_freq_factor=0.5)
+        )

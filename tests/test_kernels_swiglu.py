@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 from c2a.kernels import swiglu as swiglu_module
 from c2a.kernels.swiglu import swiglu, swiglu_reference
-from kernel_checks import DEVICE, DTYPES, assert_within_torch_error, count_launches, poisoned_empty  # noqa: F401
 
 
 def run(fn, a, b, dy):
@@ -40,7 +40,10 @@ def test_swiglu_matches_float64(shape, dtype, monkeypatch):
     [
         (lambda: (torch.randn(4, 8), torch.randn(4, 8).half()), "a and b must share a dtype"),
         (lambda: (torch.randn(4, 8).double(), torch.randn(4, 8).double()), "a and b must share a dtype among float32"),
-        (lambda: (torch.randn(4, 8), torch.randn(4, 9)), r"a and b must have the same shape, got \(4, 8\) and \(4, 9\)"),
+        (
+            lambda: (torch.randn(4, 8), torch.randn(4, 9)),
+            r"a and b must have the same shape, got \(4, 8\) and \(4, 9\)",
+        ),
         (lambda: (torch.randn(8, 4).T, torch.randn(4, 8)), "a must be contiguous"),
     ],
     ids=["mixed-dtype", "float64", "shape", "strides"],

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from train_runs import ROOT, TINY, metrics, train_cmd
 
 from c2a.train.lifecycle import EXIT_STOPPED, LOCK_FILE, OutDirLock, RunLocked
 from c2a.train.parallel import _free_port
-from train_runs import ROOT, TINY, metrics, train_cmd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -64,9 +66,18 @@ def steps_logged(out: Path) -> int:
 
 
 def test_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from c2a.train.lifecycle import OutDirLock; "
-                               "OutDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)", str(tmp_path)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from c2a.train.lifecycle import OutDirLock; "
+            "OutDirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLocked, match=f"pid {holder.pid} on "):
@@ -113,7 +124,9 @@ def test_sigterm_to_one_rank_stops_both_and_a_second_signal_aborts(tmp_path):
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGTERM)  # e.g. `scancel --signal=TERM` reaching the tasks, not the launcher
     _, err = proc.communicate(timeout=120)
-    assert f"exitcode: {EXIT_STOPPED}" in " ".join(err.split()).replace("exitcode :", "exitcode:"), err[-3000:]  # the rank's status
+    assert f"exitcode: {EXIT_STOPPED}" in " ".join(err.split()).replace("exitcode :", "exitcode:"), err[
+        -3000:
+    ]  # the rank's status
     step = int(err.split("stopped at step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").is_file()
     assert json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())["step"] == step
@@ -152,7 +165,9 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_timed_checkpoints_are_wri
     # save_every_minutes=0.001: a checkpoint whenever 60 ms passed since the last one, i.e. every step here
     first = start(train_cmd(2, out, "--train.max_steps=30", "--train.save_every_minutes=0.001", "--train.keep_last=30"))
     wait_for(lambda: steps_logged(out) >= 3, 240, "step 3", first)
-    second = subprocess.run(train_cmd(2, out, "--train.max_steps=30"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        train_cmd(2, out, "--train.max_steps=30"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert second.returncode != 0
     refusals = [line for line in second.stderr.splitlines() if "is in use by another run" in line]
     assert len(refusals) == 1 and f"{out} is in use by another run (pid " in refusals[0], second.stderr[-3000:]
@@ -178,7 +193,11 @@ def test_resume_validates_checkpoints_falls_back_and_refuses_a_changed_schedule(
 
     # the same command on a finished run: says so, trains nothing, exports nothing
     again = run1(out, *args)
-    assert again.returncode == 0 and "already finished at step 4" in again.stderr and "c2a training finished" not in again.stdout
+    assert (
+        again.returncode == 0
+        and "already finished at step 4" in again.stderr
+        and "c2a training finished" not in again.stdout
+    )
 
     # more steps on a finished run would restart the cosine partway down: refused, config.toml untouched
     more = run1(out, "--train.max_steps=6", "--train.save_every=2")
@@ -203,7 +222,9 @@ def test_resume_validates_checkpoints_falls_back_and_refuses_a_changed_schedule(
     broken = run1(out, *args)
     assert broken.returncode == 1 and "Traceback" not in broken.stderr
     error = [line for line in broken.stderr.splitlines() if "no usable checkpoint" in line]
-    assert len(error) == 1 and error[0].count("trainer_state.json: unreadable (Expecting ',' delimiter") == 2, broken.stderr[-2000:]
+    assert len(error) == 1 and error[0].count("trainer_state.json: unreadable (Expecting ',' delimiter") == 2, (
+        broken.stderr[-2000:]
+    )
 
 
 def test_unwritable_out_dir_is_refused_before_training(tmp_path):
@@ -231,11 +252,24 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp
     (out / "checkpoints" / "step_00000004").rename(out / "checkpoints" / "step_00000004.moved")
     shard = max((out / "checkpoints" / "step_00000002").glob("*.distcp"), key=lambda f: f.stat().st_size)
     # every file the run writes before its next save is smaller than the checkpoint's shard
-    proc = subprocess.run(train_cmd(1, out, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_file_size_limit(shard.stat().st_size // 2))  # fmt: skip
+    proc = subprocess.run(
+        train_cmd(1, out, *args),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(shard.stat().st_size // 2),
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "could not write checkpoint" in proc.stderr and "step_00000004.tmp: a write came up short (a full disk, a quota or a file size limit)" in proc.stderr
-    assert "a checkpoint of this run takes about " in proc.stderr and "the previous checkpoint step_00000002 is intact" in proc.stderr
+    assert (
+        "could not write checkpoint" in proc.stderr
+        and "step_00000004.tmp: a write came up short (a full disk, a quota or a file size limit)" in proc.stderr
+    )
+    assert (
+        "a checkpoint of this run takes about " in proc.stderr
+        and "the previous checkpoint step_00000002 is intact" in proc.stderr
+    )
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["step"] == 2  # and the next run resumes from it
 
@@ -256,8 +290,21 @@ def test_two_agents_with_c10d_rendezvous_train_like_one_and_stop_together(tmp_pa
 
     two = tmp_path / "two"
     port = _free_port()
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-             f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=c2a-test", "-m", "c2a.train", f"--out_dir={two}", *TINY, *args]  # fmt: skip
+    agent = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=c2a-test",
+        "-m",
+        "c2a.train",
+        f"--out_dir={two}",
+        *TINY,
+        *args,
+    ]
     agents = [start(agent), start(agent)]
     wait_for(lambda: steps_logged(two) >= 6, 240, "step 6 of the two-agent run", agents[0])
     agents[1].send_signal(signal.SIGTERM)  # one node's agent: e.g. that node is preempted
@@ -270,4 +317,6 @@ def test_two_agents_with_c10d_rendezvous_train_like_one_and_stop_together(tmp_pa
     n = min(len(ref), len(got))
     assert n >= 6 and [r["step"] for r in got] == list(range(1, step + 1))
     for a, b in zip(ref[:n], got[:n]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-5
+        ), a["step"]

@@ -40,7 +40,9 @@ def hf_llama(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> transforme
 
 PARITY_CONFIGS = {
     "mha-hd16": LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=1001, ffn_hidden_dim=172, norm_eps=1e-6),
-    "gqa-hd32": LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=997, multiple_of=32, rope_theta=500000.0),
+    "gqa-hd32": LlamaConfig(
+        dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=997, multiple_of=32, rope_theta=500000.0
+    ),
     "mqa-hd16": LlamaConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=1, vocab_size=515, ffn_hidden_dim=250),
 }
 

@@ -28,32 +28,56 @@ ROOT = Path(__file__).resolve().parents[1]
 # a tied embedding/head (Llama-3.2's layout), and the Triton kernels (interpreted) whose saved tensors the GPU
 # predictions count.
 SPECS = {
-    1: ["tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
+    1: [
+        "tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
         "small-padded-v32k:256:4:8:8:32000:1:96:padded:none:1:0",
         "small-full:256:4:8:2:4000:2:64:packed:full:1:0",
         "tied-v32k:256:4:8:8:32000:1:96:padded:none:1:0:tied",
-        "triton-tiny:64:2:4:2:1000:2:64:packed:none:1:0:triton"],
-    2: ["tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
+        "triton-tiny:64:2:4:2:1000:2:64:packed:none:1:0:triton",
+    ],
+    2: [
+        "tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
         "tiny-selective-accum:128:4:4:2:2000:2:64:packed:selective:2:0",
         "small-padded-full:512:2:8:4:8000:2:48:padded:full:1:0",
         "small-offload:128:8:4:4:1000:2:64:packed:none:1:1",
-        "tied-small:128:2:4:2:8000:2:64:packed:full:1:0:tied"],
-}  # fmt: skip
+        "tied-small:128:2:4:2:8000:2:64:packed:full:1:0:tied",
+    ],
+}
 TOLERANCE = 0.10
 
 
 def parse(spec: str) -> dict:
     name, dim, layers, heads, kv, vocab, mb, T, mode, ac, accum, off, *flags = spec.split(":")
-    return dict(name=name, dim=int(dim), layers=int(layers), heads=int(heads), kv=int(kv), vocab=int(vocab), micro_batch=int(mb),
-                seq_len=int(T), packed=mode == "packed", ac=ac, accum=int(accum), offload=off == "1", tied="tied" in flags,
-                backend="triton" if "triton" in flags else "torch")  # fmt: skip
+    return dict(
+        name=name,
+        dim=int(dim),
+        layers=int(layers),
+        heads=int(heads),
+        kv=int(kv),
+        vocab=int(vocab),
+        micro_batch=int(mb),
+        seq_len=int(T),
+        packed=mode == "packed",
+        ac=ac,
+        accum=int(accum),
+        offload=off == "1",
+        tied="tied" in flags,
+        backend="triton" if "triton" in flags else "torch",
+    )
 
 
 def model_config(s: dict):
     from c2a.config import LlamaConfig
 
-    return LlamaConfig(dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"], n_kv_heads=s["kv"], vocab_size=s["vocab"], multiple_of=32,
-                       tie_word_embeddings=s["tied"])  # fmt: skip
+    return LlamaConfig(
+        dim=s["dim"],
+        n_layers=s["layers"],
+        n_heads=s["heads"],
+        n_kv_heads=s["kv"],
+        vocab_size=s["vocab"],
+        multiple_of=32,
+        tie_word_embeddings=s["tied"],
+    )
 
 
 # ------------------------------------------------------------------------------------ measuring (torchrun)
@@ -98,13 +122,20 @@ def measure(spec: str, d) -> dict:
 
     from c2a.config import build_config
     from c2a.train.optim import build_optimizer
-    from c2a.train.step import train_step
     from c2a.train.parallel import build_sharded_model, materialize
+    from c2a.train.step import train_step
 
     s = parse(spec)
     os.environ["C2A_KERNELS"] = s["backend"]  # the kernel switch is read at every op call
-    cfg = build_config({}, {"train.activation_checkpointing": s["ac"], "train.ac_every": "2", "train.dtype": "fp32",
-                            "train.cpu_offload": str(s["offload"]).lower()})  # fmt: skip
+    cfg = build_config(
+        {},
+        {
+            "train.activation_checkpointing": s["ac"],
+            "train.ac_every": "2",
+            "train.dtype": "fp32",
+            "train.cpu_offload": str(s["offload"]).lower(),
+        },
+    )
     model = build_sharded_model(model_config(s), cfg.train, d)
     materialize(model, None, seed=0)
     # every FSDP unit's parameters under CPUOffloadPolicy or none (on CPU the memory is the same either way)
@@ -120,7 +151,7 @@ def measure(spec: str, d) -> dict:
         # refuses to see a module run twice otherwise); peak and current totals are not reset
         targets = sum((b.labels != -100).sum() for b in batches)
         dist.all_reduce(targets)
-        for i, b in enumerate(batches):
+        for _i, b in enumerate(batches):
             mt.reset_mod_stats()
             before = _snapshot(mt, "current").get("ACT", 0)
             loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=targets.float())
@@ -138,7 +169,13 @@ def measure(spec: str, d) -> dict:
         opt.zero_grad(set_to_none=True)
     peak = _snapshot(mt, "peak")
     now = _snapshot(mt, "current")
-    result.update(offloaded=sorted(offloaded), params=now.get("SHARDED_PARAM", 0), optimizer=now.get("OPT", 0), peak=peak.get("Total", 0), peak_detail=peak)
+    result.update(
+        offloaded=sorted(offloaded),
+        params=now.get("SHARDED_PARAM", 0),
+        optimizer=now.get("OPT", 0),
+        peak=peak.get("Total", 0),
+        peak_detail=peak,
+    )
     return result
 
 
@@ -166,8 +203,21 @@ def predicted(spec: str, ranks: int):
     from c2a.plan.memory import Workload, plan_memory
 
     s = parse(spec)
-    w = Workload(model_config(s), s["micro_batch"], s["seq_len"], trained_fraction=0.5, packed=s["packed"], ranks=ranks, compute_bytes=4,
-                 backend=s["backend"], cuda=False, activation_checkpointing=s["ac"], ac_every=2, accumulation=s["accum"], cpu_offload=s["offload"])  # fmt: skip
+    w = Workload(
+        model_config(s),
+        s["micro_batch"],
+        s["seq_len"],
+        trained_fraction=0.5,
+        packed=s["packed"],
+        ranks=ranks,
+        compute_bytes=4,
+        backend=s["backend"],
+        cuda=False,
+        activation_checkpointing=s["ac"],
+        ac_every=2,
+        accumulation=s["accum"],
+        cpu_offload=s["offload"],
+    )
     return plan_memory(w)
 
 
@@ -175,8 +225,19 @@ def predicted(spec: str, ranks: int):
 def measured(request, tmp_path_factory) -> tuple[int, list[dict]]:
     ranks = request.param
     out = tmp_path_factory.mktemp("plan") / "measured.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__, str(out), *SPECS[ranks]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        __file__,
+        str(out),
+        *SPECS[ranks],
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     return ranks, json.loads(out.read_text())
 
@@ -189,9 +250,13 @@ def test_planner_within_10_percent_of_fsdp_mem_tracker(measured) -> None:
         plan = predicted(spec, ranks)
         for rank, results in enumerate(per_rank):
             got = results[name]
-            assert got["offloaded"] == [parse(spec)["offload"]], f"{name}: FSDP units' offload_to_cpu {got['offloaded']}"
+            assert got["offloaded"] == [parse(spec)["offload"]], (
+                f"{name}: FSDP units' offload_to_cpu {got['offloaded']}"
+            )
             for key in ("params", "grads", "optimizer", "activations", "peak"):
-                want = plan.peak_combined if key == "peak" else getattr(plan, key)  # on CPU host and device are one memory
+                want = (
+                    plan.peak_combined if key == "peak" else getattr(plan, key)
+                )  # on CPU host and device are one memory
                 err = (want - got[key]) / got[key]
                 rows.append(f"{name} rank {rank} {key}: predicted {want:,} measured {got[key]:,} ({err:+.1%})")
                 if abs(err) > TOLERANCE:
@@ -266,7 +331,18 @@ def test_plan_cli_answers_for_the_card_recipes(plan_cli) -> None:
     # (3 passes x 2 matmuls x L^2 x D per layer), over MFU x peak x GPUs
     # and with full activation checkpointing (the recipe's), every block's forward again: 2 FLOPs a block
     # weight (4 x 5120^2 attention + 3 x 5120 x 13824 FFN + 2 x 5120 norm weights a block) and 1 attention pass
-    args = ("--config", "configs/claude2-alpaca-13b.toml", "--gpus", "8", "--examples", "1000", "--mean-tokens", "500", "--mfu", "0.5")
+    args = (
+        "--config",
+        "configs/claude2-alpaca-13b.toml",
+        "--gpus",
+        "8",
+        "--examples",
+        "1000",
+        "--mean-tokens",
+        "500",
+        "--mfu",
+        "0.5",
+    )
     t = plan_cli(*args, "--train.activation_checkpointing=none")["time"]
     attention = 3 * 40 * 2 * 1000 * 500**2 * 5120
     flops = 5 * (1000 * 500 * 6 * (LLAMA2_13B - 32000 * 5120) + attention)
@@ -286,14 +362,22 @@ def test_plan_cli_offload_moves_state_to_the_host(plan_cli) -> None:
     assert off["fits"] and on_device - p["peak"] >= p["params"] + p["optimizer"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config", "configs/claude2-alpaca-7b.toml"], "the following arguments are required: --gpus"),
-    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--gpu", "v100"], "invalid choice: 'v100'"),
-    (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--train.micro_batchh=2"], "did you mean train.micro_batch"),
-    (["--gpus", "1", "--model.checkpoint=/nowhere/my-model"], "no config.json or params.json"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "configs/claude2-alpaca-7b.toml"], "the following arguments are required: --gpus"),
+        (["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--gpu", "v100"], "invalid choice: 'v100'"),
+        (
+            ["--config", "configs/claude2-alpaca-7b.toml", "--gpus", "8", "--train.micro_batchh=2"],
+            "did you mean train.micro_batch",
+        ),
+        (["--gpus", "1", "--model.checkpoint=/nowhere/my-model"], "no config.json or params.json"),
+    ],
+)
 def test_plan_cli_errors(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "c2a.plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "c2a.plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -302,11 +386,24 @@ def test_plan_reads_a_local_data_file(plan_cli, tmp_path) -> None:
     from c2a.data import Tokenizer, encode_example
     from c2a.data.demo import DEMO_TOKENIZER
 
-    records = [{"instruction": f"reverse the words {' '.join(['a', 'b', 'c'][: 1 + i % 3])}", "input": "x" * (i % 5),
-                "output": " ".join(["w"] * (1 + i % 7))} for i in range(37)]  # fmt: skip
+    records = [
+        {
+            "instruction": f"reverse the words {' '.join(['a', 'b', 'c'][: 1 + i % 3])}",
+            "input": "x" * (i % 5),
+            "output": " ".join(["w"] * (1 + i % 7)),
+        }
+        for i in range(37)
+    ]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    r = plan_cli("--gpus", "2", f"--data.path={path}", f"--data.tokenizer={DEMO_TOKENIZER}", "--data.max_len=64", "--train.epochs=2")
+    r = plan_cli(
+        "--gpus",
+        "2",
+        f"--data.path={path}",
+        f"--data.tokenizer={DEMO_TOKENIZER}",
+        "--data.max_len=64",
+        "--train.epochs=2",
+    )
     tok = Tokenizer(DEMO_TOKENIZER)
     encoded = [encode_example(rec, tok, 64) for rec in records]
     assert r["data"]["source"] == f"measured: {path}"

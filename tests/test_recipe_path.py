@@ -23,19 +23,31 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from train_runs import ROOT, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, trainer_state
 
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.inference import answers, demo_exact_match
 from c2a.model import Llama, load_pretrained
-from train_runs import ROOT, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, trainer_state
 
 # Each optimizer step: 16 examples' worth of 64-token packed rows, one row per micro-batch on each rank.
-RUN = ["--data.max_len=64", "--train.micro_batch=1", "--train.global_batch=16", "--train.progress=false", "--train.log_every=1"]
+RUN = [
+    "--data.max_len=64",
+    "--train.micro_batch=1",
+    "--train.global_batch=16",
+    "--train.progress=false",
+    "--train.log_every=1",
+]
 # The model card's command (its TOML: packing, AdamW betas, warmup, clipping, bf16, full AC) made tiny; fp32
 # here so that step 1's loss is exactly the checkpoint's (bf16 has its own test), selective AC every 2 blocks.
 RECIPE = [f"--config={ROOT / 'configs' / 'claude2-alpaca-13b.toml'}", *RUN]
-FINETUNE = ["--train.max_steps=4", "--train.lr=1e-3", "--train.dtype=fp32", "--train.activation_checkpointing=selective", "--train.ac_every=2"]
+FINETUNE = [
+    "--train.max_steps=4",
+    "--train.lr=1e-3",
+    "--train.dtype=fp32",
+    "--train.activation_checkpointing=selective",
+    "--train.ac_every=2",
+]
 
 
 def _hf_checkpoint(path: Path, vocab_size: int, tokenizer: bool = True) -> Path:
@@ -43,9 +55,17 @@ def _hf_checkpoint(path: Path, vocab_size: int, tokenizer: bool = True) -> Path:
     some blocks (0 and 2) and not others; init std 0.1 (not 0.02) so its loss (6.7 on step 1's rows) is far
     from a freshly initialised model's (~ln 520 = 6.25) and a run that ignored the weights cannot match it."""
     torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
-                                   initializer_range=0.1, tie_word_embeddings=False)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     if tokenizer:
         shutil.copyfile(DEMO_TOKENIZER, path / "tokenizer.model")  # 512 pieces <= vocab_size
@@ -139,18 +159,27 @@ def test_data_file_tokenized_once_then_checked_on_resume(finetune, ckpt, alpaca_
     shutil.copytree(out, resumed)
     edited = tmp_path / "alpaca.jsonl"
     edited.write_text(alpaca_file.read_text().replace('"output": "', '"output": "edited ', 1))
-    proc = run_train(1, resumed, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={edited}", *FINETUNE, tiny=False, expect=1)
+    proc = run_train(
+        1, resumed, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={edited}", *FINETUNE, tiny=False, expect=1
+    )
     assert "Traceback" not in proc.stderr and "resumed from" not in proc.stderr
-    assert re.search(rf"tokenized cache {resumed / 'data_cache'} does not match this run: source file sha256 is \w+\.\.\. "
-                     rf"\({alpaca_file}\), expected \w+\.\.\. \({edited}\)", proc.stderr), proc.stderr[-2000:]  # fmt: skip
+    assert re.search(
+        rf"tokenized cache {resumed / 'data_cache'} does not match this run: source file sha256 is \w+\.\.\. "
+        rf"\({alpaca_file}\), expected \w+\.\.\. \({edited}\)",
+        proc.stderr,
+    ), proc.stderr[-2000:]
 
 
 def test_tokenizer_and_vocab_checks(work, alpaca_file, tmp_path):
     small = _hf_checkpoint(tmp_path / "small-vocab", vocab_size=300)
-    proc = run_train(1, tmp_path / "a", *RUN, f"--model.checkpoint={small}", f"--data.path={alpaca_file}", tiny=False, expect=1)
+    proc = run_train(
+        1, tmp_path / "a", *RUN, f"--model.checkpoint={small}", f"--data.path={alpaca_file}", tiny=False, expect=1
+    )
     assert f"tokenizer {small / 'tokenizer.model'} has 512 pieces but the model's vocab_size is 300" in proc.stderr
     bare = _hf_checkpoint(tmp_path / "no-tokenizer", vocab_size=520, tokenizer=False)
-    proc = run_train(1, tmp_path / "b", *RUN, f"--model.checkpoint={bare}", f"--data.path={alpaca_file}", tiny=False, expect=1)
+    proc = run_train(
+        1, tmp_path / "b", *RUN, f"--model.checkpoint={bare}", f"--data.path={alpaca_file}", tiny=False, expect=1
+    )
     assert "no tokenizer: set data.tokenizer" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -162,11 +191,38 @@ def test_prepared_cache_in_bf16(finetune, ckpt, alpaca_file, tmp_path):
     (FSDP2 mixed precision: bf16 compute and all-gathers, fp32 master weights and gradient reduction), with
     full activation checkpointing, on gloo."""
     cache = tmp_path / "cache"
-    prep = subprocess.run([sys.executable, "-m", "c2a.data.prepare", "--data", str(alpaca_file), "--tokenizer", str(ckpt / "tokenizer.model"),
-                           "--out", str(cache), "--max-len", "64", "--workers", "1"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "c2a.data.prepare",
+            "--data",
+            str(alpaca_file),
+            "--tokenizer",
+            str(ckpt / "tokenizer.model"),
+            "--out",
+            str(cache),
+            "--max-len",
+            "64",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert prep.returncode == 0, prep.stderr
     out = tmp_path / "run"
-    run_train(2, out, *RECIPE, f"--model.checkpoint={ckpt}", f"--data.path={cache}", "--train.max_steps=3", "--train.lr=1e-3", tiny=False)
+    run_train(
+        2,
+        out,
+        *RECIPE,
+        f"--model.checkpoint={ckpt}",
+        f"--data.path={cache}",
+        "--train.max_steps=3",
+        "--train.lr=1e-3",
+        tiny=False,
+    )
     assert 'dtype = "bf16"' in (out / "config.toml").read_text()  # the recipe's own
     assert not (out / "data_cache").exists()  # the prepared cache was used as it is
     rows = metrics(out)
@@ -197,8 +253,20 @@ def test_step_without_trained_targets_changes_nothing(ckpt, alpaca_file, tmp_pat
             labels[ds.offsets[i] : ds.offsets[i + 1]] = -100
     cache = TokenizedDataset(ds.input_ids, labels, ds.offsets, ds.manifest).save(tmp_path / "cache")
     out = tmp_path / "run"
-    run_train(2, out, *RUN, "--train.global_batch=4", "--data.packing=false", f"--model.checkpoint={ckpt}", f"--data.path={cache}",
-              "--train.max_steps=4", "--train.save_every=1", "--train.keep_last=4", "--train.lr=1e-3", tiny=False)  # fmt: skip
+    run_train(
+        2,
+        out,
+        *RUN,
+        "--train.global_batch=4",
+        "--data.packing=false",
+        f"--model.checkpoint={ckpt}",
+        f"--data.path={cache}",
+        "--train.max_steps=4",
+        "--train.save_every=1",
+        "--train.keep_last=4",
+        "--train.lr=1e-3",
+        tiny=False,
+    )
     rows = metrics(out)  # (4 steps: the last one's lr is 0)
     assert [r["loss"] is None for r in rows] == [False, True, False, False] and rows[1]["grad_norm"] == 0.0
     one, two, three = (checkpoint_tensors(out / "checkpoints" / f"step_{s:08d}", tmp_path) for s in (1, 2, 3))
@@ -223,21 +291,34 @@ def test_demo_evaluation_across_a_resume_with_partial_checkpoints(tmp_path):
     .metadata (a keep_last removal cut short), resumes from step 2, removes both, keeps the 'before' it
     measured at the start (not re-measured on trained weights) and ends exactly as the uninterrupted run."""
     out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    args = ["--eval.demo_accuracy=true", "--eval.max_examples=12", "--eval.max_new_tokens=8", "--train.max_steps=4",
-            "--train.save_every=2", "--train.lr=3e-3"]  # fmt: skip
+    args = [
+        "--eval.demo_accuracy=true",
+        "--eval.max_examples=12",
+        "--eval.max_new_tokens=8",
+        "--train.max_steps=4",
+        "--train.save_every=2",
+        "--train.lr=3e-3",
+    ]
     first = run_train(2, out, *args)
-    assert first.stderr.count("demo held-out exact match before training") == 1 and "exact match after training" in first.stderr
+    assert (
+        first.stderr.count("demo held-out exact match before training") == 1
+        and "exact match after training" in first.stderr
+    )
     summary = _demo_summary(first.stdout)
     assert len(summary) == 2 and summary[0].endswith("(12 held-out examples, greedy)"), first.stdout
     before = trainer_state(ckpts / "step_00000002")["counters"]["demo_before"]
-    assert before["examples"] == 12 and summary[0].startswith(f"demo exact match before {100 * before['accuracy']:.1f}% -> after ")
+    assert before["examples"] == 12 and summary[0].startswith(
+        f"demo exact match before {100 * before['accuracy']:.1f}% -> after "
+    )
     # 'after' is what c2a.eval's functions give on the exported model (4 steps score little, so the gathered
     # copy's weights are checked by its loss in tests/dist_step.py)
     heldout = demo_split(256, 16)[1][:12]
     model = load_pretrained(out / "final", dtype=torch.float32).eval()
     after = demo_exact_match(heldout, answers(model, Tokenizer(DEMO_TOKENIZER), heldout, 8, batch_size=12))
     assert summary[0].endswith(f"-> after {100 * after['accuracy']:.1f}% (12 held-out examples, greedy)")
-    assert summary[1] == "  per task: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items())
+    assert summary[1] == "  per task: " + ", ".join(
+        f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items()
+    )
 
     # the crash: no final/, no step-4 checkpoint; a torn save and a directory without .metadata left behind
     uninterrupted = load_file(out / "final" / "model.safetensors")
@@ -267,8 +348,19 @@ def test_compile_trains_the_same_step(ckpt, alpaca_file, tmp_path):
     of CPU with a cold inductor cache (63-70 s wall on the 2-core machine at load 5-7), 8 s warm. The
     compiled step gives the eager loss of that row."""
     out = tmp_path / "run"
-    proc = run_train(1, out, *RUN, "--train.global_batch=1", "--data.packing=false", f"--model.checkpoint={ckpt}", f"--data.path={alpaca_file}",
-                     "--train.max_steps=1", "--train.compile=true", tiny=False, env={"TORCH_LOGS": "dynamo"})  # fmt: skip
+    proc = run_train(
+        1,
+        out,
+        *RUN,
+        "--train.global_batch=1",
+        "--data.packing=false",
+        f"--model.checkpoint={ckpt}",
+        f"--data.path={alpaca_file}",
+        "--train.max_steps=1",
+        "--train.compile=true",
+        tiny=False,
+        env={"TORCH_LOGS": "dynamo"},
+    )
     # dynamo traced the transformer block's forward (each block is compiled; nothing else is)
     assert re.search(r"torchdynamo start tracing forward \S*c2a/model/llama\.py", proc.stderr), proc.stderr[-3000:]
     step1 = metrics(out)[0]

@@ -15,16 +15,25 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from train_runs import (
+    ROOT,
+    TINY,
+    checkpoint_tensors,
+    loss_on_rows,
+    metrics,
+    run_train,
+    step_rows,
+    train_cmd,
+    trainer_state,
+)
 
 from c2a.config import LlamaConfig, TrainConfig, build_config
 from c2a.data import TokenizedDataset
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.model import Llama, load_pretrained
 from c2a.options import help_text, parse_args
-from c2a.train.optim import cosine_with_warmup
 from c2a.train.metrics import MetricsWriter
-from train_runs import ROOT, TINY, checkpoint_tensors, loss_on_rows, metrics, run_train, step_rows, train_cmd, trainer_state
-
+from c2a.train.optim import cosine_with_warmup
 
 
 def demo_dataset() -> TokenizedDataset:
@@ -40,7 +49,9 @@ def assert_export_is_the_trained_model(out: Path, tmp: Path) -> None:
     last = metrics(out)[-1]
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     assert last["lr"] == 0.0 and trainer_state(ckpt)["step"] == last["step"]
-    rows = step_rows(demo_dataset(), last["step"], trainer_state(ckpt)["data"]["global_batch_rows"], mode="packed", seq_len=64)
+    rows = step_rows(
+        demo_dataset(), last["step"], trainer_state(ckpt)["data"]["global_batch_rows"], mode="packed", seq_len=64
+    )
     exported = loss_on_rows(load_pretrained(out / "final", dtype=torch.float32), rows)
     torch.manual_seed(0)
     random = loss_on_rows(Llama(LlamaConfig.from_name("demo")), rows)
@@ -57,7 +68,16 @@ def test_short_run_end_to_end(tmp_path):
     proc = run_train(2, out, "--train.max_steps=12", "--train.lr=3e-3")
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for key in ("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "all_tokens_per_s", "padding_fraction", "peak_memory_mb"):
+    for key in (
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "all_tokens_per_s",
+        "padding_fraction",
+        "peak_memory_mb",
+    ):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # from ~log(512) = 6.2 it must clearly learn
     # warmup: ceil(3% of 12) = 1 step (at the full lr), then cosine from the full lr down to 0 at the last step
@@ -93,8 +113,14 @@ def _state(pid: int) -> str:
 
 def _kill_after_first_checkpoint(cmd: list[str], out: Path) -> None:
     """Starts the run and SIGKILLs its whole process group as soon as the first checkpoint is complete."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 240
     first = out / "checkpoints" / "step_00000004" / "trainer_state.json"
     while not first.exists():
@@ -134,7 +160,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, resume_ranks):
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in whole_rows] == list(range(1, 17))
     for a, b in zip(resumed_rows, whole_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=0 if resume_ranks == 2 else 1e-5), a["step"]
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000012", "step_00000016"]  # keep_last
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == [
+        "step_00000012",
+        "step_00000016",
+    ]  # keep_last
     assert_export_is_the_trained_model(tmp_path / "killed", tmp_path)
 
 
@@ -143,9 +172,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     skipped (the weights stay as they were), and max_bad_steps of them in a row stop the run, exit 1, with a
     checkpoint to inspect."""
     out = tmp_path / "run"
-    args = ["--train.max_steps=10", "--train.lr=1e30", "--train.max_bad_steps=3", "--train.save_every=1", "--train.keep_last=4"]
-    proc = subprocess.run(train_cmd(1, out, *args),
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    args = [
+        "--train.max_steps=10",
+        "--train.lr=1e30",
+        "--train.max_bad_steps=3",
+        "--train.save_every=1",
+        "--train.keep_last=4",
+    ]
+    proc = subprocess.run(
+        train_cmd(1, out, *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 non-finite steps in a row (train.max_bad_steps=3); stopped at step 4" in proc.stderr
     rows = metrics(out)
@@ -165,7 +206,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
 def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
     """A run killed at step 7 after its checkpoint at step 4 logged steps 5-7, which the resumed run logs
     again: the file keeps steps 1-4 and continues from there."""
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8))
+    )
     writer = MetricsWriter(tmp_path, tensorboard=False, after_step=4)
     writer.write({"step": 5, "loss": 0.5})
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5] and metrics(tmp_path)[-1]["loss"] == 0.5
@@ -180,12 +223,32 @@ def test_gradients_independent_of_split(tmp_path, mode):
     and gradients."""
     results = {}
     checkpointed = "full" if mode == "padded" else "selective"
-    splits = [(1, 1, "none", 1), (2, 1, "none", 1), (4, 1, "none", 1), (1, 4, "none", 1), (2, 1, checkpointed, 1), (4, 1, "none", 2)]
+    splits = [
+        (1, 1, "none", 1),
+        (2, 1, "none", 1),
+        (4, 1, "none", 1),
+        (1, 4, "none", 1),
+        (2, 1, checkpointed, 1),
+        (4, 1, "none", 2),
+    ]
     for ranks, micro, ac, replicas in splits:
         out = tmp_path / f"{ranks}x{micro}-{ac}-{replicas}.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(ROOT / "tests" / "dist_step.py"), str(out), str(micro), mode, ac, str(replicas)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            str(ROOT / "tests" / "dist_step.py"),
+            str(out),
+            str(micro),
+            mode,
+            ac,
+            str(replicas),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         results[(ranks, micro, ac, replicas)] = torch.load(out)
     ref = results[(1, 1, "none", 1)]
@@ -252,14 +315,42 @@ def test_bad_configs_give_clear_errors(tmp_path):
         parse_args([f"--config={bad}"])
     assert "--train.save_every" in help_text() and "--out_dir" in help_text()
     # and through the real entry point: the message, a non-zero exit, no traceback
-    proc = subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={tmp_path / 'x'}", "--data.packing=false",
-                           "--train.global_batch=6", "--train.micro_batch=4", *TINY[:3], "--eval.demo_accuracy=false"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "c2a.train",
+            f"--out_dir={tmp_path / 'x'}",
+            "--data.packing=false",
+            "--train.global_batch=6",
+            "--train.micro_batch=4",
+            *TINY[:3],
+            "--eval.demo_accuracy=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "train.global_batch's 6 examples per step must be a multiple of train.micro_batch (4) x ranks (1); use --train.micro_batch=3" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={tmp_path / 'y'}", "--data.path=/nonexistent/alpaca.json",
-                           "--data.tokenizer=" + str(ROOT / "c2a/data/assets/demo_tokenizer.model")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert (
+        "train.global_batch's 6 examples per step must be a multiple of train.micro_batch (4) x ranks (1); use --train.micro_batch=3"
+        in proc.stderr
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "c2a.train",
+            f"--out_dir={tmp_path / 'y'}",
+            "--data.path=/nonexistent/alpaca.json",
+            "--data.tokenizer=" + str(ROOT / "c2a/data/assets/demo_tokenizer.model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 1 and "data file not found: /nonexistent/alpaca.json" in proc.stderr
 
 
@@ -271,8 +362,16 @@ def test_demo_toml_is_the_embedded_default():
         cfg = build_config(tomllib.loads((ROOT / "configs" / f"{recipe}.toml").read_text()))
         t = cfg.train
         # the model card: global batch 128, lr 1e-5, 5 epochs, max length 2048, weight decay 0, 3% warmup, clip 1.0, bf16
-        assert (t.global_batch, t.lr, t.epochs, cfg.data.max_len, t.weight_decay, t.warmup_ratio, t.grad_clip, t.dtype) == (
-            128, 1e-5, 5, 2048, 0.0, 0.03, 1.0, "bf16")
+        assert (
+            t.global_batch,
+            t.lr,
+            t.epochs,
+            cfg.data.max_len,
+            t.weight_decay,
+            t.warmup_ratio,
+            t.grad_clip,
+            t.dtype,
+        ) == (128, 1e-5, 5, 2048, 0.0, 0.03, 1.0, "bf16")
 
 
 GOLDEN = ROOT / "tests" / "golden" / "demo_loss_first_20_steps.json"
@@ -295,7 +394,13 @@ def test_golden_demo_loss_curve(tmp_path):
 
 def run_train_default(out: Path, *args: str) -> subprocess.CompletedProcess:
     """The embedded default (no TINY overrides) in one process."""
-    proc = subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={out}", "--train.progress=false", *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "c2a.train", f"--out_dir={out}", "--train.progress=false", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -13,7 +13,9 @@ from c2a.config import LlamaConfig
 from c2a.data.batching import MicroBatchLoader
 from c2a.model import Llama
 
-CFG = LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=97, max_seq_len=64)  # Hd 16: Triton's smallest
+CFG = LlamaConfig(
+    dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=97, max_seq_len=64
+)  # Hd 16: Triton's smallest
 
 
 def batch(trained_per_row: list[int], T: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +78,7 @@ def test_the_head_runs_on_the_trained_rows_only_without_reading_labels_on_the_ho
 
 def test_the_loader_counts_trained_targets_on_the_host():
     class Data:
-        lengths = [5, 7, 4, 9]
+        lengths = (5, 7, 4, 9)
 
         def __getitem__(self, i):
             n = self.lengths[i]

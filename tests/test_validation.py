@@ -10,19 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_runs import metrics, run_train, trainer_state
 
 from c2a.config import build_config
 from c2a.data import TokenizedDataset
 from c2a.data.demo import DEMO_TOKENIZER, demo_split
 from c2a.eval import main as eval_main
 from c2a.train.checkpoint import best_checkpoint, stale_checkpoints
-from c2a.train.plotting import figure
 from c2a.train.plot import main as plot_main
+from c2a.train.plotting import figure
 from c2a.train.validation import ExampleSubset, Validation, split_examples
-from train_runs import metrics, run_train, trainer_state
 
 # 128 demo records, a quarter held out; 6 steps of 16-example batches per epoch on the other 96
-VAL = ["--data.demo_train_size=128", "--data.val_fraction=0.25", "--eval.every=2", "--train.epochs=1", "--train.lr=3e-3", "--train.keep_best=true", "--train.keep_last=1"]
+VAL = [
+    "--data.demo_train_size=128",
+    "--data.val_fraction=0.25",
+    "--eval.every=2",
+    "--train.epochs=1",
+    "--train.lr=3e-3",
+    "--train.keep_best=true",
+    "--train.keep_last=1",
+]
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -86,7 +94,15 @@ def _held_out(tmp: Path) -> tuple[Path, int]:
 def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     val_file, trained_targets = _held_out(tmp_path)
     two = run_train(2, tmp_path / "two", *VAL)
-    one = run_train(1, tmp_path / "one", *VAL, "--eval.demo_accuracy=true", "--eval.max_examples=8", "--eval.max_new_tokens=8", "--eval.plot=true")
+    one = run_train(
+        1,
+        tmp_path / "one",
+        *VAL,
+        "--eval.demo_accuracy=true",
+        "--eval.max_examples=8",
+        "--eval.max_new_tokens=8",
+        "--eval.plot=true",
+    )
     rows2, rows1 = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     # evaluated at eval.every steps and at the end, nowhere else; perplexity = exp(loss)
     assert [r["step"] for r in rows2 if "val_loss" in r] == [2, 4, 6]
@@ -101,7 +117,21 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     summary = two.stdout
     assert f"({trained_targets:,} trained targets)" in summary, summary
     # the last validation (at the last step, whose lr is 0) is `python -m c2a.eval`'s loss on the export
-    assert eval_main(["--model", str(tmp_path / "two" / "final"), "--data", str(val_file), "--max-len", "64", "--json-out", str(tmp_path / "eval.json")]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(tmp_path / "two" / "final"),
+                "--data",
+                str(val_file),
+                "--max-len",
+                "64",
+                "--json-out",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
     cli = json.loads((tmp_path / "eval.json").read_text())
     last = rows2[-1]
     assert cli["targets"] == last["val_targets"]
@@ -118,17 +148,22 @@ def test_validation_loss_is_the_eval_cli_loss_on_any_rank_count(tmp_path):
     assert 100 * rows1[-1]["demo_exact_match_before"] == pytest.approx(float(printed[1]), abs=0.05)
     assert 100 * rows1[-1]["demo_exact_match_after"] == pytest.approx(float(printed[2]), abs=0.05)
     # eval.plot: the curves are drawn at the end (the 2-rank run did not ask for them)
-    assert (tmp_path / "one" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "two" / "metrics.png").exists()
+    assert (tmp_path / "one" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (
+        tmp_path / "two" / "metrics.png"
+    ).exists()
     assert f"(plotted: {tmp_path / 'one' / 'metrics.png'})" in one.stdout
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.val_fraction": "1.0"}, "data.val_fraction must be in [0, 1)"),
-    ({"data.val_fraction": "0.1", "data.val_path": "v.jsonl"}, "set one"),
-    ({"train.keep_best": "true"}, "train.keep_best needs a validation set"),
-    ({"eval.every": "-1"}, "eval.every must be >= 0"),
-    ({"eval.every": "10"}, "eval.every needs a validation set"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data.val_fraction": "1.0"}, "data.val_fraction must be in [0, 1)"),
+        ({"data.val_fraction": "0.1", "data.val_path": "v.jsonl"}, "set one"),
+        ({"train.keep_best": "true"}, "train.keep_best needs a validation set"),
+        ({"eval.every": "-1"}, "eval.every must be >= 0"),
+        ({"eval.every": "10"}, "eval.every needs a validation set"),
+    ],
+)
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build_config({}, overrides)
@@ -140,14 +175,21 @@ def test_missing_val_path_names_the_file(tmp_path):
 
 
 def test_plot_draws_the_logged_curves(tmp_path, capsys):
-    rows = [{"step": 1, "loss": 5.0, "lr": 1e-3}, {"step": 2, "loss": 4.0, "lr": 5e-4, "val_loss": 4.5},
-            {"step": 3, "loss": None, "lr": 2e-4}, {"step": 4, "loss": 3.0, "lr": 0.0, "val_loss": 3.9}]  # fmt: skip
+    rows = [
+        {"step": 1, "loss": 5.0, "lr": 1e-3},
+        {"step": 2, "loss": 4.0, "lr": 5e-4, "val_loss": 4.5},
+        {"step": 3, "loss": None, "lr": 2e-4},
+        {"step": 4, "loss": 3.0, "lr": 0.0, "val_loss": 3.9},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_main([str(tmp_path)]) == 0
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loss_ax, lr_ax = figure(rows).axes
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in loss_ax.get_lines()}
-    assert curves == {"training loss": ([1, 2, 4], [5.0, 4.0, 3.0]), "validation loss": ([2, 4], [4.5, 3.9])}  # a null loss is a gap
+    assert curves == {
+        "training loss": ([1, 2, 4], [5.0, 4.0, 3.0]),
+        "validation loss": ([2, 4], [4.5, 3.9]),
+    }  # a null loss is a gap
     assert list(lr_ax.get_lines()[0].get_ydata()) == [1e-3, 5e-4, 2e-4, 0.0]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": \n')
     assert plot_main([str(tmp_path)]) == 1
@@ -162,9 +204,30 @@ def test_val_path_padded_is_the_eval_cli_loss(tmp_path):
     records = [{k: r[k] for k in ("instruction", "input", "output")} for r in demo_split(0, 40)[1][:24]]
     val_file = tmp_path / "val.jsonl"
     val_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    run_train(1, tmp_path / "run", f"--data.val_path={val_file}", "--data.packing=false", "--train.max_steps=1", "--train.micro_batch=4")
+    run_train(
+        1,
+        tmp_path / "run",
+        f"--data.val_path={val_file}",
+        "--data.packing=false",
+        "--train.max_steps=1",
+        "--train.micro_batch=4",
+    )
     last = metrics(tmp_path / "run")[-1]
-    assert eval_main(["--model", str(tmp_path / "run" / "final"), "--data", str(val_file), "--max-len", "64", "--json-out", str(tmp_path / "e.json")]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(tmp_path / "run" / "final"),
+                "--data",
+                str(val_file),
+                "--max-len",
+                "64",
+                "--json-out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     cli = json.loads((tmp_path / "e.json").read_text())
     assert last["step"] == 1 and last["val_targets"] == cli["targets"]
     assert last["val_loss"] == pytest.approx(cli["loss"], rel=1e-5)

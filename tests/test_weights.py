@@ -24,10 +24,16 @@ CFG = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=301, m
 # Meta's model-parallel split (fairscale ColumnParallelLinear / RowParallelLinear / ParallelEmbedding),
 # written out here independently of c2a/model/weights.py.
 SPLIT_DIM = {
-    "tok_embeddings": 1, "output": 0,
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
-    "wo": 1, "w2": 1,
-}  # fmt: skip
+    "tok_embeddings": 1,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+}
 
 
 def split_dim(name: str) -> int | None:
@@ -47,8 +53,15 @@ def save_meta_shards(model: Llama, out: Path, n: int) -> Path:
         shard["rope.freqs"] = torch.randn(model.cfg.head_dim // 2)  # legacy buffer, must be ignored
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
     cfg = model.cfg
-    params = {"dim": cfg.dim, "multiple_of": cfg.multiple_of, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-              "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": -1}  # fmt: skip
+    params = {
+        "dim": cfg.dim,
+        "multiple_of": cfg.multiple_of,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "n_layers": cfg.n_layers,
+        "norm_eps": cfg.norm_eps,
+        "vocab_size": -1,
+    }
     (out / "params.json").write_text(json.dumps(params))
     return out
 
@@ -96,8 +109,15 @@ def test_meta_to_hf_to_c2a_bitwise_and_transformers_parity(model, tmp_path):
 
 
 def test_hf_to_c2a_to_hf_bitwise(tmp_path):
-    hf_cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=211, tie_word_embeddings=False)  # fmt: skip
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=211,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "a")
     save_pretrained(load_pretrained(tmp_path / "a"), tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -187,13 +207,18 @@ def test_load_pretrained_dtype(model, tmp_path):
 
 def test_convert_cli_subprocess(model, tmp_path):
     meta = save_meta_shards(model, tmp_path / "meta", 2)
-    run = subprocess.run([sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf"), "--dtype", "bf16"],
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf"), "--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(tmp_path / "hf" / "model.safetensors").values()} == {torch.bfloat16}
     assert_same_weights(load_pretrained(tmp_path / "hf"), model.to(torch.bfloat16))  # rounded, not otherwise changed
-    again = subprocess.run([sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf")], capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "c2a.model.convert", str(meta), str(tmp_path / "hf")], capture_output=True, text=True
+    )
     assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites what is there
 
 
@@ -217,7 +242,10 @@ def test_error_params_contradict_weights(model, tmp_path):
     path = save_meta_shards(model, tmp_path / "meta", 2)
     params = json.loads((path / "params.json").read_text())
     (path / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
-    with pytest.raises(CheckpointError, match=r"consolidated.00.pth .*'layers.0.attention.wk.weight' has shape \(16, 64\), but .*params.json implies \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"consolidated.00.pth .*'layers.0.attention.wk.weight' has shape \(16, 64\), but .*params.json implies \(32, 64\)",
+    ):
         load_pretrained(path)
 
 
@@ -226,7 +254,9 @@ def test_error_unexpected_and_missing_tensor(model, tmp_path):
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     extra = {**tensors, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)}
     save_file(extra, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model.safetensors: unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"
+    ):
         load_pretrained(tmp_path / "hf")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})

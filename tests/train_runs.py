@@ -17,19 +17,40 @@ from c2a.model import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small run: the demo model on a few hundred demo examples, one 64-token row per micro-batch.
-TINY = ["--data.demo_train_size=256", "--data.demo_heldout_size=16", "--data.max_len=64", "--train.micro_batch=1",
-        "--train.global_batch=16", "--eval.demo_accuracy=false", "--train.progress=false", "--train.log_every=1"]  # fmt: skip
+TINY = [
+    "--data.demo_train_size=256",
+    "--data.demo_heldout_size=16",
+    "--data.max_len=64",
+    "--train.micro_batch=1",
+    "--train.global_batch=16",
+    "--eval.demo_accuracy=false",
+    "--train.progress=false",
+    "--train.log_every=1",
+]
 
 
 def train_cmd(nproc: int, out: Path, *args: str, tiny: bool = True) -> list[str]:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     return [*launch, "-m", "c2a.train", f"--out_dir={out}", *(TINY if tiny else []), *args]
 
 
-def run_train(nproc: int, out: Path, *args: str, timeout: float = 300, tiny: bool = True, expect: int = 0,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def run_train(
+    nproc: int,
+    out: Path,
+    *args: str,
+    timeout: float = 300,
+    tiny: bool = True,
+    expect: int = 0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(train_cmd(nproc, out, *args, tiny=tiny), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        train_cmd(nproc, out, *args, tiny=tiny), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -55,7 +76,9 @@ def step_rows(dataset, step: int, global_rows: int, *, mode: str, seq_len: int, 
     """The rows of optimizer step `step` (1-based), one per micro-batch: the loader's row order depends only
     on (dataset, seed, epoch, mode, seq_len, rows per step), not on ranks or accumulation, so a single
     process with one row per micro-batch sees the same rows as the run's ranks did."""
-    loader = MicroBatchLoader(dataset, seq_len=seq_len, micro_batch_size=1, global_batch_rows=global_rows, mode=mode, seed=seed)
+    loader = MicroBatchLoader(
+        dataset, seq_len=seq_len, micro_batch_size=1, global_batch_rows=global_rows, mode=mode, seed=seed
+    )
     skip, rows = (step - 1) * global_rows, []
     while len(rows) < global_rows:
         for mb in loader:  # the rest of an epoch, then the next one

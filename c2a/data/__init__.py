@@ -6,7 +6,15 @@ Batching lives in `c2a.data.batching` (it imports torch), the bundled demo task 
 training config's data in `c2a.data.sources`.
 """
 
-from c2a.data.alpaca import IGNORE_INDEX, DataError, LoadedRecords, encode_example, encode_example_full, format_prompt, load_records
+from c2a.data.alpaca import (
+    IGNORE_INDEX,
+    DataError,
+    LoadedRecords,
+    encode_example,
+    encode_example_full,
+    format_prompt,
+    load_records,
+)
 from c2a.data.cache import CacheMismatchError, TokenizedDataset
 from c2a.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, find_tokenizer
 

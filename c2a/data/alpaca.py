@@ -63,7 +63,7 @@ class DataError(ValueError):
     """A data file or record that cannot be used as it is; the message names the file and line/row."""
 
 
-def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - Alpaca's field name
+def format_prompt(instruction: str, input: str = "") -> str:
     """The Alpaca prompt for one record (ends with "### Response:")."""
     if input != "":
         return PROMPT_INPUT.format(instruction=instruction, input=input)
@@ -88,8 +88,13 @@ def encode_example(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int
     return enc.input_ids, enc.labels
 
 
-def encode_example_full(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation = "truncate",
-                        template: str = "auto") -> Encoded:  # fmt: skip
+def encode_example_full(
+    record: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    max_len: int,
+    truncation: Truncation = "truncate",
+    template: str = "auto",
+) -> Encoded:
     """`encode_example` with the truncation policy as an argument and what it did reported. `template` (a
     name of chat.TEMPLATE_CHOICES) applies to chat records only: Alpaca records always use Alpaca's prompt."""
     if max_len < 4:
@@ -109,15 +114,17 @@ def encode_example_full(record: Mapping[str, Any], tokenizer: Tokenizer, max_len
         keep_p = min(lp, max(budget - lr, budget // 2))
         keep_r = budget - keep_p
         head = (keep_p + 1) // 2
-        prompt = prompt[:head] + prompt[lp - (keep_p - head):]
+        prompt = prompt[:head] + prompt[lp - (keep_p - head) :]
         if keep_r < lr:
-            response = response[:keep_r - 1] + [tokenizer.eos_id]
+            response = response[: keep_r - 1] + [tokenizer.eos_id]
     tokens = prompt + response
     labels = [IGNORE_INDEX] * (len(prompt) - 1) + response
     return Encoded(tokens[:-1], labels, truncated=truncated, prompt_tokens=lp, response_tokens=lr)
 
 
-def _encode_chat(record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation, template: str) -> Encoded:
+def _encode_chat(
+    record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation, template: str
+) -> Encoded:
     label, source = chat.resolve_template(template, tokenizer)
     tokens, trained = chat.encode_chat(record, tokenizer, source, label)
     n_trained = sum(trained)
@@ -172,8 +179,13 @@ def is_local_file(source: str | Path) -> bool:
     return path.exists() or path.suffix.lower() in FILE_SUFFIXES
 
 
-def load_records(source: str | Path, *, skip_bad_rows: bool = False, split: str = "train",
-                 skip_hint: str = "--skip-bad-rows / skip_bad_rows=True") -> LoadedRecords:
+def load_records(
+    source: str | Path,
+    *,
+    skip_bad_rows: bool = False,
+    split: str = "train",
+    skip_hint: str = "--skip-bad-rows / skip_bad_rows=True",
+) -> LoadedRecords:
     """Read and validate Alpaca records from a local .json/.jsonl/.parquet file or a hub dataset name.
 
     A hub name goes through `datasets.load_dataset(name, split=split)` and needs network or a local cache.
@@ -229,8 +241,10 @@ def _read_file(path: Path) -> tuple[list[Any], list[str]]:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is not JSON
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
-                        "re-save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: {e.reason}); "
+            "re-save the file as UTF-8"
+        ) from None
     if suffix == ".jsonl":
         return _read_jsonl(text)
     try:
@@ -266,8 +280,10 @@ def _read_hub(name: str, split: str) -> tuple[list[Any], list[str]]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, cache and name errors all surface here
-        raise DataError(f"cannot load dataset {name!r} (split {split}) through `datasets`: {e}; "
-                        "without network or a local cache, pass a .json/.jsonl/.parquet file") from e
+        raise DataError(
+            f"cannot load dataset {name!r} (split {split}) through `datasets`: {e}; "
+            "without network or a local cache, pass a .json/.jsonl/.parquet file"
+        ) from e
     rows = list(ds)
     return rows, [f" row {i}" for i in range(len(rows))]
 

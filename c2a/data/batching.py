@@ -87,9 +87,15 @@ class MicroBatch:
     num_trained: int | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
-        return MicroBatch(self.input_ids.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
-                          self.position_ids.to(device, non_blocking=non_blocking), self.num_examples, self.num_tokens,
-                          self.sum_len_sq, self.num_trained)
+        return MicroBatch(
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.position_ids.to(device, non_blocking=non_blocking),
+            self.num_examples,
+            self.num_tokens,
+            self.sum_len_sq,
+            self.num_trained,
+        )
 
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -113,26 +119,43 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
 class MicroBatchLoader:
     """Deterministic, sharded, resumable micro-batches over a tokenized dataset (see the module doc)."""
 
-    def __init__(self, dataset: ExampleDataset, *, seq_len: int, micro_batch_size: int, global_batch_rows: int,
-                 mode: Literal["packed", "padded"] = "packed", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 pad_id: int = 0, pack_window: int = 4096) -> None:
+    def __init__(
+        self,
+        dataset: ExampleDataset,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        global_batch_rows: int,
+        mode: Literal["packed", "padded"] = "packed",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        pad_id: int = 0,
+        pack_window: int = 4096,
+    ) -> None:
         if mode not in ("packed", "padded"):
             raise ValueError(f"mode must be 'packed' or 'padded', got {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if micro_batch_size < 1 or global_batch_rows % (micro_batch_size * world_size):
-            raise ValueError(f"global_batch_rows ({global_batch_rows}) must be a positive multiple of micro_batch_size "
-                             f"({micro_batch_size}) x world_size ({world_size})")
+            raise ValueError(
+                f"global_batch_rows ({global_batch_rows}) must be a positive multiple of micro_batch_size "
+                f"({micro_batch_size}) x world_size ({world_size})"
+            )
         if global_batch_rows < 1 or seq_len < 1 or pack_window < 1:
-            raise ValueError(f"global_batch_rows, seq_len, pack_window must be positive, got "
-                             f"{global_batch_rows}, {seq_len}, {pack_window}")
+            raise ValueError(
+                f"global_batch_rows, seq_len, pack_window must be positive, got "
+                f"{global_batch_rows}, {seq_len}, {pack_window}"
+            )
         lengths = np.asarray(dataset.lengths, dtype=np.int64)
         if len(lengths) == 0:
             raise ValueError("the dataset has no examples")
         if lengths.max() > seq_len:
             i = int(lengths.argmax())
-            raise ValueError(f"example {i} has {lengths[i]} input positions, more than seq_len={seq_len}; "
-                             f"tokenize with max_len <= seq_len")
+            raise ValueError(
+                f"example {i} has {lengths[i]} input positions, more than seq_len={seq_len}; "
+                f"tokenize with max_len <= seq_len"
+            )
         self.dataset, self.mode, self.seq_len, self.seed = dataset, mode, seq_len, seed
         self.micro_batch_size, self.global_batch_rows = micro_batch_size, global_batch_rows
         self.rank, self.world_size, self.pad_id = rank, world_size, pad_id
@@ -185,10 +208,10 @@ class MicroBatchLoader:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_examples)
         if self.mode == "padded":
-            return [order[i:i + 1] for i in range(len(order))]
+            return [order[i : i + 1] for i in range(len(order))]
         rows = []
         for start in range(0, len(order), self.pack_window):
-            window = order[start:start + self.pack_window]
+            window = order[start : start + self.pack_window]
             for b in pack_best_fit_decreasing(self._lengths[window].tolist(), self.seq_len):
                 rows.append(window[b])
         return [rows[i] for i in rng.permutation(len(rows))]
@@ -199,7 +222,9 @@ class MicroBatchLoader:
         m = micro_step * self.world_size + self.rank
         first = step * self.global_batch_rows
         empty = np.zeros(0, dtype=np.int64)
-        return [rows[j] if j < len(rows) else empty for j in (first + m + m_count * b for b in range(self.micro_batch_size))]
+        return [
+            rows[j] if j < len(rows) else empty for j in (first + m + m_count * b for b in range(self.micro_batch_size))
+        ]
 
     # --- assembling ------------------------------------------------------------------------------------
 
@@ -218,18 +243,25 @@ class MicroBatchLoader:
             for ex in row:
                 x, y = self.dataset[int(ex)]
                 n = len(x)
-                ids[b, t:t + n] = x
-                labels[b, t:t + n] = y
-                pos[b, t:t + n] = arange[:n]
+                ids[b, t : t + n] = x
+                labels[b, t : t + n] = y
+                pos[b, t : t + n] = arange[:n]
                 t += n
             if self.mode == "packed":
-                pos[b, t:] = arange[:T - t]  # the padding tail counts from 0: a document of its own
+                pos[b, t:] = arange[: T - t]  # the padding tail counts from 0: a document of its own
             else:
                 pos[b] = arange  # right padding: plain causal attention is exact for the real tokens
         n_examples = sum(len(r) for r in rows)
         lengths = np.concatenate([self._lengths[r] for r in rows]) if n_examples else np.zeros(0, dtype=np.int64)
-        return MicroBatch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), n_examples,
-                          int(lengths.sum()), int((lengths * lengths).sum()), int((labels != IGNORE_INDEX).sum()))
+        return MicroBatch(
+            torch.from_numpy(ids),
+            torch.from_numpy(labels),
+            torch.from_numpy(pos),
+            n_examples,
+            int(lengths.sum()),
+            int((lengths * lengths).sum()),
+            int((labels != IGNORE_INDEX).sum()),
+        )
 
     # --- iteration and state ---------------------------------------------------------------------------
 
@@ -255,10 +287,18 @@ class MicroBatchLoader:
     def state_dict(self) -> dict[str, Any]:
         self._normalise()
         return {
-            "version": STATE_VERSION, "epoch": self.epoch, "step": self._step, "micro_step": self._micro,
-            "seed": self.seed, "mode": self.mode, "seq_len": self.seq_len, "global_batch_rows": self.global_batch_rows,
-            "num_examples": self.num_examples, "pack_window": self.pack_window,
-            "world_size": self.world_size, "micro_batch_size": self.micro_batch_size,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "step": self._step,
+            "micro_step": self._micro,
+            "seed": self.seed,
+            "mode": self.mode,
+            "seq_len": self.seq_len,
+            "global_batch_rows": self.global_batch_rows,
+            "num_examples": self.num_examples,
+            "pack_window": self.pack_window,
+            "world_size": self.world_size,
+            "micro_batch_size": self.micro_batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -269,8 +309,10 @@ class MicroBatchLoader:
             raise ValueError("cannot resume the data order: " + "; ".join(diffs))
         same_split = state["world_size"] == self.world_size and state["micro_batch_size"] == self.micro_batch_size
         if state["micro_step"] and not same_split:
-            raise ValueError(f"the saved data position is inside an optimizer step (micro_step {state['micro_step']}) with "
-                             f"world_size {state['world_size']} x micro_batch_size {state['micro_batch_size']}; it can only "
-                             f"resume with the same split, not {self.world_size} x {self.micro_batch_size}")
+            raise ValueError(
+                f"the saved data position is inside an optimizer step (micro_step {state['micro_step']}) with "
+                f"world_size {state['world_size']} x micro_batch_size {state['micro_batch_size']}; it can only "
+                f"resume with the same split, not {self.world_size} x {self.micro_batch_size}"
+            )
         self.epoch, self._step, self._micro = int(state["epoch"]), int(state["step"]), int(state["micro_step"])
         self._normalise()

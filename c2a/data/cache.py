@@ -29,8 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from c2a.data.alpaca import IGNORE_INDEX, DataError, Encoded, Truncation, encode_example_full, file_sha256, is_local_file
 from c2a.data import chat
+from c2a.data.alpaca import (
+    IGNORE_INDEX,
+    DataError,
+    Encoded,
+    Truncation,
+    encode_example_full,
+    file_sha256,
+    is_local_file,
+)
 from c2a.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,10 +60,14 @@ class TokenizedDataset:
     directory without holding a copy.
     """
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, manifest: dict[str, Any]
+    ) -> None:
         if input_ids.shape != labels.shape or offsets[0] != 0 or offsets[-1] != len(input_ids):
-            raise ValueError(f"inconsistent tokenized arrays: input_ids {input_ids.shape}, labels {labels.shape}, "
-                             f"offsets [{offsets[0]} .. {offsets[-1]}]")
+            raise ValueError(
+                f"inconsistent tokenized arrays: input_ids {input_ids.shape}, labels {labels.shape}, "
+                f"offsets [{offsets[0]} .. {offsets[-1]}]"
+            )
         self.input_ids, self.labels, self.offsets, self.manifest = input_ids, labels, offsets, manifest
         self.lengths: np.ndarray = np.diff(offsets)
 
@@ -71,9 +83,18 @@ class TokenizedDataset:
         return int(self.manifest["max_len"])
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, str]], tokenizer: Tokenizer | str | Path, max_len: int, *,
-                     truncation: Truncation = "truncate", workers: int = 1, source: dict[str, Any] | None = None,
-                     skipped_bad_rows: int = 0, template: str = "auto") -> TokenizedDataset:
+    def from_records(
+        cls,
+        records: Sequence[dict[str, str]],
+        tokenizer: Tokenizer | str | Path,
+        max_len: int,
+        *,
+        truncation: Truncation = "truncate",
+        workers: int = 1,
+        source: dict[str, Any] | None = None,
+        skipped_bad_rows: int = 0,
+        template: str = "auto",
+    ) -> TokenizedDataset:
         """Encode validated records in memory (with `workers` processes when > 1). `template` names the chat
         template of chat records (c2a.data.chat.TEMPLATE_CHOICES); Alpaca records ignore it."""
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -97,7 +118,12 @@ class TokenizedDataset:
         manifest = {
             "format_version": FORMAT_VERSION,
             "source": source or {"kind": "records"},
-            "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+            "tokenizer": {
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+            },
             "max_len": max_len,
             "truncation": truncation,
             **({"chat_template": chat_template} if chat_template else {}),
@@ -125,8 +151,8 @@ class TokenizedDataset:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by every rank and user
         try:
-            for name in ARRAYS:
-                _write_synced(tmp / f"{name}.npy", lambda f, a=getattr(self, name): np.save(f, a, allow_pickle=False))
+            for name, array in ((name, getattr(self, name)) for name in ARRAYS):
+                _write_synced(tmp / f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
             manifest = dict(self.manifest, created_unix=int(time.time()))
             _write_synced(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode() + b"\n"))
             if out.exists():
@@ -142,9 +168,17 @@ class TokenizedDataset:
         return out
 
     @classmethod
-    def open(cls, path: str | Path, *, expect_tokenizer: Tokenizer | str | Path | None = None, expect_max_len: int | None = None,
-             expect_source: str | Path | None = None, expect_truncation: str | None = None, expect_template: str | None = None,
-             hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).") -> TokenizedDataset:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        expect_tokenizer: Tokenizer | str | Path | None = None,
+        expect_max_len: int | None = None,
+        expect_source: str | Path | None = None,
+        expect_truncation: str | None = None,
+        expect_template: str | None = None,
+        hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).",
+    ) -> TokenizedDataset:
         """Map a cache written by `prepare`; raise `CacheMismatchError` if it was built differently than expected.
 
         `expect_tokenizer` (a Tokenizer, or a path Tokenizer reads) is compared by its sha256, `expect_max_len`
@@ -156,7 +190,9 @@ class TokenizedDataset:
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
-            raise FileNotFoundError(f"{path} is not a tokenized cache (no {MANIFEST}); build one with python -m c2a.data.prepare")
+            raise FileNotFoundError(
+                f"{path} is not a tokenized cache (no {MANIFEST}); build one with python -m c2a.data.prepare"
+            )
         manifest = json.loads(mpath.read_text())
         problems = []
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -164,7 +200,9 @@ class TokenizedDataset:
         if expect_tokenizer is not None:
             sha = (expect_tokenizer if isinstance(expect_tokenizer, Tokenizer) else Tokenizer(expect_tokenizer)).sha256
             if manifest["tokenizer"]["sha256"] != sha:
-                problems.append(f"tokenizer sha256 is {manifest['tokenizer']['sha256'][:12]}..., expected {sha[:12]}... ({expect_tokenizer})")
+                problems.append(
+                    f"tokenizer sha256 is {manifest['tokenizer']['sha256'][:12]}..., expected {sha[:12]}... ({expect_tokenizer})"
+                )
         if expect_max_len is not None and manifest["max_len"] != expect_max_len:
             problems.append(f"max_len is {manifest['max_len']}, expected {expect_max_len}")
         if expect_source is not None:
@@ -176,10 +214,14 @@ class TokenizedDataset:
             tok = expect_tokenizer if isinstance(expect_tokenizer, Tokenizer) else Tokenizer(expect_tokenizer)
             label, body = chat.resolve_template(expect_template, tok)
             if recorded["sha256"] != chat.template_sha256(body):
-                problems.append(f"chat records were rendered with {recorded['name']} (sha256 {recorded['sha256'][:12]}...), "
-                                f"expected {label} (sha256 {chat.template_sha256(body)[:12]}...)")
+                problems.append(
+                    f"chat records were rendered with {recorded['name']} (sha256 {recorded['sha256'][:12]}...), "
+                    f"expected {label} (sha256 {chat.template_sha256(body)[:12]}...)"
+                )
         if problems:
-            raise CacheMismatchError(f"tokenized cache {path} does not match this run: " + "; ".join(problems) + ". " + hint)
+            raise CacheMismatchError(
+                f"tokenized cache {path} does not match this run: " + "; ".join(problems) + ". " + hint
+            )
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
         return cls(arrays["input_ids"], arrays["labels"], arrays["offsets"], manifest)
 
@@ -191,9 +233,15 @@ class TokenizedDataset:
             f"trained tokens  {c['trained_tokens']:>12,}   ({c['trained_tokens'] / max(c['tokens'], 1):.1%} of tokens)",
             f"truncated       {c['truncated']:>12,}   dropped {c['dropped']:,}   (max_len {m['max_len']}, policy {m['truncation']})",
         ]
-        for key, name in (("lengths", "example length"), ("prompt_lengths", "prompt tokens"), ("response_lengths", "response tokens")):
+        for key, name in (
+            ("lengths", "example length"),
+            ("prompt_lengths", "prompt tokens"),
+            ("response_lengths", "response tokens"),
+        ):
             p = m[key]
-            lines.append(f"{name:<16}mean {p['mean']:.1f}  p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}")
+            lines.append(
+                f"{name:<16}mean {p['mean']:.1f}  p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}"
+            )
         return "\n".join(lines)
 
 
@@ -203,7 +251,9 @@ def _source_problems(recorded: dict[str, Any], expect: str | Path) -> list[str]:
             return [f"source is {recorded}, expected the file {expect}"]
         sha = file_sha256(expect)
         if recorded["sha256"] != sha:
-            return [f"source file sha256 is {recorded['sha256'][:12]}... ({recorded['path']}), expected {sha[:12]}... ({expect})"]
+            return [
+                f"source file sha256 is {recorded['sha256'][:12]}... ({recorded['path']}), expected {sha[:12]}... ({expect})"
+            ]
         return []
     if recorded.get("kind") != "hub" or recorded.get("name") != str(expect):
         return [f"source is {recorded}, expected the hub dataset {expect!r}"]
@@ -238,7 +288,9 @@ def _worker_encode(chunk: tuple[int, list[dict[str, Any]]]) -> list[Encoded]:
     return _encode_chunk(chunk[0], chunk[1], s["tok"], s["max_len"], s["truncation"], s["template"])
 
 
-def _encode_chunk(first: int, records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, template: str) -> list[Encoded]:
+def _encode_chunk(
+    first: int, records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, template: str
+) -> list[Encoded]:
     out = []
     for i, r in enumerate(records, start=first):
         try:
@@ -248,12 +300,18 @@ def _encode_chunk(first: int, records: Sequence[dict[str, Any]], tok: Tokenizer,
     return out
 
 
-def _encode_all(records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, workers: int,
-                template: str = "auto") -> list[Encoded]:  # fmt: skip
+def _encode_all(
+    records: Sequence[dict[str, Any]],
+    tok: Tokenizer,
+    max_len: int,
+    truncation: Truncation,
+    workers: int,
+    template: str = "auto",
+) -> list[Encoded]:
     if workers <= 1 or len(records) < 2000:
         return _encode_chunk(0, records, tok, max_len, truncation, template)
     chunk = 500
-    chunks = [(i, list(records[i:i + chunk])) for i in range(0, len(records), chunk)]
+    chunks = [(i, list(records[i : i + chunk])) for i in range(0, len(records), chunk)]
     # fork where available: workers inherit the imported modules instead of re-importing them
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ctx.Pool(workers, initializer=_worker_init, initargs=(str(tok.path), max_len, truncation, template)) as pool:

@@ -94,8 +94,10 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> tuple[str, str]:
         return f"chat_template of {tokenizer.chat_template_file}", tokenizer.chat_template
     if name == "tokenizer":
         directory = tokenizer.path.parent
-        raise ChatTemplateError(f"{directory / 'tokenizer_config.json'} has no chat_template; name a built-in one "
-                                f"({', '.join(BUILTIN_TEMPLATES)}), or put the template in {directory / 'chat_template.jinja'}")
+        raise ChatTemplateError(
+            f"{directory / 'tokenizer_config.json'} has no chat_template; name a built-in one "
+            f"({', '.join(BUILTIN_TEMPLATES)}), or put the template in {directory / 'chat_template.jinja'}"
+        )
     return "alpaca", ALPACA_TEMPLATE
 
 
@@ -120,13 +122,19 @@ def _compiled(source: str) -> Any:
         raise ChatTemplateError(f"the chat template does not parse: {e}") from e
 
 
-def render_chat(source: str, messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> str:
+def render_chat(
+    source: str, messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, add_generation_prompt: bool = False
+) -> str:
     """The text of `messages` under the Jinja template `source`, as transformers' apply_chat_template renders it."""
     from jinja2 import TemplateError
 
     try:
-        return _compiled(source).render(messages=list(messages), bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-                                        add_generation_prompt=add_generation_prompt)  # fmt: skip
+        return _compiled(source).render(
+            messages=list(messages),
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
     except TemplateError as e:
         raise ChatTemplateError(f"the chat template failed to render: {e}") from e
 
@@ -135,7 +143,9 @@ def validate_messages(row: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]
     """{"messages": [{"role", "content"}, ...]} as strings, or a ValueError saying what is wrong."""
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"field 'messages' must be a non-empty list of {{role, content}} objects, got {type(messages).__name__}")
+        raise ValueError(
+            f"field 'messages' must be a non-empty list of {{role, content}} objects, got {type(messages).__name__}"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -151,7 +161,9 @@ def validate_messages(row: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]
     return {"messages": out}
 
 
-def assistant_spans(source: str, messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, label: str = "chat template") -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    source: str, messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, label: str = "chat template"
+) -> tuple[str, list[tuple[int, int]]]:
     """(the rendered conversation, the [start, end) character spans of its assistant turns)."""
     full = render_chat(source, messages, tokenizer)
     spans = []
@@ -161,13 +173,15 @@ def assistant_spans(source: str, messages: Sequence[Mapping[str, str]], tokenize
         before = render_chat(source, messages[:i], tokenizer, add_generation_prompt=True)
         upto = render_chat(source, messages[: i + 1], tokenizer)
         if not (upto.startswith(before) and full.startswith(upto)) or len(upto) == len(before):
-            raise ChatTemplateError(f"{label} does not render turn by turn: the conversation up to message {i} (assistant) "
-                                    "is not a prefix of the whole rendering, so its trained characters cannot be found")
+            raise ChatTemplateError(
+                f"{label} does not render turn by turn: the conversation up to message {i} (assistant) "
+                "is not a prefix of the whole rendering, so its trained characters cannot be found"
+            )
         spans.append((len(before), len(upto)))
     return full, spans
 
 
-def instruction_messages(instruction: str, input: str = "") -> list[dict[str, str]]:  # noqa: A002
+def instruction_messages(instruction: str, input: str = "") -> list[dict[str, str]]:
     """One instruction as a conversation to answer: a user turn holding the instruction and, after an empty
     line, its input (as AlpacaEval folds an input into its instruction)."""
     return [{"role": "user", "content": instruction + (f"\n\n{input}" if input else "")}]
@@ -214,7 +228,7 @@ def encode_text(text: str, tokenizer: Tokenizer, before: list[int]) -> list[int]
     pos = 0
     for m in _special_pattern(tokenizer).finditer(text):
         if m.start() > pos:
-            add_text(text[pos:m.start()])
+            add_text(text[pos : m.start()])
         ids.append(tokenizer.special_tokens[m.group()])
         pos = m.end()
     if pos < len(text):
@@ -222,7 +236,9 @@ def encode_text(text: str, tokenizer: Tokenizer, before: list[int]) -> list[int]
     return ids
 
 
-def encode_chat(record: Mapping[str, Any], tokenizer: Tokenizer, source: str, label: str = "chat template") -> tuple[list[int], list[bool]]:
+def encode_chat(
+    record: Mapping[str, Any], tokenizer: Tokenizer, source: str, label: str = "chat template"
+) -> tuple[list[int], list[bool]]:
     """(tokens, trained) for a chat record: every token of the rendering, and whether it is an assistant turn's."""
     full, spans = assistant_spans(source, record["messages"], tokenizer, label)
     tokens: list[int] = []

@@ -28,15 +28,37 @@ from c2a.errors import USER_ERRORS, report
 def build_parser() -> argparse.ArgumentParser:
     defaults = DataSection()
     ap = argparse.ArgumentParser(prog="python -m c2a.data.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="a .json/.jsonl/.parquet file, or a hub dataset name (needs network or a cache)")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model, HF tokenizer.json, or a checkpoint directory holding one")
+    ap.add_argument(
+        "--data", required=True, help="a .json/.jsonl/.parquet file, or a hub dataset name (needs network or a cache)"
+    )
+    ap.add_argument(
+        "--tokenizer",
+        required=True,
+        help="SentencePiece tokenizer.model, HF tokenizer.json, or a checkpoint directory holding one",
+    )
     ap.add_argument("--out", required=True, help="cache directory to write")
-    ap.add_argument("--max-len", type=int, default=defaults.max_len, help="maximum input positions per example (tokens - 1), as data.max_len")
-    ap.add_argument("--truncation", choices=TRUNCATION_POLICIES, default=defaults.truncation, help="over-length policy, as data.truncation")
+    ap.add_argument(
+        "--max-len",
+        type=int,
+        default=defaults.max_len,
+        help="maximum input positions per example (tokens - 1), as data.max_len",
+    )
+    ap.add_argument(
+        "--truncation",
+        choices=TRUNCATION_POLICIES,
+        default=defaults.truncation,
+        help="over-length policy, as data.truncation",
+    )
     ap.add_argument("--split", default="train", help="split of a hub dataset")
-    ap.add_argument("--template", default=defaults.template, choices=chat.TEMPLATE_CHOICES,
-                    help="chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, or a built-in")
-    ap.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows with a warning instead of stopping")
+    ap.add_argument(
+        "--template",
+        default=defaults.template,
+        choices=chat.TEMPLATE_CHOICES,
+        help="chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, or a built-in",
+    )
+    ap.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip malformed rows with a warning instead of stopping"
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     return ap
@@ -49,8 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = Tokenizer(args.tokenizer)
         loaded = load_records(args.data, skip_bad_rows=args.skip_bad_rows, split=args.split)
         t0 = time.perf_counter()
-        ds = TokenizedDataset.from_records(loaded.records, tok, args.max_len, truncation=args.truncation, workers=args.workers,
-                                           source=loaded.source, skipped_bad_rows=len(loaded.skipped), template=args.template)
+        ds = TokenizedDataset.from_records(
+            loaded.records,
+            tok,
+            args.max_len,
+            truncation=args.truncation,
+            workers=args.workers,
+            source=loaded.source,
+            skipped_bad_rows=len(loaded.skipped),
+            template=args.template,
+        )
         ds.manifest["tokenizer"]["path"] = str(tok.path.resolve())
         elapsed = time.perf_counter() - t0
         out = ds.save(args.out, overwrite=args.overwrite)

@@ -29,8 +29,10 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
     elif cfg.model.checkpoint and find_tokenizer(cfg.model.checkpoint) is not None:
         path = find_tokenizer(cfg.model.checkpoint)
     else:
-        raise ConfigError("no tokenizer: set data.tokenizer to a SentencePiece tokenizer.model or an HF tokenizer.json "
-                          "(the model's own: Llama-2's tokenizer.model for Llama-2 weights)")  # fmt: skip
+        raise ConfigError(
+            "no tokenizer: set data.tokenizer to a SentencePiece tokenizer.model or an HF tokenizer.json "
+            "(the model's own: Llama-2's tokenizer.model for Llama-2 weights)"
+        )
     if not path.is_file():
         raise ConfigError(f"data.tokenizer: {path} does not exist")
     return path
@@ -39,13 +41,22 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
 def demo_dataset(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[TokenizedDataset, list[dict[str, str]]]:
     """The demo task's training split, tokenized in memory, and its held-out records (for exact match)."""
     records, heldout = demo_split(cfg.data.demo_train_size, cfg.data.demo_heldout_size)
-    ds = TokenizedDataset.from_records(records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source={"kind": "demo"})
+    ds = TokenizedDataset.from_records(
+        records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source={"kind": "demo"}
+    )
     return ds, heldout
 
 
 def tokenize_records_file(cfg: TrainConfig, tokenizer: Tokenizer, workers: int) -> TokenizedDataset:
     """data.path (a local file or a hub dataset name) read, validated and tokenized as the run trains on it."""
     loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint=SKIP_HINT)
-    return TokenizedDataset.from_records(loaded.records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation,
-                                         workers=workers, source=loaded.source, skipped_bad_rows=len(loaded.skipped),
-                                         template=cfg.data.template)  # fmt: skip
+    return TokenizedDataset.from_records(
+        loaded.records,
+        tokenizer,
+        cfg.data.max_len,
+        truncation=cfg.data.truncation,
+        workers=workers,
+        source=loaded.source,
+        skipped_bad_rows=len(loaded.skipped),
+        template=cfg.data.template,
+    )

@@ -76,7 +76,9 @@ def export_tokenizer(path: str | Path, out_dir: str | Path) -> list[str]:
         if tok_file.suffix != ".json":
             files = {"tokenizer.model": tok_file}
         else:
-            files = {"tokenizer.json": tok_file} | {n: tok_file.parent / n for n in side_files if (tok_file.parent / n).is_file()}
+            files = {"tokenizer.json": tok_file} | {
+                n: tok_file.parent / n for n in side_files if (tok_file.parent / n).is_file()
+            }
     for name, src in files.items():
         shutil.copyfile(src, out_dir / name)
     if "tokenizer.json" in files:
@@ -135,7 +137,9 @@ class Tokenizer:
         return super().__new__(cls)
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+        return (
+            f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+        )
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -145,7 +149,7 @@ class Tokenizer:
         a leading space of the first new piece)."""
         prefix = self.decode(prefix_ids)
         full = self.decode(list(prefix_ids) + list(new_ids))
-        return full[len(prefix):] if full.startswith(prefix) else self.decode(new_ids)
+        return full[len(prefix) :] if full.startswith(prefix) else self.decode(new_ids)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -170,7 +174,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id: int = self._sp.eos_id()
         self.vocab_size: int = self._sp.vocab_size()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: the model has no BOS/EOS piece (bos_id={self.bos_id}, eos_id={self.eos_id})")
+            raise ValueError(
+                f"{self.path}: the model has no BOS/EOS piece (bos_id={self.bos_id}, eos_id={self.eos_id})"
+            )
         self.files: list[Path] = [self.path]  # what an export copies beside the weights
         self.chat_template, self.chat_template_file = _chat_template(self.path.parent)
         self.special_tokens: dict[str, int] = {self.bos_token: self.bos_id, self.eos_token: self.eos_id}
@@ -217,7 +223,7 @@ class HFTokenizer(Tokenizer):
         try:
             spec = json.loads(raw)
             self._tok = _Tokenizers.from_str(raw.decode("utf-8"))
-        except Exception as e:  # noqa: BLE001 - JSON, UTF-8 and the library's own parse errors alike
+        except Exception as e:
             raise ValueError(f"{self.path} is not an HF tokenizer.json: {e}") from e
         self._continuation = _Tokenizers.from_str(json.dumps(_without_prefix_space(spec)))
         for tok in (self._tok, self._continuation):
@@ -225,7 +231,10 @@ class HFTokenizer(Tokenizer):
         side = (*HF_TOKENIZER_SIDE_FILES, CHAT_TEMPLATE_FILE)
         self.files = [self.path] + [self.path.parent / n for n in side if (self.path.parent / n).is_file()]
         self.bos_token, self.eos_token = _special_token(self.path, "bos_token"), _special_token(self.path, "eos_token")
-        self.bos_id, self.eos_id = self._token_id("bos_token", self.bos_token), self._token_id("eos_token", self.eos_token)
+        self.bos_id, self.eos_id = (
+            self._token_id("bos_token", self.bos_token),
+            self._token_id("eos_token", self.eos_token),
+        )
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         # identity of what encoding depends on: the tokenizer and the BOS/EOS it is used with
         self.sha256 = hashlib.sha256(raw + json.dumps([self.bos_token, self.eos_token]).encode()).hexdigest()
@@ -239,7 +248,9 @@ class HFTokenizer(Tokenizer):
     def _token_id(self, key: str, token: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{self.path}: {key} {token!r} (from {self.path.parent / 'tokenizer_config.json'}) is not in the vocabulary")
+            raise ValueError(
+                f"{self.path}: {key} {token!r} (from {self.path.parent / 'tokenizer_config.json'}) is not in the vocabulary"
+            )
         return token_id
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
@@ -287,8 +298,10 @@ def _special_token(path: Path, key: str) -> str:
             value = value.get("content")
         if isinstance(value, str) and value:
             return value
-    raise ValueError(f"{path}: no {key} in {' or '.join(str(path.parent / n) for n in HF_TOKENIZER_SIDE_FILES)}; "
-                     f"c2a needs the {key[:3].upper()} token of the model")
+    raise ValueError(
+        f"{path}: no {key} in {' or '.join(str(path.parent / n) for n in HF_TOKENIZER_SIDE_FILES)}; "
+        f"c2a needs the {key[:3].upper()} token of the model"
+    )
 
 
 def _chat_template(directory: Path) -> tuple[str | None, Path | None]:
@@ -305,7 +318,9 @@ def _chat_template(directory: Path) -> tuple[str | None, Path | None]:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string, got {type(template).__name__}")
+        raise ValueError(
+            f"{directory / 'tokenizer_config.json'}: chat_template must be a string, got {type(template).__name__}"
+        )
     return template, directory / "tokenizer_config.json" if template is not None else None
 
 
@@ -315,7 +330,10 @@ def _without_prefix_space(spec: Any) -> Any:
         return [_without_prefix_space(s) for s in spec if not (isinstance(s, dict) and s.get("type") == "Prepend")]
     if not isinstance(spec, dict):
         return spec
-    out = {k: (_without_prefix_space(v) if k in ("normalizer", "normalizers", "pre_tokenizer", "pretokenizers") else v) for k, v in spec.items()}
+    out = {
+        k: (_without_prefix_space(v) if k in ("normalizer", "normalizers", "pre_tokenizer", "pretokenizers") else v)
+        for k, v in spec.items()
+    }
     if out.get("type") == "Prepend":
         return None  # a top-level Prepend normalizer: no normalizer at all
     if out.get("type") == "Metaspace":
@@ -381,7 +399,7 @@ def _fields(buf: bytes) -> list[tuple[int, int, bytes]]:
 def _len_payload(raw: bytes) -> bytes:
     _, pos = _read_varint(raw, 0)
     length, pos = _read_varint(raw, pos)
-    return raw[pos:pos + length]
+    return raw[pos : pos + length]
 
 
 def _without_dummy_prefix(proto: bytes) -> bytes:

@@ -20,9 +20,17 @@ def strip_stop(new_ids: list[int], stop_ids: Sequence[int]) -> list[int]:
     return new_ids[:-1] if new_ids and new_ids[-1] in stop_ids else new_ids
 
 
-def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_new_tokens: int, batch_size: int = 1,
-            fmt: PromptFormat | None = None, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None) -> list[str]:  # fmt: skip
+def answers(
+    model: Llama,
+    tok: Tokenizer,
+    records: Sequence[dict[str, str]],
+    max_new_tokens: int,
+    batch_size: int = 1,
+    fmt: PromptFormat | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[str]:
     """The responses to every record (its instruction and input), `batch_size` prompts at a time, prompted as
     `fmt` says (default: Alpaca's template, as training encodes an Alpaca record). Greedy by default."""
     fmt = fmt or alpaca_format(tok)
@@ -30,14 +38,32 @@ def answers(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [fmt.encode(tok, r["instruction"], r.get("input", "")) for r in chunk]
-        generated = generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=fmt.stop_ids,
-                                   seed=seed, vocab_size=tok.vocab_size)  # fmt: skip
+        generated = generate_batch(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=fmt.stop_ids,
+            seed=seed,
+            vocab_size=tok.vocab_size,
+        )
         out += [tok.decode_continuation(p, strip_stop(new, fmt.stop_ids)) for p, new in zip(prompts, generated)]
     return out
 
 
-def respond(model: Llama, tok: Tokenizer, instruction: str, input: str = "", *, max_new_tokens: int = 256,  # noqa: A002
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, fmt: PromptFormat | None = None) -> str:  # fmt: skip
+def respond(
+    model: Llama,
+    tok: Tokenizer,
+    instruction: str,
+    input: str = "",
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    fmt: PromptFormat | None = None,
+) -> str:
     """The model's response to one instruction (Alpaca's prompt unless `fmt` says otherwise), its stop token dropped."""
     record = {"instruction": instruction, "input": input}
     return answers(model, tok, [record], max_new_tokens, fmt=fmt, temperature=temperature, top_p=top_p, seed=seed)[0]
@@ -49,8 +75,11 @@ def demo_exact_match(records: Sequence[dict[str, str]], responses: Sequence[str]
     for r, text in zip(records, responses, strict=True):
         hits.setdefault(r["task"], []).append(exact_match(r, text))
     every = [h for v in hits.values() for h in v]
-    return {"accuracy": sum(every) / len(every), "examples": len(every),
-            "per_task": {t: {"accuracy": sum(v) / len(v), "examples": len(v)} for t, v in sorted(hits.items())}}  # fmt: skip
+    return {
+        "accuracy": sum(every) / len(every),
+        "examples": len(every),
+        "per_task": {t: {"accuracy": sum(v) / len(v), "examples": len(v)} for t, v in sorted(hits.items())},
+    }
 
 
 def load_alpaca_eval_prompts(path: Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -58,13 +87,17 @@ def load_alpaca_eval_prompts(path: Path, limit: int | None = None) -> list[dict[
     "instruction" holds the whole prompt) as records with an empty input."""
     try:
         text = path.read_text()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--alpaca-eval-prompts {path}: not a JSON list or JSON lines file ({e})") from None
     records = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"]:
-            raise ValueError(f"--alpaca-eval-prompts {path}: record {i} has no \"instruction\" string")
+            raise ValueError(f'--alpaca-eval-prompts {path}: record {i} has no "instruction" string')
         records.append({"instruction": row["instruction"], "input": "", "output": ""})
     return records[:limit] if limit else records
 
@@ -75,8 +108,14 @@ def write_alpaca_eval(path: Path, records: Sequence[dict[str, str]], responses: 
     "instruction", and its own set folds any input into the instruction, so a record with an input is written
     as instruction + "\\n\\n" + input; outputs are stripped of surrounding whitespace, as AlpacaEval's own
     decoding does (is_strip_output)."""
-    rows = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "output": text.strip(), "generator": generator}
-            for r, text in zip(records, responses, strict=True)]  # fmt: skip
+    rows = [
+        {
+            "instruction": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
+            "output": text.strip(),
+            "generator": generator,
+        }
+        for r, text in zip(records, responses, strict=True)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -20,7 +20,9 @@ DEMO_MAX_NEW_TOKENS = EvalSection().max_new_tokens  # demo answers are at most 7
 DEFAULT_MAX_NEW_TOKENS = 512
 
 
-def load_eval_records(data: str, limit: int | None, demo_heldout_size: int, skip_bad_rows: bool = False) -> tuple[list[dict[str, str]], str]:
+def load_eval_records(
+    data: str, limit: int | None, demo_heldout_size: int, skip_bad_rows: bool = False
+) -> tuple[list[dict[str, str]], str]:
     """The records of a data file, or of the demo task's held-out split ("demo"), and a line describing them."""
     if data == "demo":
         # the held-out split is drawn first and record by record, so its first N records are the same for
@@ -32,16 +34,28 @@ def load_eval_records(data: str, limit: int | None, demo_heldout_size: int, skip
     return records, f"{data} ({len(records)} of {len(loaded.records)} records)"
 
 
-def evaluate_records(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], *, max_len: int, batch_size: int,
-                     fmt: PromptFormat | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                     demo: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate_records(
+    model: Llama,
+    tok: Tokenizer,
+    records: Sequence[dict[str, str]],
+    *,
+    max_len: int,
+    batch_size: int,
+    fmt: PromptFormat | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    demo: bool = False,
+) -> dict[str, Any]:
     """{loss, perplexity, targets, seconds}; with a prompt format `fmt`, also the greedy `responses` (and, for
     the demo task, `exact_match`)."""
     start = time.perf_counter()
     loss, targets = heldout_loss(model, tok, records, max_len, batch_size)
     # exp overflows a float past ~709
-    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "targets": targets,
-                              "loss_seconds": time.perf_counter() - start}  # fmt: skip
+    result: dict[str, Any] = {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "targets": targets,
+        "loss_seconds": time.perf_counter() - start,
+    }
     if fmt is None:
         return result
     start = time.perf_counter()

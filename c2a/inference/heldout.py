@@ -26,14 +26,18 @@ def target_loss_sum(model: torch.nn.Module, batches: Iterable[MicroBatch], devic
     for mb in batches:
         mb = mb.to(device)
         # normalizer 1: the loss comes back as the sum over this batch's targets
-        loss = model.loss(mb.input_ids, mb.labels, position_ids=mb.position_ids, normalizer=1.0, num_trained=mb.num_trained)
+        loss = model.loss(
+            mb.input_ids, mb.labels, position_ids=mb.position_ids, normalizer=1.0, num_trained=mb.num_trained
+        )
         sums[0] += loss.double()
         sums[1] += mb.num_trained  # counted on the host when the batch was built
     model.train(was_training)
     return sums
 
 
-def padded_batches(tok: Tokenizer, records: Sequence[dict[str, str]], max_len: int, batch_size: int) -> list[MicroBatch]:
+def padded_batches(
+    tok: Tokenizer, records: Sequence[dict[str, str]], max_len: int, batch_size: int
+) -> list[MicroBatch]:
     """Records encoded as training encodes them (`encode_example`), batched by length, longest first, and
     right-padded (padding targets -100) so little compute goes to padding; the order does not change a sum."""
     encoded = [encode_example(r, tok, max_len) for r in records]
@@ -52,7 +56,9 @@ def padded_batches(tok: Tokenizer, records: Sequence[dict[str, str]], max_len: i
     return batches
 
 
-def heldout_loss(model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_len: int, batch_size: int) -> tuple[float, int]:
+def heldout_loss(
+    model: Llama, tok: Tokenizer, records: Sequence[dict[str, str]], max_len: int, batch_size: int
+) -> tuple[float, int]:
     """(mean cross-entropy over every response + EOS target of `records`, number of targets)."""
     device = next(model.parameters()).device
     total, targets = target_loss_sum(model, padded_batches(tok, records, max_len, batch_size), device).tolist()

@@ -43,7 +43,9 @@ try:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 except ImportError as e:  # the optional extra is not installed
-    raise ImportError("lm-evaluation-harness is not installed: pip install -e \".[eval]\" (or pip install lm_eval)") from e
+    raise ImportError(
+        'lm-evaluation-harness is not installed: pip install -e ".[eval]" (or pip install lm_eval)'
+    ) from e
 
 from c2a.data import Tokenizer
 from c2a.inference.loading import load_model_and_tokenizer
@@ -75,8 +77,12 @@ class C2ALM(TemplateLM):
         """lm-eval's `--model_args pretrained=DIR[,tokenizer=PATH,device=cuda,dtype=bf16,batch_size=N]`."""
         args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        model, tok = load_model_and_tokenizer(args.pop("pretrained"), args.pop("tokenizer", None), extra.get("device") or args.pop("device", None),
-                                              args.pop("dtype", "auto"))  # fmt: skip
+        model, tok = load_model_and_tokenizer(
+            args.pop("pretrained"),
+            args.pop("tokenizer", None),
+            extra.get("device") or args.pop("device", None),
+            args.pop("dtype", "auto"),
+        )
         batch = extra.get("batch_size") or args.pop("batch_size", 8)
         return cls(model, tok, batch_size=int(batch), **{k: int(v) for k, v in args.items()})
 
@@ -93,7 +99,9 @@ class C2ALM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """BOS + pieces (Llama's tokenizer default, what lm-eval's hf model gets from it), unless told not to or
         the text already starts with BOS's piece."""
-        bos = add_special_tokens is not False and not (add_special_tokens is None and string.startswith(self.tok.piece(self.tok.bos_id)))
+        bos = add_special_tokens is not False and not (
+            add_special_tokens is None and string.startswith(self.tok.piece(self.tok.bos_id))
+        )
         return self.tok.encode(string, bos=bos)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
@@ -102,7 +110,9 @@ class C2ALM(TemplateLM):
     # --- scoring --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # the model sees context + continuation without its last token, cut to max_seq_len from the left
         inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in requests]
@@ -128,8 +138,15 @@ class C2ALM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for r, (text,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                                                                                   max_seq_len=self.max_length, context_len=1)):  # fmt: skip
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owner.append(r)
         totals = [0.0] * len(requests)
@@ -149,20 +166,32 @@ class C2ALM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
             if not 0 < max_new < self.max_length:
-                raise ValueError(f"generate_until: max_gen_toks {max_new} must be between 1 and the model's max_seq_len {self.max_length} - 1")
+                raise ValueError(
+                    f"generate_until: max_gen_toks {max_new} must be between 1 and the model's max_seq_len {self.max_length} - 1"
+                )
             do_sample = kw.pop("do_sample", None)
             temperature = float(kw.pop("temperature", 0.0)) if do_sample is not False else 0.0
             top_p = float(kw.pop("top_p", 1.0))
             kw.pop("max_length", None)
             if kw:
-                log.warning("generate_until: generation settings %s are not supported by c2a's generation and are ignored", sorted(kw))
+                log.warning(
+                    "generate_until: generation settings %s are not supported by c2a's generation and are ignored",
+                    sorted(kw),
+                )
             members.sort(key=lambda i: -len(args[i][0]))
             for start in range(0, len(members), self._batch_size):
                 batch = members[start : start + self._batch_size]
                 # room for the new tokens inside max_seq_len: the context is cut from the left
                 prompts = [self.tok_encode(args[i][0])[-(self.max_length - max_new) :] for i in batch]
-                outs = generate_batch(self.model, prompts, max_new, temperature=temperature, top_p=top_p, stop_ids=(self.tok.eos_id,),
-                                      vocab_size=self.tok.vocab_size)  # fmt: skip
+                outs = generate_batch(
+                    self.model,
+                    prompts,
+                    max_new,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop_ids=(self.tok.eos_id,),
+                    vocab_size=self.tok.vocab_size,
+                )
                 for i, new in zip(batch, outs, strict=True):
                     if new and new[-1] == self.tok.eos_id:
                         new = new[:-1]
@@ -195,7 +224,14 @@ OPEN_LLM_V1 = (
     Benchmark("MMLU", "mmlu", 5, "acc", "cais/mmlu"),
     Benchmark("TruthfulQA", "truthfulqa_mc2", 0, "acc", "truthfulqa/truthful_qa"),
 )
-CARD_ROW = {"model": "claude2-alpaca-13b (card)", "ARC": 61.18, "HellaSwag": 84.08, "MMLU": 55.74, "TruthfulQA": 44.18, "Average": 61.29}
+CARD_ROW = {
+    "model": "claude2-alpaca-13b (card)",
+    "ARC": 61.18,
+    "HellaSwag": 84.08,
+    "MMLU": 55.74,
+    "TruthfulQA": 44.18,
+    "Average": 61.29,
+}
 SUITES = {"open-llm-v1": OPEN_LLM_V1}
 
 
@@ -210,14 +246,25 @@ def _unreachable(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in ("DatasetNotFoundError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in (
+            "DatasetNotFoundError",
+            "OfflineModeIsEnabled",
+            "LocalEntryNotFoundError",
+        ):
             return True
         e = e.__cause__ or e.__context__
     return False
 
 
-def evaluate_tasks(lm: C2ALM, tasks: list[str], num_fewshot: int | None, limit: int | None, include_path: str | None,
-                   log_samples: bool = False, task_manager: Any = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_tasks(
+    lm: C2ALM,
+    tasks: list[str],
+    num_fewshot: int | None,
+    limit: int | None,
+    include_path: str | None,
+    log_samples: bool = False,
+    task_manager: Any = None,
+) -> dict[str, Any]:
     """lm-eval's simple_evaluate on c2a's model: its result dict ("results", "configs", "n-shot", ...)."""
 
     known = task_manager
@@ -228,9 +275,17 @@ def evaluate_tasks(lm: C2ALM, tasks: list[str], num_fewshot: int | None, limit: 
     known = known or TaskManager(include_path=include_path)
     missing = [t for t in tasks if t not in known.all_tasks]
     if missing:
-        raise ValueError(f"unknown lm-eval task(s) {', '.join(missing)}" + (f" (also looked in {include_path})" if include_path else
-                         "; a local task's YAML goes in a folder passed with --include-path"))  # fmt: skip
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=known, log_samples=log_samples)
+        raise ValueError(
+            f"unknown lm-eval task(s) {', '.join(missing)}"
+            + (
+                f" (also looked in {include_path})"
+                if include_path
+                else "; a local task's YAML goes in a folder passed with --include-path"
+            )
+        )
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=known, log_samples=log_samples
+    )
 
 
 def suite_scores(b: Benchmark, results: dict[str, Any]) -> float:
@@ -242,7 +297,9 @@ def suite_scores(b: Benchmark, results: dict[str, Any]) -> float:
     return 100 * results["results"][b.task][f"{b.metric},none"]
 
 
-def run_suite(lm: C2ALM, suite: Sequence[Benchmark], limit: int | None, task_manager: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+def run_suite(
+    lm: C2ALM, suite: Sequence[Benchmark], limit: int | None, task_manager: Any = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Every benchmark at its setting: ({column: percent, "Average": ...}, {task: lm-eval's results})."""
 
     tm = task_manager or TaskManager()
@@ -259,13 +316,16 @@ def run_suite(lm: C2ALM, suite: Sequence[Benchmark], limit: int | None, task_man
                 f"cache on first use. Offline: on a machine with network run python -c \"import datasets; datasets.load_dataset('{b.hub_dataset}')\" "
                 f"(HF's dataset configs as lm-eval's task names them), copy its cache folder ($HF_HOME, default ~/.cache/huggingface) here and "
                 f"set HF_DATASETS_OFFLINE=1; or run the task from local files with --tasks and a task YAML "
-                f"(dataset_path: json, data_files) in --include-path") from None  # fmt: skip
+                f"(dataset_path: json, data_files) in --include-path"
+            ) from None
         scores[b.column] = suite_scores(b, raw[b.task])
     scores["Average"] = sum(scores.values()) / len(suite)
     return scores, raw
 
 
-def suite_table(name: str, scores: dict[str, float], suite: Sequence[Benchmark] = OPEN_LLM_V1, limit: int | None = None) -> str:
+def suite_table(
+    name: str, scores: dict[str, float], suite: Sequence[Benchmark] = OPEN_LLM_V1, limit: int | None = None
+) -> str:
     """The card's table: this model's row and the card's claude2-alpaca-13b row, in the card's layout."""
     columns = [b.column for b in suite] + ["Average"]
     lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
@@ -278,9 +338,20 @@ def suite_table(name: str, scores: dict[str, float], suite: Sequence[Benchmark] 
     return "\n".join(lines)
 
 
-def run_lm_eval(model_dir: str | Path, *, tasks: Sequence[str] = (), suite: str | None = None, tokenizer: str | None = None,
-                device: str | None = None, dtype: str = "auto", batch_size: int = 8, num_fewshot: int | None = None,
-                limit: int | None = None, include_path: str | Path | None = None, output: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def run_lm_eval(
+    model_dir: str | Path,
+    *,
+    tasks: Sequence[str] = (),
+    suite: str | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    include_path: str | Path | None = None,
+    output: Path | None = None,
+) -> dict[str, Any]:
     """lm-eval's `tasks`, or the card's `suite` (a name of SUITES), on a checkpoint: {"report": the table, ...};
     lm-eval's result JSON (the suite's scores and results) written to `output` when given."""
     model, tok = load_model_and_tokenizer(model_dir, tokenizer, device, dtype)
@@ -288,11 +359,21 @@ def run_lm_eval(model_dir: str | Path, *, tasks: Sequence[str] = (), suite: str 
     name = Path(model_dir).resolve().name
     if suite:
         scores, raw = run_suite(lm, SUITES[suite], limit)
-        out = {"model": str(model_dir), "suite": suite, "scores": scores, "report": suite_table(name, scores, SUITES[suite], limit)}
+        out = {
+            "model": str(model_dir),
+            "suite": suite,
+            "scores": scores,
+            "report": suite_table(name, scores, SUITES[suite], limit),
+        }
         to_write = {"suite": suite, "scores": scores, "results": {t: r["results"] for t, r in raw.items()}}
     else:
         results = evaluate_tasks(lm, list(tasks), num_fewshot, limit, str(include_path) if include_path else None)
-        out = {"model": str(model_dir), "tasks": list(tasks), "results": results["results"], "report": make_table(results)}
+        out = {
+            "model": str(model_dir),
+            "tasks": list(tasks),
+            "results": results["results"],
+            "report": make_table(results),
+        }
         to_write = results
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,11 @@ def tokenizer_path(model_dir: str | Path, tokenizer: str | Path | None = None) -
     """`tokenizer` if given, else the checkpoint's tokenizer.model, else its tokenizer.json."""
     path = Path(tokenizer) if tokenizer else find_tokenizer(model_dir) or Path(model_dir) / "tokenizer.model"
     if not path.is_file():
-        hint = "" if tokenizer else "; pass --tokenizer PATH (Llama-2's tokenizer.model for Llama-2 weights, or a tokenizer.json)"
+        hint = (
+            ""
+            if tokenizer
+            else "; pass --tokenizer PATH (Llama-2's tokenizer.model for Llama-2 weights, or a tokenizer.json)"
+        )
         raise FileNotFoundError(f"tokenizer not found: {path}{hint}")
     return path
 
@@ -42,13 +46,16 @@ def load_model(model_dir: str | Path, tok: Tokenizer, device: str | None = None,
     device, torch_dtype = resolve_device(device, dtype)
     model = load_pretrained(model_dir, dtype=torch_dtype, device=device).eval()
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model in {model_dir} has vocab_size "
-                         f"{model.cfg.vocab_size}: they do not belong together")  # fmt: skip
+        raise ValueError(
+            f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model in {model_dir} has vocab_size "
+            f"{model.cfg.vocab_size}: they do not belong together"
+        )
     return model
 
 
-def load_model_and_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
-                             dtype: str = "auto") -> tuple[Llama, Tokenizer]:  # fmt: skip
+def load_model_and_tokenizer(
+    model_dir: str | Path, tokenizer: str | Path | None = None, device: str | None = None, dtype: str = "auto"
+) -> tuple[Llama, Tokenizer]:
     """`load_model` and `load_tokenizer` together."""
     tok = load_tokenizer(model_dir, tokenizer)
     return load_model(model_dir, tok, device, dtype), tok

@@ -19,7 +19,7 @@ class PromptFormat:
     source: str | None
     stop_ids: tuple[int, ...]
 
-    def encode(self, tok: Tokenizer, instruction: str, input: str = "") -> list[int]:  # noqa: A002
+    def encode(self, tok: Tokenizer, instruction: str, input: str = "") -> list[int]:
         if self.source is None:
             return tok.encode(format_prompt(instruction, input), bos=True)
         return chat.generation_prompt(self.source, chat.instruction_messages(instruction, input), tok)

@@ -149,6 +149,7 @@ def attention_reference(
 _M_FLOOR = tl.constexpr(-1.0e30)
 
 
+# fmt: off
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q,
@@ -191,8 +192,10 @@ def _fwd_tiles(
         acc = tl.dot(p.to(MMA_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     PACKED: tl.constexpr):
@@ -215,8 +218,10 @@ def _fwd_key_ranges(doc_start_ptr, b64, T, m0, hi, offs_m, row_ok, BLOCK_M: tl.c
         mid_lo = 0
         mid_hi = m0
     return doc_q, lo, mid_lo, mid_hi
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
@@ -277,8 +282,10 @@ def _attn_fwd_kernel(
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr,
@@ -299,8 +306,10 @@ def _attn_bwd_delta_kernel(
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_ok, other=0.0).to(tl.float32)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v,
@@ -358,8 +367,10 @@ def _dkdv_tiles(
             else:
                 tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
     return dk, dv
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, doc_end_ptr, doc_start_ptr,
@@ -440,8 +451,10 @@ def _attn_bwd_dkdv_kernel(
     dv_base = dv_ptr + b64 * stride_dvb + h * stride_dvh
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=key_ok)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_bwd_dq_cast_kernel(acc_ptr, dq_ptr, n, sm_scale, BLOCK: tl.constexpr):
     """dq = acc · sm_scale in dq's dtype, over n contiguous elements: the atomic path's fp32 dQ accumulator
@@ -449,8 +462,10 @@ def _attn_bwd_dq_cast_kernel(acc_ptr, dq_ptr, n, sm_scale, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.load(acc_ptr + offs, mask=offs < n)
     tl.store(dq_ptr + offs, (acc * sm_scale).to(dq_ptr.dtype.element_ty), mask=offs < n)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta,
@@ -479,8 +494,10 @@ def _dq_tiles(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(MMA_DTYPE), k, dq, input_precision=DOT_PRECISION)
     return dq
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr,
@@ -537,6 +554,7 @@ def _attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(dq_ptr + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -726,8 +744,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_id
     if Hd not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim must be one of {SUPPORTED_HEAD_DIMS}, got {Hd}")
     if B * H > _MAX_GRID_Y:  # batch × head is grid axis 1 in every kernel (tiles of a sequence on axis 0)
-        raise ValueError(f"flash_attention: batch × query heads = {B} × {H} exceeds CUDA's grid y-limit "
-                         f"{_MAX_GRID_Y}; split the batch")
+        raise ValueError(
+            f"flash_attention: batch × query heads = {B} × {H} exceeds CUDA's grid y-limit "
+            f"{_MAX_GRID_Y}; split the batch"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -771,6 +791,7 @@ def attention_forward(
     blocks = _fwd_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "forward")
     grid = (triton.cdiv(T, blocks.block_m), B * H)
+    # fmt: off
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -779,7 +800,20 @@ def attention_forward(
         MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
+    # fmt: on
     return o, lse
+
+
+def _backward_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """delta [B, H, T] fp32 = rowsum(dO ∘ O), the softmax backward's correction term."""
+    B, T, H, Hd = o.shape
+    delta = _empty((B, H, T), torch.float32, o.device)
+    block = 64
+    grid = (triton.cdiv(T, block), B * H)
+    _attn_bwd_delta_kernel[grid](
+        o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=block, enable_fp_fusion=True
+    )
+    return delta
 
 
 def attention_backward(
@@ -812,11 +846,7 @@ def attention_backward(
     packed = doc_start is not None
     mma_dtype, dot_precision = _mma_dtype(q.dtype), _dot_precision(q.dtype)
 
-    delta = _empty((B, H, T), torch.float32, q.device)
-    delta_block = 64
-    _attn_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), T, H, HEAD_DIM=Hd, BLOCK_M=delta_block, enable_fp_fusion=True,
-    )
+    delta = _backward_delta(o, do)
 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -827,6 +857,7 @@ def attention_backward(
     dv = _empty(tuple(v.shape), v.dtype, v.device) if group == 1 else _empty((B, T, H, Hd), torch.float32, v.device)
     blocks = _bwd_dkdv_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_n, blocks.block_m, "backward dK/dV")
+    # fmt: off
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, blocks.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, q if dq_acc is None else dq_acc,
         q if doc_end is None else doc_end, q if doc_start is None else doc_start,
@@ -837,6 +868,7 @@ def attention_backward(
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
+    # fmt: on
     if group > 1:  # query head h belongs to K/V head h // group: heads [B, T, K, group, Hd] summed over the group
         dk = dk.view(B, T, K, group, Hd).sum(3).to(k.dtype)
         dv = dv.view(B, T, K, group, Hd).sum(3).to(v.dtype)
@@ -844,12 +876,12 @@ def attention_backward(
     dq = _empty(tuple(q.shape), q.dtype, q.device)
     if not deterministic:
         cast_block = 1024
-        _attn_bwd_dq_cast_kernel[(triton.cdiv(dq.numel(), cast_block),)](
-            dq_acc, dq, dq.numel(), sm_scale, BLOCK=cast_block, enable_fp_fusion=True,
-        )
+        grid = (triton.cdiv(dq.numel(), cast_block),)
+        _attn_bwd_dq_cast_kernel[grid](dq_acc, dq, dq.numel(), sm_scale, BLOCK=cast_block, enable_fp_fusion=True)
         return dq, dk, dv
     blocks = _bwd_dq_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "backward dQ")
+    # fmt: off
     _attn_bwd_dq_kernel[(triton.cdiv(T, blocks.block_m), B * H)](
         q, k, v, do, lse, delta, dq, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
@@ -858,6 +890,7 @@ def attention_backward(
         MMA_DTYPE=mma_dtype, DOT_PRECISION=dot_precision,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
+    # fmt: on
     return dq, dk, dv
 
 

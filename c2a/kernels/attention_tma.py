@@ -55,6 +55,7 @@ from .attention import (
 # Layout, strides and the base-2 softmax as in attention.py's kernels (the comment above its `_M_FLOOR`).
 
 
+# fmt: off
 @triton.jit
 def _fwd_tiles_tma(
     acc, l_i, m_i, q,
@@ -86,8 +87,10 @@ def _fwd_tiles_tma(
         acc = tl.dot(p.to(MMA_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _attn_fwd_tma_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr,
@@ -142,6 +145,7 @@ def _attn_fwd_tma_kernel(
     o = acc / l_i[:, None]
     o_desc.store([m0, 0], o.to(o_ptr.dtype.element_ty))
     tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,14 +217,17 @@ def attention_forward_tma(
     problem = _tma_layout_problem({"q": q, "k": k, "v": v, "o": o}, capability)
     if problem is not None:
         variant = "tma_ws" if warp_specialize else "tma"
-        raise ValueError(f"flash_attention_tma (C2A_ATTN_FWD={variant}) cannot run here: {problem}; "
-                         "unset C2A_ATTN_FWD for the pointer forward, which reads any layout")
+        raise ValueError(
+            f"flash_attention_tma (C2A_ATTN_FWD={variant}) cannot run here: {problem}; "
+            "unset C2A_ATTN_FWD for the pointer forward, which reads any layout"
+        )
     blocks = _fwd_tma_blocks(Hd, q.dtype)
     _check_blocks(blocks, blocks.block_m, blocks.block_n, "TMA forward")
     if q.device.type == "cuda":
         triton.set_allocator(_tma_scratch)  # device-side descriptors live in a scratch buffer Triton asks for
     sm_scale = 1.0 / math.sqrt(Hd)
     grid = (triton.cdiv(T, blocks.block_m), B * H)
+    # fmt: off
     _attn_fwd_tma_kernel[grid](
         q, k, v, o, lse, q if doc_start is None else doc_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -229,6 +236,7 @@ def attention_forward_tma(
         WARP_SPECIALIZE=warp_specialize, MMA_DTYPE=_mma_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, enable_fp_fusion=True,
     )
+    # fmt: on
     return o, lse
 
 

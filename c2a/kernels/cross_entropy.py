@@ -91,13 +91,17 @@ def linear_cross_entropy_chunked(
     rows = chunk_rows(h.shape[0], weight.shape[0])
     if hasattr(F, "linear_cross_entropy"):
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
-        loss_sum = F.linear_cross_entropy(h, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, options=options)
+        loss_sum = F.linear_cross_entropy(
+            h, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, options=options
+        )
     else:
         loss_sum = sum(
-            (checkpoint(_chunk_loss_sum, h[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
-             for i in range(0, h.shape[0], rows)),
+            (
+                checkpoint(_chunk_loss_sum, h[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
+                for i in range(0, h.shape[0], rows)
+            ),
             h[:0].sum(dtype=torch.float32),  # zero rows: a 0 that backward can go through, not the int 0
-        )  # fmt: skip
+        )
     return _normalise(loss_sum.float(), labels, normalizer)
 
 
@@ -112,6 +116,7 @@ def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
 # Triton kernel: the softmax part of one chunk. The GEMMs around it are cuBLAS's (torch.mm).
 
 
+# fmt: off
 @triton.jit
 def _cross_entropy_chunk_kernel(
     logits_ptr,
@@ -169,6 +174,7 @@ def _cross_entropy_chunk_kernel(
                 x = tl.load(logits_row + cols, mask=mask, other=0.0)
                 g = tl.exp((x - m) - log_s) - tl.where(cols == label, 1.0, 0.0)
                 tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,12 +310,14 @@ def linear_cross_entropy_forward(
         h_c = h[start:end]  # [rows, D]
         logits_c, grad_c = logits[:rows], grad[:rows]  # [rows, V]
         _mm_fp32(h_c, weight.T, out=logits_c)  # [rows, D] · [D, V]
+        # fmt: off
         _cross_entropy_chunk_kernel[(rows,)](
             logits_c, grad_c, labels[start:end], inv_n, loss_rows[start:end],
             logits_c.stride(0), grad_c.stride(0), labels.stride(0),
             V, IGNORE_INDEX,
             COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=True,
-        )  # fmt: skip
+        )
+        # fmt: on
         if need_dh:
             torch.mm(grad_c, weight, out=dh[start:end])  # [rows, V] · [V, D]
         if need_dw:

@@ -49,6 +49,7 @@ def add_rms_norm_reference(
 # rows are stride_*_row apart (not necessarily n_cols: the launchers accept row-strided views).
 
 
+# fmt: off
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr,
@@ -82,8 +83,10 @@ def _rms_norm_fwd_kernel(
     n = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # round(n), as the reference casts before w
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y_row + cols, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr,
@@ -127,6 +130,7 @@ def _rms_norm_bwd_kernel(
             dw_acc += dy * n.to(dx_ptr.dtype.element_ty).to(tl.float32)
     if COMPUTE_DW:
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def _settings(n_cols: int) -> tuple[int, int]:
     return block_d, min(max(block_d // 512, 1), 16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -221,12 +225,14 @@ def rms_norm_forward(
         r2, h2 = _rows(residual), torch.empty((n_rows, D), dtype=x.dtype, device=x.device)
     block_d, num_warps = _settings(D)
     if n_rows > 0:
+        # fmt: off
         _rms_norm_fwd_kernel[(n_rows,)](
             x2, r2, weight, y, h2, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
             D, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True,
-        )  # fmt: skip
+        )
+        # fmt: on
     return y.view(x.shape), (x if residual is None else h2.view(x.shape)), rstd
 
 
@@ -250,13 +256,15 @@ def rms_norm_backward(
     dw_partial = torch.empty((programs, D) if compute_dw else (1, 1), dtype=torch.float32, device=x.device)
     block_d, num_warps = _settings(D)
     if n_rows > 0:
+        # fmt: off
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, rstd, dh2, dx, dw_partial,
             dy2.stride(0), x2.stride(0), dh2.stride(0), dx.stride(0),
             n_rows, D, rows_per_program,
             HAS_DRESIDUAL=dh is not None, COMPUTE_DW=compute_dw, BLOCK_D=block_d, num_warps=num_warps,
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
+        # fmt: on
     dw = None
     if compute_dw:
         dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)

@@ -44,7 +44,9 @@ class RopeScaling(NamedTuple):
     original_max_seq_len: int
 
 
-def rotary_inv_freq(head_dim: int, theta: float, device: torch.device, scaling: RopeScaling | None = None) -> torch.Tensor:
+def rotary_inv_freq(
+    head_dim: int, theta: float, device: torch.device, scaling: RopeScaling | None = None
+) -> torch.Tensor:
     """The Hd/2 inverse frequencies θ^(-2i/Hd), llama3-scaled when `scaling` is given (module docstring),
     fp32 [Hd/2], computed as Meta and HF do (fp32 powers; the scaling's blend in fp32 too)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -88,6 +90,7 @@ def rotary_reference(
 # Triton kernel
 
 
+# fmt: off
 @triton.jit
 def _rotate_heads(
     in_ptr, out_ptr, in_offset, out_offset, n_heads, head_dim, cos, sin, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr
@@ -103,8 +106,10 @@ def _rotate_heads(
     out = tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos)  # [BLOCK_H, BLOCK_HD/2, 2]
     out = tl.reshape(out, (BLOCK_H, BLOCK_HD))
     tl.store(out_ptr + out_offset + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _rotary_kernel(
     q_ptr,
@@ -146,11 +151,12 @@ def _rotary_kernel(
     _rotate_heads(
         q_ptr, q_out_ptr, b * stride_q_b + t * stride_q_t, b * stride_qo_b + t * stride_qo_t,
         n_q_heads, head_dim, cos, sin, BLOCK_HQ, BLOCK_HD,
-    )  # fmt: skip
+    )
     _rotate_heads(
         k_ptr, k_out_ptr, b * stride_k_b + t * stride_k_t, b * stride_ko_b + t * stride_ko_t,
         n_k_heads, head_dim, cos, sin, BLOCK_HK, BLOCK_HD,
-    )  # fmt: skip
+    )
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +189,9 @@ def _packed_heads(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None
+) -> None:
     op = "apply_rotary"
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"{op}: q and k must be [B, T, heads, Hd], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -211,14 +219,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: 
             )
     if not theta > 0:
         raise ValueError(f"{op}: theta must be positive, got {theta}")
-    if scaling is not None and not (scaling.factor >= 1 and 0 < scaling.low_freq_factor < scaling.high_freq_factor
-                                    and scaling.original_max_seq_len > 0):
-        raise ValueError(f"{op}: scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
-                         f"original_max_seq_len > 0, got {scaling}")
+    if scaling is not None and not (
+        scaling.factor >= 1
+        and 0 < scaling.low_freq_factor < scaling.high_freq_factor
+        and scaling.original_max_seq_len > 0
+    ):
+        raise ValueError(
+            f"{op}: scaling needs factor >= 1, 0 < low_freq_factor < high_freq_factor and "
+            f"original_max_seq_len > 0, got {scaling}"
+        )
 
 
 def rotary_launch(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, sign: int, scaling: RopeScaling | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor,
+    theta: float,
+    sign: int,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by sign·θ in one launch -> new contiguous (q_out, k_out)."""
     B, T, H, Hd = q.shape
@@ -228,6 +246,7 @@ def rotary_launch(
     inv_freq = _cached_inv_freq(Hd, float(theta), q.device, scaling)
     block_hq, block_hk, block_hd, num_warps = _settings(H, K, Hd)
     if B * T > 0:
+        # fmt: off
         _rotary_kernel[(B * T,)](
             q, k, position_ids, inv_freq, q_out, k_out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -236,7 +255,8 @@ def rotary_launch(
             T, H, K, Hd,
             SIGN=sign, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HD=block_hd, num_warps=num_warps,
             enable_fp_fusion=True,
-        )  # fmt: skip
+        )
+        # fmt: on
     return q_out, k_out
 
 
@@ -246,7 +266,9 @@ def rotary_launch(
 
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None):
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None
+    ):
         ctx.save_for_backward(position_ids)
         ctx.theta, ctx.scaling = theta, scaling
         return rotary_launch(q, k, position_ids, theta, sign=1, scaling=scaling)

@@ -27,6 +27,7 @@ def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Triton kernels: elementwise over the flattened (contiguous) tensors, BLOCK elements a program.
 
 
+# fmt: off
 @triton.jit
 def _swiglu_fwd_kernel(a_ptr, b_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -35,8 +36,10 @@ def _swiglu_fwd_kernel(a_ptr, b_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     silu = a * tl.sigmoid(a)
     tl.store(y_ptr + offs, (silu * b).to(y_ptr.dtype.element_ty), mask=mask)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _swiglu_bwd_kernel(dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n_elements, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -48,6 +51,7 @@ def _swiglu_bwd_kernel(dy_ptr, a_ptr, b_ptr, da_ptr, db_ptr, n_elements, BLOCK: 
     silu = a * s
     tl.store(da_ptr + offs, (dy * b * s * (1.0 + a * (1.0 - s))).to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(db_ptr + offs, (dy * silu).to(db_ptr.dtype.element_ty), mask=mask)
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +92,9 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = a.numel()
     block, num_warps = _settings()
     if n > 0:
-        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](a, b, y, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=True)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](
+            a, b, y, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=True
+        )
     return y
 
 
@@ -99,9 +105,11 @@ def swiglu_backward(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
     n = a.numel()
     block, num_warps = _settings()
     if n > 0:
+        # fmt: off
         _swiglu_bwd_kernel[(triton.cdiv(n, block),)](
             dy, a, b, da, db, n, BLOCK=block, num_warps=num_warps, enable_fp_fusion=True
         )
+        # fmt: on
     return da, db
 
 

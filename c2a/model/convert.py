@@ -46,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         copied = export_tokenizer(args.src, args.dst) if find_tokenizer(args.src) else []
     except USER_ERRORS as e:
         return report(e)
-    logging.info("wrote %s checkpoint of %s (%s) to %s%s", to, args.src, reader.format, Path(args.dst),
-                 f" with {', '.join(copied)}" if copied else " (no tokenizer files in the source to copy)")  # fmt: skip
+    logging.info(
+        "wrote %s checkpoint of %s (%s) to %s%s",
+        to,
+        args.src,
+        reader.format,
+        Path(args.dst),
+        f" with {', '.join(copied)}" if copied else " (no tokenizer files in the source to copy)",
+    )
     return 0
 
 

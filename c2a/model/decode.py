@@ -22,7 +22,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """logits [B, V] -> next token ids [B]."""
     if temperature < 0.0 or not 0.0 < top_p <= 1.0:
         # top_p = 0 would keep no token at all and multinomial would fail on an all-zero row
-        raise ValueError(f"generate: temperature must be >= 0 and top_p in (0, 1], got temperature={temperature}, top_p={top_p}")
+        raise ValueError(
+            f"generate: temperature must be >= 0 and top_p in (0, 1], got temperature={temperature}, top_p={top_p}"
+        )
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -83,7 +85,9 @@ def generate_batch(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)
-    cache = KVCache.allocate(model.cfg, len(prompts), max(len(p) for p in prompts) + max_new_tokens, param.device, param.dtype)
+    cache = KVCache.allocate(
+        model.cfg, len(prompts), max(len(p) for p in prompts) + max_new_tokens, param.device, param.dtype
+    )
     logits, position = prefill(model, prompts, cache)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=param.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=param.device)

@@ -19,7 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from c2a.config import LlamaConfig
-from c2a.kernels import RopeScaling, add_rms_norm, apply_rotary, causal_attention, linear_cross_entropy, rms_norm, silu_mul
+from c2a.kernels import (
+    RopeScaling,
+    add_rms_norm,
+    apply_rotary,
+    causal_attention,
+    linear_cross_entropy,
+    rms_norm,
+    silu_mul,
+)
 from c2a.kernels.attention import Documents
 
 
@@ -47,10 +55,15 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def allocate(cls, cfg: LlamaConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def allocate(
+        cls, cfg: LlamaConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
         shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                   torch.zeros(batch_size, max_len, dtype=torch.bool, device=device))
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+        )
 
 
 @dataclass
@@ -89,7 +102,9 @@ class Attention(nn.Module):
             cache.k[:, cache.start : end] = k
             cache.v[:, cache.start : end] = v
             q, k, v = (t.transpose(1, 2) for t in (q, cache.k[:, :end], cache.v[:, :end]))  # [B, heads, *, Hd]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache.mask, enable_gqa=self.n_heads != self.n_kv_heads
+            )
             o = o.transpose(1, 2)  # [B, T, H, Hd]
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -143,7 +158,7 @@ class Llama(nn.Module):
         if self.output.weight.device.type != "meta":
             self.init_weights()
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         # .to() / .to_empty() give each module's parameter a new tensor where the storage changes (meta ->
         # cpu always does), which would split a tied head from the embedding: tie them again after.
         super()._apply(fn, recurse)
@@ -182,7 +197,9 @@ class Llama(nn.Module):
         layer_caches: list[LayerKV | None] = [None] * len(self.layers)
         if cache is not None:
             documents = None
-            layer_caches = [LayerKV(cache.k[i], cache.v[i], cache.length, _cache_mask(cache, T)) for i in range(len(self.layers))]
+            layer_caches = [
+                LayerKV(cache.k[i], cache.v[i], cache.length, _cache_mask(cache, T)) for i in range(len(self.layers))
+            ]
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         for layer, layer_cache in zip(self.layers, layer_caches):
             h = layer(h, position_ids, documents, layer_cache)
@@ -225,7 +242,9 @@ def rope_scaling(cfg: LlamaConfig) -> RopeScaling | None:
 
 
 @torch.no_grad()
-def init_parameter(p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+def init_parameter(
+    p: torch.Tensor, name: str, cfg: LlamaConfig, std: float = 0.02, generator: torch.Generator | None = None
+) -> None:
     """Norm weights 1; other weights Normal(0, std), the two residual-branch outputs (wo, w2) with std
     scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
     if name.endswith("norm.weight"):

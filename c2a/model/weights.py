@@ -44,14 +44,25 @@ _BLOCK_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _HF_TO_BLOCK = {v: k for k, v in _BLOCK_NAMES.items()}
 _HF_TO_TOP = {v: k for k, v in _TOP_NAMES.items()}
 _HF_BLOCK_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _BLOCK_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 # Meta's model-parallel layout (fairscale): how each tensor was split across consolidated.NN shards.
-_META_CAT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_META_CAT_DIM0 = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+    "output.weight",
+)
 _META_CAT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
 _META_IGNORED = ("rope.freqs",)  # a buffer of the original code, recomputed by c2a
 
@@ -155,10 +166,12 @@ class CheckpointReader:
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
         elif (self.path / HF_SINGLE).is_file():
-            weight_map = {k: HF_SINGLE for k in self._hf_handle(HF_SINGLE).keys()}
+            weight_map = dict.fromkeys(self._hf_handle(HF_SINGLE).keys(), HF_SINGLE)
         else:
             found = sorted(p.name for p in self.path.iterdir())
-            raise CheckpointError(f"{self.path}: HF checkpoint without {HF_SINGLE} or {HF_INDEX} (only safetensors are read); found {found[:20]}")
+            raise CheckpointError(
+                f"{self.path}: HF checkpoint without {HF_SINGLE} or {HF_INDEX} (only safetensors are read); found {found[:20]}"
+            )
         where: dict[str, tuple[str, str]] = {}
         for hf, file in weight_map.items():
             if hf.endswith("rotary_emb.inv_freq"):
@@ -169,7 +182,7 @@ class CheckpointReader:
             if name is None:
                 raise CheckpointError(f"{self.path / file}: unexpected tensor {hf!r} (not part of a Llama-2 model)")
             where[name] = (hf, file)
-        for file in sorted(set(f for _, f in where.values())):
+        for file in sorted({f for _, f in where.values()}):
             if not (self.path / file).is_file():
                 raise CheckpointError(f"{self.path}: missing shard {file} (listed in {HF_INDEX})")
         self._hf_nkv = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
@@ -197,10 +210,14 @@ class CheckpointReader:
         pth = sorted(self.path.glob("consolidated.*.pth"))
         sft = sorted(self.path.glob("consolidated.*.safetensors"))
         if pth and sft:
-            raise CheckpointError(f"{self.path}: both consolidated.*.pth and consolidated.*.safetensors present; keep one")
+            raise CheckpointError(
+                f"{self.path}: both consolidated.*.pth and consolidated.*.safetensors present; keep one"
+            )
         files = pth or sft
         if not files:
-            raise CheckpointError(f"{self.path}: Meta checkpoint without consolidated.NN.pth or consolidated.NN.safetensors shards")
+            raise CheckpointError(
+                f"{self.path}: Meta checkpoint without consolidated.NN.pth or consolidated.NN.safetensors shards"
+            )
         suffix = files[0].suffix
         for i in range(len(files)):
             want = self.path / f"consolidated.{i:02d}{suffix}"
@@ -216,7 +233,9 @@ class CheckpointReader:
                 raise CheckpointError(f"{f}: holds different tensors from {files[0].name}: {diff[:5]}")
         if params.get("vocab_size", -1) == -1:
             if "tok_embeddings.weight" not in keys0:
-                raise CheckpointError(f"{params_path}: vocab_size is -1 and {files[0]} has no tok_embeddings.weight to take it from")
+                raise CheckpointError(
+                    f"{params_path}: vocab_size is -1 and {files[0]} has no tok_embeddings.weight to take it from"
+                )
             params = {**params, "vocab_size": self._shards[0].shape("tok_embeddings.weight")[0]}
         cfg = config_from_meta(params, params_path)
         if "output.weight" not in keys0 and "tok_embeddings.weight" in keys0:
@@ -240,7 +259,9 @@ class CheckpointReader:
         dim = 0 if kind in _META_CAT_DIM0 else 1 if kind in _META_CAT_DIM1 else None
         for f, shape in zip(self._shard_files[1:], shapes[1:]):
             if [d for i, d in enumerate(shape) if i != dim] != [d for i, d in enumerate(shapes[0]) if i != dim]:
-                raise CheckpointError(f"{f}: tensor {name!r} has shape {shape}, incompatible with {shapes[0]} in {self._shard_files[0].name}")
+                raise CheckpointError(
+                    f"{f}: tensor {name!r} has shape {shape}, incompatible with {shapes[0]} in {self._shard_files[0].name}"
+                )
         if dim is None or len(shapes) == 1:
             return shapes[0]
         merged = list(shapes[0])
@@ -260,13 +281,17 @@ class CheckpointReader:
         cfg_file = "config.json" if self.format == "hf" else "params.json"
         missing = [n for n in want if n not in self._where]
         if missing:
-            raise CheckpointError(f"{self.path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(want)})")
+            raise CheckpointError(
+                f"{self.path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(want)})"
+            )
         for name in self._where:
             if name not in want:
                 raise CheckpointError(f"{self._source_of(name)} is unexpected for the model {cfg_file} describes")
             shape = self._stored_shape(name)
             if shape != want[name]:
-                raise CheckpointError(f"{self._source_of(name)} has shape {shape}, but {self.path / cfg_file} implies {want[name]}")
+                raise CheckpointError(
+                    f"{self._source_of(name)} has shape {shape}, but {self.path / cfg_file} implies {want[name]}"
+                )
 
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         if self.format == "meta":
@@ -290,7 +315,7 @@ class _Shard:
                 return
             # weights_only: never unpickle arbitrary objects; mmap: tensors are read when touched
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable shard is the same error for the user
+        except Exception as e:
             raise CheckpointError(f"{file}: cannot be read as a checkpoint shard ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{file}: expected a dict of tensors")
@@ -313,8 +338,10 @@ def _safe_open(file: Path) -> Any:
     git-lfs pointer, another format): safetensors' own error ("incomplete metadata") names none."""
     try:
         return safe_open(file, framework="pt")
-    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, and whatever a broken header gives
-        raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-convert it") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-convert it"
+        ) from None
 
 
 def _check_types(raw: dict[str, Any], where: Path | str, ints: tuple[str, ...], numbers: tuple[str, ...]) -> None:
@@ -325,7 +352,9 @@ def _check_types(raw: dict[str, Any], where: Path | str, ints: tuple[str, ...], 
         want_int = key in ints
         ok = value is None or (not isinstance(value, bool) and isinstance(value, int if want_int else (int, float)))
         if not ok:
-            raise CheckpointError(f"{where}: {key} must be {'an integer' if want_int else 'a number'}, got {type(value).__name__} {value!r}")
+            raise CheckpointError(
+                f"{where}: {key} must be {'an integer' if want_int else 'a number'}, got {type(value).__name__} {value!r}"
+            )
 
 
 def _readable_as_usual(file: Path) -> None:
@@ -362,21 +391,27 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     if bad:
         raise CheckpointError(f"{where}: unsupported Llama variant ({', '.join(bad)}); c2a implements Llama-2")
     if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"{where}: unsupported rope scaling type {rope_type!r}; c2a implements 'default' and 'llama3'")
-    scaled: dict[str, Any] = {}
-    if rope_type == "llama3":
-        _check_types(rope, f"{where} rope scaling", ints=("original_max_position_embeddings",),
-                     numbers=("factor", "low_freq_factor", "high_freq_factor"))
-        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if rope.get(k) is None]
-        if missing:
-            raise CheckpointError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
-        scaled = dict(use_scaled_rope=True, rope_scaling_factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-                      high_freq_factor=rope["high_freq_factor"], original_max_seq_len=rope["original_max_position_embeddings"])
+        raise CheckpointError(
+            f"{where}: unsupported rope scaling type {rope_type!r}; c2a implements 'default' and 'llama3'"
+        )
+    scaled = _llama3_rope_scaling(rope, where) if rope_type == "llama3" else {}
     if not isinstance(raw.get("tie_word_embeddings", False), bool):
         raise CheckpointError(f"{where}: tie_word_embeddings must be true or false, got {raw['tie_word_embeddings']!r}")
-    _check_types(raw, where, ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                                   "intermediate_size", "max_position_embeddings", "head_dim"),
-                 numbers=("rms_norm_eps", "rope_theta"))  # fmt: skip
+    _check_types(
+        raw,
+        where,
+        ints=(
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "intermediate_size",
+            "max_position_embeddings",
+            "head_dim",
+        ),
+        numbers=("rms_norm_eps", "rope_theta"),
+    )
     special_ids = _special_ids_from_hf(raw, where)
     try:
         heads = raw["num_attention_heads"]
@@ -400,8 +435,34 @@ def config_from_hf(raw: dict[str, Any], where: Path | str = "config.json") -> Ll
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from e
     if raw.get("head_dim") not in (None, cfg.head_dim):
-        raise CheckpointError(f"{where}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
+        raise CheckpointError(
+            f"{where}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}"
+        )
     return cfg
+
+
+def _llama3_rope_scaling(rope: dict[str, Any], where: Path | str) -> dict[str, Any]:
+    """Llama-3.1's rope scaling of an HF config (rope_scaling / rope_parameters) as LlamaConfig fields."""
+    _check_types(
+        rope,
+        f"{where} rope scaling",
+        ints=("original_max_position_embeddings",),
+        numbers=("factor", "low_freq_factor", "high_freq_factor"),
+    )
+    missing = [
+        k
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if rope.get(k) is None
+    ]
+    if missing:
+        raise CheckpointError(f"{where}: llama3 rope scaling without {', '.join(missing)}")
+    return dict(
+        use_scaled_rope=True,
+        rope_scaling_factor=rope["factor"],
+        low_freq_factor=rope["low_freq_factor"],
+        high_freq_factor=rope["high_freq_factor"],
+        original_max_seq_len=rope["original_max_position_embeddings"],
+    )
 
 
 SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id")
@@ -417,7 +478,9 @@ def _special_ids_from_hf(raw: dict[str, Any], where: Path | str) -> dict[str, An
             continue
         value = raw[key]
         several = key == "eos_token_id" and isinstance(value, list)
-        ok = value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (value if several else [value]))
+        ok = value is None or all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (value if several else [value])
+        )
         if not ok:
             want = "a non-negative integer" + (", a list of them" if key == "eos_token_id" else "") + " or null"
             raise CheckpointError(f"{where}: {key} must be {want}, got {type(value).__name__} {value!r}")
@@ -442,8 +505,24 @@ def with_tokenizer_ids(cfg: LlamaConfig, named: frozenset[str], bos_id: int, eos
     return cfg.replace(**{k: v for k, v in fill.items() if k not in named})
 
 
-_META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len",
-                "ffn_hidden_dim", "use_scaled_rope", "rope_scaling_factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+_META_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "max_seq_len",
+    "ffn_hidden_dim",
+    "use_scaled_rope",
+    "rope_scaling_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_seq_len",
+)
 
 
 def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") -> LlamaConfig:
@@ -451,9 +530,29 @@ def config_from_meta(params: dict[str, Any], where: Path | str = "params.json") 
     extra = sorted(set(params) - set(_META_FIELDS))
     if extra:
         log.warning("%s: ignoring keys %s", where, extra)
-    _check_types(params, where, ints=("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "ffn_hidden_dim",
-                                      "original_max_seq_len"),
-                 numbers=("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor", "low_freq_factor", "high_freq_factor"))  # fmt: skip
+    _check_types(
+        params,
+        where,
+        ints=(
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "multiple_of",
+            "max_seq_len",
+            "ffn_hidden_dim",
+            "original_max_seq_len",
+        ),
+        numbers=(
+            "ffn_dim_multiplier",
+            "norm_eps",
+            "rope_theta",
+            "rope_scaling_factor",
+            "low_freq_factor",
+            "high_freq_factor",
+        ),
+    )
     try:
         return LlamaConfig(**{k: params[k] for k in _META_FIELDS if k in params and params[k] is not None})
     except (TypeError, ValueError) as e:
@@ -479,7 +578,9 @@ def load_into(model: Llama, reader: CheckpointReader) -> None:
     """Copies every tensor of `reader` into the model's parameters (converting dtype)."""
     params = dict(model.named_parameters())
     if set(params) != set(reader.names):
-        raise CheckpointError(f"{reader.path}: tensors {sorted(set(params) ^ set(reader.names))[:8]} do not match the model")
+        raise CheckpointError(
+            f"{reader.path}: tensors {sorted(set(params) ^ set(reader.names))[:8]} do not match the model"
+        )
     for name, p in params.items():
         p.copy_(reader.get(name))
 
@@ -518,14 +619,28 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
 def _hf_rope_scaling(cfg: LlamaConfig) -> dict[str, Any]:
     if not cfg.use_scaled_rope:
         return {}
-    return {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.low_freq_factor,
-            "high_freq_factor": cfg.high_freq_factor, "original_max_position_embeddings": cfg.original_max_seq_len}
+    return {
+        "rope_type": "llama3",
+        "factor": cfg.rope_scaling_factor,
+        "low_freq_factor": cfg.low_freq_factor,
+        "high_freq_factor": cfg.high_freq_factor,
+        "original_max_position_embeddings": cfg.original_max_seq_len,
+    }
 
 
 # ModelArgs' fields in Meta's Llama-2 code (llama/model.py), less max_seq_len and max_batch_size: its loader
 # builds ModelArgs(max_seq_len=..., max_batch_size=..., **params), so params.json may hold only these (a
 # max_seq_len in it is "got multiple values for keyword argument", any other name an unexpected keyword).
-_META_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
+_META_PARAMS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+)
 
 
 def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
@@ -543,11 +658,19 @@ def meta_params(cfg: LlamaConfig) -> dict[str, Any]:
     if cfg.rope_theta != 10000.0:
         params["rope_theta"] = cfg.rope_theta
     if cfg.use_scaled_rope:  # Llama-3.1's names; Meta's code fixes low_freq_factor 1 and original context 8192
-        params.update(use_scaled_rope=True, rope_scaling_factor=cfg.rope_scaling_factor, high_freq_factor=cfg.high_freq_factor,
-                      low_freq_factor=cfg.low_freq_factor, original_max_seq_len=cfg.original_max_seq_len)
+        params.update(
+            use_scaled_rope=True,
+            rope_scaling_factor=cfg.rope_scaling_factor,
+            high_freq_factor=cfg.high_freq_factor,
+            low_freq_factor=cfg.low_freq_factor,
+            original_max_seq_len=cfg.original_max_seq_len,
+        )
     extra = sorted(set(params) - set(_META_PARAMS))
     if extra:
-        log.warning("params.json: %s are not fields of Meta's Llama-2 ModelArgs; Meta's code will not load this checkpoint", extra)
+        log.warning(
+            "params.json: %s are not fields of Meta's Llama-2 ModelArgs; Meta's code will not load this checkpoint",
+            extra,
+        )
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -563,7 +686,10 @@ def _meta_multiple_of(cfg: LlamaConfig) -> int | None:
         return cfg.multiple_of
     powers = [1 << k for k in range(F.bit_length(), -1, -1)]
     divisors = [m for m in range(1, F + 1) if F % m == 0]
-    return next((m for m in powers + divisors if F % m == 0 and meta_ffn_hidden_dim(cfg.dim, m, cfg.ffn_dim_multiplier) == F), None)
+    return next(
+        (m for m in powers + divisors if F % m == 0 and meta_ffn_hidden_dim(cfg.dim, m, cfg.ffn_dim_multiplier) == F),
+        None,
+    )
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -573,7 +699,10 @@ def _prepare_out_dir(out: Path) -> None:
 
 
 def save_hf(
-    cfg: LlamaConfig, tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    cfg: LlamaConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Writes c2a-named tensors as an HF checkpoint: config.json and safetensors shards (with an index
     when there is more than one). Tensors are consumed one at a time and each shard is written as soon as
@@ -622,7 +751,7 @@ def save_hf(
         for i, (partial, names) in enumerate(written):
             file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             partial.rename(out / file)
-            weight_map.update({k: file for k in names})
+            weight_map.update(dict.fromkeys(names, file))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")

@@ -17,7 +17,9 @@ from c2a.plan.memory import MemoryPlan, Workload, plan_memory
 __all__ = ["MemoryPlan", "Workload", "plan_memory", "predicted_peak_mb"]
 
 
-def predicted_peak_mb(cfg: TrainConfig, model: LlamaConfig, ranks: int, device: torch.device, loader: MicroBatchLoader) -> float:
+def predicted_peak_mb(
+    cfg: TrainConfig, model: LlamaConfig, ranks: int, device: torch.device, loader: MicroBatchLoader
+) -> float:
     """The planner's per-rank peak for this run, in MiB, for metrics.jsonl beside the measured peak_memory_mb
     (torch.cuda.max_memory_allocated on CUDA: the same tensor bytes; on CPU the process's peak RSS, which also
     holds the Python runtime and torch's own buffers, so it reads higher)."""
@@ -26,9 +28,21 @@ def predicted_peak_mb(cfg: TrainConfig, model: LlamaConfig, ranks: int, device: 
     t = cfg.train
     longest = int(loader.dataset.lengths.max()) if len(loader.dataset.lengths) else cfg.data.max_len
     seq_len = cfg.data.max_len if cfg.data.packing else min(cfg.data.max_len, longest)
-    w = Workload(model, t.micro_batch, seq_len, trained_fraction=trained, packed=cfg.data.packing, ranks=ranks, replicas=t.replicas,
-                 compute_bytes=resolve_dtype(t.dtype, device).itemsize, backend=backend(device), cuda=device.type == "cuda",
-                 activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every, accumulation=loader.accum_steps,
-                 cpu_offload=t.cpu_offload)  # fmt: skip
+    w = Workload(
+        model,
+        t.micro_batch,
+        seq_len,
+        trained_fraction=trained,
+        packed=cfg.data.packing,
+        ranks=ranks,
+        replicas=t.replicas,
+        compute_bytes=resolve_dtype(t.dtype, device).itemsize,
+        backend=backend(device),
+        cuda=device.type == "cuda",
+        activation_checkpointing=t.activation_checkpointing,
+        ac_every=t.ac_every,
+        accumulation=loader.accum_steps,
+        cpu_offload=t.cpu_offload,
+    )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

@@ -23,13 +23,22 @@ from c2a.plan.workload import DEFAULT_MFU, GPUS, Machine
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m c2a.plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m c2a.plan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--gpus", type=int, required=True, help="the number of GPUs the run would use")
-    ap.add_argument("--gpu", type=str.lower, choices=list(GPUS), default="h100", help="the card (its bf16 peak and memory)")
+    ap.add_argument(
+        "--gpu", type=str.lower, choices=list(GPUS), default="h100", help="the card (its bf16 peak and memory)"
+    )
     ap.add_argument("--gpu-memory", type=float, help="GB of memory per GPU (default: the card's)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over")
-    ap.add_argument("--mfu", type=float, help=f"model FLOPs utilisation for the run's time (default {DEFAULT_MFU:.0%}, measured)")
+    ap.add_argument(
+        "--mfu", type=float, help=f"model FLOPs utilisation for the run's time (default {DEFAULT_MFU:.0%}, measured)"
+    )
     ap.add_argument("--examples", type=int, help="training examples (instead of reading the data)")
     ap.add_argument("--mean-tokens", type=float, help="mean tokens of an example (instead of reading the data)")
     ap.add_argument("--trained-fraction", type=float, help="share of tokens trained on (instead of reading the data)")
@@ -46,8 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(message(e))
     flops, memory = GPUS[args.gpu]
     given = args.mfu is not None
-    machine = Machine(args.gpus, args.nodes, args.gpu.upper(), args.gpu_memory or memory, flops, args.mfu if given else DEFAULT_MFU,
-                      "given" if given else "measured on one H200 for an 8-layer 7B-shaped model; multi-GPU not measured")  # fmt: skip
+    machine = Machine(
+        args.gpus,
+        args.nodes,
+        args.gpu.upper(),
+        args.gpu_memory or memory,
+        flops,
+        args.mfu if given else DEFAULT_MFU,
+        "given" if given else "measured on one H200 for an 8-layer 7B-shaped model; multi-GPU not measured",
+    )
     try:
         result = plan(cfg, machine, args.examples, args.mean_tokens, args.trained_fraction)
     except (*USER_ERRORS, OSError) as e:  # a config, checkpoint or data file to fix: the message

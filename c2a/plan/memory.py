@@ -223,7 +223,11 @@ def plan_memory(w: Workload) -> MemoryPlan:
         after = alive - saved[i] + block + (4 * n_block if S > 1 else 0)
         phases[f"backward of layer {i}"] = (fsdp + head_grad + max(inside, after), static + done, fsdp)
         alive -= saved[i]
-    phases["root backward"] = (root_backward_bytes(w), static + m.n_layers * block_grad_shard * (w.accumulation == 1), 0)
+    phases["root backward"] = (
+        root_backward_bytes(w),
+        static + m.n_layers * block_grad_shard * (w.accumulation == 1),
+        0,
+    )
 
     if w.cpu_offload:
         host = params + grads + opt

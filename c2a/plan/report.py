@@ -9,7 +9,8 @@ from typing import Any
 from c2a.config import LlamaConfig, TrainConfig
 from c2a.model.flops import attention_flops, matmul_flops_per_token
 from c2a.plan.memory import MemoryPlan, Workload, block_params, plan_memory
-from c2a.plan.workload import GiB, RESERVED_GIB, DataShape, Machine, accumulation, resolve_data, resolve_model, workload
+from c2a.plan.workload import RESERVED_GIB, DataShape, GiB, Machine, accumulation, resolve_data, resolve_model, workload
+
 
 def usable_bytes(machine: Machine) -> float:
     return (machine.memory_gib - RESERVED_GIB) * GiB
@@ -27,18 +28,36 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
     for offload in (False, True):
         for ac in ("none", "selective", "full"):
             for mb in sorted({t.micro_batch, *[m for m in (8, 4, 2, 1) if m < t.micro_batch]}, reverse=True):
-                w = workload(cfg, model, data, machine, activation_checkpointing=ac, micro_batch=mb, cpu_offload=offload)
+                w = workload(
+                    cfg, model, data, machine, activation_checkpointing=ac, micro_batch=mb, cpu_offload=offload
+                )
                 p = plan_memory(w)
                 if fits(p, machine):
-                    changed = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch=mb, activation_checkpointing=ac, cpu_offload=offload))
-                    out.append({"train.micro_batch": mb, "train.activation_checkpointing": ac, "train.cpu_offload": offload,
-                                "peak_gib": round(p.peak / GiB, 1), "hours": round(run_time(changed, model, data, machine)["hours"], 1)})  # fmt: skip
+                    changed = dataclasses.replace(
+                        cfg,
+                        train=dataclasses.replace(t, micro_batch=mb, activation_checkpointing=ac, cpu_offload=offload),
+                    )
+                    out.append(
+                        {
+                            "train.micro_batch": mb,
+                            "train.activation_checkpointing": ac,
+                            "train.cpu_offload": offload,
+                            "peak_gib": round(p.peak / GiB, 1),
+                            "hours": round(run_time(changed, model, data, machine)["hours"], 1),
+                        }
+                    )
                     break
     if machine.nodes > 1 and t.replicas == 1:
         w = workload(cfg, model, data, machine, replicas=machine.nodes)
         p = plan_memory(w)
         if fits(p, machine):
-            out.append({"train.replicas": machine.nodes, "peak_gib": round(p.peak / GiB, 1), "hours": round(run_time(cfg, model, data, machine)["hours"], 1)})
+            out.append(
+                {
+                    "train.replicas": machine.nodes,
+                    "peak_gib": round(p.peak / GiB, 1),
+                    "hours": round(run_time(cfg, model, data, machine)["hours"], 1),
+                }
+            )
     return out
 
 
@@ -62,13 +81,26 @@ def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
     flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention)
     # activation checkpointing runs the checkpointed blocks' forward again: a third more of their work (their
     # forward is 2 of the 6 FLOPs a weight and 1 of the attention's 3 passes), not counted in MFU's model FLOPs
-    w = Workload(model, cfg.train.micro_batch, cfg.data.max_len, activation_checkpointing=cfg.train.activation_checkpointing,
-                 ac_every=cfg.train.ac_every)  # fmt: skip
+    w = Workload(
+        model,
+        cfg.train.micro_batch,
+        cfg.data.max_len,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        ac_every=cfg.train.ac_every,
+    )
     checkpointed = sum(w.checkpointed(i) for i in range(model.n_layers)) / model.n_layers
     recompute = epochs * checkpointed * (data.tokens * 2 * model.n_layers * block_params(model) + attention / 3)
     seconds = (flops + recompute) / (machine.mfu * machine.peak_flops * machine.gpus)
-    result = {"epochs": epochs, "tokens": epochs * data.tokens, "trained_tokens": epochs * data.trained_tokens, "flops": flops,
-              "recompute_flops": recompute, "mfu": machine.mfu, "mfu_source": machine.mfu_source, "compute_hours": seconds / 3600}  # fmt: skip
+    result = {
+        "epochs": epochs,
+        "tokens": epochs * data.tokens,
+        "trained_tokens": epochs * data.trained_tokens,
+        "flops": flops,
+        "recompute_flops": recompute,
+        "mfu": machine.mfu,
+        "mfu_source": machine.mfu_source,
+        "compute_hours": seconds / 3600,
+    }
     if cfg.train.cpu_offload:
         result["offload_hours"] = offload_seconds(cfg, model, data, machine) / 3600
         seconds += result["offload_hours"] * 3600
@@ -94,8 +126,13 @@ def offload_seconds(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machi
     return micro_batches * 12 * shard / PCIE_BYTES_PER_S + steps * 28 * shard / HOST_ADAM_BYTES_PER_S
 
 
-def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_tokens: float | None = None,
-         trained_fraction: float | None = None) -> dict[str, Any]:  # fmt: skip
+def plan(
+    cfg: TrainConfig,
+    machine: Machine,
+    examples: int | None = None,
+    mean_tokens: float | None = None,
+    trained_fraction: float | None = None,
+) -> dict[str, Any]:
     """Everything the CLI prints, as a dict (its --json output)."""
     model, model_source = resolve_model(cfg)
     data = resolve_data(cfg, examples, mean_tokens, trained_fraction)
@@ -106,7 +143,13 @@ def plan(cfg: TrainConfig, machine: Machine, examples: int | None = None, mean_t
         v = plan_memory(dataclasses.replace(w, activation_checkpointing=ac))
         variants[ac], saved[ac] = round(v.peak / GiB, 2), round(v.activations / GiB, 2)
     return {
-        "model": {"source": model_source, "params": model.num_params, "dim": model.dim, "layers": model.n_layers, "vocab": model.vocab_size},
+        "model": {
+            "source": model_source,
+            "params": model.num_params,
+            "dim": model.dim,
+            "layers": model.n_layers,
+            "vocab": model.vocab_size,
+        },
         "data": dataclasses.asdict(data),
         "machine": dataclasses.asdict(machine),
         "workload": {k: v for k, v in dataclasses.asdict(w).items() if k != "model"},
@@ -141,8 +184,11 @@ def table(result: dict[str, Any]) -> str:
         f"  activations (saved)           {g(p['activations'])}",
         f"  loss head transient           {g(p['loss_head'])}",
         f"  peak (device)                 {g(p['peak'])}   at {p['peak_phase']}",
-        "  by activation checkpointing:  " + ", ".join(f"{k}: activations {result['activations_gib_by_activation_checkpointing'][k]:.1f}, "
-                                                      f"peak {v:.1f} GiB" for k, v in result["peak_gib_by_activation_checkpointing"].items()),
+        "  by activation checkpointing:  "
+        + ", ".join(
+            f"{k}: activations {result['activations_gib_by_activation_checkpointing'][k]:.1f}, peak {v:.1f} GiB"
+            for k, v in result["peak_gib_by_activation_checkpointing"].items()
+        ),
         f"  fits in {result['usable_gib']} GiB usable ({RESERVED_GIB:g} GiB kept for CUDA context, NCCL, fragmentation): "
         + ("yes" if result["fits"] else "NO"),
     ]
@@ -151,12 +197,26 @@ def table(result: dict[str, Any]) -> str:
     if not result["fits"]:
         fit = result["fitting_settings"]
         flag = lambda k, v: f"--{k}={str(v).lower() if isinstance(v, bool) else v}"  # noqa: E731
-        lines.append("settings that fit:" + ("".join(f"\n  {' '.join(flag(k, v) for k, v in s.items() if k.startswith('train.'))}   "
-                                                      f"(peak {s['peak_gib']} GiB, {s['hours']} h)" for s in fit) if fit else " none on this many GPUs"))  # fmt: skip
+        lines.append(
+            "settings that fit:"
+            + (
+                "".join(
+                    f"\n  {' '.join(flag(k, v) for k, v in s.items() if k.startswith('train.'))}   "
+                    f"(peak {s['peak_gib']} GiB, {s['hours']} h)"
+                    for s in fit
+                )
+                if fit
+                else " none on this many GPUs"
+            )
+        )
     lines.append(f"fewest GPUs as configured: {result['min_gpus_as_configured'] or 'more than 256'}")
-    lines.append(f"time    {t['hours']:.1f} h for {t['epochs']} epochs, {t['tokens'] / 1e6:.1f}M tokens ({t['trained_tokens'] / 1e6:.1f}M "
-                 f"trained), {t['flops']:.3g} FLOPs (+{t['recompute_flops']:.3g} recomputed) at MFU {t['mfu']:.0%} ({t['mfu_source']})")  # fmt: skip
+    lines.append(
+        f"time    {t['hours']:.1f} h for {t['epochs']} epochs, {t['tokens'] / 1e6:.1f}M tokens ({t['trained_tokens'] / 1e6:.1f}M "
+        f"trained), {t['flops']:.3g} FLOPs (+{t['recompute_flops']:.3g} recomputed) at MFU {t['mfu']:.0%} ({t['mfu_source']})"
+    )
     if "offload_hours" in t:
-        lines.append(f"        of which {t['offload_hours']:.1f} h moving offloaded state and stepping AdamW on the host "
-                     f"(assumed {PCIE_BYTES_PER_S / 1e9:g} GB/s copies, {HOST_ADAM_BYTES_PER_S / 1e9:g} GB/s host AdamW)")  # fmt: skip
+        lines.append(
+            f"        of which {t['offload_hours']:.1f} h moving offloaded state and stepping AdamW on the host "
+            f"(assumed {PCIE_BYTES_PER_S / 1e9:g} GB/s copies, {HOST_ADAM_BYTES_PER_S / 1e9:g} GB/s host AdamW)"
+        )
     return "\n".join(lines)

@@ -64,17 +64,27 @@ def resolve_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     if path is None:
         return LlamaConfig.from_name(cfg.model.preset), f"preset {cfg.model.preset}"
     if (path / "config.json").is_file():
-        return config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json"), str(path / "config.json")
+        return config_from_hf(json.loads((path / "config.json").read_text()), path / "config.json"), str(
+            path / "config.json"
+        )
     if (path / "params.json").is_file():
-        return config_from_meta(json.loads((path / "params.json").read_text()), path / "params.json"), str(path / "params.json")
+        return config_from_meta(json.loads((path / "params.json").read_text()), path / "params.json"), str(
+            path / "params.json"
+        )
     size = re.search(r"(?i)llama-?2-(7|13|70)b", str(path))
     if size:
         name = f"llama2-{size.group(1)}b"
-        return LlamaConfig.from_name(name), f"preset {name} (assumed from the name {path}, which is not a checkpoint here)"
-    raise ValueError(f"model.checkpoint {path}: no config.json or params.json there; point it at an HF or Meta checkpoint directory, or leave it empty and set model.preset")
+        return LlamaConfig.from_name(
+            name
+        ), f"preset {name} (assumed from the name {path}, which is not a checkpoint here)"
+    raise ValueError(
+        f"model.checkpoint {path}: no config.json or params.json there; point it at an HF or Meta checkpoint directory, or leave it empty and set model.preset"
+    )
 
 
-def resolve_data(cfg: TrainConfig, examples: int | None, mean_tokens: float | None, trained_fraction: float | None) -> DataShape:
+def resolve_data(
+    cfg: TrainConfig, examples: int | None, mean_tokens: float | None, trained_fraction: float | None
+) -> DataShape:
     if examples is not None or mean_tokens is not None or trained_fraction is not None:
         return _assumed(examples, mean_tokens, trained_fraction, "given")
     for cache in (Path(cfg.data.path), Path(cfg.out_dir) / "data_cache"):
@@ -82,14 +92,21 @@ def resolve_data(cfg: TrainConfig, examples: int | None, mean_tokens: float | No
         if manifest.is_file():
             m = json.loads(manifest.read_text())
             c = m["counts"]
-            return DataShape(c["examples"], c["tokens"], c["trained_tokens"], int(m["lengths"]["max"]), f"measured: {manifest}")
+            return DataShape(
+                c["examples"], c["tokens"], c["trained_tokens"], int(m["lengths"]["max"]), f"measured: {manifest}"
+            )
     if cfg.data.path == "demo":
         return _measured(demo_dataset(cfg, Tokenizer(resolve_tokenizer(cfg)))[0], "measured: the demo task")
     if Path(cfg.data.path).is_file():  # a local data file: tokenized here as the trainer would (not cached)
         ds = tokenize_records_file(cfg, Tokenizer(resolve_tokenizer(cfg)), workers=cfg.data.workers or 1)
         return _measured(ds, f"measured: {cfg.data.path}")
-    return _assumed(None, None, None, "assumed (no local data file or prepared cache: run python -m c2a.data.prepare, or pass "
-                    "--examples/--mean-tokens)")  # fmt: skip
+    return _assumed(
+        None,
+        None,
+        None,
+        "assumed (no local data file or prepared cache: run python -m c2a.data.prepare, or pass "
+        "--examples/--mean-tokens)",
+    )
 
 
 def _measured(ds: TokenizedDataset, source: str) -> DataShape:
@@ -101,7 +118,9 @@ def _assumed(examples: int | None, mean_tokens: float | None, trained_fraction: 
     n = examples or DEFAULT_EXAMPLES
     mean = mean_tokens or DEFAULT_MEAN_TOKENS
     frac = trained_fraction or DEFAULT_TRAINED_FRACTION
-    return DataShape(n, round(n * mean), round(n * mean * frac), 0, f"{how}: {n:,} examples of {mean:g} tokens, {frac:.0%} trained")
+    return DataShape(
+        n, round(n * mean), round(n * mean * frac), 0, f"{how}: {n:,} examples of {mean:g} tokens, {frac:.0%} trained"
+    )
 
 
 def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine, **changes: Any) -> Workload:
@@ -111,10 +130,20 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
     # are counted at their worst, a micro-batch holding the longest example
     positions = 1.0 if cfg.data.packing else data.tokens / data.examples / seq_len
     ranks = machine.gpus
-    base = dict(micro_batch=t.micro_batch, seq_len=seq_len, trained_fraction=min(1.0, data.trained_tokens / data.tokens * positions),
-                packed=cfg.data.packing, ranks=ranks, replicas=t.replicas, compute_bytes=4 if t.dtype == "fp32" else 2,
-                backend="triton", activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every,
-                accumulation=accumulation(cfg, data, ranks, t.micro_batch), cpu_offload=t.cpu_offload)  # fmt: skip
+    base = dict(
+        micro_batch=t.micro_batch,
+        seq_len=seq_len,
+        trained_fraction=min(1.0, data.trained_tokens / data.tokens * positions),
+        packed=cfg.data.packing,
+        ranks=ranks,
+        replicas=t.replicas,
+        compute_bytes=4 if t.dtype == "fp32" else 2,
+        backend="triton",
+        activation_checkpointing=t.activation_checkpointing,
+        ac_every=t.ac_every,
+        accumulation=accumulation(cfg, data, ranks, t.micro_batch),
+        cpu_offload=t.cpu_offload,
+    )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:
         base["accumulation"] = accumulation(cfg, data, ranks, changes["micro_batch"])

@@ -25,7 +25,11 @@ COLLECTIVE_ERRORS = (ConfigError, TrainingError, RunLocked, OutDirUnusable, Chec
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[c2a{'' if rank == 0 else f' rank {rank}'}] %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[c2a{'' if rank == 0 else f' rank {rank}'}] %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -39,14 +43,20 @@ def _print_summary(s: dict[str, Any]) -> None:
     if "final_loss" in s:
         lines.append(f"final loss       {s['final_loss']:.4f}")
     if "val_loss" in s:
-        lines.append(f"validation loss  {s['val_loss']:.4f} (perplexity {s['val_ppl']:.3f}, {s['val_targets']:,} targets)")
+        lines.append(
+            f"validation loss  {s['val_loss']:.4f} (perplexity {s['val_ppl']:.3f}, {s['val_targets']:,} targets)"
+        )
     if "best_checkpoint" in s:
         lines.append(f"best checkpoint  {s['best_checkpoint']} (validation loss {s['best_val_loss']:.4f})")
     if s.get("demo_after"):
         before, after = s["demo_before"], s["demo_after"]
-        lines.append(f"demo exact match before {100 * before['accuracy']:.1f}% -> after {100 * after['accuracy']:.1f}% "
-                     f"({after['examples']} held-out examples, greedy)")  # fmt: skip
-        lines.append("  per task: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items()))
+        lines.append(
+            f"demo exact match before {100 * before['accuracy']:.1f}% -> after {100 * after['accuracy']:.1f}% "
+            f"({after['examples']} held-out examples, greedy)"
+        )
+        lines.append(
+            "  per task: " + ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in after["per_task"].items())
+        )
     lines += [
         f"metrics          {s['out_dir']}/metrics.jsonl" + (f" (plotted: {s['plot']})" if "plot" in s else ""),
         f"checkpoints      {s['out_dir']}/checkpoints/",
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         code = main()
-    except BaseException:  # noqa: BLE001 - reported, then the same clean exit
+    except BaseException:
         traceback.print_exc()
         code = 1
     # never return into interpreter finalization while gloo threads may still be running (see there)

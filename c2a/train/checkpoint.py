@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from c2a.errors import UserError
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from c2a.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file() and (p / ".metadata").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if _STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file() and (p / ".metadata").is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -87,12 +92,16 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
         state = json.loads(state_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointUnusable(f"{state_file}: unreadable ({e})") from None
-    missing = [k for k in ("step", "world_size", "scheduler", "data", "counters") if not isinstance(state, dict) or k not in state]
+    missing = [
+        k
+        for k in ("step", "world_size", "scheduler", "data", "counters")
+        if not isinstance(state, dict) or k not in state
+    ]
     if missing:
         raise CheckpointUnusable(f"{state_file}: missing {', '.join(missing)}")
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to read it makes the checkpoint unusable
+    except Exception as e:
         raise CheckpointUnusable(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
     needed: dict[str, int] = {}  # shard file -> the bytes the metadata says it holds
     for info in metadata.storage_data.values():
@@ -121,8 +130,11 @@ def resume_point(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             log.warning("resuming from the older checkpoint %s instead", path)
         return path, state
     if problems:
-        raise CheckpointUnusable(f"no usable checkpoint in {checkpoint_root(out_dir)}: " + "; ".join(problems) +
-                                 "; move the checkpoints aside (or use a new out_dir) to start over")  # fmt: skip
+        raise CheckpointUnusable(
+            f"no usable checkpoint in {checkpoint_root(out_dir)}: "
+            + "; ".join(problems)
+            + "; move the checkpoints aside (or use a new out_dir) to start over"
+        )
     return None
 
 
@@ -138,8 +150,11 @@ class CheckpointSaveError(UserError, RuntimeError):
 
 
 # errno of a failed write -> what the user is told
-_WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EFBIG: "file size limit exceeded (ulimit -f)"}  # fmt: skip
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit exceeded (ulimit -f)",
+}
 
 
 def _write_error(e: BaseException) -> str | None:
@@ -182,8 +197,15 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], keep_last: int,
-                    keep_best: bool = False) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    keep_best: bool = False,
+) -> Path:
     """Collective: every rank calls it with the same step. Returns the complete checkpoint's path. A failed
     write (a full disk) raises CheckpointSaveError on every rank and leaves the previous checkpoint intact."""
     rank = dist.get_rank()
@@ -194,7 +216,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     if rank == 0:
         free = shutil.disk_usage(root).free
         if free < need:
-            log.warning("%s free on %s, and a checkpoint of this run takes about %s: the save will likely fail", _gb(free), root, _gb(need))
+            log.warning(
+                "%s free on %s, and a checkpoint of this run takes about %s: the save will likely fail",
+                _gb(free),
+                root,
+                _gb(need),
+            )
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
@@ -209,9 +236,11 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     dist.all_reduce(failed)  # a rank whose own write failed must not leave the others waiting in a barrier
     if failed.item():
         previous = latest_checkpoint(out_dir)
-        raise CheckpointSaveError(f"could not write checkpoint {tmp}: {_failure_reason(failure)}; a checkpoint of this run takes about {_gb(need)}, "
-                                  f"{_gb(shutil.disk_usage(root).free)} are free there; "
-                                  + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"))  # fmt: skip
+        raise CheckpointSaveError(
+            f"could not write checkpoint {tmp}: {_failure_reason(failure)}; a checkpoint of this run takes about {_gb(need)}, "
+            f"{_gb(shutil.disk_usage(root).free)} are free there; "
+            + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
+        )
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         state_file = tmp / STATE_FILE

@@ -21,7 +21,9 @@ from c2a.train.run_data import RunData
 log = logging.getLogger("c2a")
 
 
-def evaluate_demo(model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: TrainConfig, d: Dist, when: str) -> dict[str, Any] | None:
+def evaluate_demo(
+    model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: TrainConfig, d: Dist, when: str
+) -> dict[str, Any] | None:
     """Collective: greedy exact match on the demo's held-out split (as `python -m c2a.eval --data demo`
     computes it), run on rank 0 with a gathered copy of the model on its training device: fp32 on a CPU, the
     run's compute dtype on a GPU (bf16 by default, as c2a.eval's default there). On the training device,
@@ -32,13 +34,23 @@ def evaluate_demo(model: Llama, model_cfg: LlamaConfig, data: RunData, cfg: Trai
     if copy is not None:
         start = time.perf_counter()
         records = data.heldout[: cfg.eval.max_examples]
-        result = demo_exact_match(records, answers(copy.eval(), data.tokenizer, records, cfg.eval.max_new_tokens, batch_size=128))
+        result = demo_exact_match(
+            records, answers(copy.eval(), data.tokenizer, records, cfg.eval.max_new_tokens, batch_size=128)
+        )
         result["seconds"] = time.perf_counter() - start
-        log.info("demo held-out exact match %s: %.1f%% of %d (%.1f s)", when, 100 * result["accuracy"], result["examples"], result["seconds"])
+        log.info(
+            "demo held-out exact match %s: %.1f%% of %d (%.1f s)",
+            when,
+            100 * result["accuracy"],
+            result["examples"],
+            result["seconds"],
+        )
     dist.barrier()
     return result
 
 
 def record_demo(out: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
     """Rank 0: the before / after exact match into metrics.jsonl's last record (the run's last step)."""
-    add_to_last_record(out, {"demo_exact_match_before": before["accuracy"], "demo_exact_match_after": after["accuracy"]})
+    add_to_last_record(
+        out, {"demo_exact_match_before": before["accuracy"], "demo_exact_match_after": after["accuracy"]}
+    )

@@ -51,14 +51,26 @@ def trained_template(data: RunData, template: str) -> str | None:
         log.warning("final/ gets no %s: %s", CHAT_TEMPLATE_FILE, e)
         return None
     if chat.template_sha256(source) != recorded["sha256"]:
-        log.warning("final/ gets no %s: the data's chat records were rendered with %s, but data.template=%s is %s",
-                    CHAT_TEMPLATE_FILE, recorded["name"], template, label)  # fmt: skip
+        log.warning(
+            "final/ gets no %s: the data's chat records were rendered with %s, but data.template=%s is %s",
+            CHAT_TEMPLATE_FILE,
+            recorded["name"],
+            template,
+            label,
+        )
         return None
     return source
 
 
-def export_final(model: Llama, model_cfg: LlamaConfig, tokenizer_path: Path, out: Path, dtype: torch.dtype, d: Dist,
-                 chat_template: str | None = None) -> Path:  # fmt: skip
+def export_final(
+    model: Llama,
+    model_cfg: LlamaConfig,
+    tokenizer_path: Path,
+    out: Path,
+    dtype: torch.dtype,
+    d: Dist,
+    chat_template: str | None = None,
+) -> Path:
     """Collective: out_dir/final/ as an HF directory (safetensors, config.json, the tokenizer's files), written
     beside it and renamed into place, streaming one parameter at a time through rank 0. `chat_template` (the
     one the run trained with, `trained_template`) goes into final/chat_template.jinja, where transformers'

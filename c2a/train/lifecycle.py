@@ -36,7 +36,6 @@ import torch.distributed as dist
 from c2a.errors import UserError
 from c2a.train.parallel import Dist
 
-
 LOCK_FILE = ".c2a.lock"
 # sysexits.h EX_TEMPFAIL ("a temporary failure; the user is invited to retry"): a scheduler's requeue rule
 # can tell "stopped on request, checkpoint written" from a crash (1) or a bad config (2)
@@ -74,10 +73,14 @@ class OutDirLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by another run ({holder}); wait for it to finish, stop it, "
-                            "or choose another --out_dir") from None  # fmt: skip
+            raise RunLocked(
+                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish, stop it, "
+                "or choose another --out_dir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         self._fd = fd
 
     def release(self) -> None:
@@ -133,7 +136,11 @@ def watch_parent(interval_s: float = 1.0) -> threading.Thread | None:
             if os.getppid() != parent:
                 # no clean-up is possible or wanted: the other ranks and the rendezvous are going too, and a
                 # partial checkpoint is left as a .tmp directory that the next run removes
-                print(f"[c2a rank {os.environ.get('RANK', '?')}] launcher (pid {parent}) died; exiting", file=sys.stderr, flush=True)
+                print(
+                    f"[c2a rank {os.environ.get('RANK', '?')}] launcher (pid {parent}) died; exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)
 
     thread = threading.Thread(target=watch, name="c2a-parent-watch", daemon=True)
@@ -172,8 +179,11 @@ class StopControl:
             os._exit(128 + signum)
         self.requested = signum
         if self.is_main:
-            print(f"[c2a] {name} received: finishing this step, then saving a checkpoint (send it again to stop at once)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[c2a] {name} received: finishing this step, then saving a checkpoint (send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def local_flags(self, device: torch.device) -> torch.Tensor:
         """[stop requested here, a timed save is due] as int64 on `device` (the clock is rank 0's only)."""

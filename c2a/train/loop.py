@@ -38,8 +38,13 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     claim(cfg, d)
     s = start(cfg, d)
     if isinstance(s, int):
-        log.info("already finished at step %d; the final model is in %s (train more from it in a new out_dir "
-                 "with --model.checkpoint=%s)", s, Path(cfg.out_dir) / "final", Path(cfg.out_dir) / "final")  # fmt: skip
+        log.info(
+            "already finished at step %d; the final model is in %s (train more from it in a new out_dir "
+            "with --model.checkpoint=%s)",
+            s,
+            Path(cfg.out_dir) / "final",
+            Path(cfg.out_dir) / "final",
+        )
         return {"already_finished": s, "out_dir": cfg.out_dir}
     demo = s.data.heldout is not None and cfg.eval.demo_accuracy
     if demo and s.counters.demo_before is None:
@@ -51,8 +56,16 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 def train_loop(s: Session) -> None:
     """Collective: optimizer steps from s.step to the schedule's last, with records, validations, checkpoints."""
     t, d = s.cfg.train, s.d
-    steplog = StepLog(s.out, d, s.model_cfg, step=s.step, total_steps=s.total_steps, tensorboard=t.tensorboard, progress=t.progress,
-                      predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader))  # fmt: skip
+    steplog = StepLog(
+        s.out,
+        d,
+        s.model_cfg,
+        step=s.step,
+        total_steps=s.total_steps,
+        tensorboard=t.tensorboard,
+        progress=t.progress,
+        predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
+    )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()
     steplog.restart_clock()
@@ -68,26 +81,38 @@ def train_loop(s: Session) -> None:
         steplog.add(result)
         too_many_bad = _count_bad_steps(s, result)
         val = s.validation.after_step(s.model, s.step, s.total_steps)  # collective at eval.every steps and the last
-        saving = (s.step == s.total_steps or too_many_bad or result.stop or result.save_due or (t.save_every and s.step % t.save_every == 0)
-                  or s.validation.new_best)  # fmt: skip
+        saving = (
+            s.step == s.total_steps
+            or too_many_bad
+            or result.stop
+            or result.save_due
+            or (t.save_every and s.step % t.save_every == 0)
+            or s.validation.new_best
+        )
         # a checkpoint (and a validation) is also a logging point: its counters then hold every step it covers
         if s.step % t.log_every == 0 or saving or val:
             steplog.write(s.step, epoch, lr, s.counters, val, s.validation.postfix())
         if saving:
-            path = save_checkpoint(s.out, s.step, s.model, s.optimizer, s.trainer_state(val.get("val_loss")), t.keep_last, t.keep_best)
+            path = save_checkpoint(
+                s.out, s.step, s.model, s.optimizer, s.trainer_state(val.get("val_loss")), t.keep_last, t.keep_best
+            )
             log.info("saved checkpoint %s", path)
             control.saved()
             steplog.restart_clock()  # the save is not training time
             if result.stop and s.step < s.total_steps:
                 raise RunStopped(s.step, path)
         if too_many_bad:
-            raise TrainingError(f"{s.counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); stopped at step "
-                                f"{s.step} with a checkpoint in {s.out / 'checkpoints'}; lower train.lr or check the data")  # fmt: skip
+            raise TrainingError(
+                f"{s.counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); stopped at step "
+                f"{s.step} with a checkpoint in {s.out / 'checkpoints'}; lower train.lr or check the data"
+            )
     control.uninstall()  # from here on (export, evaluation) a signal interrupts as usual
     steplog.close()
 
 
-def _step_batches(loader: MicroBatchLoader, batches: Iterator[MicroBatch]) -> tuple[list[MicroBatch], Iterator[MicroBatch]]:
+def _step_batches(
+    loader: MicroBatchLoader, batches: Iterator[MicroBatch]
+) -> tuple[list[MicroBatch], Iterator[MicroBatch]]:
     """This rank's micro-batches of the next optimizer step, and the iterator to take the following ones from."""
     micro: list[MicroBatch] = []
     while len(micro) < loader.accum_steps:
@@ -105,8 +130,13 @@ def _count_bad_steps(s: Session, result: StepResult) -> bool:
     c.bad_in_a_row = 0 if result.finite else c.bad_in_a_row + 1
     c.skipped_steps += not result.finite
     if not result.finite:
-        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                    s.step, result.loss.item(), result.grad_norm.item(), c.bad_in_a_row)  # fmt: skip
+        log.warning(
+            "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+            s.step,
+            result.loss.item(),
+            result.grad_norm.item(),
+            c.bad_in_a_row,
+        )
     return c.bad_in_a_row >= s.cfg.train.max_bad_steps
 
 
@@ -114,10 +144,19 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     """Collective: final/ exported, the demo's exact match after training, the summary (filled on rank 0)."""
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
-    final = export_final(s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template)
-    summary: dict[str, Any] = {"steps": s.step, "out_dir": str(s.out), "final": str(final), "train_seconds": c.train_seconds, "tokens": c.tokens,
-                               "trained_tokens": c.trained_tokens, "skipped_steps": c.skipped_steps,
-                               "wall_seconds": time.perf_counter() - run_start}  # fmt: skip
+    final = export_final(
+        s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
+    )
+    summary: dict[str, Any] = {
+        "steps": s.step,
+        "out_dir": str(s.out),
+        "final": str(final),
+        "train_seconds": c.train_seconds,
+        "tokens": c.tokens,
+        "trained_tokens": c.trained_tokens,
+        "skipped_steps": c.skipped_steps,
+        "wall_seconds": time.perf_counter() - run_start,
+    }
     last = last_record(s.out) if d.is_main else None
     if last is not None and last["loss"] is not None:
         summary["final_loss"] = last["loss"]
@@ -137,10 +176,15 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
 def _plot(out: Path) -> dict[str, str]:
     """eval.plot: out_dir/metrics.png; a warning, never a failed run, when it cannot be drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        log.warning("eval.plot: no metrics.png, matplotlib is not installed (pip install matplotlib; then python -m c2a.train.plot %s)", out)
+        log.warning(
+            "eval.plot: no metrics.png, matplotlib is not installed (pip install matplotlib; then python -m c2a.train.plot %s)",
+            out,
+        )
         return {}
     try:
         return {"plot": str(plot_metrics(out))}
-    except Exception as e:  # noqa: BLE001 - a picture must not fail a finished run
-        log.warning("could not draw metrics.png (%s: %s); the numbers are in %s", type(e).__name__, e, out / "metrics.jsonl")
+    except Exception as e:
+        log.warning(
+            "could not draw metrics.png (%s: %s); the numbers are in %s", type(e).__name__, e, out / "metrics.jsonl"
+        )
         return {}

@@ -53,7 +53,7 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f"{path}:{n}: a record needs an integer \"step\"")
+            raise ValueError(f'{path}:{n}: a record needs an integer "step"')
         rows.append(row)
     return rows
 
@@ -95,13 +95,19 @@ class MetricsWriter:
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= after_step]
             if len(kept) != len(lines):
                 _rewrite(self.path, kept)
-                log.info("metrics.jsonl: dropped %d records after step %d (re-run from the checkpoint)", len(lines) - len(kept), after_step)
+                log.info(
+                    "metrics.jsonl: dropped %d records after step %d (re-run from the checkpoint)",
+                    len(lines) - len(kept),
+                    after_step,
+                )
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("train.tensorboard = true needs the tensorboard package: pip install tensorboard") from e
+                raise RuntimeError(
+                    "train.tensorboard = true needs the tensorboard package: pip install tensorboard"
+                ) from e
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=after_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -117,11 +123,29 @@ class MetricsWriter:
             self.tb.close()
 
 
-def window_record(window: list[StepResult], seconds: float, step: int, epoch: int, lr: float, d: Dist, flops_per_token: int,
-                  model_cfg: LlamaConfig, peak: float | None, counters: Counters) -> dict[str, Any]:  # fmt: skip
+def window_record(
+    window: list[StepResult],
+    seconds: float,
+    step: int,
+    epoch: int,
+    lr: float,
+    d: Dist,
+    flops_per_token: int,
+    model_cfg: LlamaConfig,
+    peak: float | None,
+    counters: Counters,
+) -> dict[str, Any]:
     """Collective: sums this window's counts over ranks. The .item() calls here are the logging sync."""
-    local = torch.tensor([sum(r.tokens for r in window), sum(r.positions for r in window), sum(r.attn_sq for r in window),
-                          peak_memory_mb(d.device)], dtype=torch.float64, device=d.device)  # fmt: skip
+    local = torch.tensor(
+        [
+            sum(r.tokens for r in window),
+            sum(r.positions for r in window),
+            sum(r.attn_sq for r in window),
+            peak_memory_mb(d.device),
+        ],
+        dtype=torch.float64,
+        device=d.device,
+    )
     summed = local[:3].clone()
     dist.all_reduce(summed)
     peak_mb = local[3:].clone()
@@ -164,8 +188,18 @@ class StepLog:
     """The steps since the last record, timed: rank 0 writes each record (metrics.jsonl, TensorBoard) and
     shows the progress bar; every rank takes part in the record's all-reduces."""
 
-    def __init__(self, out: Path, d: Dist, model_cfg: LlamaConfig, *, step: int, total_steps: int, tensorboard: bool, progress: bool,
-                 predicted_peak_mb: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        out: Path,
+        d: Dist,
+        model_cfg: LlamaConfig,
+        *,
+        step: int,
+        total_steps: int,
+        tensorboard: bool,
+        progress: bool,
+        predicted_peak_mb: float,
+    ) -> None:
         self.d, self.model_cfg, self.predicted_peak_mb = d, model_cfg, predicted_peak_mb
         self.writer = MetricsWriter(out, tensorboard, after_step=step) if d.is_main else None
         self.bar = progress_bar(total_steps, step, progress and d.is_main)
@@ -183,11 +217,19 @@ class StepLog:
         if self.bar is not None:
             self.bar.update(1)
 
-    def write(self, step: int, epoch: int, lr: float, counters: Counters, val: dict[str, Any], postfix: dict[str, str]) -> None:
+    def write(
+        self, step: int, epoch: int, lr: float, counters: Counters, val: dict[str, Any], postfix: dict[str, str]
+    ) -> None:
         """Collective: the window's record, with the validation numbers `val` of this step if any."""
-        elapsed = time.perf_counter() - self.window_start - val.get("val_seconds", 0.0)  # validating is not training time
-        record = {**window_record(self.window, elapsed, step, epoch, lr, self.d, self.flops_per_token, self.model_cfg, self.peak, counters),
-                  **val}  # fmt: skip
+        elapsed = (
+            time.perf_counter() - self.window_start - val.get("val_seconds", 0.0)
+        )  # validating is not training time
+        record = {
+            **window_record(
+                self.window, elapsed, step, epoch, lr, self.d, self.flops_per_token, self.model_cfg, self.peak, counters
+            ),
+            **val,
+        }
         record["predicted_peak_memory_mb"] = self.predicted_peak_mb  # c2a.plan's, beside peak_memory_mb
         counters.train_seconds += elapsed
         if self.writer is not None:

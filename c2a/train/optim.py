@@ -53,7 +53,9 @@ def check_schedule(resume: Path, saved: dict[str, Any], schedule: dict[str, Any]
     if before is None or before == schedule:
         return
     diff = ", ".join(f"{k} {before[k]} -> {schedule[k]}" for k in schedule if before.get(k) != schedule[k])
-    raise TrainingError(f"{resume} was trained on another learning-rate schedule ({diff}); resuming would make the lr jump. "
-                        f"Resume with the settings in {resume.parent.parent / 'config.toml'}, or train on from "
-                        f"{resume.parent.parent / 'final'} (or a checkpoint exported with c2a.model.convert) in a new out_dir "
-                        "with --model.checkpoint")  # fmt: skip
+    raise TrainingError(
+        f"{resume} was trained on another learning-rate schedule ({diff}); resuming would make the lr jump. "
+        f"Resume with the settings in {resume.parent.parent / 'config.toml'}, or train on from "
+        f"{resume.parent.parent / 'final'} (or a checkpoint exported with c2a.model.convert) in a new out_dir "
+        "with --model.checkpoint"
+    )

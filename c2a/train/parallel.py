@@ -115,14 +115,19 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
     for i, block in enumerate(model.layers):
-        if train.activation_checkpointing == "full" or (train.activation_checkpointing == "selective" and i % train.ac_every == 0):
+        if train.activation_checkpointing == "full" or (
+            train.activation_checkpointing == "selective" and i % train.ac_every == 0
+        ):
             block.forward = _checkpointed(block.forward)
     # 2. compile each block separately: one graph reused by every layer, and graph breaks stay local.
     if train.compile:
         if d.device.type != "cuda":
-            log.warning("train.compile on %s: the per-document attention of the torch path reads document bounds on the "
-                        "host, so blocks recompile for new packings (measured: ~100 s per step for the first steps, "
-                        "then slower than eager); it is meant for CUDA with the Triton kernels", d.device.type)
+            log.warning(
+                "train.compile on %s: the per-document attention of the torch path reads document bounds on the "
+                "host, so blocks recompile for new packings (measured: ~100 s per step for the first steps, "
+                "then slower than eager); it is meant for CUDA with the Triton kernels",
+                d.device.type,
+            )
         for block in model.layers:
             block.compile()
     # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
@@ -139,7 +144,9 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    both in one unit (separate units would each manage it); torchtitan instead re-ties after sharding.
     for block in model.layers:
         fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)  # the head runs last, then backward
+    fully_shard(
+        model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False
+    )  # the head runs last, then backward
     # The loss is already divided by the global number of trained tokens, so gradients are summed across
     # ranks, not averaged (FSDP's default divides by the world size).
     for module in model.modules():
@@ -172,7 +179,9 @@ def materialize(model: Llama, reader: CheckpointReader | None, seed: int) -> Non
             p.copy_(full)
 
 
-def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+def full_parameters(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Every parameter gathered in full, one at a time: a collective, so every rank must iterate it.
     Yields CPU tensors on rank 0 and None elsewhere."""
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from c2a.config import TrainConfig
-from c2a.data import Tokenizer, TokenizedDataset
+from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
 from c2a.data.sources import demo_dataset, resolve_tokenizer, tokenize_records_file
 from c2a.train.errors import TrainingError
@@ -50,10 +50,19 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
         log.info("tokenizing %s into %s", cfg.data.path, cache)
         tokenize_records_file(cfg, tokenizer, workers=cfg.data.workers or os.cpu_count() or 1).save(cache)
     dist.barrier()
-    hint = (f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
-            f"(see {Path(cfg.out_dir) / 'config.toml'}), or train in a new out_dir")  # fmt: skip
-    ds = TokenizedDataset.open(cache, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_source=cfg.data.path,
-                               expect_truncation=cfg.data.truncation, expect_template=cfg.data.template, hint=hint)  # fmt: skip
+    hint = (
+        f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
+        f"(see {Path(cfg.out_dir) / 'config.toml'}), or train in a new out_dir"
+    )
+    ds = TokenizedDataset.open(
+        cache,
+        expect_tokenizer=tokenizer,
+        expect_max_len=max_len,
+        expect_source=cfg.data.path,
+        expect_truncation=cfg.data.truncation,
+        expect_template=cfg.data.template,
+        hint=hint,
+    )
     return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
 
 
@@ -65,12 +74,19 @@ def _report_lengths(ds: TokenizedDataset, cfg: TrainConfig) -> TokenizedDataset:
             what, instead = f"{counts['truncated']:,} truncated", "data.truncation=drop leaves them out"
         else:
             what, instead = f"{counts['dropped']:,} dropped", "data.truncation=truncate keeps them, shortened"
-        log.warning("data: %s of %s examples longer than data.max_len=%d (%s)",
-                    what, f"{counts['records'] - counts['skipped_bad_rows']:,}", cfg.data.max_len, instead)  # fmt: skip
+        log.warning(
+            "data: %s of %s examples longer than data.max_len=%d (%s)",
+            what,
+            f"{counts['records'] - counts['skipped_bad_rows']:,}",
+            cfg.data.max_len,
+            instead,
+        )
     return ds
 
 
-def make_loader(cfg: TrainConfig, dataset: ExampleDataset, d: Dist, rows: int | None = None) -> tuple[MicroBatchLoader, str]:
+def make_loader(
+    cfg: TrainConfig, dataset: ExampleDataset, d: Dist, rows: int | None = None
+) -> tuple[MicroBatchLoader, str]:
     """The micro-batch loader and a line describing the batch.
 
     `train.global_batch` counts examples, as the model card does. Padded, a step is that many rows;
@@ -83,21 +99,39 @@ def make_loader(cfg: TrainConfig, dataset: ExampleDataset, d: Dist, rows: int | 
     mode = "packed" if cfg.data.packing else "padded"
     examples_per_row = 1.0
     if mode == "packed":
-        probe = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed)
+        probe = MicroBatchLoader(
+            dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed
+        )
         examples_per_row = probe.num_examples / probe.rows_in_epoch(0)
     if rows is None:
         rows = t.global_batch if mode == "padded" else max(1, round(t.global_batch / examples_per_row / unit)) * unit
     if rows % unit:
         what = f"{'the checkpoint' if rows != t.global_batch else 'train.global_batch'}'s {rows} {'rows' if mode == 'packed' else 'examples'} per step"
         fits = [m for m in range(1, t.micro_batch + 1) if rows % (m * d.world_size) == 0]
-        hint = f"; use --train.micro_batch={fits[-1]}" if fits else f"; no micro-batch size divides it on {d.world_size} ranks"
-        raise TrainingError(f"{what} must be a multiple of train.micro_batch ({t.micro_batch}) x ranks ({d.world_size}){hint}")
-    loader = MicroBatchLoader(dataset, seq_len=cfg.data.max_len, micro_batch_size=t.micro_batch, global_batch_rows=rows,
-                              mode=mode, rank=d.rank, world_size=d.world_size, seed=t.seed)  # fmt: skip
+        hint = (
+            f"; use --train.micro_batch={fits[-1]}"
+            if fits
+            else f"; no micro-batch size divides it on {d.world_size} ranks"
+        )
+        raise TrainingError(
+            f"{what} must be a multiple of train.micro_batch ({t.micro_batch}) x ranks ({d.world_size}){hint}"
+        )
+    loader = MicroBatchLoader(
+        dataset,
+        seq_len=cfg.data.max_len,
+        micro_batch_size=t.micro_batch,
+        global_batch_rows=rows,
+        mode=mode,
+        rank=d.rank,
+        world_size=d.world_size,
+        seed=t.seed,
+    )
     split = f"micro-batch {t.micro_batch} x accumulation {loader.accum_steps} x {d.world_size} ranks"
     if mode == "padded":
         return loader, f"global batch {rows} examples = {split} (padded to the longest in each micro-batch)"
     # padding of the epoch's steps: the packed rows' unfilled ends, and the empty rows that complete its last step
     filled = (1.0 - loader.padding_fraction(0)) * loader.rows_in_epoch(0) / (loader.steps_in_epoch(0) * rows)
-    return loader, (f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
-                    f"(~{rows * examples_per_row:.1f} examples, padding {1.0 - filled:.2%}) = {split}")
+    return loader, (
+        f"global batch {t.global_batch} examples -> {rows} packed rows of {cfg.data.max_len} tokens "
+        f"(~{rows * examples_per_row:.1f} examples, padding {1.0 - filled:.2%}) = {split}"
+    )

@@ -57,14 +57,21 @@ class Session:
 
     def trainer_state(self, val_loss: float | None) -> dict[str, Any]:
         """What a checkpoint holds besides the tensors (trainer_state.json)."""
-        return {"scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(), "counters": self.counters.__dict__,
-                "schedule": self.schedule, "val_loss": val_loss}  # fmt: skip
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "counters": self.counters.__dict__,
+            "schedule": self.schedule,
+            "val_loss": val_loss,
+        }
 
 
 def claim(cfg: TrainConfig, d: Dist) -> None:
     """Collective, before anything is loaded: every rank refuses an unwritable out_dir or one another run holds,
     and what a crash left half-written is removed."""
-    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before minutes of loading, not after
+    if (
+        cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None
+    ):  # before minutes of loading, not after
         raise TrainingError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
     claim_out_dir(Path(cfg.out_dir), d)
     if d.is_main:
@@ -95,7 +102,20 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
 
     model = build_sharded_model(model_cfg, t, d)
     optimizer = build_optimizer(model, cfg, d.device)
-    s = Session(cfg, d, data, validation, model_cfg, loader, schedule, model, optimizer, build_scheduler(optimizer, schedule), Counters(), 0)
+    s = Session(
+        cfg,
+        d,
+        data,
+        validation,
+        model_cfg,
+        loader,
+        schedule,
+        model,
+        optimizer,
+        build_scheduler(optimizer, schedule),
+        Counters(),
+        0,
+    )
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
         s.step = state["step"]
@@ -105,7 +125,13 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         log.info("resumed from %s (step %d of %d, saved by %d ranks)", resume, s.step, total_steps, state["world_size"])
     else:
         materialize(model, reader, t.seed)
-    origin = f"resumed from {resume.name}" if resume is not None else f"pretrained {reader.path}" if reader else "random init"
+    origin = (
+        f"resumed from {resume.name}"
+        if resume is not None
+        else f"pretrained {reader.path}"
+        if reader
+        else "random init"
+    )
     _log_start(s, origin, batch_desc)
     return s
 
@@ -115,9 +141,15 @@ def _model_config(cfg: TrainConfig, reader: CheckpointReader | None, data: RunDa
     model_cfg = reader.config if reader else LlamaConfig.from_name(cfg.model.preset)
     model_cfg = _special_ids(model_cfg, reader, data)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
-        raise TrainingError(f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}")
+        raise TrainingError(
+            f"tokenizer {data.tokenizer_path} has {data.tokenizer.vocab_size} pieces but the model's vocab_size is {model_cfg.vocab_size}"
+        )
     if cfg.data.max_len > model_cfg.max_seq_len:
-        log.warning("data.max_len %d exceeds the model's max_seq_len %d: rotary positions beyond it were never trained", cfg.data.max_len, model_cfg.max_seq_len)
+        log.warning(
+            "data.max_len %d exceeds the model's max_seq_len %d: rotary positions beyond it were never trained",
+            cfg.data.max_len,
+            model_cfg.max_seq_len,
+        )
     return model_cfg
 
 
@@ -125,9 +157,16 @@ def _log_start(s: Session, origin: str, batch_desc: str) -> None:
     t, m = s.cfg.train, s.model_cfg
     log.info("model: %s, %.1fM parameters; %s", _model_desc(s.cfg, m), m.num_params / 1e6, origin)
     log.info("data: %d examples, %s", s.loader.num_examples, batch_desc)
-    log.info("schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
-             s.total_steps, t.epochs, s.loader.steps_in_epoch(0), f", capped by max_steps={t.max_steps}" if t.max_steps else "",
-             s.schedule["warmup_steps"], t.min_lr_ratio, t.lr)  # fmt: skip
+    log.info(
+        "schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
+        s.total_steps,
+        t.epochs,
+        s.loader.steps_in_epoch(0),
+        f", capped by max_steps={t.max_steps}" if t.max_steps else "",
+        s.schedule["warmup_steps"],
+        t.min_lr_ratio,
+        t.lr,
+    )
 
 
 def _special_ids(model_cfg: LlamaConfig, reader: CheckpointReader | None, data: RunData) -> LlamaConfig:
@@ -138,9 +177,14 @@ def _special_ids(model_cfg: LlamaConfig, reader: CheckpointReader | None, data: 
     eos = model_cfg.eos_token_id
     stops = list(eos) if isinstance(eos, tuple) else [eos]
     if tok.eos_id not in stops:
-        log.warning("the tokenizer's EOS %d (%r) ends every training example, but the checkpoint's config.json names eos_token_id %s: "
-                    "final/config.json keeps the checkpoint's, so transformers' generate will not stop at %d",
-                    tok.eos_id, tok.eos_token, stops[0] if len(stops) == 1 else stops, tok.eos_id)  # fmt: skip
+        log.warning(
+            "the tokenizer's EOS %d (%r) ends every training example, but the checkpoint's config.json names eos_token_id %s: "
+            "final/config.json keeps the checkpoint's, so transformers' generate will not stop at %d",
+            tok.eos_id,
+            tok.eos_token,
+            stops[0] if len(stops) == 1 else stops,
+            tok.eos_id,
+        )
     return model_cfg
 
 
@@ -155,11 +199,16 @@ def _write_config(out: Path, cfg: TrainConfig) -> None:
     path = out / "config.toml"
     text = config_to_toml(cfg)
     if path.is_file() and path.read_text() != text:
-        old = {line for line in path.read_text().splitlines()}
+        old = set(path.read_text().splitlines())
         changed = [line for line in text.splitlines() if line not in old and "=" in line]
         n = 1
         while (out / f"config.{n}.toml").exists():
             n += 1
         os.rename(path, out / f"config.{n}.toml")
-        log.warning("config differs from the one %s was last started with (kept as config.%d.toml); now: %s", out, n, "; ".join(changed))
+        log.warning(
+            "config differs from the one %s was last started with (kept as config.%d.toml); now: %s",
+            out,
+            n,
+            "; ".join(changed),
+        )
     path.write_text(text)

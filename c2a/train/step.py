@@ -44,7 +44,9 @@ def forward_backward(
     normalizer = targets.clamp(min=1).float()
     loss_sum = torch.zeros((), device=device)
     for b in batches:
-        loss = model.loss(b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained)
+        loss = model.loss(
+            b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained
+        )
         loss.backward()
         loss_sum += loss.detach()
     if flags is None:
@@ -56,8 +58,14 @@ def forward_backward(
     return reduced[0], targets
 
 
-def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[MicroBatch], grad_clip: float, device: torch.device,
-               control: StopControl | None = None) -> StepResult:  # fmt: skip
+def train_step(
+    model: Llama,
+    optimizer: torch.optim.Optimizer,
+    batches: list[MicroBatch],
+    grad_clip: float,
+    device: torch.device,
+    control: StopControl | None = None,
+) -> StepResult:
     flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
     loss, targets = forward_backward(model, batches, device, flags)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -68,7 +76,9 @@ def train_step(model: Llama, optimizer: torch.optim.Optimizer, batches: list[Mic
     # the one host sync of a step: a non-finite loss or gradient must skip the update, and a step without
     # any trained target has nothing to learn from (Adam's momentum alone would still move the weights)
     # (the stop / timed-save flags ride along: they were summed over ranks with the loss)
-    finite, has_targets, stop, save_due = torch.cat([torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]), flags > 0]).tolist()
+    finite, has_targets, stop, save_due = torch.cat(
+        [torch.stack([torch.isfinite(loss) & torch.isfinite(grad_norm), targets > 0]), flags > 0]
+    ).tolist()
     if finite and has_targets:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from c2a.config import TrainConfig
-from c2a.data import Tokenizer, TokenizedDataset, load_records
+from c2a.data import TokenizedDataset, Tokenizer, load_records
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
 from c2a.data.sources import SKIP_HINT
 from c2a.inference import target_loss_sum
@@ -67,8 +67,10 @@ def split_examples(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     """(training indices, held-out indices) of n examples, each sorted; a function of (n, fraction, seed)."""
     held = round(fraction * n)
     if not 1 <= held < n:
-        raise ValueError(f"data.val_fraction={fraction} of {n} training examples holds out {held}: "
-                         "it must leave at least one example on each side (or set data.val_path)")  # fmt: skip
+        raise ValueError(
+            f"data.val_fraction={fraction} of {n} training examples holds out {held}: "
+            "it must leave at least one example on each side (or set data.val_path)"
+        )
     order = np.random.default_rng([seed, _SPLIT_SALT]).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
 
@@ -77,10 +79,16 @@ def load_validation_set(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizedData
     """data.val_path tokenized like the training data (every rank in memory: held-out sets are small)."""
     path = cfg.data.val_path
     if Path(path).is_dir():
-        return TokenizedDataset.open(path, expect_tokenizer=tokenizer, expect_max_len=cfg.data.max_len,
-                                     hint=f"data.val_path: rebuild {path} with the run's tokenizer and max_len")  # fmt: skip
+        return TokenizedDataset.open(
+            path,
+            expect_tokenizer=tokenizer,
+            expect_max_len=cfg.data.max_len,
+            hint=f"data.val_path: rebuild {path} with the run's tokenizer and max_len",
+        )
     loaded = load_records(path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint=SKIP_HINT)
-    return TokenizedDataset.from_records(loaded.records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source=loaded.source)
+    return TokenizedDataset.from_records(
+        loaded.records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source=loaded.source
+    )
 
 
 def validation_loss(model: torch.nn.Module, loader: MicroBatchLoader, device: torch.device) -> tuple[float, int]:
@@ -119,7 +127,9 @@ class Validation:
         else:
             return cls(cfg, d, None, ""), data.train
         every = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
-        log.info("validation: %s; evaluated %s%s", described, every, ", best checkpoint kept" if cfg.train.keep_best else "")
+        log.info(
+            "validation: %s; evaluated %s%s", described, every, ", best checkpoint kept" if cfg.train.keep_best else ""
+        )
         return cls(cfg, d, dataset, described), train
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -133,17 +143,35 @@ class Validation:
             return {}
         start = time.perf_counter()
         t = self.cfg.train
-        loader = MicroBatchLoader(self.dataset, seq_len=self.cfg.data.max_len, micro_batch_size=t.micro_batch,
-                                  global_batch_rows=t.micro_batch * self.d.world_size, mode="packed" if self.cfg.data.packing else "padded",
-                                  rank=self.d.rank, world_size=self.d.world_size, seed=t.seed)  # fmt: skip
+        loader = MicroBatchLoader(
+            self.dataset,
+            seq_len=self.cfg.data.max_len,
+            micro_batch_size=t.micro_batch,
+            global_batch_rows=t.micro_batch * self.d.world_size,
+            mode="packed" if self.cfg.data.packing else "padded",
+            rank=self.d.rank,
+            world_size=self.d.world_size,
+            seed=t.seed,
+        )
         loss, targets = validation_loss(model, loader, self.d.device)
         # exp overflows a float past ~709
-        self.last = {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else math.inf, "val_targets": targets,
-                     "val_seconds": time.perf_counter() - start}  # fmt: skip
+        self.last = {
+            "val_loss": loss,
+            "val_ppl": math.exp(loss) if loss < 700 else math.inf,
+            "val_targets": targets,
+            "val_seconds": time.perf_counter() - start,
+        }
         if loss < self.best[0]:
             self.best = (loss, f"step_{step:08d}")
             self.new_best = t.keep_best
-        log.info("step %d: validation loss %.4f, perplexity %.3f (%d targets, %.1f s)", step, loss, self.last["val_ppl"], targets, self.last["val_seconds"])
+        log.info(
+            "step %d: validation loss %.4f, perplexity %.3f (%d targets, %.1f s)",
+            step,
+            loss,
+            self.last["val_ppl"],
+            targets,
+            self.last["val_seconds"],
+        )
         return dict(self.last)
 
     def postfix(self) -> dict[str, str]:
@@ -156,5 +184,7 @@ class Validation:
             return {}
         out = {k: self.last[k] for k in ("val_loss", "val_ppl", "val_targets")}
         if self.cfg.train.keep_best:
-            out.update(best_val_loss=self.best[0], best_checkpoint=str(Path(self.cfg.out_dir) / "checkpoints" / self.best[1]))
+            out.update(
+                best_val_loss=self.best[0], best_checkpoint=str(Path(self.cfg.out_dir) / "checkpoints" / self.best[1])
+            )
         return out

@@ -16,9 +16,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, "-m", "c2a.train", f"--out_dir={tmp}", "--train.progress=false", "--train.max_steps=20",
-                    "--train.log_every=1", "--eval.demo_accuracy=false"], check=True, cwd=HERE.parents[1],
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "c2a.train",
+            f"--out_dir={tmp}",
+            "--train.progress=false",
+            "--train.max_steps=20",
+            "--train.log_every=1",
+            "--eval.demo_accuracy=false",
+        ],
+        check=True,
+        cwd=HERE.parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     losses = [json.loads(line)["loss"] for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
 (HERE / "demo_loss_first_20_steps.json").write_text(json.dumps({"steps": 20, "loss": losses}, indent=1) + "\n")
 print(losses)

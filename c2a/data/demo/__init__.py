@@ -37,9 +37,38 @@ DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "demo_token
 DEMO_VOCAB_SIZE = 512  # = LlamaConfig.from_name("demo").vocab_size
 
 WORDS: tuple[str, ...] = (
-    "apple", "bird", "boat", "book", "cake", "cat", "cloud", "cup", "dog", "door", "duck", "fish", "frog", "bell",
-    "key", "lamp", "leaf", "lion", "milk", "moon", "owl", "pen", "rain", "ring", "rock", "rose", "shoe", "star",
-    "sun", "tree", "wolf", "egg",
+    "apple",
+    "bird",
+    "boat",
+    "book",
+    "cake",
+    "cat",
+    "cloud",
+    "cup",
+    "dog",
+    "door",
+    "duck",
+    "fish",
+    "frog",
+    "bell",
+    "key",
+    "lamp",
+    "leaf",
+    "lion",
+    "milk",
+    "moon",
+    "owl",
+    "pen",
+    "rain",
+    "ring",
+    "rock",
+    "rose",
+    "shoe",
+    "star",
+    "sun",
+    "tree",
+    "wolf",
+    "egg",
 )
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -108,13 +137,29 @@ def _spell(rng: random.Random) -> tuple[str, str]:
 
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Maker]] = {
     "reverse": (
-        ("Reverse the order of these words.", "Write these words in reverse order.", "List the words from last to first."),
-        ("Reverse the order of these words: {x}", "Write the words {x} in reverse order.", "List these words from last to first: {x}"),
+        (
+            "Reverse the order of these words.",
+            "Write these words in reverse order.",
+            "List the words from last to first.",
+        ),
+        (
+            "Reverse the order of these words: {x}",
+            "Write the words {x} in reverse order.",
+            "List these words from last to first: {x}",
+        ),
         _reverse,
     ),
     "sort": (
-        ("Sort these numbers from smallest to largest.", "Put the numbers in increasing order.", "Arrange the numbers in ascending order."),
-        ("Sort these numbers from smallest to largest: {x}", "Put the numbers {x} in increasing order.", "Arrange in ascending order: {x}"),
+        (
+            "Sort these numbers from smallest to largest.",
+            "Put the numbers in increasing order.",
+            "Arrange the numbers in ascending order.",
+        ),
+        (
+            "Sort these numbers from smallest to largest: {x}",
+            "Put the numbers {x} in increasing order.",
+            "Arrange in ascending order: {x}",
+        ),
         _sort,
     ),
     "add": (
@@ -123,7 +168,11 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Maker]] = {
         _add,
     ),
     "uppercase": (
-        ("Convert the text to uppercase.", "Write these words in capital letters.", "Rewrite the phrase in upper case."),
+        (
+            "Convert the text to uppercase.",
+            "Write these words in capital letters.",
+            "Rewrite the phrase in upper case.",
+        ),
         ("Convert to uppercase: {x}", "Write {x} in capital letters.", "Rewrite the phrase in upper case: {x}"),
         _uppercase,
     ),
@@ -180,7 +229,9 @@ def record_key(record: dict[str, str]) -> tuple[str, str]:
     return record["instruction"], record["input"]
 
 
-def demo_split(n_train: int = 20000, n_heldout: int = 500, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def demo_split(
+    n_train: int = 20000, n_heldout: int = 500, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, heldout): `n_heldout` distinct records, then `n_train` records none of whose prompts is held
     out (train may repeat its own records; small tasks such as single-digit addition have few prompts)."""
     rng_held, rng_train = random.Random(2 * seed + 1), random.Random(2 * seed + 2)
@@ -215,9 +266,13 @@ def _template_pieces() -> list[str]:
     """The fixed text of Alpaca's two templates as five pieces, written as SentencePiece sees it (spaces as
     U+2581, the first one the dummy prefix). BPE would spend ~35 tokens of every ~50-token example on the
     template; as five pieces, a CPU run spends its compute on the task (examples shrink to ~18 tokens)."""
-    texts = ["Below is an instruction that describes a task", ", paired with an input that provides further context",
-             ". Write a response that appropriately completes the request.\n\n### Instruction:\n", "\n\n### Input:\n",
-             "\n\n### Response:"]
+    texts = [
+        "Below is an instruction that describes a task",
+        ", paired with an input that provides further context",
+        ". Write a response that appropriately completes the request.\n\n### Instruction:\n",
+        "\n\n### Input:\n",
+        "\n\n### Response:",
+    ]
     return ["\u2581" * (i == 0) + t.replace(" ", "\u2581") for i, t in enumerate(texts)]
 
 
@@ -241,10 +296,23 @@ def make_tokenizer(out: str | Path, seed: int = 0) -> Path:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus(seed)), model_writer=model, vocab_size=DEMO_VOCAB_SIZE,
-        model_type="bpe", character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, byte_fallback=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=[*_template_pieces(), "\n", *_piece_words()], num_threads=1, minloglevel=2,
+        sentence_iterator=iter(tokenizer_corpus(seed)),
+        model_writer=model,
+        vocab_size=DEMO_VOCAB_SIZE,
+        model_type="bpe",
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        byte_fallback=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=[*_template_pieces(), "\n", *_piece_words()],
+        num_threads=1,
+        minloglevel=2,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The bundled demo task from the command line: its records, and the demo SentencePiece model.
 
-    python -m c2a.data.demo --show N                 print N training records
-    python -m c2a.data.demo --make-tokenizer OUT     train the demo SentencePiece model and write it to OUT
+python -m c2a.data.demo --show N                 print N training records
+python -m c2a.data.demo --make-tokenizer OUT     train the demo SentencePiece model and write it to OUT
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.make_tokenizer:
         path = make_tokenizer(args.make_tokenizer, seed=args.seed)
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-    for r in demo_split(n_train=max(args.show, 1), n_heldout=0, seed=args.seed)[0][:args.show]:
+    for r in demo_split(n_train=max(args.show, 1), n_heldout=0, seed=args.seed)[0][: args.show]:
         print(r)
     if not args.make_tokenizer and not args.show:
         ap.print_help()
