@@ -78,6 +78,29 @@ def _one_dot(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.conste
 _one_dot_kernel = JITFunction(_one_dot)
 
 
+# The one-dot builds the tests below read, (arch, M, N, K, warps): built in one process of their own, without
+# conftest's TRITON_INTERPRET. In pytest's process an interpreted kernel that raised (tests that check a
+# launcher's refusal do) can leave triton.language patched for the interpreter, and a GPU build then fails
+# ("'value' object has no attribute 'dtype'"), depending on which tests ran before.
+ONE_DOTS = [(arch, *shape) for arch in (90, 80) for shape in ((128, 128, 64, 4), (16, 16, 16, 8))] + [
+    (90, 64, 8, 16, 8)
+]
+
+
+@pytest.fixture(scope="module")
+def one_dots() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, __file__, "one_dots"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {tuple(r["args"]): r["report"] for r in json.loads(done.stdout.splitlines()[-1])}
+
+
+def one_dot_reports() -> list[dict]:
+    return [{"args": list(a), "report": one_dot_report(*a)} for a in ONE_DOTS]
+
+
 def one_dot_report(arch: int, M: int, N: int, K: int, num_warps: int) -> dict:
     from benchmarks.gpu_compile import Launch, compile_launch
 
@@ -89,9 +112,9 @@ def one_dot_report(arch: int, M: int, N: int, K: int, num_warps: int) -> dict:
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-def test_mma_ratio_is_one_when_the_warps_divide_the_tile(arch):
+def test_mma_ratio_is_one_when_the_warps_divide_the_tile(arch, one_dots):
     # 128 x 128 output, 4 warps (one warp group): the warps split the tile, each product is issued once
-    r = one_dot_report(arch, 128, 128, 64, num_warps=4)
+    r = one_dots[(arch, 128, 128, 64, 4)]
     assert r["wgmma"] == (arch == 90) and not r["tma"]
     assert r["unattributed"] == 0 and r["sass_check"] is True
     (dot,) = r["dots"]
@@ -113,16 +136,16 @@ def test_mma_ratio_is_one_when_the_warps_divide_the_tile(arch):
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-def test_mma_ratio_counts_work_every_warp_repeats(arch):
+def test_mma_ratio_counts_work_every_warp_repeats(arch, one_dots):
     # 8 warps, 16 x 16 tile: every warp runs the dot's code and issues at least one m16n8k16 (2·16·8·16
     # FLOPs), so at least 8 x 4096 FLOPs are issued for the tile's 2·16·16·16 = 8192: ratio >= 4
-    r = one_dot_report(arch, 16, 16, 16, num_warps=8)
+    r = one_dots[(arch, 16, 16, 16, 8)]
     assert r["unattributed"] == 0 and r["sass_check"] is True
     assert r["mma_ratio_max"] >= 4.0, r
     if arch == 90:
         # 8 warps on a 64 x 8 tile (2·64·8·16 FLOPs): as wgmma (Triton 3.9) each of 2 warp groups issues at
         # least one m64n8k16, the whole tile; as mma.sync (3.6) each of 8 warps at least one m16n8k16: >= 2
-        r = one_dot_report(arch, 64, 8, 16, num_warps=8)
+        r = one_dots[(arch, 64, 8, 16, 8)]
         assert r["unattributed"] == 0 and r["sass_check"] is True
         assert r["mma_ratio_max"] >= 2.0, r
 
@@ -285,7 +308,7 @@ def test_tma_forward_builds_for_sm90_without_spills(attention_sm90):
 
 
 if __name__ == "__main__":  # a report built outside pytest (see test_mma_ratio_of_a_tma_warp_specialised_loop)
-    print(json.dumps({"tma_loop": tma_loop_report}[sys.argv[1]]()))
+    print(json.dumps({"tma_loop": tma_loop_report, "one_dots": one_dot_reports}[sys.argv[1]]()))
 
 
 def test_attention_default_tiles_fit_a_consumer_gpu(tmp_path):
