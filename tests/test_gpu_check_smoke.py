@@ -27,7 +27,7 @@ def test_gpu_check_smoke(tmp_path):
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         cwd=ROOT,
         env=env,
     )
