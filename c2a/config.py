@@ -172,6 +172,18 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """One `[[data.mix]]` table: a training source and how many passes over it an epoch makes."""
+
+    path: str
+    weight: float = 1.0  # passes per epoch: 1.0 = every example once, 0.5 = a seeded half, 2.0 = twice
+    template: str = ""  # chat template of this source's chat records ('' = data.template)
+
+
+MIX_KEYS = ("path", "weight", "template")
+
+
+@dataclass(frozen=True)
 class DataSection:
     path: str = _f(
         "demo", "'demo' (the bundled task), a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name"
@@ -204,6 +216,13 @@ class DataSection:
         0.0,
         "hold out this share of the training examples for validation (seeded by train.seed, never trained on; 0 = none)",
     )
+    # [[data.mix]] tables (TOML only, not a --key): several sources with weights instead of data.path
+    mix: tuple[MixSource, ...] = dataclasses.field(default=(), metadata={"toml_only": True})
+
+    @property
+    def is_demo(self) -> bool:
+        """The bundled demo task is the training data (data.path 'demo', no [[data.mix]])."""
+        return self.path == "demo" and not self.mix
 
 
 @dataclass(frozen=True)
@@ -308,6 +327,12 @@ class TrainConfig:
             "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (
                 self.data.val_path and self.data.val_fraction
             ),
+            "[[data.mix]] and data.path are two ways to choose the training data: set one": not (
+                self.data.mix and self.data.path != "demo"
+            ),
+            "[[data.mix]] needs a path and a weight > 0 in every table": all(
+                m.path and m.weight > 0 for m in self.data.mix
+            ),
             "eval.every must be >= 0": self.eval.every >= 0,
             "eval.every needs a validation set (data.val_path or data.val_fraction)": not self.eval.every
             or bool(self.data.val_path or self.data.val_fraction),
@@ -325,7 +350,7 @@ def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dat
     for f in dataclasses.fields(cfg_type):
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
             keys.update(config_keys(f.default_factory, f"{prefix}{f.name}."))
-        else:
+        elif not f.metadata.get("toml_only"):
             keys[prefix + f.name] = f
     return keys
 
@@ -392,6 +417,9 @@ def build_config(
 
     def walk(d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
+            if prefix + k == "data.mix":
+                flat["data.mix"] = _mix_tables(v, source)
+                continue
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
                 continue
@@ -424,6 +452,26 @@ def build_config(
     return TrainConfig(**top, **{sec: section_types[sec](**vals) for sec, vals in sections.items()})
 
 
+def _mix_tables(tables: Any, source: str) -> tuple[MixSource, ...]:
+    """`[[data.mix]]` tables as MixSource; a table with an unknown key or a value of the wrong type is an error."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{source}: data.mix must be [[data.mix]] tables (path = ..., weight = ...)")
+    mix = []
+    for n, table in enumerate(tables, 1):
+        unknown = sorted(set(table) - set(MIX_KEYS))
+        if unknown:
+            raise KeyError(
+                f"{source}: [[data.mix]] table {n}: unknown key {unknown[0]!r}; valid: {', '.join(MIX_KEYS)}"
+            )
+        weight = table.get("weight", 1.0)
+        if not isinstance(table.get("path"), str) or not isinstance(table.get("template", ""), str):
+            raise ValueError(f"{source}: [[data.mix]] table {n}: path and template must be strings")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"{source}: [[data.mix]] table {n}: weight must be a number, got {weight!r}")
+        mix.append(MixSource(table["path"], float(weight), table.get("template", "")))
+    return tuple(mix)
+
+
 def config_to_toml(cfg: TrainConfig) -> str:
     """The resolved config as TOML (every key, so a run directory documents itself)."""
 
@@ -438,7 +486,9 @@ def config_to_toml(cfg: TrainConfig) -> str:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
-            lines += ["", f"[{f.name}]"] + [
-                f"{g.name} = {fmt(getattr(section, g.name))}" for g in dataclasses.fields(section)
-            ]
+            fields = [g for g in dataclasses.fields(section) if not g.metadata.get("toml_only")]
+            lines += ["", f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(section, g.name))}" for g in fields]
+            for m in getattr(section, "mix", ()):  # [[data.mix]] tables after [data]'s keys
+                lines += ["", "[[data.mix]]", f"path = {fmt(m.path)}", f"weight = {m.weight!r}"]
+                lines += [f"template = {fmt(m.template)}"] if m.template else []
     return "\n".join(lines) + "\n"

@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from c2a.config import TrainConfig, resolve_dtype
 from c2a.data.batching import MicroBatch, MicroBatchLoader
+from c2a.data.mix import MixedDataset, examples_by_source
 from c2a.plan import predicted_peak_mb
 from c2a.train.checkpoint import save_checkpoint
 from c2a.train.demo_eval import evaluate_demo, record_demo
@@ -65,6 +66,7 @@ def train_loop(s: Session) -> None:
         tensorboard=t.tensorboard,
         progress=t.progress,
         predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
+        extra=_mix_counts(s),
     )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()
@@ -108,6 +110,13 @@ def train_loop(s: Session) -> None:
             )
     control.uninstall()  # from here on (export, evaluation) a signal interrupts as usual
     steplog.close()
+
+
+def _mix_counts(s: Session) -> Callable[[], dict[str, Any]] | None:
+    """With [[data.mix]]: each record's examples_by_source (examples trained so far, by source path)."""
+    if not isinstance(s.data.train, MixedDataset):
+        return None
+    return lambda: {"examples_by_source": examples_by_source(s.loader, s.data.train)}
 
 
 def _step_batches(
