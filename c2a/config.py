@@ -169,6 +169,9 @@ def _f(default: Any, help: str) -> Any:
 class ModelSection:
     preset: str = _f("demo", "LlamaConfig preset when no checkpoint is given: " + ", ".join(PRESETS))
     checkpoint: str = _f("", "pretrained HF or Meta checkpoint directory to fine-tune ('' = train from scratch)")
+    base_model: str = _f(
+        "", "the base's hub id for final/README.md ('' = the checkpoint config.json's _name_or_path when it is one)"
+    )
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,10 @@ class TrainSection:
     keep_best: bool = _f(
         False, "also keep the checkpoint with the lowest validation loss (needs data.val_path or data.val_fraction)"
     )
+    early_stop_patience: int = _f(
+        0,
+        "stop when the validation loss has not improved for this many validations, and export the best checkpoint (0 = off; needs eval.every, turns on keep_best)",
+    )
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
@@ -339,9 +346,14 @@ class TrainConfig:
             "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best
             or bool(self.data.val_path or self.data.val_fraction),
         }
+        checks["train.early_stop_patience must be >= 0 and needs eval.every (validations during the run)"] = (
+            t.early_stop_patience == 0 or (t.early_stop_patience > 0 and self.eval.every > 0)
+        )
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
+        if t.early_stop_patience and not t.keep_best:  # early stopping exports the best checkpoint: keep it
+            object.__setattr__(self, "train", dataclasses.replace(t, keep_best=True))
 
 
 def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:

@@ -19,8 +19,10 @@ from c2a.config import TrainConfig, resolve_dtype
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.data.mix import MixedDataset, examples_by_source
 from c2a.plan import predicted_peak_mb
+from c2a.train.card import hardware, write_cards
 from c2a.train.checkpoint import save_checkpoint
 from c2a.train.demo_eval import evaluate_demo, record_demo
+from c2a.train.early_stop import after_validation, restore_best
 from c2a.train.errors import TrainingError
 from c2a.train.export import export_final, trained_template
 from c2a.train.lifecycle import RunStopped, StopControl
@@ -83,8 +85,10 @@ def train_loop(s: Session) -> None:
         steplog.add(result)
         too_many_bad = _count_bad_steps(s, result)
         val = s.validation.after_step(s.model, s.step, s.total_steps)  # collective at eval.every steps and the last
+        early = after_validation(t.early_stop_patience, s.counters, val, s.validation.new_best, s.step)
         saving = (
-            s.step == s.total_steps
+            early
+            or s.step == s.total_steps
             or too_many_bad
             or result.stop
             or result.save_due
@@ -108,6 +112,8 @@ def train_loop(s: Session) -> None:
                 f"{s.counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); stopped at step "
                 f"{s.step} with a checkpoint in {s.out / 'checkpoints'}; lower train.lr or check the data"
             )
+        if early:
+            break
     control.uninstall()  # from here on (export, evaluation) a signal interrupts as usual
     steplog.close()
 
@@ -153,6 +159,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     """Collective: final/ exported, the demo's exact match after training, the summary (filled on rank 0)."""
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
+    best = restore_best(cfg.out_dir, s.model, s.optimizer, s.step) if cfg.train.early_stop_patience else {}
     final = export_final(
         s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
     )
@@ -165,7 +172,10 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
         "trained_tokens": c.trained_tokens,
         "skipped_steps": c.skipped_steps,
         "wall_seconds": time.perf_counter() - run_start,
+        **best,
     }
+    if c.early_stopped:
+        summary["early_stopped_at"] = s.step
     last = last_record(s.out) if d.is_main else None
     if last is not None and last["loss"] is not None:
         summary["final_loss"] = last["loss"]
@@ -179,6 +189,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
         record_demo(s.out, summary["demo_before"], summary["demo_after"])
     if cfg.eval.plot:
         summary.update(_plot(s.out))
+    summary["card"] = str(write_cards(final, cfg, summary, hardware(d.device, d.world_size)))
     return summary
 
 

@@ -38,6 +38,8 @@ class Counters:
     tokens: int = 0
     train_seconds: float = 0.0
     demo_before: dict[str, Any] | None = None
+    evals_since_best: int = 0  # validations without a lower loss (train.early_stop_patience)
+    early_stopped: bool = False
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

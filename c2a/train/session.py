@@ -95,7 +95,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     schedule = schedule_of(cfg, total_steps)
     if saved is not None:
         check_schedule(resume, saved, schedule)
-        if saved["step"] >= total_steps and (out / "final").is_dir():
+        finished = saved["step"] >= total_steps or saved["counters"].get("early_stopped", False)
+        if finished and (out / "final").is_dir():
             return saved["step"]
     if d.is_main:
         _write_config(out, cfg)  # only now that the run is known to start
