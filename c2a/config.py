@@ -278,6 +278,13 @@ class TrainSection:
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
+    wandb: bool = _f(
+        False, "also log to Weights & Biases (the wandb extra; WANDB_PROJECT, WANDB_MODE=offline, WANDB_DIR)"
+    )
+    mlflow: bool = _f(
+        False, "also log to MLflow (the mlflow extra; MLFLOW_TRACKING_URI, unset: sqlite:///<out_dir>/mlflow.db)"
+    )
+    run_name: str = _f("", "the run's name in W&B and MLflow ('' = out_dir's name)")
     progress: bool = _f(True, "show a progress bar on rank 0")
 
 

@@ -50,10 +50,18 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         )
         return {"already_finished": s, "out_dir": cfg.out_dir}
     demo = s.data.heldout is not None and cfg.eval.demo_accuracy
-    if demo and s.counters.demo_before is None:
-        s.counters.demo_before = evaluate_demo(s.model, s.model_cfg, s.data, cfg, d, "before training")
-    train_loop(s)
-    return finish(s, demo, run_start)
+    try:
+        if demo and s.counters.demo_before is None:
+            s.counters.demo_before = evaluate_demo(s.model, s.model_cfg, s.data, cfg, d, "before training")
+        train_loop(s)
+        summary = finish(s, demo, run_start)
+    except BaseException:
+        if s.tracker is not None:
+            s.tracker.finish(None)  # stopped or failed: the tracking run is closed as such
+        raise
+    if s.tracker is not None:
+        s.tracker.finish(summary)
+    return summary
 
 
 def train_loop(s: Session) -> None:
@@ -69,6 +77,7 @@ def train_loop(s: Session) -> None:
         progress=t.progress,
         predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
         extra=_mix_counts(s),
+        sink=s.tracker.log if s.tracker is not None else None,
     )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()

@@ -203,9 +203,11 @@ class StepLog:
         progress: bool,
         predicted_peak_mb: float,
         extra: Callable[[], dict[str, Any]] | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.d, self.model_cfg, self.predicted_peak_mb = d, model_cfg, predicted_peak_mb
         self.extra = extra  # more fields for each record, asked on rank 0 (the mix's examples_by_source)
+        self.sink = sink  # where else each record goes on rank 0 (W&B, MLflow)
         self.writer = MetricsWriter(out, tensorboard, after_step=step) if d.is_main else None
         self.bar = progress_bar(total_steps, step, progress and d.is_main)
         self.peak = peak_flops(d.device)
@@ -240,6 +242,8 @@ class StepLog:
         if self.writer is not None:
             record.update(self.extra() if self.extra is not None else {})
             self.writer.write(record)
+            if self.sink is not None:
+                self.sink(record)
             if self.bar is not None and record["loss"] is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", **postfix)
         self.window = []
