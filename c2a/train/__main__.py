@@ -66,6 +66,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"checkpoints      {s['out_dir']}/checkpoints/",
         f"final model      {s['final']}  (HF safetensors, the tokenizer files, the trained chat_template.jinja)",
     ]
+    if "card" in s:
+        lines.append(f"model card       {s['card']}")
     print("\n".join(lines), flush=True)
 
 
