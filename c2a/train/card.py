@@ -180,6 +180,7 @@ def update_card(model_dir: str | Path, table: str, command: str) -> Path:
     if start >= 0:
         end = text.find("\n## ", start + len(EVAL_HEADING) + 2)
         text = text[:start] + (text[end:] if end >= 0 else "\n")
-    section = f"\n{EVAL_HEADING}\n\n`{command}`\n\n{table.strip()}\n"
+    body = table.strip() if table.lstrip().startswith("|") else f"```\n{table.strip()}\n```"  # a table, or plain lines
+    section = f"\n{EVAL_HEADING}\n\n`{command}`\n\n{body}\n"
     path.write_text(text.rstrip("\n") + "\n" + section, encoding="utf-8")
     return path
