@@ -65,8 +65,18 @@ def _front_matter(text: str) -> str:
     return text[4:end] if end > 0 else ""
 
 
-def _sources(cfg: TrainConfig) -> list[tuple[str, float]]:
-    return [(m.path, m.weight) for m in cfg.data.mix] or [(cfg.data.path, 1.0)]
+def _sources(cfg: TrainConfig) -> list[str]:
+    return [m.path for m in cfg.data.mix] or [cfg.data.path]
+
+
+def _data_lines(cfg: TrainConfig) -> list[str]:
+    """The card's data section: each source (with its weight and own template in a mix) and the template."""
+    if not cfg.data.mix:
+        return [f"- `{cfg.data.path}`"]
+    return [
+        f"- `{m.path}`, weight {m.weight:g} (passes per epoch)" + (f", template `{m.template}`" if m.template else "")
+        for m in cfg.data.mix
+    ]
 
 
 def _yaml(meta: dict[str, Any]) -> str:
@@ -99,7 +109,7 @@ def card_text(cfg: TrainConfig, summary: dict[str, Any], hw: str, library: str =
     base = base_model(cfg)
     if base:
         meta["base_model"] = base
-    datasets = [hub for hub in (hub_id(p) for p, _ in _sources(cfg)) if hub]
+    datasets = [hub for hub in (hub_id(p) for p in _sources(cfg)) if hub]
     if datasets:
         meta["datasets"] = datasets
     meta["library_name"] = library
@@ -131,10 +141,7 @@ def card_text(cfg: TrainConfig, summary: dict[str, Any], hw: str, library: str =
         "",
         "## Data",
         "",
-        *[
-            f"- `{path}`" + (f", weight {weight:g} (passes per epoch)" if cfg.data.mix else "")
-            for path, weight in _sources(cfg)
-        ],
+        *_data_lines(cfg),
         f"- template: `{cfg.data.template}` (Alpaca-format records always use Stanford Alpaca's prompt)",
         "",
         "## Results",
