@@ -169,6 +169,21 @@ def _f(default: Any, help: str) -> Any:
 class ModelSection:
     preset: str = _f("demo", "LlamaConfig preset when no checkpoint is given: " + ", ".join(PRESETS))
     checkpoint: str = _f("", "pretrained HF or Meta checkpoint directory to fine-tune ('' = train from scratch)")
+    base_model: str = _f(
+        "", "the base's hub id for final/README.md ('' = the checkpoint config.json's _name_or_path when it is one)"
+    )
+
+
+@dataclass(frozen=True)
+class MixSource:
+    """One `[[data.mix]]` table: a training source and how many passes over it an epoch makes."""
+
+    path: str
+    weight: float = 1.0  # passes per epoch: 1.0 = every example once, 0.5 = a seeded half, 2.0 = twice
+    template: str = ""  # chat template of this source's chat records ('' = data.template)
+
+
+MIX_KEYS = ("path", "weight", "template")
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,13 @@ class DataSection:
         0.0,
         "hold out this share of the training examples for validation (seeded by train.seed, never trained on; 0 = none)",
     )
+    # [[data.mix]] tables (TOML only, not a --key): several sources with weights instead of data.path
+    mix: tuple[MixSource, ...] = dataclasses.field(default=(), metadata={"toml_only": True})
+
+    @property
+    def is_demo(self) -> bool:
+        """The bundled demo task is the training data (data.path 'demo', no [[data.mix]])."""
+        return self.path == "demo" and not self.mix
 
 
 @dataclass(frozen=True)
@@ -249,9 +271,20 @@ class TrainSection:
     keep_best: bool = _f(
         False, "also keep the checkpoint with the lowest validation loss (needs data.val_path or data.val_fraction)"
     )
+    early_stop_patience: int = _f(
+        0,
+        "stop when the validation loss has not improved for this many validations, and export the best checkpoint (0 = off; needs eval.every, turns on keep_best)",
+    )
     log_every: int = _f(50, "optimizer steps between metrics.jsonl records")
     max_bad_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite steps in a row")
     tensorboard: bool = _f(False, "also log to TensorBoard in out_dir/tensorboard (needs the tensorboard package)")
+    wandb: bool = _f(
+        False, "also log to Weights & Biases (the wandb extra; WANDB_PROJECT, WANDB_MODE=offline, WANDB_DIR)"
+    )
+    mlflow: bool = _f(
+        False, "also log to MLflow (the mlflow extra; MLFLOW_TRACKING_URI, unset: sqlite:///<out_dir>/mlflow.db)"
+    )
+    run_name: str = _f("", "the run's name in W&B and MLflow ('' = out_dir's name)")
     progress: bool = _f(True, "show a progress bar on rank 0")
 
 
@@ -308,15 +341,26 @@ class TrainConfig:
             "data.val_path and data.val_fraction are two ways to choose a validation set: set one": not (
                 self.data.val_path and self.data.val_fraction
             ),
+            "[[data.mix]] and data.path are two ways to choose the training data: set one": not (
+                self.data.mix and self.data.path != "demo"
+            ),
+            "[[data.mix]] needs a path and a weight > 0 in every table": all(
+                m.path and m.weight > 0 for m in self.data.mix
+            ),
             "eval.every must be >= 0": self.eval.every >= 0,
             "eval.every needs a validation set (data.val_path or data.val_fraction)": not self.eval.every
             or bool(self.data.val_path or self.data.val_fraction),
             "train.keep_best needs a validation set (data.val_path or data.val_fraction)": not t.keep_best
             or bool(self.data.val_path or self.data.val_fraction),
         }
+        checks["train.early_stop_patience must be >= 0 and needs eval.every (validations during the run)"] = (
+            t.early_stop_patience == 0 or (t.early_stop_patience > 0 and self.eval.every > 0)
+        )
         bad = [msg for msg, ok in checks.items() if not ok]
         if bad:
             raise ValueError("invalid config: " + "; ".join(bad))
+        if t.early_stop_patience and not t.keep_best:  # early stopping exports the best checkpoint: keep it
+            object.__setattr__(self, "train", dataclasses.replace(t, keep_best=True))
 
 
 def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -325,7 +369,7 @@ def config_keys(cfg_type: type = TrainConfig, prefix: str = "") -> dict[str, dat
     for f in dataclasses.fields(cfg_type):
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
             keys.update(config_keys(f.default_factory, f"{prefix}{f.name}."))
-        else:
+        elif not f.metadata.get("toml_only"):
             keys[prefix + f.name] = f
     return keys
 
@@ -392,6 +436,9 @@ def build_config(
 
     def walk(d: dict[str, Any], prefix: str) -> None:
         for k, v in d.items():
+            if prefix + k == "data.mix":
+                flat["data.mix"] = _mix_tables(v, source)
+                continue
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
                 continue
@@ -424,6 +471,26 @@ def build_config(
     return TrainConfig(**top, **{sec: section_types[sec](**vals) for sec, vals in sections.items()})
 
 
+def _mix_tables(tables: Any, source: str) -> tuple[MixSource, ...]:
+    """`[[data.mix]]` tables as MixSource; a table with an unknown key or a value of the wrong type is an error."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{source}: data.mix must be [[data.mix]] tables (path = ..., weight = ...)")
+    mix = []
+    for n, table in enumerate(tables, 1):
+        unknown = sorted(set(table) - set(MIX_KEYS))
+        if unknown:
+            raise KeyError(
+                f"{source}: [[data.mix]] table {n}: unknown key {unknown[0]!r}; valid: {', '.join(MIX_KEYS)}"
+            )
+        weight = table.get("weight", 1.0)
+        if not isinstance(table.get("path"), str) or not isinstance(table.get("template", ""), str):
+            raise ValueError(f"{source}: [[data.mix]] table {n}: path and template must be strings")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"{source}: [[data.mix]] table {n}: weight must be a number, got {weight!r}")
+        mix.append(MixSource(table["path"], float(weight), table.get("template", "")))
+    return tuple(mix)
+
+
 def config_to_toml(cfg: TrainConfig) -> str:
     """The resolved config as TOML (every key, so a run directory documents itself)."""
 
@@ -438,7 +505,9 @@ def config_to_toml(cfg: TrainConfig) -> str:
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if dataclasses.is_dataclass(section):
-            lines += ["", f"[{f.name}]"] + [
-                f"{g.name} = {fmt(getattr(section, g.name))}" for g in dataclasses.fields(section)
-            ]
+            fields = [g for g in dataclasses.fields(section) if not g.metadata.get("toml_only")]
+            lines += ["", f"[{f.name}]"] + [f"{g.name} = {fmt(getattr(section, g.name))}" for g in fields]
+            for m in getattr(section, "mix", ()):  # [[data.mix]] tables after [data]'s keys
+                lines += ["", "[[data.mix]]", f"path = {fmt(m.path)}", f"weight = {m.weight!r}"]
+                lines += [f"template = {fmt(m.template)}"] if m.template else []
     return "\n".join(lines) + "\n"

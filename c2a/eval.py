@@ -44,6 +44,7 @@ from c2a.inference import answers, load_model, load_tokenizer, prompt_format, wr
 from c2a.inference.answers import load_alpaca_eval_prompts
 from c2a.inference.arguments import add_model_arguments
 from c2a.inference.evaluation import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS, evaluate_records, load_eval_records
+from c2a.train.card import update_card
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpaca-eval-prompts",
         type=Path,
         help="answer these prompts (AlpacaEval's set as a local JSON file) instead of --data's",
+    )
+    ap.add_argument(
+        "--update-card",
+        action="store_true",
+        help="add the results (--suite's table, or any evaluation's summary) to MODEL/README.md, the model card",
     )
     ap.add_argument("--generator", help="the model's name in the AlpacaEval file (default: the model directory's name)")
     add_model_arguments(ap)
@@ -219,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         return report(e)
     print(summary(result), flush=True)
+    if args.update_card:
+        command = "python -m c2a.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+        print(f"card         {update_card(args.model, summary(result), command)}", flush=True)
     if args.output and not (args.tasks or args.suite):  # lm-eval's runs wrote their own result JSON there
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")

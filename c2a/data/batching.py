@@ -284,6 +284,12 @@ class MicroBatchLoader:
                 self.epoch, self._step = epoch + 1, 0
             yield self._assemble(rows)
 
+    def examples_done_in_epoch(self) -> np.ndarray:
+        """The example indices of the current epoch's optimizer steps done so far, all ranks together."""
+        self._normalise()
+        rows = self._epoch_rows(self.epoch)[: self._step * self.global_batch_rows]
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+
     def state_dict(self) -> dict[str, Any]:
         self._normalise()
         return {

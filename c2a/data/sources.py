@@ -24,7 +24,7 @@ def resolve_tokenizer(cfg: TrainConfig) -> Path:
     tokenizer.json)."""
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
-    elif cfg.data.path == "demo":
+    elif cfg.data.is_demo:
         path = DEMO_TOKENIZER
     elif cfg.model.checkpoint and find_tokenizer(cfg.model.checkpoint) is not None:
         path = find_tokenizer(cfg.model.checkpoint)
@@ -47,9 +47,12 @@ def demo_dataset(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[TokenizedDatas
     return ds, heldout
 
 
-def tokenize_records_file(cfg: TrainConfig, tokenizer: Tokenizer, workers: int) -> TokenizedDataset:
-    """data.path (a local file or a hub dataset name) read, validated and tokenized as the run trains on it."""
-    loaded = load_records(cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint=SKIP_HINT)
+def tokenize_records_file(
+    cfg: TrainConfig, tokenizer: Tokenizer, workers: int, path: str = "", template: str = ""
+) -> TokenizedDataset:
+    """data.path (a local file or a hub dataset name) read, validated and tokenized as the run trains on it;
+    `path` and `template` (a [[data.mix]] source's) instead of data.path and data.template where given."""
+    loaded = load_records(path or cfg.data.path, skip_bad_rows=cfg.data.skip_bad_rows, skip_hint=SKIP_HINT)
     return TokenizedDataset.from_records(
         loaded.records,
         tokenizer,
@@ -58,5 +61,5 @@ def tokenize_records_file(cfg: TrainConfig, tokenizer: Tokenizer, workers: int) 
         workers=workers,
         source=loaded.source,
         skipped_bad_rows=len(loaded.skipped),
-        template=cfg.data.template,
+        template=template or cfg.data.template,
     )

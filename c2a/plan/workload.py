@@ -87,6 +87,8 @@ def resolve_data(
 ) -> DataShape:
     if examples is not None or mean_tokens is not None or trained_fraction is not None:
         return _assumed(examples, mean_tokens, trained_fraction, "given")
+    if cfg.data.mix:
+        return _mix_shape(cfg)
     for cache in (Path(cfg.data.path), Path(cfg.out_dir) / "data_cache"):
         manifest = cache / "manifest.json"
         if manifest.is_file():
@@ -95,7 +97,7 @@ def resolve_data(
             return DataShape(
                 c["examples"], c["tokens"], c["trained_tokens"], int(m["lengths"]["max"]), f"measured: {manifest}"
             )
-    if cfg.data.path == "demo":
+    if cfg.data.is_demo:
         return _measured(demo_dataset(cfg, Tokenizer(resolve_tokenizer(cfg)))[0], "measured: the demo task")
     if Path(cfg.data.path).is_file():  # a local data file: tokenized here as the trainer would (not cached)
         ds = tokenize_records_file(cfg, Tokenizer(resolve_tokenizer(cfg)), workers=cfg.data.workers or 1)
@@ -106,6 +108,33 @@ def resolve_data(
         None,
         "assumed (no local data file or prepared cache: run python -m c2a.data.prepare, or pass "
         "--examples/--mean-tokens)",
+    )
+
+
+def _mix_shape(cfg: TrainConfig) -> DataShape:
+    """[[data.mix]]: each source measured (its cache, the run's out_dir/mix_cache/K, or its local file
+    tokenized here) and counted as many times per epoch as its weight says; assumed when one cannot be."""
+    shapes = []
+    for k, m in enumerate(cfg.data.mix):
+        caches = [Path(m.path) / "manifest.json", Path(cfg.out_dir) / "mix_cache" / str(k) / "manifest.json"]
+        manifest = next((c for c in caches if c.is_file()), None)
+        if manifest is not None:
+            man = json.loads(manifest.read_text())
+        elif Path(m.path).is_file():
+            tok = Tokenizer(resolve_tokenizer(cfg))
+            man = tokenize_records_file(cfg, tok, cfg.data.workers or 1, m.path, m.template).manifest
+        else:
+            return _assumed(
+                None, None, None, f"assumed ([[data.mix]] source {m.path} is neither a local file nor a prepared cache)"
+            )
+        c = man["counts"]
+        shapes.append((m.weight, c["examples"], c["tokens"], c["trained_tokens"], int(man["lengths"]["max"])))
+    return DataShape(
+        sum(round(w * n) for w, n, _, _, _ in shapes),
+        sum(round(w * t) for w, _, t, _, _ in shapes),
+        sum(round(w * t) for w, _, _, t, _ in shapes),
+        max(x for *_, x in shapes),
+        "measured: [[data.mix]] " + ", ".join(f"{m.path} x {m.weight:g}" for m in cfg.data.mix),
     )
 
 

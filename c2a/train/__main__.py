@@ -46,6 +46,10 @@ def _print_summary(s: dict[str, Any]) -> None:
         lines.append(
             f"validation loss  {s['val_loss']:.4f} (perplexity {s['val_ppl']:.3f}, {s['val_targets']:,} targets)"
         )
+    if "early_stopped_at" in s:
+        lines.append(
+            f"early stop       at step {s['early_stopped_at']}; final/ is {s.get('exported_checkpoint', 'the last step')}"
+        )
     if "best_checkpoint" in s:
         lines.append(f"best checkpoint  {s['best_checkpoint']} (validation loss {s['best_val_loss']:.4f})")
     if s.get("demo_after"):
@@ -62,6 +66,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"checkpoints      {s['out_dir']}/checkpoints/",
         f"final model      {s['final']}  (HF safetensors, the tokenizer files, the trained chat_template.jinja)",
     ]
+    if "card" in s:
+        lines.append(f"model card       {s['card']}")
     print("\n".join(lines), flush=True)
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from c2a.config import TrainConfig, resolve_dtype
 from c2a.data.batching import MicroBatch, MicroBatchLoader
+from c2a.data.mix import MixedDataset, examples_by_source
 from c2a.plan import predicted_peak_mb
+from c2a.train.card import hardware, write_cards
 from c2a.train.checkpoint import save_checkpoint
 from c2a.train.demo_eval import evaluate_demo, record_demo
+from c2a.train.early_stop import after_validation, restore_best
 from c2a.train.errors import TrainingError
 from c2a.train.export import export_final, trained_template
 from c2a.train.lifecycle import RunStopped, StopControl
@@ -47,10 +50,18 @@ def run(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         )
         return {"already_finished": s, "out_dir": cfg.out_dir}
     demo = s.data.heldout is not None and cfg.eval.demo_accuracy
-    if demo and s.counters.demo_before is None:
-        s.counters.demo_before = evaluate_demo(s.model, s.model_cfg, s.data, cfg, d, "before training")
-    train_loop(s)
-    return finish(s, demo, run_start)
+    try:
+        if demo and s.counters.demo_before is None:
+            s.counters.demo_before = evaluate_demo(s.model, s.model_cfg, s.data, cfg, d, "before training")
+        train_loop(s)
+        summary = finish(s, demo, run_start)
+    except BaseException:
+        if s.tracker is not None:
+            s.tracker.finish(None)  # stopped or failed: the tracking run is closed as such
+        raise
+    if s.tracker is not None:
+        s.tracker.finish(summary)
+    return summary
 
 
 def train_loop(s: Session) -> None:
@@ -65,6 +76,8 @@ def train_loop(s: Session) -> None:
         tensorboard=t.tensorboard,
         progress=t.progress,
         predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
+        extra=_mix_counts(s),
+        sink=s.tracker.log if s.tracker is not None else None,
     )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()
@@ -81,8 +94,10 @@ def train_loop(s: Session) -> None:
         steplog.add(result)
         too_many_bad = _count_bad_steps(s, result)
         val = s.validation.after_step(s.model, s.step, s.total_steps)  # collective at eval.every steps and the last
+        early = after_validation(t.early_stop_patience, s.counters, val, s.validation.new_best, s.step)
         saving = (
-            s.step == s.total_steps
+            early
+            or s.step == s.total_steps
             or too_many_bad
             or result.stop
             or result.save_due
@@ -106,8 +121,17 @@ def train_loop(s: Session) -> None:
                 f"{s.counters.bad_in_a_row} non-finite steps in a row (train.max_bad_steps={t.max_bad_steps}); stopped at step "
                 f"{s.step} with a checkpoint in {s.out / 'checkpoints'}; lower train.lr or check the data"
             )
+        if early:
+            break
     control.uninstall()  # from here on (export, evaluation) a signal interrupts as usual
     steplog.close()
+
+
+def _mix_counts(s: Session) -> Callable[[], dict[str, Any]] | None:
+    """With [[data.mix]]: each record's examples_by_source (examples trained so far, by source path)."""
+    if not isinstance(s.data.train, MixedDataset):
+        return None
+    return lambda: {"examples_by_source": examples_by_source(s.loader, s.data.train)}
 
 
 def _step_batches(
@@ -144,6 +168,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     """Collective: final/ exported, the demo's exact match after training, the summary (filled on rank 0)."""
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
+    best = restore_best(cfg.out_dir, s.model, s.optimizer, s.step) if cfg.train.early_stop_patience else {}
     final = export_final(
         s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
     )
@@ -156,7 +181,10 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
         "trained_tokens": c.trained_tokens,
         "skipped_steps": c.skipped_steps,
         "wall_seconds": time.perf_counter() - run_start,
+        **best,
     }
+    if c.early_stopped:
+        summary["early_stopped_at"] = s.step
     last = last_record(s.out) if d.is_main else None
     if last is not None and last["loss"] is not None:
         summary["final_loss"] = last["loss"]
@@ -170,6 +198,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
         record_demo(s.out, summary["demo_before"], summary["demo_after"])
     if cfg.eval.plot:
         summary.update(_plot(s.out))
+    summary["card"] = str(write_cards(final, cfg, summary, hardware(d.device, d.world_size)))
     return summary
 
 

@@ -9,6 +9,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Counters:
     tokens: int = 0
     train_seconds: float = 0.0
     demo_before: dict[str, Any] | None = None
+    evals_since_best: int = 0  # validations without a lower loss (train.early_stop_patience)
+    early_stopped: bool = False
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -199,8 +202,12 @@ class StepLog:
         tensorboard: bool,
         progress: bool,
         predicted_peak_mb: float,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.d, self.model_cfg, self.predicted_peak_mb = d, model_cfg, predicted_peak_mb
+        self.extra = extra  # more fields for each record, asked on rank 0 (the mix's examples_by_source)
+        self.sink = sink  # where else each record goes on rank 0 (W&B, MLflow)
         self.writer = MetricsWriter(out, tensorboard, after_step=step) if d.is_main else None
         self.bar = progress_bar(total_steps, step, progress and d.is_main)
         self.peak = peak_flops(d.device)
@@ -233,7 +240,10 @@ class StepLog:
         record["predicted_peak_memory_mb"] = self.predicted_peak_mb  # c2a.plan's, beside peak_memory_mb
         counters.train_seconds += elapsed
         if self.writer is not None:
+            record.update(self.extra() if self.extra is not None else {})
             self.writer.write(record)
+            if self.sink is not None:
+                self.sink(record)
             if self.bar is not None and record["loss"] is not None:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", **postfix)
         self.window = []

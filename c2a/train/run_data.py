@@ -14,6 +14,7 @@ import torch.distributed as dist
 from c2a.config import TrainConfig
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
+from c2a.data.mix import MixedDataset
 from c2a.data.sources import demo_dataset, resolve_tokenizer, tokenize_records_file
 from c2a.train.errors import TrainingError
 from c2a.train.parallel import Dist
@@ -34,39 +35,56 @@ class RunData:
 
 def build_data(cfg: TrainConfig, d: Dist) -> RunData:
     """The tokenized training set: the demo task (in memory), a prepared cache directory, or a data file /
-    hub dataset tokenized once by rank 0 into out_dir/data_cache and memory-mapped by every rank."""
+    hub dataset tokenized once by rank 0 into out_dir/data_cache and memory-mapped by every rank; with
+    [[data.mix]], each source so (its own cache out_dir/mix_cache/K), mixed by weight."""
     tok_path = resolve_tokenizer(cfg)
     tokenizer = Tokenizer(tok_path)
-    max_len = cfg.data.max_len
-    if cfg.data.path == "demo":
+    if cfg.data.is_demo:
         ds, heldout = demo_dataset(cfg, tokenizer)
         return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), heldout)
-    source = Path(cfg.data.path)
-    if source.is_dir():
-        ds = TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len)
+    if not cfg.data.mix:
+        ds = _source(cfg, d, tokenizer, cfg.data.path, cfg.data.template, Path(cfg.out_dir) / "data_cache")
         return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
-    cache = Path(cfg.out_dir) / "data_cache"
+    sources = [
+        _source(cfg, d, tokenizer, m.path, m.template or cfg.data.template, Path(cfg.out_dir) / "mix_cache" / str(k))
+        for k, m in enumerate(cfg.data.mix)
+    ]
+    mixed = MixedDataset(
+        sources, [m.path for m in cfg.data.mix], [m.weight for m in cfg.data.mix], cfg.train.seed, cfg.data.val_fraction
+    )
+    if len(mixed) == 0:
+        raise TrainingError("[[data.mix]]: the weights leave no training example; raise a weight")
+    per_epoch = ", ".join(f"{name} {n:,}" for name, n in mixed.per_epoch().items())
+    log.info("data mix: %d sources, examples per epoch: %s", len(sources), per_epoch)
+    return RunData(tok_path, tokenizer, _report_lengths(mixed, cfg), None)
+
+
+def _source(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer, path: str, template: str, cache: Path) -> TokenizedDataset:
+    """One source: a prepared cache opened as it is, or a data file / hub dataset tokenized once by rank 0 into
+    `cache` and memory-mapped by every rank."""
+    if Path(path).is_dir():
+        return TokenizedDataset.open(path, expect_tokenizer=tokenizer, expect_max_len=cfg.data.max_len)
     if d.is_main and not cache.is_dir():
-        log.info("tokenizing %s into %s", cfg.data.path, cache)
-        tokenize_records_file(cfg, tokenizer, workers=cfg.data.workers or os.cpu_count() or 1).save(cache)
+        log.info("tokenizing %s into %s", path, cache)
+        workers = cfg.data.workers or os.cpu_count() or 1
+        tokenize_records_file(cfg, tokenizer, workers, path=path, template=template).save(cache)
     dist.barrier()
     hint = (
         f"{cache} is this run's own cache, made when it started: resume with the data and settings it was started with "
         f"(see {Path(cfg.out_dir) / 'config.toml'}), or train in a new out_dir"
     )
-    ds = TokenizedDataset.open(
+    return TokenizedDataset.open(
         cache,
         expect_tokenizer=tokenizer,
-        expect_max_len=max_len,
-        expect_source=cfg.data.path,
+        expect_max_len=cfg.data.max_len,
+        expect_source=path,
         expect_truncation=cfg.data.truncation,
-        expect_template=cfg.data.template,
+        expect_template=template,
         hint=hint,
     )
-    return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
 
 
-def _report_lengths(ds: TokenizedDataset, cfg: TrainConfig) -> TokenizedDataset:
+def _report_lengths(ds: ExampleDataset, cfg: TrainConfig) -> ExampleDataset:
     """Logs how many examples did not fit data.max_len (truncated or dropped): never silent."""
     counts = ds.manifest["counts"]
     if counts["truncated"] or counts["dropped"]:

@@ -25,6 +25,7 @@ from c2a.train.metrics import Counters
 from c2a.train.optim import build_optimizer, build_scheduler, check_schedule, schedule_of
 from c2a.train.parallel import Dist, build_sharded_model, materialize
 from c2a.train.run_data import RunData, build_data, make_loader
+from c2a.train.tracking import Tracker, check_extras
 from c2a.train.validation import Validation
 
 log = logging.getLogger("c2a")
@@ -46,6 +47,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     counters: Counters
     step: int
+    tracker: Tracker | None = None  # rank 0 with train.mlflow / train.wandb
 
     @property
     def out(self) -> Path:
@@ -73,6 +75,7 @@ def claim(cfg: TrainConfig, d: Dist) -> None:
         cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None
     ):  # before minutes of loading, not after
         raise TrainingError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
+    check_extras(cfg)
     claim_out_dir(Path(cfg.out_dir), d)
     if d.is_main:
         remove_partial_checkpoints(Path(cfg.out_dir))
@@ -95,7 +98,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     schedule = schedule_of(cfg, total_steps)
     if saved is not None:
         check_schedule(resume, saved, schedule)
-        if saved["step"] >= total_steps and (out / "final").is_dir():
+        finished = saved["step"] >= total_steps or saved["counters"].get("early_stopped", False)
+        if finished and (out / "final").is_dir():
             return saved["step"]
     if d.is_main:
         _write_config(out, cfg)  # only now that the run is known to start
@@ -125,6 +129,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         log.info("resumed from %s (step %d of %d, saved by %d ranks)", resume, s.step, total_steps, state["world_size"])
     else:
         materialize(model, reader, t.seed)
+    if d.is_main and (t.mlflow or t.wandb):
+        s.tracker = Tracker(cfg)  # the run ids of a resumed run come from out_dir/tracking.json
     origin = (
         f"resumed from {resume.name}"
         if resume is not None

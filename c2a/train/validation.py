@@ -35,6 +35,7 @@ import torch.distributed as dist
 from c2a.config import TrainConfig
 from c2a.data import TokenizedDataset, Tokenizer, load_records
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
+from c2a.data.mix import MixedDataset
 from c2a.data.sources import SKIP_HINT
 from c2a.inference import target_loss_sum
 from c2a.train.checkpoint import best_checkpoint, read_trainer_state
@@ -120,6 +121,9 @@ class Validation:
             dataset = load_validation_set(cfg, data.tokenizer)
             described = f"{cfg.data.val_path} ({len(dataset):,} examples)"
             train = data.train
+        elif cfg.data.val_fraction and isinstance(data.train, MixedDataset):  # split per source (c2a.data.mix)
+            dataset, train = data.train.heldout, data.train
+            described = f"{len(dataset):,} examples held out of the {len(data.train.names)} [[data.mix]] sources, each split on its own (data.val_fraction={cfg.data.val_fraction})"
         elif cfg.data.val_fraction:
             train_idx, val_idx = split_examples(len(data.train), cfg.data.val_fraction, cfg.train.seed)
             dataset, train = ExampleSubset(data.train, val_idx), ExampleSubset(data.train, train_idx)
