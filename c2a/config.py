@@ -221,6 +221,16 @@ class TrainSection:
     lr: float = _f(2e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
+    warmup_rounding: str = _f("ceil", "warmup steps = warmup_ratio x steps rounded: ceil (HF Trainer) or floor (int())")
+    lr_schedule: str = _f(
+        "c2a",
+        "c2a (warmup from 1/warmup, cosine ending at the last step) or hf (transformers' get_cosine_schedule_with_warmup: step 0 at lr 0, no clamp past its horizon)",
+    )
+    schedule_steps: int = _f(0, "the schedule's horizon in optimizer steps (0 = the run's own step count)")
+    loss_weighting: str = _f(
+        "token",
+        "token (the step's mean over trained targets) or example (each example's mean over its targets, then the mean over the step's examples)",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices (norm weights never decay)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
@@ -286,6 +296,12 @@ class TrainConfig:
             )
             > 0,
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
+            "train.warmup_rounding must be ceil or floor": t.warmup_rounding in ("ceil", "floor"),
+            "train.lr_schedule must be c2a or hf": t.lr_schedule in ("c2a", "hf"),
+            "train.lr_schedule = hf has no final lr floor: train.min_lr_ratio must be 0": t.lr_schedule != "hf"
+            or t.min_lr_ratio == 0,
+            "train.schedule_steps must be >= 0": t.schedule_steps >= 0,
+            "train.loss_weighting must be token or example": t.loss_weighting in ("token", "example"),
             "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(
                 t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps
             )

@@ -74,7 +74,7 @@ def train_loop(s: Session) -> None:
     while s.step < s.total_steps:
         epoch = s.loader.epoch + 1  # 1-based; read before the step's first micro-batch moves the loader
         micro, batches = _step_batches(s.loader, batches)
-        result = train_step(s.model, s.optimizer, micro, t.grad_clip, d.device, control)
+        result = train_step(s.model, s.optimizer, micro, t.grad_clip, d.device, control, t.loss_weighting)
         lr = s.scheduler.get_last_lr()[0]
         s.scheduler.step()
         s.step += 1
