@@ -188,11 +188,15 @@ class DataSection:
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
     template: str = _f(
         "auto",
-        "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca or llama2-chat; Alpaca records always use Alpaca's prompt",
+        "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca, llama2-chat or alpaca-claude2-released; Alpaca records use Alpaca's prompt, chosen by the instruction (not the input) with alpaca-claude2-released as the released model was",
+    )
+    tokenization: str = _f(
+        "split",
+        "Alpaca records: split (prompt and response encoded apart, no piece across the boundary) or joint (prompt+response in one piece, the prompt's token count masked, as the released claude2-alpaca model)",
     )
     truncation: str = _f(
         "truncate",
-        "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way",
+        "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept), drop them, or right (keep the first max_len+1 tokens, EOS lost, as HF's truncation=True); counted either way",
     )
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
@@ -290,7 +294,8 @@ class TrainConfig:
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
             in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
-            "data.truncation must be truncate or drop": self.data.truncation in ("truncate", "drop"),
+            "data.truncation must be truncate, drop or right": self.data.truncation in ("truncate", "drop", "right"),
+            "data.tokenization must be split or joint": self.data.tokenization in ("split", "joint"),
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(
                 t.global_batch, t.micro_batch, t.epochs, self.data.max_len
             )

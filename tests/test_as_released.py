@@ -23,6 +23,7 @@ from dist_weighting import GLOBAL_ROWS, MODEL, loader
 from kernel_checks import DEVICE, DTYPES, assert_within_torch_error
 
 from c2a.config import build_config
+from c2a.data import TokenizedDataset, Tokenizer
 from c2a.kernels.cross_entropy import (
     IGNORE_INDEX,
     linear_cross_entropy,
@@ -177,3 +178,80 @@ def test_hf_schedule_equals_transformers_at_every_step(rounding, total, horizon)
     assert lrs[0] == 0.0 or warmup == 0
     if horizon:  # past the fixed horizon the lr rises again: transformers does not clamp
         assert lrs[-1] > lrs[horizon]
+
+
+# ------------------------------------------------------------------ the template and the joint tokenization
+
+# Stanford Alpaca's two prompts, written out here again (the released script used them, choosing by the
+# instruction)
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+RELEASED_MAX_LENGTH = 1024  # the tokenizer's model_max_length: tokens fed to the model, BOS and EOS included
+
+RECORDS = [
+    {"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow and blue."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "", "input": "an input without an instruction", "output": "It is ignored by the prompt."},
+    {"instruction": "", "input": "", "output": "Nothing was asked."},
+    {"instruction": "Écris un haïku 🌸", "input": "日本語のテキスト", "output": "Sakura — 桜 — ☀️ naïve café."},
+    {"instruction": "Tell a long story.", "input": "", "output": " ".join(f"word{i}" for i in range(1500))},
+    {"instruction": "Repeat.", "input": "x " * 1100, "output": "done"},  # the prompt alone is past 1024
+]
+
+
+def _released_encoding(sp, record: dict) -> tuple[list[int], list[int]] | None:
+    """The released dataset.py's example, from the facts: the prompt chosen by the instruction, one
+    tokenization of prompt + response + "</s>" (the slow tokenizer: BOS, SentencePiece's pieces, EOS id 2),
+    the first len(tokenize(prompt)) positions masked, cut on the right at 1024 tokens. Returned in c2a's
+    convention (input_ids = tokens[:-1], labels = the next tokens); None when no target is left."""
+    prompt = (WITH_INPUT if record["instruction"] != "" else NO_INPUT).format(**record)
+    full = ([sp.bos_id()] + sp.encode(prompt + record["output"]) + [sp.eos_id()])[:RELEASED_MAX_LENGTH]
+    n_prompt = len([sp.bos_id()] + sp.encode(prompt))
+    labels = [-100 if i < n_prompt else t for i, t in enumerate(full)]  # HF's convention: labels = input_ids
+    if all(label == -100 for label in labels[1:]):
+        return None
+    return full[:-1], labels[1:]
+
+
+def test_released_template_and_joint_tokenization_match_the_reference(real_tokenizer_path):
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
+    ds = TokenizedDataset.from_records(
+        RECORDS,
+        Tokenizer(real_tokenizer_path),
+        RELEASED_MAX_LENGTH - 1,  # c2a's max_len counts input positions: tokens - 1
+        truncation="right",
+        template="alpaca-claude2-released",
+        tokenization="joint",
+    )
+    want = [e for e in (_released_encoding(sp, r) for r in RECORDS) if e is not None]
+    assert len(want) == len(RECORDS) - 1 and len(ds) == len(want)  # the prompt-only record is dropped
+    for i, (ids, labels) in enumerate(want):
+        got_ids, got_labels = ds[i]
+        assert got_ids.tolist() == ids, RECORDS[i]
+        assert got_labels.tolist() == labels, RECORDS[i]
+    long = ds[5]  # the long response: cut at 1024 tokens, its EOS lost
+    assert len(long[0]) == RELEASED_MAX_LENGTH - 1 and long[1][-1] != sp.eos_id()
+    assert ds.manifest["alpaca_encoding"] == {"template": "alpaca-claude2-released", "tokenization": "joint"}
+    assert ds.manifest["counts"]["truncated"] == 1 and ds.manifest["counts"]["dropped"] == 1
+
+
+def test_released_chat_template_gives_the_alpaca_records_encoding(real_tokenizer_path):
+    """The built-in Jinja form (written to final/chat_template.jinja, used by generate --template auto) renders
+    a one-turn conversation exactly as the Alpaca record under the released rule, the input as the system."""
+    tok = Tokenizer(real_tokenizer_path)
+    for r in RECORDS[:5]:
+        messages = ([{"role": "system", "content": r["input"]}] if r["input"] else []) + [
+            {"role": "user", "content": r["instruction"]},
+            {"role": "assistant", "content": r["output"]},
+        ]
+        alpaca = TokenizedDataset.from_records([r], tok, 512, template="alpaca-claude2-released")
+        chat = TokenizedDataset.from_records([{"messages": messages}], tok, 512, template="alpaca-claude2-released")
+        assert alpaca[0][0].tolist() == chat[0][0].tolist() and alpaca[0][1].tolist() == chat[0][1].tolist(), r

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from c2a.config import TrainConfig
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
+from c2a.data.cache import alpaca_encoding
 from c2a.data.sources import demo_dataset, resolve_tokenizer, tokenize_records_file
 from c2a.train.errors import TrainingError
 from c2a.train.parallel import Dist
@@ -43,7 +44,8 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
         return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), heldout)
     source = Path(cfg.data.path)
     if source.is_dir():
-        ds = TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len)
+        encoding = alpaca_encoding(cfg.data.template, cfg.data.tokenization)
+        ds = TokenizedDataset.open(source, expect_tokenizer=tokenizer, expect_max_len=max_len, expect_encoding=encoding)
         return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
     cache = Path(cfg.out_dir) / "data_cache"
     if d.is_main and not cache.is_dir():
@@ -61,6 +63,7 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
         expect_source=cfg.data.path,
         expect_truncation=cfg.data.truncation,
         expect_template=cfg.data.template,
+        expect_encoding=alpaca_encoding(cfg.data.template, cfg.data.tokenization),
         hint=hint,
     )
     return RunData(tok_path, tokenizer, _report_lengths(ds, cfg), None)
