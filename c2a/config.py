@@ -25,6 +25,12 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
+def compute_dtype(train: TrainSection, device: torch.device | str) -> torch.dtype:
+    """The dtype forward and backward run in: train.dtype resolved, or bf16 when the parameters themselves
+    are bf16 (train.master_dtype = "bf16": nothing to cast them to)."""
+    return torch.bfloat16 if train.master_dtype == "bf16" else resolve_dtype(train.dtype, device)
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """A Llama model's hyper-parameters under the field names of Meta's params.json.
@@ -169,6 +175,10 @@ def _f(default: Any, help: str) -> Any:
 class ModelSection:
     preset: str = _f("demo", "LlamaConfig preset when no checkpoint is given: " + ", ".join(PRESETS))
     checkpoint: str = _f("", "pretrained HF or Meta checkpoint directory to fine-tune ('' = train from scratch)")
+    add_pad_token: bool = _f(
+        False,
+        "add one vocabulary row (a pad token, as the released claude2-alpaca model: 32000 -> 32001), its embedding and head rows the mean of the others; exported so",
+    )
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,15 @@ class TrainSection:
     beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    dtype: str = _f("auto", "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    dtype: str = _f(
+        "auto",
+        "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32 unless train.master_dtype",
+    )
+    master_dtype: str = _f(
+        "fp32",
+        "parameters and AdamW state: fp32 (master weights), or bf16 (pure bf16, no fp32 copy, as the released claude2-alpaca model; compute in bf16)",
+    )
+    reduce_dtype: str = _f("fp32", "dtype of the gradient reduce-scatter across ranks: fp32 or bf16")
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
@@ -294,6 +312,10 @@ class TrainConfig:
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
             in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
+            "train.master_dtype and train.reduce_dtype must be fp32 or bf16": t.master_dtype in ("fp32", "bf16")
+            and t.reduce_dtype in ("fp32", "bf16"),
+            "train.master_dtype = bf16 computes in bf16: train.dtype must be auto or bf16": t.master_dtype == "fp32"
+            or t.dtype != "fp32",
             "data.truncation must be truncate, drop or right": self.data.truncation in ("truncate", "drop", "right"),
             "data.tokenization must be split or joint": self.data.tokenization in ("split", "joint"),
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(

@@ -255,3 +255,103 @@ def test_released_chat_template_gives_the_alpaca_records_encoding(real_tokenizer
         alpaca = TokenizedDataset.from_records([r], tok, 512, template="alpaca-claude2-released")
         chat = TokenizedDataset.from_records([{"messages": messages}], tok, 512, template="alpaca-claude2-released")
         assert alpaca[0][0].tolist() == chat[0][0].tolist() and alpaca[0][1].tolist() == chat[0][1].tolist(), r
+
+
+# ------------------------------------------------------------------ the pad token, pure bf16, the whole recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_llama2(tmp_path_factory) -> Path:
+    """A tiny HF Llama with Llama-2's vocabulary of 32000 (written by transformers itself)."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama2")
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(path)
+    return path
+
+
+def test_pad_token_rows_are_the_mean_of_the_others(tiny_llama2):
+    from safetensors.torch import load_file
+
+    from c2a.model import CheckpointReader
+    from c2a.model.vocab import AddedRowsReader
+
+    original = load_file(tiny_llama2 / "model.safetensors")
+    reader = AddedRowsReader(CheckpointReader(tiny_llama2))
+    assert reader.config.vocab_size == 32001
+    for ours, theirs in (("tok_embeddings.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+        grown = reader.get(ours)
+        assert grown.shape == (32001, 32)
+        assert torch.equal(grown[:32000], original[theirs])
+        torch.testing.assert_close(grown[32000].double(), original[theirs].double().mean(0), rtol=0, atol=1e-6)
+    assert torch.equal(reader.get("norm.weight"), original["model.norm.weight"])
+
+
+def _as_released_args(ckpt: Path, data: Path, tokenizer: Path, steps: int) -> list[str]:
+    """The as-released recipe (the real config file) shrunk to a tiny model and four steps of 4 examples."""
+    return [
+        f"--config={ROOT / 'configs' / 'claude2-alpaca-7b-as-released.toml'}",
+        f"--model.checkpoint={ckpt}",
+        f"--data.path={data}",
+        f"--data.tokenizer={tokenizer}",
+        "--data.max_len=63",  # the long records are cut on the right, losing their EOS
+        "--data.workers=1",
+        "--train.global_batch=4",
+        "--train.epochs=1",
+        "--train.schedule_steps=4",  # a fixed horizon: the 2-step run resumes into the same schedule
+        f"--train.max_steps={steps}",
+        "--train.lr=1e-3",
+        "--train.activation_checkpointing=none",
+        "--train.save_every_minutes=0",
+        "--train.progress=false",
+        "--train.log_every=1",
+    ]
+
+
+def test_as_released_recipe_trains_pure_bf16_resumes_bitwise_and_exports_vocab_32001(
+    tiny_llama2, real_tokenizer_path, tmp_path
+):
+    """Two ranks, every as-released setting (example weighting, hf schedule, released template, joint
+    tokenization, right truncation, bf16 master weights and gradient reduction, the pad token): 4 steps in
+    one go, and 2 + 2 with a resume in between, give the same final weights bit for bit; the export is bf16
+    with vocab 32001, transformers loads it, and it carries the released template."""
+    import json
+
+    from safetensors.torch import load_file
+    from train_runs import checkpoint_tensors, metrics, run_train
+
+    transformers = pytest.importorskip("transformers")
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (RECORDS[:6] * 4)), encoding="utf-8")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_train(2, whole, *_as_released_args(tiny_llama2, data, real_tokenizer_path, 4), tiny=False)
+    run_train(2, split, *_as_released_args(tiny_llama2, data, real_tokenizer_path, 2), tiny=False)
+    proc = run_train(2, split, *_as_released_args(tiny_llama2, data, real_tokenizer_path, 4), tiny=False)
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = load_file(whole / "final" / "model.safetensors"), load_file(split / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
+    assert a["model.embed_tokens.weight"].shape == a["lm_head.weight"].shape == (32001, 32)
+    # pure bf16: the checkpointed parameters and AdamW's moments themselves are bf16 (no fp32 master copy)
+    saved = checkpoint_tensors(whole / "checkpoints" / "step_00000004", tmp_path)
+    assert {t.dtype for t in saved["model"].values()} == {torch.bfloat16}
+    moments = [v for st in saved["optim"]["state"].values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    rows_a, rows_b = metrics(whole), metrics(split)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert rows_a[0]["lr"] == 1e-3 and rows_a[-1]["lr"] < rows_a[1]["lr"]  # no warmup at 4 x 0.03, then cosine
+    hf = transformers.LlamaForCausalLM.from_pretrained(whole / "final")
+    assert hf.config.vocab_size == 32001 and hf.dtype == torch.bfloat16
+    assert torch.isfinite(hf(input_ids=torch.tensor([[1, 32000, 450]])).logits).all()
+    assert "{% if m['content'] != '' %}" in (whole / "final" / "chat_template.jinja").read_text()

@@ -137,12 +137,14 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         packed=cfg.data.packing,
         ranks=ranks,
         replicas=t.replicas,
-        compute_bytes=4 if t.dtype == "fp32" else 2,
+        compute_bytes=4 if t.dtype == "fp32" and t.master_dtype == "fp32" else 2,
         backend="triton",
         activation_checkpointing=t.activation_checkpointing,
         ac_every=t.ac_every,
         accumulation=accumulation(cfg, data, ranks, t.micro_batch),
         cpu_offload=t.cpu_offload,
+        master_bytes=4 if t.master_dtype == "fp32" else 2,
+        reduce_bytes=4 if t.reduce_dtype == "fp32" else 2,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:

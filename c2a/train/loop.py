@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from c2a.config import TrainConfig, resolve_dtype
+from c2a.config import TrainConfig, compute_dtype
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.plan import predicted_peak_mb
 from c2a.train.checkpoint import save_checkpoint
@@ -145,7 +145,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
     final = export_final(
-        s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
+        s.model, s.model_cfg, s.data.tokenizer_path, s.out, compute_dtype(cfg.train, d.device), d, template
     )
     summary: dict[str, Any] = {
         "steps": s.step,

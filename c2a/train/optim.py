@@ -63,26 +63,37 @@ def schedule_of(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
     horizon = t.schedule_steps or total_steps
     rounding = math.ceil if t.warmup_rounding == "ceil" else math.floor
     warmup = rounding(t.warmup_ratio * horizon)
-    schedule = {"total_steps": horizon, "warmup_steps": warmup, "lr": t.lr, "min_lr_ratio": t.min_lr_ratio}
+    schedule = {"total_steps": total_steps, "warmup_steps": warmup, "lr": t.lr, "min_lr_ratio": t.min_lr_ratio}
     if t.lr_schedule != "c2a":
         schedule["lr_schedule"] = t.lr_schedule
+    if t.schedule_steps:
+        schedule["schedule_steps"] = t.schedule_steps
     return schedule
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's schedule (`schedule_of`); "total_steps" is the steps the run takes, "schedule_steps" (when
+    set) the horizon the cosine is built for."""
+    horizon = schedule.get("schedule_steps") or schedule["total_steps"]
     if schedule.get("lr_schedule", "c2a") == "hf":
-        factor = hf_cosine_with_warmup(schedule["total_steps"], schedule["warmup_steps"])
+        factor = hf_cosine_with_warmup(horizon, schedule["warmup_steps"])
     else:
-        factor = cosine_with_warmup(schedule["total_steps"], schedule["warmup_steps"], schedule["min_lr_ratio"])
+        factor = cosine_with_warmup(horizon, schedule["warmup_steps"], schedule["min_lr_ratio"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def check_schedule(resume: Path, saved: dict[str, Any], schedule: dict[str, Any]) -> None:
     """A resumed run must continue the learning-rate schedule it was on: a changed number of steps, warmup,
-    lr or final ratio would restart the cosine partway down (the lr jumps), so it is refused, not guessed."""
+    lr or final ratio would restart the cosine partway down (the lr jumps), so it is refused, not guessed.
+    With a fixed horizon (train.schedule_steps) the number of steps may change: the lr of each step does not."""
     before = saved.get("schedule")  # absent in checkpoints written before the schedule was recorded
     if before is None or before == schedule:
         return
+    if schedule.get("schedule_steps") and before.get("schedule_steps"):
+        # a fixed horizon: the lr of a step does not depend on how many steps the run takes
+        before, schedule = dict(before, total_steps=0), dict(schedule, total_steps=0)
+        if before == schedule:
+            return
     diff = ", ".join(f"{k} {before[k]} -> {schedule[k]}" for k in schedule if before.get(k) != schedule[k])
     raise TrainingError(
         f"{resume} was trained on another learning-rate schedule ({diff}); resuming would make the lr jump. "
