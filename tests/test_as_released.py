@@ -355,3 +355,63 @@ def test_as_released_recipe_trains_pure_bf16_resumes_bitwise_and_exports_vocab_3
     assert hf.config.vocab_size == 32001 and hf.dtype == torch.bfloat16
     assert torch.isfinite(hf(input_ids=torch.tensor([[1, 32000, 450]])).logits).all()
     assert "{% if m['content'] != '' %}" in (whole / "final" / "chat_template.jinja").read_text()
+
+
+# ------------------------------------------------------------------ the recipes, compare, the planner
+
+# Every difference of the released training from the card (the facts above, points 1-7), as c2a keys
+RELEASED_DIFFERENCES = {
+    "data.template": "alpaca-claude2-released",  # 1
+    "data.tokenization": "joint",  # 2
+    "data.truncation": "right",  # 2
+    "data.max_len": 1023,  # 2: 1024 tokens
+    "train.loss_weighting": "example",  # 3
+    "data.packing": False,  # 3: one example per micro-batch
+    "train.lr_schedule": "hf",  # 4
+    "train.warmup_rounding": "floor",  # 4
+    "train.schedule_steps": 1218,  # 4
+    "train.master_dtype": "bf16",  # 5
+    "train.reduce_dtype": "bf16",  # 5
+    "model.add_pad_token": True,  # 6
+    "train.lr": 2e-5,  # 7
+    "train.epochs": 3,  # 7
+}
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_compare_names_every_difference_of_the_as_released_recipe(size):
+    card, released = (ROOT / "configs" / f"claude2-alpaca-{size}{s}.toml" for s in ("", "-as-released"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "c2a.train.compare", str(card), str(released)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model_part, _, rest = proc.stdout.partition("change only speed, memory or records")
+    for key, value in RELEASED_DIFFERENCES.items():
+        assert f"  {key} " in model_part and f"-> {value!r}" in model_part, key
+    assert f"{len(RELEASED_DIFFERENCES)} setting(s) change the trained model" in model_part
+    assert "out_dir" in rest  # the only other difference, and not one that changes the model
+    bad = subprocess.run(
+        [sys.executable, "-m", "c2a.train.compare", str(card), str(ROOT / "configs" / "missing.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --config") and "missing.toml" in bad.stderr
+
+
+def test_planner_counts_pure_bf16_state_at_half_the_bytes():
+    from c2a.config import LlamaConfig
+    from c2a.plan.memory import Workload, plan_memory
+
+    m = LlamaConfig.from_name("llama2-7b")
+    fp32 = plan_memory(Workload(m, 1, 1024, ranks=16))
+    bf16 = plan_memory(Workload(m, 1, 1024, ranks=16, master_bytes=2, reduce_bytes=2))
+    n_shard = fp32.params // 4
+    assert bf16.params == 2 * n_shard and bf16.grads == 2 * n_shard
+    assert bf16.optimizer == fp32.optimizer - 4 * n_shard  # two bf16 moments; the fp32 step counters stay
+    assert bf16.peak < fp32.peak - 4 * n_shard  # params + grads + moments: at least 8 bytes a parameter less
