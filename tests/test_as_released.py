@@ -415,3 +415,7 @@ def test_planner_counts_pure_bf16_state_at_half_the_bytes():
     assert bf16.params == 2 * n_shard and bf16.grads == 2 * n_shard
     assert bf16.optimizer == fp32.optimizer - 4 * n_shard  # two bf16 moments; the fp32 step counters stay
     assert bf16.peak < fp32.peak - 4 * n_shard  # params + grads + moments: at least 8 bytes a parameter less
+    from c2a.plan.workload import resolve_model
+
+    released = build_config({"model": {"checkpoint": "SET-ME/Llama-2-7b-hf", "add_pad_token": True}})
+    assert resolve_model(released)[0].vocab_size == 32001  # the planner sizes the model the trainer builds

@@ -59,7 +59,15 @@ class Machine:
 
 def resolve_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     """The model from the checkpoint's config.json / params.json, or the preset; a checkpoint path that does not
-    exist but names a Llama-2 size (the recipes' SET-ME/Llama-2-13b-hf) gives that preset, said so."""
+    exist but names a Llama-2 size (the recipes' SET-ME/Llama-2-13b-hf) gives that preset, said so. With
+    model.add_pad_token, one more vocabulary row, as the trainer builds it."""
+    model, source = _checkpoint_model(cfg)
+    if cfg.model.add_pad_token:
+        return model.replace(vocab_size=model.vocab_size + 1), source + " + a pad token"
+    return model, source
+
+
+def _checkpoint_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     path = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
     if path is None:
         return LlamaConfig.from_name(cfg.model.preset), f"preset {cfg.model.preset}"
