@@ -378,29 +378,29 @@ RELEASED_DIFFERENCES = {
 }
 
 
-@pytest.mark.parametrize("size", ["7b", "13b"])
-def test_compare_names_every_difference_of_the_as_released_recipe(size):
-    card, released = (ROOT / "configs" / f"claude2-alpaca-{size}{s}.toml" for s in ("", "-as-released"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "c2a.train.compare", str(card), str(released)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+def _compare(*paths: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "c2a.train.compare", *map(str, paths)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_compare_names_every_difference_of_the_as_released_recipe():
+    """The shell on the 13B pair; the library on the 7B pair (the same differences, in-process)."""
+    from c2a.config_diff import config_diff
+    from c2a.options import parse_args
+
+    card, released = (ROOT / "configs" / f"claude2-alpaca-13b{s}.toml" for s in ("", "-as-released"))
+    proc = _compare(card, released)
     assert proc.returncode == 0, proc.stderr
     model_part, _, rest = proc.stdout.partition("change only speed, memory or records")
     for key, value in RELEASED_DIFFERENCES.items():
         assert f"  {key} " in model_part and f"-> {value!r}" in model_part, key
     assert f"{len(RELEASED_DIFFERENCES)} setting(s) change the trained model" in model_part
     assert "out_dir" in rest  # the only other difference, and not one that changes the model
-    bad = subprocess.run(
-        [sys.executable, "-m", "c2a.train.compare", str(card), str(ROOT / "configs" / "missing.toml")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    seven = [ROOT / "configs" / f"claude2-alpaca-7b{s}.toml" for s in ("", "-as-released")]
+    diffs = config_diff(*(parse_args(["--config", str(p)]) for p in seven))
+    assert {d.key: d.b for d in diffs if d.changes_model} == RELEASED_DIFFERENCES
+    assert [d.key for d in diffs if not d.changes_model] == ["out_dir"]
+    bad = _compare(card, ROOT / "configs" / "missing.toml")
     assert bad.returncode == 1 and bad.stderr.startswith("error: --config") and "missing.toml" in bad.stderr
 
 
