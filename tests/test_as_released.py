@@ -80,6 +80,26 @@ def test_row_weights_in_the_fused_cross_entropy_match_float64(dtype, N, D, V, ch
     assert not torch.allclose(got[0], linear_cross_entropy(h, w, labels, n, weights=torch.ones_like(weights)))
 
 
+def test_weighted_model_loss_is_the_same_with_either_row_selection():
+    """Llama.loss(weights=) keeps each weight with its row through both trained-row selections (the host one,
+    and the sync-free sort used when the loader passes num_trained) and equals the plain weighted sum."""
+    from c2a.train.weighting import example_weights
+
+    model = Llama(MODEL)
+    ids = torch.randint(3, MODEL.vocab_size, (2, 19))
+    labels = torch.randint(3, MODEL.vocab_size, (2, 19))
+    labels[0, :4] = labels[1, 7:9] = -100
+    pos = torch.cat([torch.arange(8), torch.arange(11)]).expand(2, 19)  # two documents a row
+    weights, examples = example_weights(labels, pos)
+    assert examples.item() == 4 and weights[0, :8].sum().item() == pytest.approx(1.0)
+    host = model.loss(ids, labels, pos, normalizer=4.0, weights=weights)
+    sorted_rows = model.loss(ids, labels, pos, normalizer=4.0, weights=weights, num_trained=int((labels != -100).sum()))
+    with torch.no_grad():
+        rows = F.cross_entropy(model(ids, pos).flatten(0, 1), labels.flatten(), reduction="none")
+    torch.testing.assert_close(host, (rows * weights.flatten()).sum() / 4)
+    torch.testing.assert_close(sorted_rows, host)
+
+
 # ------------------------------------------------------------------ loss weighting: a step on 1 and 2 ranks
 
 
