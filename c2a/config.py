@@ -25,6 +25,12 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
+def compute_dtype(train: TrainSection, device: torch.device | str) -> torch.dtype:
+    """The dtype forward and backward run in: train.dtype resolved, or bf16 when the parameters themselves
+    are bf16 (train.master_dtype = "bf16": nothing to cast them to)."""
+    return torch.bfloat16 if train.master_dtype == "bf16" else resolve_dtype(train.dtype, device)
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """A Llama model's hyper-parameters under the field names of Meta's params.json.
@@ -172,6 +178,10 @@ class ModelSection:
     base_model: str = _f(
         "", "the base's hub id for final/README.md ('' = the checkpoint config.json's _name_or_path when it is one)"
     )
+    add_pad_token: bool = _f(
+        False,
+        "add one vocabulary row (a pad token, as the released claude2-alpaca model: 32000 -> 32001), its embedding and head rows the mean of the others; exported so",
+    )
 
 
 @dataclass(frozen=True)
@@ -203,11 +213,15 @@ class DataSection:
     skip_bad_rows: bool = _f(False, "skip malformed records with a counted warning instead of stopping")
     template: str = _f(
         "auto",
-        "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca or llama2-chat; Alpaca records always use Alpaca's prompt",
+        "chat template for records with messages: auto (the tokenizer's chat_template, else alpaca), tokenizer, alpaca, llama2-chat or alpaca-claude2-released; Alpaca records use Alpaca's prompt, chosen by the instruction (not the input) with alpaca-claude2-released as the released model was",
+    )
+    tokenization: str = _f(
+        "split",
+        "Alpaca records: split (prompt and response encoded apart, no piece across the boundary) or joint (prompt+response in one piece, the prompt's token count masked, as the released claude2-alpaca model)",
     )
     truncation: str = _f(
         "truncate",
-        "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept) or drop them; counted either way",
+        "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept), drop them, or right (keep the first max_len+1 tokens, EOS lost, as HF's truncation=True); counted either way",
     )
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
     demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
@@ -243,12 +257,30 @@ class TrainSection:
     lr: float = _f(2e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
+    warmup_rounding: str = _f("ceil", "warmup steps = warmup_ratio x steps rounded: ceil (HF Trainer) or floor (int())")
+    lr_schedule: str = _f(
+        "c2a",
+        "c2a (warmup from 1/warmup, cosine ending at the last step) or hf (transformers' get_cosine_schedule_with_warmup: step 0 at lr 0, no clamp past its horizon)",
+    )
+    schedule_steps: int = _f(0, "the schedule's horizon in optimizer steps (0 = the run's own step count)")
+    loss_weighting: str = _f(
+        "token",
+        "token (the step's mean over trained targets) or example (each example's mean over its targets, then the mean over the step's examples)",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices (norm weights never decay)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    dtype: str = _f("auto", "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32")
+    dtype: str = _f(
+        "auto",
+        "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32 unless train.master_dtype",
+    )
+    master_dtype: str = _f(
+        "fp32",
+        "parameters and AdamW state: fp32 (master weights), or bf16 (pure bf16, no fp32 copy, as the released claude2-alpaca model; compute in bf16)",
+    )
+    reduce_dtype: str = _f("fp32", "dtype of the gradient reduce-scatter across ranks: fp32 or bf16")
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
@@ -313,12 +345,23 @@ class TrainConfig:
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
             in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
-            "data.truncation must be truncate or drop": self.data.truncation in ("truncate", "drop"),
+            "train.master_dtype and train.reduce_dtype must be fp32 or bf16": t.master_dtype in ("fp32", "bf16")
+            and t.reduce_dtype in ("fp32", "bf16"),
+            "train.master_dtype = bf16 computes in bf16: train.dtype must be auto or bf16": t.master_dtype == "fp32"
+            or t.dtype != "fp32",
+            "data.truncation must be truncate, drop or right": self.data.truncation in ("truncate", "drop", "right"),
+            "data.tokenization must be split or joint": self.data.tokenization in ("split", "joint"),
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(
                 t.global_batch, t.micro_batch, t.epochs, self.data.max_len
             )
             > 0,
             "train.warmup_ratio must be in [0, 1)": 0 <= t.warmup_ratio < 1,
+            "train.warmup_rounding must be ceil or floor": t.warmup_rounding in ("ceil", "floor"),
+            "train.lr_schedule must be c2a or hf": t.lr_schedule in ("c2a", "hf"),
+            "train.lr_schedule = hf has no final lr floor: train.min_lr_ratio must be 0": t.lr_schedule != "hf"
+            or t.min_lr_ratio == 0,
+            "train.schedule_steps must be >= 0": t.schedule_steps >= 0,
+            "train.loss_weighting must be token or example": t.loss_weighting in ("token", "example"),
             "train.ac_every, train.replicas, train.keep_last, train.log_every, train.max_bad_steps must be >= 1": min(
                 t.ac_every, t.replicas, t.keep_last, t.log_every, t.max_bad_steps
             )

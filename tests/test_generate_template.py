@@ -98,7 +98,7 @@ def test_template_errors_are_named():
         prompt_format("chatml", tok)
     with pytest.raises(
         ChatTemplateError,
-        match=r"tokenizer_config.json has no chat_template; name a built-in one \(alpaca, llama2-chat\)",
+        match=r"tokenizer_config.json has no chat_template; name a built-in one \(alpaca, llama2-chat, alpaca-claude2-released\)",
     ):
         prompt_format("tokenizer", tok)
 

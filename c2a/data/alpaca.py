@@ -17,7 +17,16 @@ Length: `max_len` bounds len(input_ids) = len(tokens) - 1, so one example always
      keeps at least min(its length, budget // 2) tokens;
   2. if the response still does not fit, its tail is cut, and the EOS is kept as the last token.
 So every example keeps at least budget // 2 response tokens (or all of them) and its EOS target.
-`truncation="drop"` drops every over-length example instead. Both are counted by the caller.
+`truncation="drop"` drops every over-length example instead; `truncation="right"` (the released
+claude2-alpaca model's, HF's truncation=True) keeps the first max_len + 1 tokens, so a long response loses
+its tail and its EOS, and drops an example left with no trained target. All three are counted by the caller.
+
+The released claude2-alpaca model's encoding, as settings (its dataset.py, read 2026-12-06): template
+"alpaca-claude2-released" picks the "### Input:" prompt whenever the instruction is non-empty (Alpaca's rule
+picks it by the input); tokenization "joint" encodes prompt + response in one piece, as its slow
+LlamaTokenizer did with the EOS written as the text "</s>" (id 2): [BOS] + encode(prompt + response) + [EOS],
+with the first len([BOS] + encode(prompt)) tokens not trained, whatever pieces straddle the boundary.
+(A response holding the literal text "</s>" or "<s>" is encoded as text here, not as the special token.)
 
 Records: dicts with "instruction" (str), optional "input" (str; a missing key or None means ""), and
 "output" (a non-empty str); or chat records with "messages" ([{role, content}, ...]), encoded by
@@ -54,8 +63,9 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:"
 )
 
-Truncation = Literal["truncate", "drop"]
-TRUNCATION_POLICIES: tuple[str, ...] = ("truncate", "drop")
+Truncation = Literal["truncate", "drop", "right"]
+TRUNCATION_POLICIES: tuple[str, ...] = ("truncate", "drop", "right")
+TOKENIZATIONS: tuple[str, ...] = ("split", "joint")
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -63,9 +73,10 @@ class DataError(ValueError):
     """A data file or record that cannot be used as it is; the message names the file and line/row."""
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for one record (ends with "### Response:")."""
-    if input != "":
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+    """The Alpaca prompt for one record (ends with "### Response:"); with template "alpaca-claude2-released",
+    the variant is chosen by the instruction instead of the input."""
+    if (instruction if template == chat.ALPACA_RELEASED else input) != "":
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
@@ -94,20 +105,25 @@ def encode_example_full(
     max_len: int,
     truncation: Truncation = "truncate",
     template: str = "auto",
+    tokenization: str = "split",
 ) -> Encoded:
     """`encode_example` with the truncation policy as an argument and what it did reported. `template` (a
-    name of chat.TEMPLATE_CHOICES) applies to chat records only: Alpaca records always use Alpaca's prompt."""
+    name of chat.TEMPLATE_CHOICES) applies to chat records; Alpaca records use Alpaca's prompt, by the
+    released model's rule with "alpaca-claude2-released". `tokenization` (TOKENIZATIONS) is for Alpaca records."""
     if max_len < 4:
         raise ValueError(f"max_len must be at least 4 (BOS, a prompt token, a response token, EOS), got {max_len}")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"unknown truncation policy {truncation!r}; valid: {', '.join(TRUNCATION_POLICIES)}")
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}; valid: {', '.join(TOKENIZATIONS)}")
     if "messages" in record:
         return _encode_chat(record, tokenizer, max_len, truncation, template)
-    prompt = tokenizer.encode(format_prompt(record["instruction"], record.get("input") or ""), bos=True)
-    response = tokenizer.encode_continuation(record["output"], eos=True)
+    prompt, response = _prompt_and_response(record, tokenizer, template, tokenization)
     lp, lr = len(prompt), len(response)
     budget = max_len + 1  # tokens; input_ids and labels are one shorter
     truncated = lp + lr > budget
+    if truncated and truncation == "right":
+        return _right_truncated(prompt, response, budget)
     if truncated:
         if truncation == "drop":
             return Encoded([], [], truncated=True, dropped=True, prompt_tokens=lp, response_tokens=lr)
@@ -122,6 +138,28 @@ def encode_example_full(
     return Encoded(tokens[:-1], labels, truncated=truncated, prompt_tokens=lp, response_tokens=lr)
 
 
+def _prompt_and_response(
+    record: Mapping[str, Any], tokenizer: Tokenizer, template: str, tokenization: str
+) -> tuple[list[int], list[int]]:
+    """The prompt's tokens (BOS first) and the response's (EOS last) of an Alpaca record."""
+    prompt_text = format_prompt(record["instruction"], record.get("input") or "", template)
+    prompt = tokenizer.encode(prompt_text, bos=True)
+    if tokenization == "joint":
+        tokens = tokenizer.encode(prompt_text + record["output"], bos=True) + [tokenizer.eos_id]
+        return tokens[: len(prompt)], tokens[len(prompt) :]
+    return prompt, tokenizer.encode_continuation(record["output"], eos=True)
+
+
+def _right_truncated(prompt: list[int], response: list[int], budget: int) -> Encoded:
+    """The first `budget` tokens (the tail and the EOS cut off); dropped when no response token is left."""
+    lp, lr = len(prompt), len(response)
+    tokens = (prompt + response)[:budget]
+    if len(tokens) <= lp:
+        return Encoded([], [], truncated=True, dropped=True, prompt_tokens=lp, response_tokens=lr)
+    labels = [IGNORE_INDEX] * (lp - 1) + tokens[lp:]
+    return Encoded(tokens[:-1], labels, truncated=True, prompt_tokens=lp, response_tokens=lr)
+
+
 def _encode_chat(
     record: Mapping[str, Any], tokenizer: Tokenizer, max_len: int, truncation: Truncation, template: str
 ) -> Encoded:
@@ -133,7 +171,7 @@ def _encode_chat(
     truncated = len(tokens) > budget
     if truncated:
         # the head is kept: earlier turns are the context of later ones, and the first answer stays whole
-        if truncation == "drop" or not any(trained[1:budget]):
+        if truncation == "drop" or not any(trained[1:budget]):  # "right" keeps the head, as "truncate"
             return Encoded([], [], truncated=True, dropped=True, prompt_tokens=lp, response_tokens=lr)
         tokens, trained = tokens[:budget], trained[:budget]
     labels = [t if m else IGNORE_INDEX for t, m in zip(tokens[1:], trained[1:])]

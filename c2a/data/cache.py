@@ -94,9 +94,11 @@ class TokenizedDataset:
         source: dict[str, Any] | None = None,
         skipped_bad_rows: int = 0,
         template: str = "auto",
+        tokenization: str = "split",
     ) -> TokenizedDataset:
         """Encode validated records in memory (with `workers` processes when > 1). `template` names the chat
-        template of chat records (c2a.data.chat.TEMPLATE_CHOICES); Alpaca records ignore it."""
+        template of chat records (c2a.data.chat.TEMPLATE_CHOICES); Alpaca records use Alpaca's prompt, by the
+        released claude2-alpaca rule under "alpaca-claude2-released". `tokenization`: c2a.data.alpaca's."""
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         if template not in chat.TEMPLATE_CHOICES:
             raise ValueError(f"unknown chat template {template!r}; valid: {', '.join(chat.TEMPLATE_CHOICES)}")
@@ -105,7 +107,7 @@ class TokenizedDataset:
             label, body = chat.resolve_template(template, tok)
             chat_template = {"name": label, "sha256": chat.template_sha256(body)}
             log.info("chat records rendered with %s", label)
-        encoded = _encode_all(records, tok, max_len, truncation, workers, template)
+        encoded = _encode_all(records, tok, max_len, truncation, workers, (template, tokenization))
         kept = [e for e in encoded if not e.dropped]
         if not kept:
             raise DataError(f"all {len(records)} examples exceed max_len={max_len} and were dropped")
@@ -127,6 +129,7 @@ class TokenizedDataset:
             "max_len": max_len,
             "truncation": truncation,
             **({"chat_template": chat_template} if chat_template else {}),
+            **({"alpaca_encoding": encoding} if (encoding := alpaca_encoding(template, tokenization)) else {}),
             "counts": {
                 "records": len(records) + skipped_bad_rows,
                 "skipped_bad_rows": skipped_bad_rows,
@@ -177,6 +180,7 @@ class TokenizedDataset:
         expect_source: str | Path | None = None,
         expect_truncation: str | None = None,
         expect_template: str | None = None,
+        expect_encoding: dict[str, str] | None = None,
         hint: str = "Rebuild it with python -m c2a.data.prepare (or point to the right cache).",
     ) -> TokenizedDataset:
         """Map a cache written by `prepare`; raise `CacheMismatchError` if it was built differently than expected.
@@ -185,7 +189,8 @@ class TokenizedDataset:
         exactly, `expect_source` (a local file, compared by sha256, or a hub name) against the manifest,
         `expect_truncation` exactly, `expect_template` (a data.template choice, resolved with `expect_tokenizer`)
         by the sha256 of the chat template the cache's chat records were rendered with (a cache without chat
-        records has none to compare). `hint` ends the mismatch message: what the caller's user should do.
+        records has none to compare), `expect_encoding` (`alpaca_encoding`'s) exactly. `hint` ends the mismatch
+        message: what the caller's user should do.
         """
         path = Path(path)
         mpath = path / MANIFEST
@@ -209,6 +214,11 @@ class TokenizedDataset:
             problems += _source_problems(manifest["source"], expect_source)
         if expect_truncation is not None and manifest.get("truncation") != expect_truncation:
             problems.append(f"truncation is {manifest.get('truncation')!r}, expected {expect_truncation!r}")
+        if expect_encoding is not None and manifest.get("alpaca_encoding", {}) != expect_encoding:
+            problems.append(
+                f"Alpaca records were encoded with {manifest.get('alpaca_encoding', {}) or 'the defaults'}, "
+                f"expected {expect_encoding or 'the defaults'}"
+            )
         recorded = manifest.get("chat_template")
         if expect_template is not None and expect_tokenizer is not None and recorded is not None:
             tok = expect_tokenizer if isinstance(expect_tokenizer, Tokenizer) else Tokenizer(expect_tokenizer)
@@ -279,7 +289,16 @@ def _write_synced(path: Path, write: Any) -> None:
 _worker_state: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_path: str, max_len: int, truncation: str, template: str) -> None:
+def alpaca_encoding(template: str, tokenization: str) -> dict[str, str]:
+    """What a cache records of how its Alpaca records were encoded, where not the defaults (so caches made
+    before these settings existed still match): the released template rule, the joint tokenization."""
+    return {
+        **({"template": template} if template == chat.ALPACA_RELEASED else {}),
+        **({"tokenization": tokenization} if tokenization != "split" else {}),
+    }
+
+
+def _worker_init(tokenizer_path: str, max_len: int, truncation: str, template: tuple[str, str]) -> None:
     _worker_state.update(tok=Tokenizer(tokenizer_path), max_len=max_len, truncation=truncation, template=template)
 
 
@@ -289,12 +308,18 @@ def _worker_encode(chunk: tuple[int, list[dict[str, Any]]]) -> list[Encoded]:
 
 
 def _encode_chunk(
-    first: int, records: Sequence[dict[str, Any]], tok: Tokenizer, max_len: int, truncation: Truncation, template: str
+    first: int,
+    records: Sequence[dict[str, Any]],
+    tok: Tokenizer,
+    max_len: int,
+    truncation: Truncation,
+    encoding: tuple[str, str],
 ) -> list[Encoded]:
+    """`encoding`: (template, tokenization)."""
     out = []
     for i, r in enumerate(records, start=first):
         try:
-            out.append(encode_example_full(r, tok, max_len, truncation, template))
+            out.append(encode_example_full(r, tok, max_len, truncation, *encoding))
         except chat.ChatTemplateError as e:  # a conversation the template refuses: name the record
             raise DataError(f"record {i} (0-based, of the records kept): {e}") from None
     return out
@@ -306,7 +331,7 @@ def _encode_all(
     max_len: int,
     truncation: Truncation,
     workers: int,
-    template: str = "auto",
+    template: tuple[str, str] = ("auto", "split"),
 ) -> list[Encoded]:
     if workers <= 1 or len(records) < 2000:
         return _encode_chunk(0, records, tok, max_len, truncation, template)

@@ -76,7 +76,33 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
-BUILTIN_TEMPLATES: dict[str, str] = {"alpaca": ALPACA_TEMPLATE, "llama2-chat": LLAMA2_CHAT_TEMPLATE}
+# The released claude2-alpaca model's rule (its dataset.py, read 2026-12-06): the "### Input:" prompt whenever
+# the *instruction* is non-empty, so an example without an input gets "### Input:" over an empty line; the
+# no-input prompt only for an empty instruction. As ALPACA_TEMPLATE otherwise (a system message is the input).
+ALPACA_RELEASED = "alpaca-claude2-released"
+ALPACA_RELEASED_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}"
+    "{% if m['content'] != '' %}"
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{{ m['content'] }}\n\n### Input:\n{{ system }}\n\n### Response:"
+    "{% else %}"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{{ m['content'] }}\n\n### Response:"
+    "{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% if not loop.last %}\n\n{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "alpaca": ALPACA_TEMPLATE,
+    "llama2-chat": LLAMA2_CHAT_TEMPLATE,
+    ALPACA_RELEASED: ALPACA_RELEASED_TEMPLATE,
+}
 TEMPLATE_CHOICES: tuple[str, ...] = ("auto", "tokenizer", *BUILTIN_TEMPLATES)
 
 

@@ -1,10 +1,11 @@
 """Tokenize an Alpaca or chat data set once into a memory-mapped cache (c2a.data.cache) for training.
 
     python -m c2a.data.prepare --data FILE|HF_NAME --tokenizer tokenizer.model|tokenizer.json|CHECKPOINT_DIR --out DIR \\
-        [--max-len 256] [--truncation truncate|drop] [--template auto] [--skip-bad-rows] [--workers N] [--overwrite]
+        [--max-len 256] [--truncation truncate|drop|right] [--template auto] [--tokenization split|joint]
+        [--skip-bad-rows] [--workers N] [--overwrite]
 
---max-len, --truncation, --template and --skip-bad-rows mean what data.max_len, data.truncation,
-data.template and data.skip_bad_rows mean to the trainer, with the same defaults: a cache is used by a run
+--max-len, --truncation, --template, --tokenization and --skip-bad-rows mean what data.max_len, data.truncation,
+data.template, data.tokenization and data.skip_bad_rows mean to the trainer, with the same defaults: a cache is used by a run
 whose settings match it (the claude2-alpaca recipes train at --max-len 2048).
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from c2a.config import DataSection
 from c2a.data import chat
-from c2a.data.alpaca import TRUNCATION_POLICIES, load_records
+from c2a.data.alpaca import TOKENIZATIONS, TRUNCATION_POLICIES, load_records
 from c2a.data.cache import TokenizedDataset
 from c2a.data.tokenizer import Tokenizer
 from c2a.errors import USER_ERRORS, report
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--skip-bad-rows", action="store_true", help="skip malformed rows with a warning instead of stopping"
     )
+    ap.add_argument(
+        "--tokenization",
+        choices=TOKENIZATIONS,
+        default=defaults.tokenization,
+        help="Alpaca records: split or joint, as data.tokenization",
+    )
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     return ap
@@ -80,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             source=loaded.source,
             skipped_bad_rows=len(loaded.skipped),
             template=args.template,
+            tokenization=args.tokenization,
         )
         ds.manifest["tokenizer"]["path"] = str(tok.path.resolve())
         elapsed = time.perf_counter() - t0

@@ -42,7 +42,13 @@ def demo_dataset(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[TokenizedDatas
     """The demo task's training split, tokenized in memory, and its held-out records (for exact match)."""
     records, heldout = demo_split(cfg.data.demo_train_size, cfg.data.demo_heldout_size)
     ds = TokenizedDataset.from_records(
-        records, tokenizer, cfg.data.max_len, truncation=cfg.data.truncation, source={"kind": "demo"}
+        records,
+        tokenizer,
+        cfg.data.max_len,
+        truncation=cfg.data.truncation,
+        source={"kind": "demo"},
+        template=cfg.data.template,
+        tokenization=cfg.data.tokenization,
     )
     return ds, heldout
 
@@ -62,4 +68,5 @@ def tokenize_records_file(
         source=loaded.source,
         skipped_bad_rows=len(loaded.skipped),
         template=template or cfg.data.template,
+        tokenization=cfg.data.tokenization,
     )

@@ -134,13 +134,18 @@ def causal_attention(
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ CE(h·Wᵀ, labels) over labels ≠ -100, divided by `normalizer` (default: their count)."""
+    """Σ w·CE(h·Wᵀ, labels) over labels ≠ -100 (w: per-row `weights`, default 1), divided by `normalizer`
+    (default: their count)."""
     if backend(h.device) == "triton":
         from .cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
 
-        return triton_linear_cross_entropy(h, weight, labels, normalizer)
+        return triton_linear_cross_entropy(h, weight, labels, normalizer, weights=weights)
     from .cross_entropy import linear_cross_entropy_chunked
 
-    return linear_cross_entropy_chunked(h, weight, labels, normalizer)
+    return linear_cross_entropy_chunked(h, weight, labels, normalizer, weights)

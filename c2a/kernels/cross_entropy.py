@@ -3,6 +3,10 @@
 `normalizer` n defaults to the number of trained targets in this call; the trainer passes the global
 count so that gradient accumulation and data-parallel ranks divide by the same number.
 
+Optional per-row `weights` w_t (fp32 [N]) make it loss = Σ_t w_t · CE_t / n, with dlogits scaled by w_t / n:
+with w_t = 1 / (trained targets of t's example) and n = the number of examples, the per-example mean that
+train.loss_weighting = "example" asks for (c2a.train.weighting). Without weights every w_t is 1.
+
 The Triton path never holds more than one chunk of logits. Per chunk of C tokens:
     logits = h_c · Wᵀ                      fp32 [C, V] (GEMM with fp32 accumulation and fp32 output)
     one kernel program per token:          online logsumexp over V, the target's logit, the row's loss,
@@ -49,6 +53,13 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _weighted_sum(loss_rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Σ_t w_t · CE_t of per-row losses (0 on ignored rows), in fp32 (fp64 for fp64 inputs)."""
+    if loss_rows.dtype in (torch.float16, torch.bfloat16):
+        loss_rows = loss_rows.float()
+    return loss_rows.sum() if weights is None else (loss_rows * weights.to(loss_rows.dtype)).sum()
+
+
 def _normalise(loss_sum: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None) -> torch.Tensor:
     if normalizer is None:
         # clamp: an all-ignored batch gives 0 / 1 = 0, not NaN
@@ -61,10 +72,16 @@ def linear_cross_entropy_reference(
     weight: torch.Tensor,
     labels: torch.Tensor,
     normalizer: torch.Tensor | float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """h [N, D], weight [V, D], labels [N] -> scalar fp32 (fp64 for fp64 inputs). Builds all [N, V] logits."""
+    """h [N, D], weight [V, D], labels [N], weights [N] or None -> scalar fp32 (fp64 for fp64 inputs). Builds
+    all [N, V] logits."""
     logits = (h @ weight.T).float() if h.dtype != torch.float64 else h @ weight.T  # [N, V]
-    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if weights is None:
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        loss_rows = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")  # [N]
+        loss_sum = _weighted_sum(loss_rows, weights)
     return _normalise(loss_sum, labels, normalizer)
 
 
@@ -79,16 +96,23 @@ def chunk_rows(n_rows: int, vocab: int) -> int:
 
 
 def linear_cross_entropy_chunked(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked linear cross-entropy in torch: the [N, V] logits never exist at once, only a chunk of
     `chunk_rows` rows. torch >= 2.13 has it built in (F.linear_cross_entropy); older releases get the same
     thing from a loop of checkpointed chunks, each recomputed in the backward.
 
     At 8192 tokens x 256 -> 32000 on the 2-core CPU the built-in one peaked at 578 MB RSS against
-    3,353 MB for the reference (DESIGN.md).
+    3,353 MB for the reference (DESIGN.md). With `weights`, the per-row losses ([N], reduction "none") are
+    weighted and summed.
     """
     rows = chunk_rows(h.shape[0], weight.shape[0])
+    if weights is not None:
+        return _normalise(_weighted_sum(_chunked_rows_loss(h, weight, labels, rows), weights), labels, normalizer)
     if hasattr(F, "linear_cross_entropy"):
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
         loss_sum = F.linear_cross_entropy(
@@ -103,6 +127,26 @@ def linear_cross_entropy_chunked(
             h[:0].sum(dtype=torch.float32),  # zero rows: a 0 that backward can go through, not the int 0
         )
     return _normalise(loss_sum.float(), labels, normalizer)
+
+
+def _chunked_rows_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-row cross-entropy [N] (0 on ignored rows), chunk by chunk."""
+    if hasattr(F, "linear_cross_entropy"):
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
+        return F.linear_cross_entropy(h, weight, labels, reduction="none", ignore_index=IGNORE_INDEX, options=options)
+    return torch.cat(
+        [
+            checkpoint(_chunk_loss_rows, h[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
+            for i in range(0, h.shape[0], rows)
+        ]
+    )
+
+
+def _chunk_loss_rows(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = h @ weight.T  # [rows, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,6 +167,7 @@ def _cross_entropy_chunk_kernel(
     grad_ptr,
     labels_ptr,
     inv_n_ptr,
+    weights_ptr,
     loss_ptr,
     stride_logits_row,
     stride_grad_row,
@@ -130,10 +175,12 @@ def _cross_entropy_chunk_kernel(
     n_vocab,
     ignore_index,
     COMPUTE_GRAD: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # logits [C, V] fp32, grad [C, V] in h's dtype (may alias logits when that is fp32), labels [C] int,
-    # inv_n [1] fp32 (1 / normaliser, on the device), loss [C] fp32. One program per token row.
+    # inv_n [1] fp32 (1 / normaliser, on the device), weights [C] fp32 (read only when HAS_WEIGHTS),
+    # loss [C] fp32 (w · CE). One program per token row.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row * stride_labels).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -163,11 +210,17 @@ def _cross_entropy_chunk_kernel(
         # (m − target) + log s) round once at the small magnitude, as torch's log_softmax does
         log_s = tl.log(s)
         in_range = (label >= 0) & (label < n_vocab)
-        tl.store(loss_ptr + row, tl.where(in_range, (m - target) + log_s, float("nan")))
+        row_loss = tl.where(in_range, (m - target) + log_s, float("nan"))
+        if HAS_WEIGHTS:
+            w = tl.load(weights_ptr + row)
+            row_loss = row_loss * w
+        tl.store(loss_ptr + row, row_loss)
 
-        # Pass 2: dlogits = (softmax − onehot) / n.
+        # Pass 2: dlogits = w · (softmax − onehot) / n.
         if COMPUTE_GRAD:
             scale = tl.load(inv_n_ptr)
+            if HAS_WEIGHTS:
+                scale = scale * w
             for start in range(0, n_vocab, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < n_vocab
@@ -247,7 +300,7 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer) -> None:
+def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer, weights=None) -> None:
     op = "linear_cross_entropy"
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: h must be [N, D] and weight [V, D], got {tuple(h.shape)} and {tuple(weight.shape)}")
@@ -269,6 +322,10 @@ def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normaliz
             )
     elif normalizer is not None and not normalizer > 0:
         raise ValueError(f"{op}: normalizer must be positive, got {normalizer}")
+    if weights is not None and (weights.shape != labels.shape or weights.device != h.device):
+        raise ValueError(
+            f"{op}: weights must be [N] = [{h.shape[0]}] on {h.device}, got {tuple(weights.shape)} on {weights.device}"
+        )
 
 
 def linear_cross_entropy_forward(
@@ -279,6 +336,7 @@ def linear_cross_entropy_forward(
     need_dh: bool,
     need_dw: bool,
     chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """-> (loss fp32 scalar, dh [N, D] in h's dtype or None, dW [V, D] fp32 or None), the gradients of the
     loss itself. dW stays in its fp32 accumulator: the backward rounds it to W's dtype once, scale fused."""
@@ -293,6 +351,7 @@ def linear_cross_entropy_forward(
         n = torch.full((1,), float(normalizer), dtype=torch.float32, device=device)
     inv_n = (1.0 / n).reshape(1)
     compute_grad = need_dh or need_dw
+    w32 = weights.detach().to(torch.float32).contiguous() if weights is not None else None
 
     C = chunk_size if chunk_size is not None else _chunk_rows(N, D, V)
     C = max(1, min(C, N))
@@ -310,12 +369,13 @@ def linear_cross_entropy_forward(
         h_c = h[start:end]  # [rows, D]
         logits_c, grad_c = logits[:rows], grad[:rows]  # [rows, V]
         _mm_fp32(h_c, weight.T, out=logits_c)  # [rows, D] · [D, V]
+        w_c = w32[start:end] if w32 is not None else inv_n  # without weights the kernel never reads it
         # fmt: off
         _cross_entropy_chunk_kernel[(rows,)](
-            logits_c, grad_c, labels[start:end], inv_n, loss_rows[start:end],
+            logits_c, grad_c, labels[start:end], inv_n, w_c, loss_rows[start:end],
             logits_c.stride(0), grad_c.stride(0), labels.stride(0),
             V, IGNORE_INDEX,
-            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=True,
+            COMPUTE_GRAD=compute_grad, HAS_WEIGHTS=weights is not None, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=True,
         )
         # fmt: on
         if need_dh:
@@ -333,9 +393,11 @@ def linear_cross_entropy_forward(
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, normalizer, chunk_size):
+    def forward(ctx, h, weight, labels, normalizer, chunk_size, weights=None):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, dh, dw32 = linear_cross_entropy_forward(h, weight, labels, normalizer, need_dh, need_dw, chunk_size)
+        loss, dh, dw32 = linear_cross_entropy_forward(
+            h, weight, labels, normalizer, need_dh, need_dw, chunk_size, weights
+        )
         # Intermediates, not inputs: saving them (rather than ctx attributes) frees them once backward ran
         ctx.save_for_backward(dh, dw32)
         ctx.weight_dtype = weight.dtype
@@ -355,7 +417,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # (tests/test_kernels_cross_entropy.py counts them).
             dw = torch.empty(dw32.shape, dtype=ctx.weight_dtype, device=dw32.device)
             torch.mul(dw32, grad_output, out=dw)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,18 +431,19 @@ def linear_cross_entropy(
     normalizer: torch.Tensor | float | None = None,
     *,
     chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ CE(h·Wᵀ, labels) over labels ≠ -100, divided by `normalizer` (default: their count,
+    """Σ w·CE(h·Wᵀ, labels) over labels ≠ -100, divided by `normalizer` (default: their count,
     at least 1) -> fp32 scalar, without materialising the [N, V] logits.
 
-    h [N, D], weight [V, D], labels [N]. `chunk_size` overrides the tokens per chunk (tests use it to put
-    chunk boundaries at odd places).
+    h [N, D], weight [V, D], labels [N], weights [N] (None: all 1; no gradient flows to them).
+    `chunk_size` overrides the tokens per chunk (tests use it to put chunk boundaries at odd places).
     """
-    _check(h, weight, labels, normalizer)
+    _check(h, weight, labels, normalizer, weights)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
         # evaluation (no_grad, or frozen inputs): the loss alone. ctx.needs_input_grad would still say True
         # for a leaf that requires grad under no_grad, and the gradient GEMMs triple the head's work.
-        return linear_cross_entropy_forward(h, weight, labels, normalizer, False, False, chunk_size)[0]
-    return LinearCrossEntropyFunction.apply(h, weight, labels, normalizer, chunk_size)
+        return linear_cross_entropy_forward(h, weight, labels, normalizer, False, False, chunk_size, weights)[0]
+    return LinearCrossEntropyFunction.apply(h, weight, labels, normalizer, chunk_size, weights)

@@ -180,6 +180,7 @@ class Llama(nn.Module):
         normalizer: torch.Tensor | float | None = None,
         cache: KVCache | None = None,
         num_trained: int | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; or, given `labels`, the loss as `loss()` computes it.
 
@@ -209,11 +210,29 @@ class Llama(nn.Module):
         if labels is None:
             return self.output(self.norm(h))  # [B, T, V]
         h, labels = h.flatten(0, 1), labels.flatten()  # [B·T, D], [B·T]
+        if weights is not None:
+            return self._weighted_loss(h, labels, weights.flatten(), normalizer, num_trained)
         if num_trained is not None:
             h, labels = _first_trained_rows(h, labels, num_trained)
         elif not h.is_cuda:
             h, labels = _trained_rows(h, labels)
         return linear_cross_entropy(self.norm(h), self.output.weight, labels, normalizer)
+
+    def _weighted_loss(
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        normalizer: torch.Tensor | float | None,
+        num_trained: int | None,
+    ) -> torch.Tensor:
+        """The loss head with per-row weights [B·T]: the same row selection as the unweighted path."""
+        rows = torch.arange(labels.numel(), device=labels.device)
+        if num_trained is not None:
+            rows, labels = _first_trained_rows(rows, labels, num_trained)
+        elif not h.is_cuda:
+            rows, labels = _trained_rows(rows, labels)
+        return linear_cross_entropy(self.norm(h[rows]), self.output.weight, labels, normalizer, weights[rows])
 
     def loss(
         self,
@@ -222,6 +241,7 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         normalizer: torch.Tensor | float | None = None,
         num_trained: int | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over the targets that are not -100 (labels are already shifted).
 
@@ -229,9 +249,17 @@ class Llama(nn.Module):
         accumulation and data-parallel ranks can all divide by the global count. The [B·T, V] logits are
         never materialised at once (c2a.kernels.linear_cross_entropy). `num_trained`, the number of labels
         that are not -100 when the caller knows it on the host (the data loader counts it), lets the final
-        norm and the output head skip the untrained rows on any device without a host sync.
+        norm and the output head skip the untrained rows on any device without a host sync. `weights` [B, T]
+        (fp32) weigh each target's loss (train.loss_weighting = "example"; c2a.train.weighting).
         """
-        return self(input_ids, position_ids=position_ids, labels=labels, normalizer=normalizer, num_trained=num_trained)
+        return self(
+            input_ids,
+            position_ids=position_ids,
+            labels=labels,
+            normalizer=normalizer,
+            num_trained=num_trained,
+            weights=weights,
+        )
 
 
 def rope_scaling(cfg: LlamaConfig) -> RopeScaling | None:

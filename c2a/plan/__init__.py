@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from c2a.config import LlamaConfig, TrainConfig, resolve_dtype
+from c2a.config import DTYPES, LlamaConfig, TrainConfig, compute_dtype
 from c2a.data.batching import MicroBatchLoader
 from c2a.kernels import backend
 from c2a.plan.memory import MemoryPlan, Workload, plan_memory
@@ -36,13 +36,15 @@ def predicted_peak_mb(
         packed=cfg.data.packing,
         ranks=ranks,
         replicas=t.replicas,
-        compute_bytes=resolve_dtype(t.dtype, device).itemsize,
+        compute_bytes=compute_dtype(t, device).itemsize,
         backend=backend(device),
         cuda=device.type == "cuda",
         activation_checkpointing=t.activation_checkpointing,
         ac_every=t.ac_every,
         accumulation=loader.accum_steps,
         cpu_offload=t.cpu_offload,
+        master_bytes=DTYPES[t.master_dtype].itemsize,
+        reduce_bytes=DTYPES[t.reduce_dtype].itemsize,
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

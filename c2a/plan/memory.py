@@ -4,8 +4,9 @@ The categories follow what `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTr
 storage to, so the planner can be checked against it (tests/test_plan.py does, on CPU):
 
   params      the rank's fp32 shard of every parameter: 4 N / S bytes (N parameters, S ranks sharing a copy)
-  grads       their fp32 gradient shards: 4 N / S (reduce dtype fp32), present from the first reduce-scatter
+  grads       their fp32 gradient shards: 4 N / S, present from the first reduce-scatter
   optimizer   AdamW's exp_avg and exp_avg_sq, fp32: 8 N / S (+ one 4-byte step per parameter tensor)
+              (train.master_dtype = "bf16": all three in bf16, half as many bytes)
   fsdp        unsharded (all-gathered) parameters in the compute dtype: the root's (embedding, final norm,
               output head: kept unsharded from its forward to the end of the backward) and two blocks' (the
               block running and the one prefetched), plus, in a block's backward, its unsharded gradients
@@ -52,6 +53,8 @@ class Workload:
     ac_every: int = 2
     accumulation: int = 1  # micro-batches per optimizer step on this rank
     cpu_offload: bool = False
+    master_bytes: int = PARAM_BYTES  # the stored parameters' dtype (train.master_dtype): their grads and Adam's too
+    reduce_bytes: int = 4  # the gradient reduce-scatter's dtype (train.reduce_dtype)
 
     @property
     def shard(self) -> int:
@@ -178,7 +181,8 @@ def root_backward_bytes(w: Workload) -> int:
     m, S, c = w.model, w.shard, w.compute_bytes
     vd, k = m.vocab_size * m.dim, head_matrices(m)
     embedding_backward = k * vd * c + 2 * vd * c + 4 * vd
-    post_backward = k * vd * c + k * vd * 4 + k * 4 * _padded(vd, S) + 4 * vd
+    r = w.reduce_bytes
+    post_backward = k * vd * c + k * vd * r + k * r * _padded(vd, S) + 4 * vd
     return max(embedding_backward, post_backward)
 
 
@@ -189,9 +193,12 @@ def plan_memory(w: Workload) -> MemoryPlan:
     m, S, c = w.model, w.shard, w.compute_bytes
     n_block, n_root = block_params(m), root_params(m)
     n_shard = m.n_layers * _padded(n_block, S) + _padded(n_root, S)
-    params, grads, opt = PARAM_BYTES * n_shard, GRAD_BYTES * n_shard, ADAM_BYTES * n_shard
+    # the shards, their gradients and AdamW's two moments are all in the stored dtype (fp32, or bf16 pure)
+    scale = w.master_bytes / PARAM_BYTES
+    params, grads = int(PARAM_BYTES * scale) * n_shard, int(GRAD_BYTES * scale) * n_shard
+    opt = int(ADAM_BYTES * scale) * n_shard
     opt += 4 * (9 * m.n_layers + 1 + head_matrices(m))  # AdamW's step counter, one fp32 scalar per parameter tensor
-    block_grad_shard = GRAD_BYTES * _padded(n_block, S)
+    block_grad_shard = int(GRAD_BYTES * scale) * _padded(n_block, S)
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
     static = params + opt + (grads if w.accumulation > 1 else 0)
@@ -220,7 +227,7 @@ def plan_memory(w: Workload) -> MemoryPlan:
         fsdp = root + gathered * block
         inside = alive + recompute + backward_temp_bytes(w) * T
         # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
-        after = alive - saved[i] + block + (4 * n_block if S > 1 else 0)
+        after = alive - saved[i] + block + (w.reduce_bytes * n_block if S > 1 else 0)
         phases[f"backward of layer {i}"] = (fsdp + head_grad + max(inside, after), static + done, fsdp)
         alive -= saved[i]
     phases["root backward"] = (

@@ -169,6 +169,7 @@ def table(result: dict[str, Any]) -> str:
     p, w, t = result["per_rank_bytes"], result["workload"], result["time"]
     mach = result["machine"]
     g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    m = "fp32" if w.get("master_bytes", 4) == 4 else "bf16"  # the stored parameters' dtype
     lines = [
         f"model   {result['model']['source']}: {result['model']['params'] / 1e9:.2f}B parameters",
         f"data    {result['data']['source']}",
@@ -177,9 +178,9 @@ def table(result: dict[str, Any]) -> str:
         f"{w['activation_checkpointing']}, cpu_offload {w['cpu_offload']}, shards {w['ranks'] // w['replicas']}",
         "",
         "per rank",
-        f"  parameters (fp32 shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
-        f"  gradients (fp32 shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
-        f"  optimizer (AdamW, fp32)       {g(p['optimizer'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  gradients ({m} shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        f"  optimizer (AdamW, {m})       {g(p['optimizer'])}" + ("  (host)" if w["cpu_offload"] else ""),
         f"  FSDP gathered at the peak     {g(p['fsdp'])}",
         f"  activations (saved)           {g(p['activations'])}",
         f"  loss head transient           {g(p['loss_head'])}",

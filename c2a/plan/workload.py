@@ -59,7 +59,15 @@ class Machine:
 
 def resolve_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     """The model from the checkpoint's config.json / params.json, or the preset; a checkpoint path that does not
-    exist but names a Llama-2 size (the recipes' SET-ME/Llama-2-13b-hf) gives that preset, said so."""
+    exist but names a Llama-2 size (the recipes' SET-ME/Llama-2-13b-hf) gives that preset, said so. With
+    model.add_pad_token, one more vocabulary row, as the trainer builds it."""
+    model, source = _checkpoint_model(cfg)
+    if cfg.model.add_pad_token:
+        return model.replace(vocab_size=model.vocab_size + 1), source + " + a pad token"
+    return model, source
+
+
+def _checkpoint_model(cfg: TrainConfig) -> tuple[LlamaConfig, str]:
     path = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
     if path is None:
         return LlamaConfig.from_name(cfg.model.preset), f"preset {cfg.model.preset}"
@@ -166,12 +174,14 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         packed=cfg.data.packing,
         ranks=ranks,
         replicas=t.replicas,
-        compute_bytes=4 if t.dtype == "fp32" else 2,
+        compute_bytes=4 if t.dtype == "fp32" and t.master_dtype == "fp32" else 2,
         backend="triton",
         activation_checkpointing=t.activation_checkpointing,
         ac_every=t.ac_every,
         accumulation=accumulation(cfg, data, ranks, t.micro_batch),
         cpu_offload=t.cpu_offload,
+        master_bytes=4 if t.master_dtype == "fp32" else 2,
+        reduce_bytes=4 if t.reduce_dtype == "fp32" else 2,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:

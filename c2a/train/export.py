@@ -43,8 +43,8 @@ def trained_template(data: RunData, template: str) -> str | None:
     records only, the demo). None, with a warning, when a prepared cache's recorded template is not what
     data.template resolves to here (the cache records its sha256, not its text)."""
     recorded = data.train.manifest.get("chat_template")
-    if recorded is None:
-        return chat.ALPACA_TEMPLATE
+    if recorded is None:  # Alpaca records: Alpaca's prompt, by the released model's rule if trained so
+        return chat.ALPACA_RELEASED_TEMPLATE if template == chat.ALPACA_RELEASED else chat.ALPACA_TEMPLATE
     try:
         label, source = chat.resolve_template(template, data.tokenizer)
     except chat.ChatTemplateError as e:

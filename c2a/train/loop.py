@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from c2a.config import TrainConfig, resolve_dtype
+from c2a.config import TrainConfig, compute_dtype
 from c2a.data.batching import MicroBatch, MicroBatchLoader
 from c2a.data.mix import MixedDataset, examples_by_source
 from c2a.plan import predicted_peak_mb
@@ -87,7 +87,7 @@ def train_loop(s: Session) -> None:
     while s.step < s.total_steps:
         epoch = s.loader.epoch + 1  # 1-based; read before the step's first micro-batch moves the loader
         micro, batches = _step_batches(s.loader, batches)
-        result = train_step(s.model, s.optimizer, micro, t.grad_clip, d.device, control)
+        result = train_step(s.model, s.optimizer, micro, t.grad_clip, d.device, control, t.loss_weighting)
         lr = s.scheduler.get_last_lr()[0]
         s.scheduler.step()
         s.step += 1
@@ -170,7 +170,7 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
     best = restore_best(cfg.out_dir, s.model, s.optimizer, s.step) if cfg.train.early_stop_patience else {}
     final = export_final(
-        s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
+        s.model, s.model_cfg, s.data.tokenizer_path, s.out, compute_dtype(cfg.train, d.device), d, template
     )
     summary: dict[str, Any] = {
         "steps": s.step,

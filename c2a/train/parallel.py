@@ -25,7 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from c2a.config import LlamaConfig, TrainSection, resolve_dtype
+from c2a.config import DTYPES, LlamaConfig, TrainSection, compute_dtype
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.weights import CheckpointReader
 
@@ -132,9 +132,11 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
             block.compile()
     # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
     #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
-    #    in fp32.
-    dtype = resolve_dtype(train.dtype, d.device)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    #    in fp32. train.master_dtype = "bf16" stores them (and so AdamW's state) in bf16 with no fp32 copy;
+    #    train.reduce_dtype = "bf16" reduces the gradients in bf16 (the released claude2-alpaca model did both).
+    if train.master_dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(train, d.device), reduce_dtype=DTYPES[train.reduce_dtype])
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
     # Pinned pages only where there is a device to copy to (pinning needs CUDA).

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from c2a.config import TrainConfig
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.batching import ExampleDataset, MicroBatchLoader
+from c2a.data.cache import alpaca_encoding
 from c2a.data.mix import MixedDataset
 from c2a.data.sources import demo_dataset, resolve_tokenizer, tokenize_records_file
 from c2a.train.errors import TrainingError
@@ -62,8 +63,11 @@ def build_data(cfg: TrainConfig, d: Dist) -> RunData:
 def _source(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer, path: str, template: str, cache: Path) -> TokenizedDataset:
     """One source: a prepared cache opened as it is, or a data file / hub dataset tokenized once by rank 0 into
     `cache` and memory-mapped by every rank."""
+    encoding = alpaca_encoding(template, cfg.data.tokenization)
     if Path(path).is_dir():
-        return TokenizedDataset.open(path, expect_tokenizer=tokenizer, expect_max_len=cfg.data.max_len)
+        return TokenizedDataset.open(
+            path, expect_tokenizer=tokenizer, expect_max_len=cfg.data.max_len, expect_encoding=encoding
+        )
     if d.is_main and not cache.is_dir():
         log.info("tokenizing %s into %s", path, cache)
         workers = cfg.data.workers or os.cpu_count() or 1
@@ -80,6 +84,7 @@ def _source(cfg: TrainConfig, d: Dist, tokenizer: Tokenizer, path: str, template
         expect_source=path,
         expect_truncation=cfg.data.truncation,
         expect_template=template,
+        expect_encoding=encoding,
         hint=hint,
     )
 

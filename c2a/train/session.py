@@ -17,6 +17,7 @@ import torch.distributed as dist
 from c2a.config import LlamaConfig, TrainConfig, config_to_toml
 from c2a.data.batching import MicroBatchLoader
 from c2a.model.llama import Llama
+from c2a.model.vocab import AddedRowsReader
 from c2a.model.weights import CheckpointReader, with_tokenizer_ids
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point
 from c2a.train.errors import TrainingError
@@ -91,6 +92,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     validation, train_set = Validation.start(cfg, data, d)  # with data.val_fraction, the examples not held out
     data = data.with_train(train_set)
     reader = CheckpointReader(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    if reader is not None and cfg.model.add_pad_token:
+        reader = AddedRowsReader(reader)  # vocab + 1, the new rows the mean of the others
     model_cfg = _model_config(cfg, reader, data)
     resume, saved = resume_point(out) or (None, None)  # the newest checkpoint that validates
     loader, batch_desc = make_loader(cfg, data.train, d, rows=saved["data"]["global_batch_rows"] if saved else None)
@@ -145,6 +148,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
 def _model_config(cfg: TrainConfig, reader: CheckpointReader | None, data: RunData) -> LlamaConfig:
     """The checkpoint's model config (or the preset's), with the special-token ids final/config.json names."""
     model_cfg = reader.config if reader else LlamaConfig.from_name(cfg.model.preset)
+    if reader is None and cfg.model.add_pad_token:  # from scratch: one more randomly initialised row
+        model_cfg = model_cfg.replace(vocab_size=model_cfg.vocab_size + 1)
     model_cfg = _special_ids(model_cfg, reader, data)
     if data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise TrainingError(

@@ -3,7 +3,9 @@
 A step is: this rank's micro-batches for the step, the global count of trained targets (all-reduced),
 forward/backward of each micro-batch with the loss divided by that global count (so loss and gradients do
 not depend on how the global batch is split over ranks and accumulation), clipping on the global norm, then
-the optimizer step unless the loss or gradient is non-finite.
+the optimizer step unless the loss or gradient is non-finite. With train.loss_weighting = "example" each
+target is weighed by 1 / its example's trained targets and the divisor is the global count of examples
+instead (c2a.train.weighting).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from c2a.data.batching import MicroBatch
 from c2a.model.llama import Llama
 from c2a.train.lifecycle import StopControl
+from c2a.train.weighting import step_weights
 
 
 @dataclass
@@ -32,7 +35,11 @@ class StepResult:
 
 
 def forward_backward(
-    model: Llama, batches: list[MicroBatch], device: torch.device, flags: torch.Tensor | None = None
+    model: Llama,
+    batches: list[MicroBatch],
+    device: torch.device,
+    flags: torch.Tensor | None = None,
+    weighting: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
     mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors.
@@ -40,12 +47,23 @@ def forward_backward(
     all-reduce as the loss, at the end of the step, so agreeing on it costs no extra collective."""
     batches = [b.to(device, non_blocking=True) for b in batches]
     targets = sum((b.labels != -100).sum() for b in batches)
-    dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
-    normalizer = targets.clamp(min=1).float()
+    weights, examples = step_weights(batches, weighting)
+    if examples is None:
+        dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
+        normalizer = targets.clamp(min=1).float()
+    else:
+        counts = torch.stack([targets, examples.to(targets.dtype)])
+        dist.all_reduce(counts)  # the global counts of targets and of examples: every rank divides by the latter
+        targets, normalizer = counts[0], counts[1].clamp(min=1).float()
     loss_sum = torch.zeros((), device=device)
-    for b in batches:
+    for b, w in zip(batches, weights):
         loss = model.loss(
-            b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained
+            b.input_ids,
+            b.labels,
+            position_ids=b.position_ids,
+            normalizer=normalizer,
+            num_trained=b.num_trained,
+            weights=w,
         )
         loss.backward()
         loss_sum += loss.detach()
@@ -65,9 +83,10 @@ def train_step(
     grad_clip: float,
     device: torch.device,
     control: StopControl | None = None,
+    weighting: str = "token",
 ) -> StepResult:
     flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
-    loss, targets = forward_backward(model, batches, device, flags)
+    loss, targets = forward_backward(model, batches, device, flags, weighting)
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
