@@ -202,6 +202,7 @@ SHELLS = {
     "convert": "c2a.model.convert",
     "plot": "c2a.train.plot",
     "demo": "c2a.data.demo.__main__",
+    "compare": "c2a.train.compare",
 }
 USER_ERROR = {
     "plan": ["--gpus", "1", "--model.checkpoint={tmp}/nowhere"],
@@ -241,6 +242,12 @@ def test_every_command_reports_a_user_error_in_one_line_and_exits_1(name, tmp_pa
 @pytest.mark.parametrize("name", sorted(USAGE_ERROR))
 def test_every_command_exits_2_on_a_usage_error(name, capsys):
     assert run_main(name, USAGE_ERROR[name]) == 2, (name, capsys.readouterr().err[-2000:])
+
+
+@pytest.mark.parametrize("name", sorted(SHELLS))
+def test_every_command_prints_its_help(name, capsys):
+    assert run_main(name, ["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage:")
 
 
 def test_the_trainer_exits_1_on_a_user_error_and_2_on_a_usage_error(tmp_path):
