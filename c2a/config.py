@@ -225,6 +225,10 @@ class TrainSection:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
     eps: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f(
+        "adamw",
+        "adamw (fp32 moments, 8 bytes a parameter) or adamw8bit (8-bit block-wise moments, about 2; needs the adamw8bit extra: torchao)",
+    )
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     dtype: str = _f("auto", "compute dtype: bf16, fp32, or auto (bf16 on CUDA, fp32 on CPU); master weights stay fp32")
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
@@ -280,6 +284,7 @@ class TrainConfig:
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
             in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
+            "train.optimizer must be adamw or adamw8bit": t.optimizer in ("adamw", "adamw8bit"),
             "data.truncation must be truncate or drop": self.data.truncation in ("truncate", "drop"),
             "train.global_batch, train.micro_batch, train.epochs, data.max_len must be positive": min(
                 t.global_batch, t.micro_batch, t.epochs, self.data.max_len

@@ -73,6 +73,8 @@ def claim(cfg: TrainConfig, d: Dist) -> None:
         cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None
     ):  # before minutes of loading, not after
         raise TrainingError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
+    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise TrainingError("train.optimizer = \"adamw8bit\" needs torchao: pip install -e '.[adamw8bit]'")
     claim_out_dir(Path(cfg.out_dir), d)
     if d.is_main:
         remove_partial_checkpoints(Path(cfg.out_dir))
