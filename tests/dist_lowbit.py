@@ -6,16 +6,19 @@ NF4: NF4Linear layers (c2a/model/quantized.py) sharded by FSDP2 (bf16 compute), 
 the dequantized weights, outputs and input gradients of the gathered layers -> OUT_DIR/nf4.pt (rank 0).
 adamw8bit (when torchao is installed): a small Llama sharded by FSDP2 with train.optimizer = "adamw8bit", 6
 steps straight through, and 3 steps, a checkpoint (c2a.train.checkpoint, DCP), a fresh model and optimizer
-loaded from it and 3 more steps; losses, parameters and optimizer states -> OUT_DIR/adamw8bit_rank{r}.pt.
+loaded from it and 3 more steps; losses, parameters and optimizer states -> OUT_DIR/adamw8bit_rank{r}.pt;
+and test_plan.py's FSDPMemTracker measurement of an adamw8bit step (PLAN_SPEC) -> OUT_DIR/plan.json.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import torch
+from test_plan import measure
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -26,6 +29,8 @@ from c2a.train.checkpoint import checkpoint_root, load_checkpoint, save_checkpoi
 from c2a.train.optim import build_optimizer, build_scheduler
 from c2a.train.parallel import init_distributed
 
+# test_plan.py's SPEC: dim 256 so that the block matrices' shards reach torchao's 4,096-value minimum for 8 bits
+PLAN_SPEC = "adamw8bit-small:256:2:4:2:1000:2:64:packed:none:1:0:adamw8bit"
 # (out, in): 5,184 blocks (2,592 a rank), 300 blocks, 3 blocks (2 and 1: an uneven split), 91 weights (2 blocks)
 NF4_SHAPES = [(576, 576), (96, 200), (3, 64), (7, 13)]
 
@@ -139,6 +144,10 @@ def main(out_dir: Path) -> None:
     run_nf4(out_dir, d)
     if importlib.util.find_spec("torchao") is not None:
         run_adamw8bit(out_dir, d)
+        measured: list = [None] * d.world_size
+        torch.distributed.all_gather_object(measured, measure(PLAN_SPEC, d))
+        if d.is_main:
+            (out_dir / "plan.json").write_text(json.dumps(measured))
     torch.distributed.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ a skip."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_lowbit import NF4_SHAPES, nf4_cases, nf4_reference
+from dist_lowbit import NF4_SHAPES, PLAN_SPEC, nf4_cases, nf4_reference
+from test_plan import TOLERANCE, predicted
 
 from c2a.kernels.nf4 import BLOCK
 from c2a.model.quantized import NF4Linear
@@ -80,3 +82,19 @@ def test_adamw8bit_resume_is_bitwise_on_two_ranks(launch):
                 else:
                     assert torch.equal(a, b), (name, key)
         assert quantized >= 2 * 8, "the block matrices' moments must be 8-bit"
+
+
+def test_planner_matches_fsdp_mem_tracker_with_adamw8bit(launch):
+    """The planner's adamw8bit step against FSDPMemTracker on 2 ranks (test_plan.py's measurement): every
+    category within 10%, and the optimizer state far below AdamW's 8 bytes a parameter."""
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao (pip install -e '.[adamw8bit]')")
+    plan = predicted(PLAN_SPEC, 2)
+    fp32_plan = predicted(PLAN_SPEC.replace(":adamw8bit", ""), 2)
+    assert plan.optimizer < 0.3 * fp32_plan.optimizer
+    for rank, got in enumerate(json.loads((launch / "plan.json").read_text())):
+        for key in ("params", "grads", "optimizer", "activations", "peak"):
+            want = plan.peak_combined if key == "peak" else getattr(plan, key)
+            assert abs(want - got[key]) <= TOLERANCE * got[key], (
+                f"rank {rank} {key}: planned {want:,}, measured {got[key]:,}"
+            )
