@@ -9,6 +9,7 @@ import torch
 
 from c2a.kernels.nf4 import dequantize_nf4_weight, quantize_nf4
 from c2a.model.quantized import NF4Linear
+from c2a.plan.memory import nf4_bytes
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -49,6 +50,15 @@ def test_storage_is_half_a_byte_a_weight_plus_scales():
     blocks = 576 * 576 // 64
     sizes = {n: t.numel() * t.element_size() for n, t in layer.state_dict().items()}
     assert sizes == {"codes": blocks * 32, "qabsmax": blocks, "absmax2": 4 * 21, "offset": 4}
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (4096, 11008), (7, 13), (1, 64)], ids=str)
+def test_planner_nf4_bytes_are_the_layers_storage(shape):
+    layer = NF4Linear(shape[1], shape[0], device="meta")  # shapes only: a 7B projection allocates nothing
+    stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert nf4_bytes(shape[0] * shape[1]) == stored
+    padded = -(-shape[0] * shape[1] // 64) * 64  # a short last block is stored whole
+    assert stored < 0.53 * padded + 12  # 0.5 a weight + about 1/64 for the scales
 
 
 def test_refuses_a_weight_that_is_not_a_matrix():
