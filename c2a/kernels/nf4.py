@@ -130,8 +130,8 @@ def quantize_nf4(w: torch.Tensor, name: str = "weight") -> NF4Weight:
 
 def nf4_absmax_reference(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The blocks' absmaxes, fp32 [blocks], from their double quantization."""
-    scale = absmax2.repeat_interleave(SCALE_BLOCK)[: qabsmax.numel()]
-    return dynamic_map(qabsmax.device)[qabsmax.long()] * scale + offset
+    scale = absmax2[:, None].expand(-1, SCALE_BLOCK).reshape(-1)[: qabsmax.numel()]
+    return _tables(qabsmax.device)[1][qabsmax.long()] * scale + offset
 
 
 def dequantize_nf4_reference(
@@ -144,8 +144,9 @@ def dequantize_nf4_reference(
 ) -> torch.Tensor:
     """codes uint8 [blocks, 32] and scales -> the weight [shape] in `dtype`."""
     absmax = nf4_absmax_reference(qabsmax, absmax2, offset)
-    q = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(codes.shape[0], BLOCK)  # [blocks, 64]
-    w = nf4_table(codes.device)[q.long()] * absmax[:, None]
+    # one lookup per byte: its (high, low) nibbles' NF4 values, [blocks, 32, 2] -> [blocks, 64] in element order
+    pairs = _tables(codes.device)[2][codes.long()].view(codes.shape[0], BLOCK)
+    w = pairs * absmax[:, None]
     n = int(torch.Size(shape).numel())
     return w.reshape(-1)[:n].to(dtype).reshape(shape)
 
@@ -194,7 +195,7 @@ def _nf4_dequant_kernel(
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _settings() -> tuple[int, int]:
@@ -225,9 +226,11 @@ def _check(
             raise ValueError(f"{op}: {name} must be contiguous, got strides {t.stride()}")
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NF4 [16], the dynamic map [256], and each byte's two NF4 values [256, 2] (high nibble first), per device."""
     if device not in _TABLES:
-        _TABLES[device] = (nf4_table(device), dynamic_map(device))
+        nf4 = nf4_table(device)
+        _TABLES[device] = (nf4, dynamic_map(device), torch.stack((nf4.repeat_interleave(16), nf4.repeat(16)), dim=-1))
     return _TABLES[device]
 
 
@@ -246,7 +249,7 @@ def dequantize_nf4(
         raise ValueError(f"dequantize_nf4: {codes.shape[0]} blocks cannot hold shape {tuple(shape)}")
     out = torch.empty(n, dtype=dtype, device=codes.device)
     bf16 = dtype == torch.bfloat16
-    nf4, dyn = _tables(codes.device)
+    nf4, dyn, _ = _tables(codes.device)
     per_program, num_warps = _settings()
     # enable_fp_fusion=False: absmax = DYN·absmax2 + offset must round twice, as bitsandbytes does, not as
     # one FMA (the interpreter never fuses; a GPU build would)
