@@ -179,7 +179,9 @@ def table(result: dict[str, Any]) -> str:
         "per rank",
         f"  parameters (fp32 shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
         f"  gradients (fp32 shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
-        f"  optimizer ({'AdamW, 8-bit ' if w['optimizer'] == 'adamw8bit' else 'AdamW, fp32'})       {g(p['optimizer'])}"
+        "  "
+        + ("optimizer (AdamW, 8-bit)" if w["optimizer"] == "adamw8bit" else "optimizer (AdamW, fp32)").ljust(30)
+        + g(p["optimizer"])
         + ("  (host)" if w["cpu_offload"] else ""),
         f"  FSDP gathered at the peak     {g(p['fsdp'])}",
         f"  activations (saved)           {g(p['activations'])}",
