@@ -12,6 +12,11 @@ Without CUDA: the torch reference and bitsandbytes' CPU kernel are timed on the 
 its interpreter (TRITON_INTERPRET=1) on a small shape only, to check the same bits come out; the
 interpreter's time is numpy's, not a kernel's, and is not reported as a speed. Writes DIR/nf4.json; prints a
 table; never asserts a time.
+
+    python benchmarks/nf4.py --compile-only [--arch 90,80]
+
+needs no GPU: builds the dequantize kernel for sm_<arch> (90: sm_90a) at 11008 x 4096 in bf16, fp16 and fp32
+with Triton's real compiler (benchmarks/gpu_compile.py), prints registers and spills, exits 1 on a failure.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __import__("torch").cuda.is_available():
+if __name__ == "__main__" and "--compile-only" in sys.argv:
+    os.environ.pop("TRITON_INTERPRET", None)  # the real compiler: the interpreter's kernels cannot be captured
+elif __name__ == "__main__" and not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton decorates the kernels
 
 import torch
 
+from c2a.kernels import nf4
 from c2a.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
 SHAPES_7B = [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 11008)]
@@ -86,12 +95,44 @@ def bench(shape: tuple[int, int], device: torch.device, repeat: int, interpret: 
     return rows
 
 
+def compile_only(archs: list[int]) -> int:
+    """Each output dtype's launch at 11008 x 4096, recorded on meta tensors and compiled for each arch."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_compile import capture_launches, compile_launch
+
+    meta = torch.device("meta")
+    blocks = 11008 * 4096 // 64
+    parts = (
+        torch.empty(blocks, 32, dtype=torch.uint8, device=meta),
+        torch.empty(blocks, dtype=torch.uint8, device=meta),
+        torch.empty(-(-blocks // 256), device=meta),
+        torch.empty((), device=meta),
+    )
+    nf4._TABLES[meta] = (torch.empty(16, device=meta), torch.empty(256, device=meta), torch.empty(256, 2, device=meta))
+    failed = 0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with capture_launches(nf4) as launches:
+            dequantize_nf4(*parts, (11008, 4096), dtype)
+        for arch in archs:
+            try:
+                r = compile_launch(launches[0], arch)
+                print(f"sm_{arch} {dtype}: {r['registers']} registers, {r['spill_bytes']} spill bytes")
+            except Exception as e:  # a compile error is the report
+                failed += 1
+                print(f"sm_{arch} {dtype}: FAILED {type(e).__name__}: {e}")
+    return 1 if failed else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--shapes", default="", help="OUTxIN,... (default: Llama-2-7B's projections)")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--compile-only", action="store_true", help="build the kernel for --arch without a GPU")
+    ap.add_argument("--arch", default="90,80", help="compute capabilities for --compile-only")
     args = ap.parse_args()
+    if args.compile_only:
+        sys.exit(compile_only([int(a) for a in args.arch.split(",")]))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"

@@ -8,6 +8,11 @@ on a skip."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from kernel_checks import DEVICE, count_launches
@@ -28,6 +33,7 @@ from c2a.kernels.nf4 import (
 from c2a.model import Llama
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROOT = Path(__file__).resolve().parents[1]
 # 576 x 576: SmolLM2's projections, 5,184 blocks (not a multiple of 256); 96 x 200: 300 blocks; 7 x 13: 91
 # weights (a short block and an odd count: bitsandbytes pads a nibble); 3 x 16453: 772 blocks, the last short
 SHAPES = [(576, 576), (96, 200), (7, 13), (3, 16453)]
@@ -172,3 +178,14 @@ def test_triton_kernel_runs_once_and_matches_reference(monkeypatch):
         out = dequantize_nf4(*parts, q.shape, dtype).cpu()
         assert torch.equal(out, dequantize_nf4_reference(q.codes, q.qabsmax, q.absmax2, q.offset, q.shape, dtype))
     assert launches.launches == len(DTYPES)
+
+
+def test_triton_kernel_compiles_for_h100_and_a100_without_spills():
+    """The interpreter accepts code Triton's compiler rejects: build the kernel for sm_90a and sm_80 with the
+    real compiler (benchmarks/nf4.py --compile-only, in a process without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "nf4.py"), "--compile-only", "--arch", "90,80"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_")]
+    assert len(lines) == 6 and all(line.endswith(" 0 spill bytes") for line in lines), proc.stdout
