@@ -8,6 +8,7 @@ fails on a skip."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,3 +158,32 @@ def test_missing_torchao_is_one_line_before_anything_loads(tmp_path):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="train.optimizer must be adamw or adamw8bit"):
         build_config({}, {"train.optimizer": "adam8"})
+
+
+def test_trainer_runs_and_checkpoints_with_adamw8bit(torchao, tmp_path):
+    """`python -m c2a.train --train.optimizer=adamw8bit` end to end in one process: the session builds the 8-bit
+    optimizer, the schedule drives it, the checkpoint (with the scheduler's JSON state) and final/ are written."""
+    out = tmp_path / "run"
+    args = [
+        f"--out_dir={out}",
+        "--train.optimizer=adamw8bit",
+        "--train.max_steps=2",
+        "--train.log_every=1",
+        "--train.progress=false",
+        "--data.demo_train_size=200",
+        "--data.demo_heldout_size=8",
+        "--eval.demo_accuracy=false",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "c2a.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["lr"] > 0 for r in steps)
+    assert (out / "checkpoints" / "step_00000002").is_dir() and (out / "final").is_dir()
