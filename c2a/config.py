@@ -271,6 +271,10 @@ class TrainSection:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2 (the claude2-alpaca recipes keep HF Trainer's 0.999)")
     eps: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f(
+        "adamw",
+        "adamw (fp32 moments, 8 bytes a parameter) or adamw8bit (8-bit block-wise moments, about 2; needs the adamw8bit extra: torchao)",
+    )
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     dtype: str = _f(
         "auto",
@@ -345,6 +349,10 @@ class TrainConfig:
             "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
             in ("none", "full", "selective"),
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
+            "train.optimizer must be adamw or adamw8bit": t.optimizer in ("adamw", "adamw8bit"),
+            "train.optimizer = adamw8bit keeps fp32 master weights: train.master_dtype must be fp32": t.optimizer
+            == "adamw"
+            or t.master_dtype == "fp32",
             "train.master_dtype and train.reduce_dtype must be fp32 or bf16": t.master_dtype in ("fp32", "bf16")
             and t.reduce_dtype in ("fp32", "bf16"),
             "train.master_dtype = bf16 computes in bf16: train.dtype must be auto or bf16": t.master_dtype == "fp32"

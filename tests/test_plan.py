@@ -7,8 +7,9 @@ The measuring half of this file runs under torchrun:
 
     torchrun --nproc_per_node=R tests/test_plan.py OUT.json SPEC [SPEC ...]
 
-SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload[:tied][:triton]
-(triton: the model on c2a's Triton kernels, run by Triton's interpreter, as CUDA runs them save for the dtype)
+SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload[:tied][:triton][:adamw8bit]
+(triton: the model on c2a's Triton kernels, run by Triton's interpreter, as CUDA runs them save for the dtype;
+adamw8bit: train.optimizer = "adamw8bit", measured by tests/dist_lowbit.py where torchao is installed)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def parse(spec: str) -> dict:
         offload=off == "1",
         tied="tied" in flags,
         backend="triton" if "triton" in flags else "torch",
+        optimizer="adamw8bit" if "adamw8bit" in flags else "adamw",
     )
 
 
@@ -134,6 +136,7 @@ def measure(spec: str, d) -> dict:
             "train.ac_every": "2",
             "train.dtype": "fp32",
             "train.cpu_offload": str(s["offload"]).lower(),
+            "train.optimizer": s["optimizer"],
         },
     )
     model = build_sharded_model(model_config(s), cfg.train, d)
@@ -217,6 +220,7 @@ def predicted(spec: str, ranks: int):
         ac_every=2,
         accumulation=s["accum"],
         cpu_offload=s["offload"],
+        optimizer=s["optimizer"],
     )
     return plan_memory(w)
 

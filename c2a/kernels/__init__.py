@@ -149,3 +149,21 @@ def linear_cross_entropy(
     from .cross_entropy import linear_cross_entropy_chunked
 
     return linear_cross_entropy_chunked(h, weight, labels, normalizer, weights)
+
+
+def dequantize_nf4(
+    codes: torch.Tensor,
+    qabsmax: torch.Tensor,
+    absmax2: torch.Tensor,
+    offset: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """NF4 codes uint8 [blocks, 32] with their double-quantized scales -> the weight [shape] in `dtype` (nf4.py)."""
+    if backend(codes.device) == "triton":
+        from .nf4 import dequantize_nf4 as triton_dequantize_nf4
+
+        return triton_dequantize_nf4(codes, qabsmax, absmax2, offset, shape, dtype)
+    from .nf4 import dequantize_nf4_reference
+
+    return dequantize_nf4_reference(codes, qabsmax, absmax2, offset, shape, dtype)

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory", type=float, help="GB of memory per GPU (default: the card's)")
     ap.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are spread over")
     ap.add_argument(
-        "--mfu", type=float, help=f"model FLOPs utilisation for the run's time (default {DEFAULT_MFU:.0%}%, measured)"
+        "--mfu",
+        type=float,
+        help=f"model FLOPs utilisation for the run's time (default {DEFAULT_MFU * 100:.0f}%%, measured)",
     )
     ap.add_argument("--examples", type=int, help="training examples (instead of reading the data)")
     ap.add_argument("--mean-tokens", type=float, help="mean tokens of an example (instead of reading the data)")

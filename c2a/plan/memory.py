@@ -4,9 +4,10 @@ The categories follow what `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTr
 storage to, so the planner can be checked against it (tests/test_plan.py does, on CPU):
 
   params      the rank's fp32 shard of every parameter: 4 N / S bytes (N parameters, S ranks sharing a copy)
-  grads       their fp32 gradient shards: 4 N / S, present from the first reduce-scatter
-  optimizer   AdamW's exp_avg and exp_avg_sq, fp32: 8 N / S (+ one 4-byte step per parameter tensor)
-              (train.master_dtype = "bf16": all three in bf16, half as many bytes)
+  grads       their fp32 gradient shards: 4 N / S (reduce dtype fp32), present from the first reduce-scatter
+  optimizer   AdamW's exp_avg and exp_avg_sq, fp32: 8 N / S (+ one 4-byte step per parameter tensor); with
+              train.optimizer = "adamw8bit", about 2 N / S: see `adamw8bit_state_bytes`
+              (train.master_dtype = "bf16": parameters, gradients and AdamW's moments in bf16, half as many bytes)
   fsdp        unsharded (all-gathered) parameters in the compute dtype: the root's (embedding, final norm,
               output head: kept unsharded from its forward to the end of the backward) and two blocks' (the
               block running and the one prefetched), plus, in a block's backward, its unsharded gradients
@@ -30,6 +31,12 @@ from c2a.config import LlamaConfig
 
 # fp32 master weights, fp32 gradients (MixedPrecisionPolicy(reduce_dtype=fp32)), AdamW's two fp32 moments
 PARAM_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
+# train.optimizer = "adamw8bit" (torchao 0.18's OptimState8bit, c2a/train/adamw8bit.py): moments quantized in
+# blocks of 256 values, each moment with its own 256-entry fp32 code map, and only for shards of at least 4,096
+# values that split into whole blocks (torchao's rule, after bitsandbytes'); other shards keep fp32 moments
+ADAMW8BIT_BLOCK, ADAMW8BIT_MIN_NUMEL, ADAMW8BIT_MAP_BYTES = 256, 4096, 256 * 4
+# NF4 (c2a/kernels/nf4.py): 4-bit codes, an 8-bit absmax per 64 weights, an fp32 scale per 256 absmaxes
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 # torch's chunked linear cross-entropy on CPU: rows per chunk so that a chunk's fp32 logits are 64 MiB
 # (c2a.kernels.cross_entropy.CHUNK_LOGITS_BYTES; mirrored here to keep the planner free of torch)
 TORCH_CHUNK_LOGITS_BYTES = 64 * 2**20
@@ -55,6 +62,7 @@ class Workload:
     cpu_offload: bool = False
     master_bytes: int = PARAM_BYTES  # the stored parameters' dtype (train.master_dtype): their grads and Adam's too
     reduce_bytes: int = 4  # the gradient reduce-scatter's dtype (train.reduce_dtype)
+    optimizer: str = "adamw"  # adamw | adamw8bit
 
     @property
     def shard(self) -> int:
@@ -86,6 +94,53 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
+
+
+def adamw8bit_state_bytes(numel: int) -> int:
+    """AdamW8bit's state for one parameter shard of `numel` values: per moment a uint8 code a value, an fp32
+    scale per 256 and its 256-entry fp32 map, i.e. 2 + 8/256 bytes a parameter for the two (plus 2 KiB); fp32
+    moments (8 bytes a parameter) where torchao leaves the shard unquantized; and the 4-byte step."""
+    if numel >= ADAMW8BIT_MIN_NUMEL and numel % ADAMW8BIT_BLOCK == 0:
+        moments = 2 * (numel + 4 * (numel // ADAMW8BIT_BLOCK) + ADAMW8BIT_MAP_BYTES)
+    else:
+        moments = 8 * numel
+    return moments + 4
+
+
+def nf4_bytes(numel: int) -> int:
+    """An NF4 weight of `numel` values (c2a.model.quantized.NF4Linear): 0.5 bytes a weight (whole blocks of 64),
+    an 8-bit absmax a block, an fp32 second-level scale per 256 blocks, and the fp32 offset."""
+    blocks = -(-numel // NF4_BLOCK)
+    return blocks * NF4_BLOCK // 2 + blocks + 4 * -(-blocks // NF4_SCALE_BLOCK) + 4
+
+
+def parameter_shapes(m: LlamaConfig) -> list[tuple[int, ...]]:
+    """Every parameter tensor's shape: each block's (wq, wk, wv, wo, w1, w2, w3, two norms), then the root's
+    (embedding, final norm, output head unless tied)."""
+    kv = m.n_kv_heads * m.head_dim
+    D, F = m.dim, m.ffn_hidden_dim
+    block = [(D, D), (kv, D), (kv, D), (D, D), (F, D), (D, F), (F, D), (D,), (D,)]
+    root = [(m.vocab_size, D), (D,)] + ([] if m.tie_word_embeddings else [(m.vocab_size, D)])
+    return block * m.n_layers + root
+
+
+def shard_numels(shape: tuple[int, ...], shard: int) -> list[int]:
+    """Values of a parameter each of `shard` ranks holds: FSDP2 splits dim 0 in chunks of ceil(rows / S), so
+    the last ranks may hold fewer rows, or none."""
+    rows, rest = shape[0], 1
+    for d in shape[1:]:
+        rest *= d
+    chunk = -(-rows // shard)
+    return [max(0, min(chunk, rows - r * chunk)) * rest for r in range(shard)]
+
+
+def optimizer_bytes(w: Workload) -> int:
+    """The optimizer state of the rank that holds the most: AdamW's or AdamW8bit's."""
+    per_rank = [0] * w.shard
+    for shape in parameter_shapes(w.model):
+        for r, n in enumerate(shard_numels(shape, w.shard)):
+            per_rank[r] += adamw8bit_state_bytes(n) if w.optimizer == "adamw8bit" else ADAM_BYTES * n + 4
+    return max(per_rank)
 
 
 def block_params(m: LlamaConfig) -> int:
@@ -196,8 +251,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
     # the shards, their gradients and AdamW's two moments are all in the stored dtype (fp32, or bf16 pure)
     scale = w.master_bytes / PARAM_BYTES
     params, grads = int(PARAM_BYTES * scale) * n_shard, int(GRAD_BYTES * scale) * n_shard
-    opt = int(ADAM_BYTES * scale) * n_shard
-    opt += 4 * (9 * m.n_layers + 1 + head_matrices(m))  # AdamW's step counter, one fp32 scalar per parameter tensor
+    if w.optimizer == "adamw8bit":
+        opt = optimizer_bytes(w)
+    else:  # + AdamW's step counter, one fp32 scalar per parameter tensor
+        opt = int(ADAM_BYTES * scale) * n_shard + 4 * (9 * m.n_layers + 1 + head_matrices(m))
     block_grad_shard = int(GRAD_BYTES * scale) * _padded(n_block, S)
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)

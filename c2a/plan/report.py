@@ -180,7 +180,10 @@ def table(result: dict[str, Any]) -> str:
         "per rank",
         f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
         f"  gradients ({m} shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
-        f"  optimizer (AdamW, {m})       {g(p['optimizer'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        "  "
+        + ("optimizer (AdamW, 8-bit)" if w["optimizer"] == "adamw8bit" else f"optimizer (AdamW, {m})").ljust(30)
+        + g(p["optimizer"])
+        + ("  (host)" if w["cpu_offload"] else ""),
         f"  FSDP gathered at the peak     {g(p['fsdp'])}",
         f"  activations (saved)           {g(p['activations'])}",
         f"  loss head transient           {g(p['loss_head'])}",

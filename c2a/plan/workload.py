@@ -182,6 +182,7 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         cpu_offload=t.cpu_offload,
         master_bytes=4 if t.master_dtype == "fp32" else 2,
         reduce_bytes=4 if t.reduce_dtype == "fp32" else 2,
+        optimizer=t.optimizer,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule: linear warmup, then cosine decay (Stanford Alpaca's recipe).
+"""AdamW (or its 8-bit-state variant, adamw8bit.py) and the learning-rate schedule: linear warmup, then cosine
+decay (Stanford Alpaca's recipe).
 
 Two cosines (train.lr_schedule): "c2a" starts the warmup at 1/warmup and ends the cosine exactly at the last
 step, then holds it; "hf" is transformers' `get_cosine_schedule_with_warmup` step for step (the first step at
@@ -20,11 +21,15 @@ from c2a.config import TrainConfig
 from c2a.train.errors import TrainingError
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "adamw8bit":
+        from c2a.train.adamw8bit import build_adamw8bit  # torchao: an optional extra, imported only when asked for
+
+        return build_adamw8bit(groups, t.lr, (t.beta1, t.beta2), t.eps)
     # fused: one kernel for all parameters on CUDA; foreach (the CPU default) otherwise
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
 

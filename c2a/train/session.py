@@ -77,6 +77,8 @@ def claim(cfg: TrainConfig, d: Dist) -> None:
     ):  # before minutes of loading, not after
         raise TrainingError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
     check_extras(cfg)
+    if cfg.train.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise TrainingError("train.optimizer = \"adamw8bit\" needs torchao: pip install -e '.[adamw8bit]'")
     claim_out_dir(Path(cfg.out_dir), d)
     if d.is_main:
         remove_partial_checkpoints(Path(cfg.out_dir))
