@@ -158,6 +158,8 @@ def test_missing_torchao_is_one_line_before_anything_loads(tmp_path):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="train.optimizer must be adamw or adamw8bit"):
         build_config({}, {"train.optimizer": "adam8"})
+    with pytest.raises(ValueError, match="adamw8bit keeps fp32 master weights"):
+        build_config({}, {"train.optimizer": "adamw8bit", "train.master_dtype": "bf16"})
 
 
 def test_trainer_runs_and_checkpoints_with_adamw8bit(torchao, tmp_path):
