@@ -90,6 +90,7 @@ class Setup:
     dtype: str  # "bf16" or "fp32": c2a's compute dtype and the baseline's autocast dtype
     threads: int = 0  # torch intra-op threads in each side's process (0: torch's default)
     profile: bool = False  # c2a side: one more step under torch.profiler, its device time by kernel family
+    report: bool = False  # c2a side: one more step under c2a.train.step_report (aten ops and bytes by family)
 
     @property
     def n_examples(self) -> int:
@@ -284,6 +285,19 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         "final_loss": loss,
         "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch"),
     }
+    if s.report:
+        from c2a.train.step_report import report_step
+
+        report, _ = report_step(
+            lambda: train_step(
+                model, optimizer, [next(batches) for _ in range(loader.accum_steps)], cfg.train.grad_clip, d.device
+            ),
+            optimizer,
+            model_cfg.num_params,
+            d.world_size,
+        )
+        info["step_report"] = report.as_dict()
+        info["step_report_table"] = report.table()
     if s.profile:
         info["profile"] = profile_step(
             lambda: train_step(
@@ -619,6 +633,12 @@ def main() -> None:
         default=None,
         help="c2a side: profile one more step (device time by kernel family)",
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        default=None,
+        help="c2a side: one more step under the step report (aten ops and bytes by family, Triton launches)",
+    )
     ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -656,6 +676,8 @@ def main() -> None:
                 f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
+            if "step_report_table" in r:
+                print(r["step_report_table"], flush=True)
             if "profile" in r:
                 prof = r["profile"]
                 print(
