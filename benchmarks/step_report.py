@@ -31,7 +31,7 @@ from c2a.config import LlamaConfig, build_config  # noqa: E402
 from c2a.data.batching import MicroBatch  # noqa: E402
 from c2a.train.optim import build_optimizer  # noqa: E402
 from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit  # noqa: E402
-from c2a.train.step import train_step  # noqa: E402
+from c2a.train.step import StepWork, train_step  # noqa: E402
 from c2a.train.step_report import report_step  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     def step(i: int):
         batches = micro_batches(args.rows, args.seq_len, args.vocab, args.accum, i, d.rank)
-        return train_step(model, optimizer, batches, cfg.train.grad_clip, d.device)
+        return train_step(model, optimizer, batches, cfg.train.grad_clip, d.device, work=StepWork.of(cfg.train))
 
     for i in range(args.warmup):
         step(i)

@@ -230,6 +230,14 @@ class TrainSection:
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
+    gather_once: bool = _f(
+        False,
+        "all-gather (and cast to the compute dtype) the parameters once per optimizer step, keeping them unsharded across its micro-batches' forwards and backwards (memory: the whole model in the compute dtype on every rank)",
+    )
+    reduce_once: bool = _f(
+        False,
+        "accumulate the micro-batches' gradients unsharded in fp32 and reduce-scatter once per optimizer step (memory: an fp32 gradient of the whole model on every rank)",
+    )
     deterministic: bool = _f(
         False,
         "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)",

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from c2a.config import LlamaConfig, TrainSection, resolve_dtype
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.weights import CheckpointReader
+from c2a.train.compute_copies import compute_copies
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,12 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
     #    in fp32.
     dtype = resolve_dtype(train.dtype, d.device)
+    if train.gather_once and d.mesh.size() == 1 and not train.cpu_offload:
+        # a group of one has nothing to gather or reduce: the same numbers without FSDP's copies
+        model.to_empty(device=d.device)
+        if dtype != torch.float32:
+            compute_copies(model, list(model.layers), dtype)
+        return model
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
@@ -142,15 +149,20 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    A tied head (cfg.tie_word_embeddings) is one parameter used by tok_embeddings and output, both in the
     #    root unit: FSDP2 shards, gathers and reduce-scatters it once, its gradient the sum of both uses. Keep
     #    both in one unit (separate units would each manage it); torchtitan instead re-ties after sharding.
+    #    train.gather_once: a block stays unsharded after its forward (and, see c2a.train.step, after every
+    #    backward but the step's last), so it is gathered and cast once per optimizer step.
     for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(
+            block, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=not train.gather_once
+        )
     fully_shard(
         model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False
     )  # the head runs last, then backward
     # The loss is already divided by the global number of trained tokens, so gradients are summed across
-    # ranks, not averaged (FSDP's default divides by the world size).
+    # ranks, not averaged (FSDP's default divides by the world size). In a group of one FSDP's default
+    # already sums, and a factor of 1.0 would cost a division of every gradient by 1 (exact, so skipped).
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule) and d.mesh.size() > 1:
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: the setting does not recurse
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host

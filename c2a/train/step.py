@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
+from c2a.config import TrainSection
 from c2a.data.batching import MicroBatch
 from c2a.model.llama import Llama
+from c2a.train.compute_copies import held
 from c2a.train.lifecycle import StopControl
 
 
@@ -31,8 +34,33 @@ class StepResult:
     save_due: bool = False  # a timed checkpoint is due (rank 0's clock)
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What FSDP2 does once per optimizer step instead of once per micro-batch (train.gather_once,
+    train.reduce_once; c2a.train.parallel builds the blocks to match)."""
+
+    gather_once: bool = False  # keep the parameters unsharded until the step's last backward
+    reduce_once: bool = False  # accumulate unsharded fp32 gradients; reduce-scatter in the last backward
+
+    @classmethod
+    def of(cls, train: TrainSection) -> StepWork:
+        return cls(train.gather_once, train.reduce_once)
+
+    def before_micro_batch(self, model: torch.nn.Module, last: bool) -> None:
+        if not isinstance(model, FSDPModule):
+            return
+        if self.gather_once:
+            model.set_reshard_after_backward(last)  # recurses into every FSDP unit
+        if self.reduce_once:
+            model.set_requires_gradient_sync(last)
+
+
 def forward_backward(
-    model: Llama, batches: list[MicroBatch], device: torch.device, flags: torch.Tensor | None = None
+    model: Llama,
+    batches: list[MicroBatch],
+    device: torch.device,
+    flags: torch.Tensor | None = None,
+    work: StepWork = StepWork(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
     mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors.
@@ -43,12 +71,14 @@ def forward_backward(
     dist.all_reduce(targets)  # the global count of trained targets: every rank divides by it
     normalizer = targets.clamp(min=1).float()
     loss_sum = torch.zeros((), device=device)
-    for b in batches:
-        loss = model.loss(
-            b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained
-        )
-        loss.backward()
-        loss_sum += loss.detach()
+    with held(model):  # in a group of one without FSDP: the compute copies, cast once for the whole step
+        for i, b in enumerate(batches):
+            work.before_micro_batch(model, last=i == len(batches) - 1)
+            loss = model.loss(
+                b.input_ids, b.labels, position_ids=b.position_ids, normalizer=normalizer, num_trained=b.num_trained
+            )
+            loss.backward()
+            loss_sum += loss.detach()
     if flags is None:
         dist.all_reduce(loss_sum)
         return loss_sum, targets
@@ -65,9 +95,10 @@ def train_step(
     grad_clip: float,
     device: torch.device,
     control: StopControl | None = None,
+    work: StepWork = StepWork(),
 ) -> StepResult:
     flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
-    loss, targets = forward_backward(model, batches, device, flags)
+    loss, targets = forward_backward(model, batches, device, flags, work)
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

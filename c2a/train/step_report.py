@@ -4,12 +4,14 @@
 is counted, with the bytes it reads and writes, by family:
 
   matmul        mm, addmm, bmm, _scaled_mm, attention (SDPA and its kernels), the chunked linear cross-entropy
-  fsdp copies   everything FSDP2 does itself, found by its record_function scopes ("FSDP::..."): the
-                all-gather copy-in (with the fp32 -> compute-dtype cast) and copy-out, the collectives,
-                chunk_cat, the gradient's cast to the reduce dtype, its division and its accumulation
+  fsdp copies   what FSDP2 copies, found by its record_function scopes ("FSDP::..."): the all-gather
+                copy-in (with the fp32 -> compute-dtype cast) and copy-out, chunk_cat (the reduce-scatter's
+                copy-in), the gradient's cast to the reduce dtype
+  collectives   all-gather, reduce-scatter, all-reduce (c10d ops): the communication itself
   casts         the other dtype casts and copies (copy_, _to_copy, clone)
   optimizer     every op dispatched inside optimizer.step (AdamW's foreach kernels and their copies)
-  elementwise   everything else that moves bytes (norms, activations, rotary, gradient accumulation, ...)
+  elementwise   everything else that moves bytes (norms, activations, rotary, the fp32 gradient
+                accumulation and division, inside FSDP2 or not, ...)
 
 Views (ops whose output aliases an input) and allocations (empty) move nothing. Bytes are the sizes of
 the tensors an op reads (its inputs; for a copy, the source only) and writes (its outputs and the inputs it
@@ -34,22 +36,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-FAMILIES = ("matmul", "fsdp copies", "casts", "optimizer", "elementwise")
+FAMILIES = ("matmul", "fsdp copies", "collectives", "casts", "optimizer", "elementwise")
 
 _MATMUL = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear", "matmul", "convolution")
 _MATMUL_PARTS = ("scaled_dot_product", "linear_cross_entropy", "_flash_attention", "_efficient_attention")
-_FSDP = (
-    "all_gather",
-    "reduce_scatter",
-    "all_reduce",
-    "chunk_cat",
-    "split_with_sizes_copy",
-    "_foreach_copy",
-    "fsdp.",
-    "c10d.",
-    "_c10d_functional",
-)
+_FSDP = ("chunk_cat", "split_with_sizes_copy", "_foreach_copy", "fsdp::")
 _COPIES = ("copy", "copy_", "_to_copy", "clone", "_foreach_copy_", "contiguous", "to")
+_ARITHMETIC = ("add", "add_", "div", "div_", "mul", "mul_", "sub", "sub_", "_foreach_add_", "_foreach_div_")
 _ALLOCATIONS = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_")
 
 
@@ -163,9 +156,12 @@ def family_of(name: str, args: tuple, out: list[torch.Tensor], scopes: list[str]
     base = name.split("::")[-1].split(".")[0]
     if base in _MATMUL or any(part in base for part in _MATMUL_PARTS):
         return "matmul"
-    # everything FSDP2 does itself (copy-in/out with its casts, the collectives, the gradient's reduce dtype,
-    # division and accumulation into the shard) runs inside its "FSDP::..." scopes
-    if any(k in name for k in _FSDP) or any(s.startswith("FSDP::") for s in scopes):
+    if "c10d" in name or base.startswith(("all_gather", "reduce_scatter", "all_reduce", "broadcast")):
+        return "collectives"
+    # what FSDP2 copies itself (copy-in with the fp32 -> compute-dtype cast, copy-out, chunk_cat, the
+    # gradient's cast to the reduce dtype) runs inside its "FSDP::..." scopes; its arithmetic there (the
+    # gradient's accumulation and division) is elementwise work
+    if any(k in name for k in _FSDP) or (any(s.startswith("FSDP::") for s in scopes) and base not in _ARITHMETIC):
         return "fsdp copies"
     if base in _COPIES:
         return "casts"
