@@ -5,8 +5,8 @@
 For every variant (train.gather_once, train.reduce_once: off/off, on/off, off/on, on/on) and accumulation
 (1 and 3 micro-batches per rank), a fresh demo-shaped model (seeded init) takes STEPS optimizer steps on the
 same global rows: GLOBAL_ROWS rows of 64 positions a step, drawn from a generator seeded by the step and
-split over the ranks and micro-batches. Rank 0 writes each run's per-step losses and gradient norms, and a
-checksum of the final parameters, as JSON.
+split over the ranks and micro-batches. Rank 0 writes each run's per-step losses and gradient norms, a
+checksum of the final parameters, and the collectives of its last step (counted by the step report), as JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from c2a.data.batching import MicroBatch
 from c2a.train.optim import build_optimizer
 from c2a.train.parallel import build_sharded_model, init_distributed, materialize, shutdown_and_exit
 from c2a.train.step import StepWork, train_step
+from c2a.train.step_report import report_step
 
 GLOBAL_ROWS, SEQ, STEPS = 6, 64, 3
 VARIANTS = {"default": (False, False), "gather_once": (True, False), "reduce_once": (False, True), "both": (True, True)}
@@ -65,14 +66,25 @@ def run(d, dtype: str, gather_once: bool, reduce_once: bool, accum: int) -> dict
     losses, norms = [], []
     for step in range(STEPS):
         batches = micro_batches(step, model_cfg.vocab_size, d.rank, d.world_size, accum)
-        result = train_step(model, optimizer, batches, 1.0, d.device, work=StepWork.of(cfg.train))
+        report, result = report_step(
+            lambda: train_step(model, optimizer, batches, 1.0, d.device, work=StepWork.of(cfg.train)),
+            optimizer,
+            model_cfg.num_params,
+        )
         losses.append(float(result.loss))
         norms.append(float(result.grad_norm))
     checksum = 0.0
     for p in model.parameters():
         full = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
         checksum += float(full.double().abs().sum())
-    return {"losses": losses, "grad_norms": norms, "checksum": checksum, "fsdp": hasattr(model, "reshard")}
+    collectives = {op.split("::")[-1]: n for op, n in report.by_op.items() if op.startswith("c10d::")}
+    return {
+        "losses": losses,
+        "grad_norms": norms,
+        "checksum": checksum,
+        "fsdp": hasattr(model, "reshard"),
+        "collectives": collectives,  # of the last step, by op
+    }
 
 
 def main(out: str, dtype: str) -> None:

@@ -51,6 +51,19 @@ def test_each_cut_keeps_the_losses(tmp_path, world):
         # in a group of one, gather_once drops FSDP; on two ranks every variant is sharded
         assert runs[f"gather_once/accum{accum}"]["fsdp"] == (world > 1)
         assert runs[f"reduce_once/accum{accum}"]["fsdp"]
+        if world > 1:
+            # the demo model's FSDP units: 4 blocks and the root. Per micro-batch, each block is gathered
+            # for its forward and again for its backward, the root (never resharded) once, and each unit's
+            # gradient reduce-scattered once; with the cuts, once per step
+            layers, units = 4, 5
+
+            def count(variant: str, op: str) -> int:
+                return runs[f"{variant}/accum{accum}"]["collectives"].get(op, 0)
+
+            assert count("default", "_allgather_base_") == accum * (2 * layers + 1)
+            assert count("default", "_reduce_scatter_base_") == accum * units
+            assert count("gather_once", "_allgather_base_") == count("both", "_allgather_base_") == units
+            assert count("reduce_once", "_reduce_scatter_base_") == count("both", "_reduce_scatter_base_") == units
 
 
 CUTS = ["--train.gather_once=true", "--train.reduce_once=true", "--train.dtype=bf16"]
