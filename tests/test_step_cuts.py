@@ -100,3 +100,24 @@ def test_the_cuts_in_the_step_report(tmp_path):
     assert after["families"]["fsdp copies"]["ops"] == 0 and before["families"]["fsdp copies"]["ops"] > 0
     assert after["overhead_bytes_per_param"] <= before["overhead_bytes_per_param"] / 3
     assert after["aten_ops"] < before["aten_ops"]
+
+
+def test_the_planner_counts_what_the_cuts_keep():
+    """gather_once keeps every block gathered in the compute dtype through the forward (FSDP2 frees each
+    after its forward otherwise); reduce_once keeps every gradient unsharded in fp32 until the step's end."""
+    from c2a.config import LlamaConfig
+    from c2a.plan.memory import Workload, block_params, plan_memory
+
+    m = LlamaConfig.from_name("llama2-7b")
+    base = dict(micro_batch=1, seq_len=2048, ranks=8, accumulation=4)
+    plain, gather, reduce = (
+        plan_memory(Workload(m, **base, **cut)) for cut in ({}, {"gather_once": True}, {"reduce_once": True})
+    )
+    blocks_bf16 = m.n_layers * block_params(m) * 2
+    assert gather.peak - plain.peak >= 0.9 * (blocks_bf16 - 2 * block_params(m) * 2)
+    assert gather.fsdp >= blocks_bf16
+    # fp32 gradients of all 6.7B parameters (27 GB) instead of an eighth of them
+    assert reduce.peak - plain.peak >= 0.9 * 4 * m.num_params * 7 / 8
+    # one rank: nothing is sharded, so accumulating unsharded costs nothing more
+    one = dict(base, ranks=1)
+    assert plan_memory(Workload(m, **one, reduce_once=True)).peak == plan_memory(Workload(m, **one)).peak

@@ -43,6 +43,8 @@ def predicted_peak_mb(
         ac_every=t.ac_every,
         accumulation=loader.accum_steps,
         cpu_offload=t.cpu_offload,
+        gather_once=t.gather_once,
+        reduce_once=t.reduce_once,
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

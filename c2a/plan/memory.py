@@ -16,7 +16,9 @@ storage to, so the planner can be checked against it (tests/test_plan.py does, o
   peak        the largest sum at any point of the step, from a walk through forward and backward
 
 The saved activations are counted tensor by tensor from the code (c2a/model/llama.py and the ops of the
-backend that runs it, see `block_saved_bytes`), not fitted. With cpu_offload, params, grads and optimizer
+backend that runs it, see `block_saved_bytes`), not fitted. train.gather_once keeps every block gathered
+until its backward (fsdp grows to the whole model in the compute dtype); train.reduce_once keeps every
+gradient unsharded in fp32 until the step's last reduce-scatter (grads grow from 4 N / S to 4 N). With cpu_offload, params, grads and optimizer
 state live in host memory (pinned on CUDA) and the device holds only what a step gathers and computes.
 """
 
@@ -52,6 +54,8 @@ class Workload:
     ac_every: int = 2
     accumulation: int = 1  # micro-batches per optimizer step on this rank
     cpu_offload: bool = False
+    gather_once: bool = False  # train.gather_once: the blocks stay gathered (compute dtype) across the step
+    reduce_once: bool = False  # train.reduce_once: unsharded fp32 gradients accumulate across the step
 
     @property
     def shard(self) -> int:
@@ -195,6 +199,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
     static = params + opt + (grads if w.accumulation > 1 else 0)
+    if w.reduce_once and w.accumulation > 1 and S > 1:
+        # the earlier micro-batches' gradients wait unsharded, in fp32, for the last one's reduce-scatter
+        # (instead of as shards): every parameter's, on every rank
+        static += GRAD_BYTES * (m.n_layers * n_block + n_root) - grads
 
     root, block = n_root * c, n_block * c
     gathered = 2 if S > 1 else 1  # the block running, and (sharded) the next one prefetched
@@ -209,7 +217,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
     # (device bytes, host bytes, fsdp bytes) at each point of the step where memory can peak
     phases: dict[str, tuple[int, int, int]] = {}
     # forward: the head runs last, with every block's saved tensors alive and the blocks resharded
-    phases["head forward"] = (root + activations + head_transient_bytes(w), static, root)
+    # (train.gather_once: every block stays gathered from its forward to its backward, or in a group of one
+    # the compute-dtype copy of the whole model stays allocated)
+    every_block = m.n_layers * block if w.gather_once else 0
+    phases["head forward"] = (root + every_block + activations + head_transient_bytes(w), static, root + every_block)
     # backward, last layer first. The head's dW is now the output weight's unsharded gradient (fp32 on the
     # torch path, in the compute dtype on CUDA), kept until the root's reduce-scatter at the end.
     head_grad = m.vocab_size * m.dim * (4 if w.backend == "torch" else c) + head_rows_saved
@@ -217,7 +228,9 @@ def plan_memory(w: Workload) -> MemoryPlan:
     for i in reversed(range(m.n_layers)):
         recompute = per_block - saved_input if w.checkpointed(i) else 0
         done = (m.n_layers - 1 - i) * block_grad_shard if w.accumulation == 1 else 0
-        fsdp = root + gathered * block
+        # gather_once: the blocks not yet through this micro-batch's backward are still gathered (in a group
+        # of one the compute copies of every block stay allocated)
+        fsdp = root + ((i + 1 if S > 1 else m.n_layers) * block if w.gather_once else gathered * block)
         inside = alive + recompute + backward_temp_bytes(w) * T
         # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
         after = alive - saved[i] + block + (4 * n_block if S > 1 else 0)

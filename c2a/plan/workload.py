@@ -143,6 +143,8 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         ac_every=t.ac_every,
         accumulation=accumulation(cfg, data, ranks, t.micro_batch),
         cpu_offload=t.cpu_offload,
+        gather_once=t.gather_once,
+        reduce_once=t.reduce_once,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:
