@@ -230,6 +230,10 @@ class TrainSection:
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
+    fp8: bool = _f(
+        False,
+        "the blocks' linears (attention's wq, wk, wv, wo; the FFN's w1, w2, w3) compute in float8: e4m3 forward, e5m2 gradients, dynamic tensorwise scales; the head, attention, norms stay in the compute dtype, and weights stay fp32 masters (CUDA: compute capability 8.9+)",
+    )
     gather_once: bool = _f(
         False,
         "all-gather (and cast to the compute dtype) the parameters once per optimizer step, keeping them unsharded across its micro-batches' forwards and backwards (memory: the whole model in the compute dtype on every rank)",

@@ -45,6 +45,7 @@ def predicted_peak_mb(
         cpu_offload=t.cpu_offload,
         gather_once=t.gather_once,
         reduce_once=t.reduce_once,
+        fp8=t.fp8,
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

@@ -56,6 +56,7 @@ class Workload:
     cpu_offload: bool = False
     gather_once: bool = False  # train.gather_once: the blocks stay gathered (compute dtype) across the step
     reduce_once: bool = False  # train.reduce_once: unsharded fp32 gradients accumulate across the step
+    fp8: bool = False  # train.fp8: the block linears save float8 copies of their inputs and weights
 
     @property
     def shard(self) -> int:
@@ -122,6 +123,14 @@ def block_saved_bytes(w: Workload) -> int:
     """
     m, c = w.model, w.compute_bytes
     D, F, H, kd = m.dim, m.ffn_hidden_dim, m.n_heads, m.n_kv_heads * m.head_dim
+    if w.fp8:
+        # c2a.kernels.fp8_linear saves each linear's input as float8 (1 byte), quantized per linear: the
+        # attention-normed input three times (wq, wk, wv) instead of once in c, the FFN-normed twice (w1, w3),
+        # o once more (wo's; the attention keeps its own), the SwiGLU output once (w2's) instead of in c
+        fp8_inputs = 3 * D + 2 * D + D + F
+        if w.backend == "triton":
+            return 4 * D * c + 2 * kd * c + 2 * F * c + fp8_inputs + 4 * (2 + H)
+        return block_saved_bytes(dataclasses.replace(w, fp8=False)) - 2 * D * c - F * c + fp8_inputs
     if w.backend == "triton":
         return 6 * D * c + 2 * kd * c + 3 * F * c + 4 * (2 + H)
     per = (6 * D * c + 2 * 4 * D) + 2 * kd * c + 4 * F * c + 4 * m.head_dim + 4 * (2 + H)

@@ -145,6 +145,7 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         cpu_offload=t.cpu_offload,
         gather_once=t.gather_once,
         reduce_once=t.reduce_once,
+        fp8=t.fp8,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:

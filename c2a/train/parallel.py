@@ -26,9 +26,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from c2a.config import LlamaConfig, TrainSection, resolve_dtype
+from c2a.kernels.fp8_linear import to_float8
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.weights import CheckpointReader
 from c2a.train.compute_copies import compute_copies
+from c2a.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attention_linears(block: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    a = block.attention
+    return a.wq, a.wk, a.wv, a.wo
+
+
 def _checkpointed(forward: Callable) -> Callable:
     def run(*args: torch.Tensor) -> torch.Tensor:
         # non-reentrant: works with FSDP2's hooks and torch.compile, and keeps kwargs-free autograd simple
@@ -112,6 +119,21 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     (uninitialised) storage on this rank's device. Fill it with `materialize`."""
     with torch.device("meta"):
         model = Llama(cfg)
+    # 0. train.fp8: the blocks' linears run their matmuls in float8 (the same parameters and names)
+    if train.fp8:
+        if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
+            raise TrainingError(
+                f"train.fp8 needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name(d.device)} has {torch.cuda.get_device_capability(d.device)}"
+            )
+        for block in model.layers:
+            for linear in (
+                *_attention_linears(block),
+                block.feed_forward.w1,
+                block.feed_forward.w2,
+                block.feed_forward.w3,
+            ):
+                to_float8(linear)
     # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
