@@ -9,7 +9,8 @@ positions, `--rows` per micro-batch, `--accum` per step: the first 3/4 of each r
 random ids, the response (the second half of those) trained, the rest padding. The default model is the
 20M-parameter one of the CPU goals (dim 256, 4 layers, 4 heads, vocab 32000), bf16 compute. The first
 `--warmup` steps (AdamW's state is created in the first) are not counted; the next is, by
-c2a.train.step_report on every rank, and rank 0 prints its table and writes the JSON. Never asserts.
+c2a.train.step_report on every rank, and rank 0 prints its table and writes the JSON; `--timed N` steps
+follow, timed in wall and in the process's CPU seconds. Never asserts.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="rows per micro-batch")
     ap.add_argument("--accum", type=int, default=3, help="micro-batches per step on each rank")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timed", type=int, default=0, help="then time this many steps (outside the counter)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model and rows: checks the report runs (CI)")
     ap.add_argument("--out", type=Path, help="write rank 0's report here as JSON")
     args, rest = ap.parse_known_args()
@@ -85,6 +87,12 @@ def main() -> None:
     start = time.perf_counter()
     report, result = report_step(lambda: step(args.warmup), optimizer, model_cfg.num_params, d.world_size)
     seconds = time.perf_counter() - start
+    walls, cpus = [], []
+    for i in range(args.timed):  # wall time, and this process's CPU time (less sensitive to a busy machine)
+        wall, cpu = time.perf_counter(), time.process_time()
+        float(step(args.warmup + 1 + i).loss)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
     if d.is_main:
         summary = {
             "settings": overrides,
@@ -93,10 +101,20 @@ def main() -> None:
             "seq_len": args.seq_len,
             "loss": float(result.loss),
             "counted_step_seconds": seconds,
+            "timed_wall_seconds": walls,
+            "timed_cpu_seconds": cpus,
+            "trained_tokens_per_step": report.trained_tokens,
             **report.as_dict(),
         }
         print(f"settings {overrides}, accumulation {args.accum}, loss {summary['loss']:.4f}")
         print(report.table(), flush=True)
+        if walls:
+            tokens = report.trained_tokens
+            print(
+                f"timed steps: best wall {min(walls):.2f} s ({tokens / min(walls):,.0f} trained tokens/s), "
+                f"best CPU {min(cpus):.2f} s ({tokens / min(cpus):,.0f} trained tokens per CPU-second)",
+                flush=True,
+            )
         if args.out:
             args.out.write_text(json.dumps(summary, indent=1) + "\n")
     shutdown_and_exit(0)
