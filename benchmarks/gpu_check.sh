@@ -12,7 +12,8 @@
 #                 activation checkpointing, resume, batched generation, python -m c2a.eval) with all kernels
 #                 on Triton against the torch path, on as many ranks as GPUs (at most 2)
 #   4. train      benchmarks/train_throughput.py: c2a vs the HF/Alpaca stack on a Llama-2-7B-shaped model
-#                 (8 of its 32 layers), rows of 2048 tokens; MFU and the ratios
+#                 (8 of its 32 layers), rows of 2048 tokens; MFU and the ratios; the step report of c2a's step
+#                 (aten ops and bytes by family, Triton launches) and one profiled step (device busy vs wall)
 #   5. attention  benchmarks/attention.py at T = 1024, 4096, 16384, head dim 128 (+ its GQA and packed cases)
 #   6. kernels    benchmarks/kernels.py at 16384 tokens, without the torch.compile baselines (they take
 #                 minutes to compile), and the RMSNorm backward's programs-per-SM and warps sweep
@@ -117,7 +118,7 @@ EOF
 stage tests "$PY" -m pytest tests/test_kernels_*.py tests/test_attention*.py -q -p no:cacheprovider \
     --junitxml="$WORK/tests.xml" "${TEST_ARGS[@]}"
 stage gpu_path "$PY" -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$WORK/gpu_path.xml" "${PATH_ARGS[@]}"
-stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" --profile "${SMOKE[@]}"
+stage train "$PY" benchmarks/train_throughput.py --out "$WORK/train" --profile --report "${SMOKE[@]}"
 # the planner's peak for that run beside its torch.cuda.max_memory_allocated: train/plan_vs_measured.json, a line in train.log
 [[ -f "$WORK/train/train_throughput.json" ]] && "$PY" benchmarks/plan_vs_measured.py \
     "$WORK/train/train_throughput.json" >>"$WORK/train.log" 2>&1 && echo "   $(tail -n 1 "$WORK/train.log" | cut -c1-150)"

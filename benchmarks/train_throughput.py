@@ -90,6 +90,8 @@ class Setup:
     dtype: str  # "bf16" or "fp32": c2a's compute dtype and the baseline's autocast dtype
     threads: int = 0  # torch intra-op threads in each side's process (0: torch's default)
     profile: bool = False  # c2a side: one more step under torch.profiler, its device time by kernel family
+    report: bool = False  # c2a side: one more step under c2a.train.step_report (aten ops and bytes by family)
+    c2a_set: tuple[str, ...] = ()  # c2a side: train settings KEY=VALUE (e.g. gather_once=true)
 
     @property
     def n_examples(self) -> int:
@@ -228,7 +230,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
     from c2a.train.optim import build_optimizer
     from c2a.train.parallel import build_sharded_model, init_distributed, materialize
     from c2a.train.run_data import make_loader
-    from c2a.train.step import train_step
+    from c2a.train.step import StepWork, train_step
 
     d = init_distributed()
     cfg = TrainConfig(
@@ -241,6 +243,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
             dtype=s.dtype,
             seed=s.seed,
             progress=False,
+            **{k: v.lower() == "true" for k, v in (kv.split("=", 1) for kv in s.c2a_set)},
         ),
     )
     model_cfg = LlamaConfig(
@@ -262,7 +265,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         sync(d.device)
         start = time.perf_counter()
         micro = [next(batches) for _ in range(loader.accum_steps)]
-        result = train_step(model, optimizer, micro, cfg.train.grad_clip, d.device)
+        result = train_step(model, optimizer, micro, cfg.train.grad_clip, d.device, work=StepWork.of(cfg.train))
         loss = result.loss.item()  # the step's end: the host waits for the device here
         sync(d.device)
         seconds = time.perf_counter() - start
@@ -284,10 +287,33 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         "final_loss": loss,
         "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch"),
     }
+    if s.report:
+        from c2a.train.step_report import report_step
+
+        report, _ = report_step(
+            lambda: train_step(
+                model,
+                optimizer,
+                [next(batches) for _ in range(loader.accum_steps)],
+                cfg.train.grad_clip,
+                d.device,
+                work=StepWork.of(cfg.train),
+            ),
+            optimizer,
+            model_cfg.num_params,
+            d.world_size,
+        )
+        info["step_report"] = report.as_dict()
+        info["step_report_table"] = report.table()
     if s.profile:
         info["profile"] = profile_step(
             lambda: train_step(
-                model, optimizer, [next(batches) for _ in range(loader.accum_steps)], cfg.train.grad_clip, d.device
+                model,
+                optimizer,
+                [next(batches) for _ in range(loader.accum_steps)],
+                cfg.train.grad_clip,
+                d.device,
+                work=StepWork.of(cfg.train),
             ).loss.item(),
             d.device,
         )
@@ -619,6 +645,19 @@ def main() -> None:
         default=None,
         help="c2a side: profile one more step (device time by kernel family)",
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        default=None,
+        help="c2a side: one more step under the step report (aten ops and bytes by family, Triton launches)",
+    )
+    ap.add_argument(
+        "--c2a-set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="c2a side: a boolean train setting, e.g. gather_once=true (repeatable)",
+    )
     ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -627,12 +666,14 @@ def main() -> None:
     if args.side:
         raw = json.loads(args.setup)
         raw["prompt_range"], raw["response_range"] = tuple(raw["prompt_range"]), tuple(raw["response_range"])
+        raw["c2a_set"] = tuple(raw["c2a_set"])
         side_main(args.side, Setup(**raw), args.side_out)
         return
 
     values = default_setup(args.smoke, args.device)
     fields = {f.name for f in dataclasses.fields(Setup)}
     values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    values["c2a_set"] = tuple(values.get("c2a_set", ()))
     s = Setup(**values)
     if s.global_batch % s.micro_batch:
         ap.error(f"--global-batch ({s.global_batch}) must be a multiple of --micro-batch ({s.micro_batch})")
@@ -656,6 +697,8 @@ def main() -> None:
                 f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
+            if "step_report_table" in r:
+                print(r["step_report_table"], flush=True)
             if "profile" in r:
                 prof = r["profile"]
                 print(

@@ -288,6 +288,18 @@ class TrainSection:
     activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
     compile: bool = _f(False, "torch.compile each transformer block")
+    fp8: bool = _f(
+        False,
+        "the blocks' linears (attention's wq, wk, wv, wo; the FFN's w1, w2, w3) compute in float8: e4m3 forward, e5m2 gradients, dynamic tensorwise scales; the head, attention, norms stay in the compute dtype, and weights stay fp32 masters (CUDA: compute capability 8.9+)",
+    )
+    gather_once: bool = _f(
+        False,
+        "all-gather (and cast to the compute dtype) the parameters once per optimizer step, keeping them unsharded across its micro-batches' forwards and backwards (memory: the whole model in the compute dtype on every rank)",
+    )
+    reduce_once: bool = _f(
+        False,
+        "accumulate the micro-batches' gradients unsharded in fp32 and reduce-scatter once per optimizer step (memory: an fp32 gradient of the whole model on every rank)",
+    )
     deterministic: bool = _f(
         False,
         "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)",

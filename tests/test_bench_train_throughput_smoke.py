@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_train_throughput_smoke(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "train_throughput.py"),
+            "--smoke",
+            "--report",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -25,6 +32,7 @@ def test_train_throughput_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "trained tokens/s" in proc.stdout and "c2a / baseline" in proc.stdout
+    assert "step report (rank 0 of 1)" in proc.stdout  # --report: the c2a side's step, counted
     assert (tmp_path / "train_throughput.png").stat().st_size > 0
     result = json.loads((tmp_path / "train_throughput.json").read_text())
     setup, c2a, base = result["setup"], result["sides"]["c2a"], result["sides"]["baseline"]
@@ -34,6 +42,7 @@ def test_train_throughput_smoke(tmp_path):
         assert 0 < side["trained_tokens_per_s"] < side["tokens_per_s"]  # prompts are not trained on
     # the same model size on both sides (c2a and HF count the same parameters)
     assert c2a["parameters"] == base["parameters"]
+    assert c2a["step_report"]["families"]["matmul"]["ops"] > 0 and c2a["step_report"]["parameters"] == c2a["parameters"]
     # packing leaves almost no padding; padding each micro-batch to its longest leaves a lot
     assert c2a["padding_fraction"] < 0.05 < base["padding_fraction"]
     assert base["examples_per_step"] == setup["global_batch"]

@@ -45,6 +45,9 @@ def predicted_peak_mb(
         cpu_offload=t.cpu_offload,
         master_bytes=DTYPES[t.master_dtype].itemsize,
         reduce_bytes=DTYPES[t.reduce_dtype].itemsize,
+        gather_once=t.gather_once,
+        reduce_once=t.reduce_once,
+        fp8=t.fp8,
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

@@ -18,7 +18,9 @@ storage to, so the planner can be checked against it (tests/test_plan.py does, o
   peak        the largest sum at any point of the step, from a walk through forward and backward
 
 The saved activations are counted tensor by tensor from the code (c2a/model/llama.py and the ops of the
-backend that runs it, see `block_saved_bytes`), not fitted. With cpu_offload, params, grads and optimizer
+backend that runs it, see `block_saved_bytes`), not fitted. train.gather_once keeps every block gathered
+until its backward (fsdp grows to the whole model in the compute dtype); train.reduce_once keeps every
+gradient unsharded in fp32 until the step's last reduce-scatter (grads grow from 4 N / S to 4 N). With cpu_offload, params, grads and optimizer
 state live in host memory (pinned on CUDA) and the device holds only what a step gathers and computes.
 """
 
@@ -63,6 +65,9 @@ class Workload:
     master_bytes: int = PARAM_BYTES  # the stored parameters' dtype (train.master_dtype): their grads and Adam's too
     reduce_bytes: int = 4  # the gradient reduce-scatter's dtype (train.reduce_dtype)
     optimizer: str = "adamw"  # adamw | adamw8bit
+    gather_once: bool = False  # train.gather_once: the blocks stay gathered (compute dtype) across the step
+    reduce_once: bool = False  # train.reduce_once: unsharded fp32 gradients accumulate across the step
+    fp8: bool = False  # train.fp8: the block linears save float8 copies of their inputs and weights
 
     @property
     def shard(self) -> int:
@@ -176,6 +181,14 @@ def block_saved_bytes(w: Workload) -> int:
     """
     m, c = w.model, w.compute_bytes
     D, F, H, kd = m.dim, m.ffn_hidden_dim, m.n_heads, m.n_kv_heads * m.head_dim
+    if w.fp8:
+        # c2a.kernels.fp8_linear saves each linear's input as float8 (1 byte), quantized per linear: the
+        # attention-normed input three times (wq, wk, wv) instead of once in c, the FFN-normed twice (w1, w3),
+        # o once more (wo's; the attention keeps its own), the SwiGLU output once (w2's) instead of in c
+        fp8_inputs = 3 * D + 2 * D + D + F
+        if w.backend == "triton":
+            return 4 * D * c + 2 * kd * c + 2 * F * c + fp8_inputs + 4 * (2 + H)
+        return block_saved_bytes(dataclasses.replace(w, fp8=False)) - 2 * D * c - F * c + fp8_inputs
     if w.backend == "triton":
         return 6 * D * c + 2 * kd * c + 3 * F * c + 4 * (2 + H)
     per = (6 * D * c + 2 * 4 * D) + 2 * kd * c + 4 * F * c + 4 * m.head_dim + 4 * (2 + H)
@@ -259,6 +272,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
     static = params + opt + (grads if w.accumulation > 1 else 0)
+    if w.reduce_once and w.accumulation > 1 and S > 1:
+        # the earlier micro-batches' gradients wait unsharded, in fp32, for the last one's reduce-scatter
+        # (instead of as shards): every parameter's, on every rank
+        static += GRAD_BYTES * (m.n_layers * n_block + n_root) - grads
 
     root, block = n_root * c, n_block * c
     gathered = 2 if S > 1 else 1  # the block running, and (sharded) the next one prefetched
@@ -273,7 +290,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
     # (device bytes, host bytes, fsdp bytes) at each point of the step where memory can peak
     phases: dict[str, tuple[int, int, int]] = {}
     # forward: the head runs last, with every block's saved tensors alive and the blocks resharded
-    phases["head forward"] = (root + activations + head_transient_bytes(w), static, root)
+    # (train.gather_once: every block stays gathered from its forward to its backward, or in a group of one
+    # the compute-dtype copy of the whole model stays allocated)
+    every_block = m.n_layers * block if w.gather_once else 0
+    phases["head forward"] = (root + every_block + activations + head_transient_bytes(w), static, root + every_block)
     # backward, last layer first. The head's dW is now the output weight's unsharded gradient (fp32 on the
     # torch path, in the compute dtype on CUDA), kept until the root's reduce-scatter at the end.
     head_grad = m.vocab_size * m.dim * (4 if w.backend == "torch" else c) + head_rows_saved
@@ -281,7 +301,9 @@ def plan_memory(w: Workload) -> MemoryPlan:
     for i in reversed(range(m.n_layers)):
         recompute = per_block - saved_input if w.checkpointed(i) else 0
         done = (m.n_layers - 1 - i) * block_grad_shard if w.accumulation == 1 else 0
-        fsdp = root + gathered * block
+        # gather_once: the blocks not yet through this micro-batch's backward are still gathered (in a group
+        # of one the compute copies of every block stay allocated)
+        fsdp = root + ((i + 1 if S > 1 else m.n_layers) * block if w.gather_once else gathered * block)
         inside = alive + recompute + backward_temp_bytes(w) * T
         # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
         after = alive - saved[i] + block + (w.reduce_bytes * n_block if S > 1 else 0)

@@ -183,6 +183,9 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         master_bytes=4 if t.master_dtype == "fp32" else 2,
         reduce_bytes=4 if t.reduce_dtype == "fp32" else 2,
         optimizer=t.optimizer,
+        gather_once=t.gather_once,
+        reduce_once=t.reduce_once,
+        fp8=t.fp8,
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:

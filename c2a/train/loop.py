@@ -30,7 +30,7 @@ from c2a.train.metrics import StepLog, last_record
 from c2a.train.parallel import Dist
 from c2a.train.plotting import plot_metrics
 from c2a.train.session import Session, claim, start
-from c2a.train.step import StepResult, train_step
+from c2a.train.step import StepResult, StepWork, train_step
 
 log = logging.getLogger("c2a")
 
@@ -87,7 +87,9 @@ def train_loop(s: Session) -> None:
     while s.step < s.total_steps:
         epoch = s.loader.epoch + 1  # 1-based; read before the step's first micro-batch moves the loader
         micro, batches = _step_batches(s.loader, batches)
-        result = train_step(s.model, s.optimizer, micro, t.grad_clip, d.device, control, t.loss_weighting)
+        result = train_step(
+            s.model, s.optimizer, micro, t.grad_clip, d.device, control, t.loss_weighting, StepWork.of(t)
+        )
         lr = s.scheduler.get_last_lr()[0]
         s.scheduler.step()
         s.step += 1

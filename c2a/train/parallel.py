@@ -26,8 +26,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from c2a.config import DTYPES, LlamaConfig, TrainSection, compute_dtype
+from c2a.kernels.fp8_linear import to_float8
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.weights import CheckpointReader
+from c2a.train.compute_copies import compute_copies
+from c2a.train.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attention_linears(block: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    a = block.attention
+    return a.wq, a.wk, a.wv, a.wo
+
+
 def _checkpointed(forward: Callable) -> Callable:
     def run(*args: torch.Tensor) -> torch.Tensor:
         # non-reentrant: works with FSDP2's hooks and torch.compile, and keeps kwargs-free autograd simple
@@ -111,6 +119,21 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     (uninitialised) storage on this rank's device. Fill it with `materialize`."""
     with torch.device("meta"):
         model = Llama(cfg)
+    # 0. train.fp8: the blocks' linears run their matmuls in float8 (the same parameters and names)
+    if train.fp8:
+        if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
+            raise TrainingError(
+                f"train.fp8 needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name(d.device)} has {torch.cuda.get_device_capability(d.device)}"
+            )
+        for block in model.layers:
+            for linear in (
+                *_attention_linears(block),
+                block.feed_forward.w1,
+                block.feed_forward.w2,
+                block.feed_forward.w3,
+            ):
+                to_float8(linear)
     # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
@@ -136,7 +159,14 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    train.reduce_dtype = "bf16" reduces the gradients in bf16 (the released claude2-alpaca model did both).
     if train.master_dtype == "bf16":
         model = model.to(torch.bfloat16)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(train, d.device), reduce_dtype=DTYPES[train.reduce_dtype])
+    dtype = compute_dtype(train, d.device)
+    if train.gather_once and d.mesh.size() == 1 and not train.cpu_offload:
+        # a group of one has nothing to gather or reduce: the same numbers without FSDP's copies
+        model.to_empty(device=d.device)
+        if dtype != model.tok_embeddings.weight.dtype:
+            compute_copies(model, list(model.layers), dtype)
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=DTYPES[train.reduce_dtype])
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
     # Pinned pages only where there is a device to copy to (pinning needs CUDA).
@@ -144,15 +174,20 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    A tied head (cfg.tie_word_embeddings) is one parameter used by tok_embeddings and output, both in the
     #    root unit: FSDP2 shards, gathers and reduce-scatters it once, its gradient the sum of both uses. Keep
     #    both in one unit (separate units would each manage it); torchtitan instead re-ties after sharding.
+    #    train.gather_once: a block stays unsharded after its forward (and, see c2a.train.step, after every
+    #    backward but the step's last), so it is gathered and cast once per optimizer step.
     for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(
+            block, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=not train.gather_once
+        )
     fully_shard(
         model, mesh=d.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False
     )  # the head runs last, then backward
     # The loss is already divided by the global number of trained tokens, so gradients are summed across
-    # ranks, not averaged (FSDP's default divides by the world size).
+    # ranks, not averaged (FSDP's default divides by the world size). In a group of one FSDP's default
+    # already sums, and a factor of 1.0 would cost a division of every gradient by 1 (exact, so skipped).
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule) and d.mesh.size() > 1:
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: the setting does not recurse
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host

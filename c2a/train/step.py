@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
+from c2a.config import TrainSection
 from c2a.data.batching import MicroBatch
 from c2a.model.llama import Llama
+from c2a.train.compute_copies import held
 from c2a.train.lifecycle import StopControl
 from c2a.train.weighting import step_weights
 
@@ -34,12 +37,34 @@ class StepResult:
     save_due: bool = False  # a timed checkpoint is due (rank 0's clock)
 
 
+@dataclass(frozen=True)
+class StepWork:
+    """What FSDP2 does once per optimizer step instead of once per micro-batch (train.gather_once,
+    train.reduce_once; c2a.train.parallel builds the blocks to match)."""
+
+    gather_once: bool = False  # keep the parameters unsharded until the step's last backward
+    reduce_once: bool = False  # accumulate unsharded fp32 gradients; reduce-scatter in the last backward
+
+    @classmethod
+    def of(cls, train: TrainSection) -> StepWork:
+        return cls(train.gather_once, train.reduce_once)
+
+    def before_micro_batch(self, model: torch.nn.Module, last: bool) -> None:
+        if not isinstance(model, FSDPModule):
+            return
+        if self.gather_once:
+            model.set_reshard_after_backward(last)  # recurses into every FSDP unit
+        if self.reduce_once:
+            model.set_requires_gradient_sync(last)
+
+
 def forward_backward(
     model: Llama,
     batches: list[MicroBatch],
     device: torch.device,
     flags: torch.Tensor | None = None,
     weighting: str = "token",
+    work: StepWork = StepWork(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches on this rank. Returns (the global
     mean loss, the global count of trained targets), both already all-reduced, as 0-dim device tensors.
@@ -56,17 +81,19 @@ def forward_backward(
         dist.all_reduce(counts)  # the global counts of targets and of examples: every rank divides by the latter
         targets, normalizer = counts[0], counts[1].clamp(min=1).float()
     loss_sum = torch.zeros((), device=device)
-    for b, w in zip(batches, weights):
-        loss = model.loss(
-            b.input_ids,
-            b.labels,
-            position_ids=b.position_ids,
-            normalizer=normalizer,
-            num_trained=b.num_trained,
-            weights=w,
-        )
-        loss.backward()
-        loss_sum += loss.detach()
+    with held(model):  # in a group of one without FSDP: the compute copies, cast once for the whole step
+        for i, (b, w) in enumerate(zip(batches, weights)):
+            work.before_micro_batch(model, last=i == len(batches) - 1)
+            loss = model.loss(
+                b.input_ids,
+                b.labels,
+                position_ids=b.position_ids,
+                normalizer=normalizer,
+                num_trained=b.num_trained,
+                weights=w,
+            )
+            loss.backward()
+            loss_sum += loss.detach()
     if flags is None:
         dist.all_reduce(loss_sum)
         return loss_sum, targets
@@ -84,9 +111,10 @@ def train_step(
     device: torch.device,
     control: StopControl | None = None,
     weighting: str = "token",
+    work: StepWork = StepWork(),
 ) -> StepResult:
     flags = control.local_flags(device) if control is not None else torch.zeros(2, device=device)
-    loss, targets = forward_backward(model, batches, device, flags, weighting)
+    loss, targets = forward_backward(model, batches, device, flags, weighting, work)
     params = [p for p in model.parameters() if p.grad is not None]
     # clip_grad_norm_ reduces the norm over every shard (DTensor) of every rank: the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

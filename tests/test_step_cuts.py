@@ -1,0 +1,123 @@
+"""train.gather_once and train.reduce_once: the same training, less work outside the matmuls.
+
+Losses: one torchrun per world size (1 and 2 ranks, gloo, bf16 compute) runs every on/off combination of the
+two settings at accumulation 1 and 3 (tests/step_cuts_dist.py); each agrees with both off. Resume: a run
+with both on, stopped at its step-2 checkpoint and resumed, ends bitwise where the uninterrupted one does,
+and where the same run with both off does. Work: the step report of the trainer's step on one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_step_report import run_report
+from train_runs import checkpoint_tensors, metrics, run_train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_each_cut_keeps_the_losses(tmp_path, world):
+    out = tmp_path / "losses.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    proc = subprocess.run(
+        [*launch, str(ROOT / "tests" / "step_cuts_dist.py"), str(out), "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    runs = json.loads(out.read_text())
+    for accum in (1, 3):
+        base = runs[f"default/accum{accum}"]
+        for variant in ("gather_once", "reduce_once", "both"):
+            run = runs[f"{variant}/accum{accum}"]
+            key = f"{variant}/accum{accum}"
+            # fp32 tolerance: the only change of order is where the fp32 gradient sums are formed
+            assert run["losses"] == pytest.approx(base["losses"], rel=1e-6, abs=0), key
+            assert run["grad_norms"] == pytest.approx(base["grad_norms"], rel=1e-6, abs=0), key
+            assert run["checksum"] == pytest.approx(base["checksum"], rel=1e-9), key
+            if variant == "gather_once" or world == 1:
+                # the same casts and the same sums in the same order: bitwise (one rank: no FSDP at all)
+                assert run["losses"] == base["losses"] and run["checksum"] == base["checksum"], key
+        # in a group of one, gather_once drops FSDP; on two ranks every variant is sharded
+        assert runs[f"gather_once/accum{accum}"]["fsdp"] == (world > 1)
+        assert runs[f"reduce_once/accum{accum}"]["fsdp"]
+        if world > 1:
+            # the demo model's FSDP units: 4 blocks and the root. Per micro-batch, each block is gathered
+            # for its forward and again for its backward, the root (never resharded) once, and each unit's
+            # gradient reduce-scattered once; with the cuts, once per step
+            layers, units = 4, 5
+
+            def count(variant: str, op: str) -> int:
+                return runs[f"{variant}/accum{accum}"]["collectives"].get(op, 0)
+
+            assert count("default", "_allgather_base_") == accum * (2 * layers + 1)
+            assert count("default", "_reduce_scatter_base_") == accum * units
+            assert count("gather_once", "_allgather_base_") == count("both", "_allgather_base_") == units
+            assert count("reduce_once", "_reduce_scatter_base_") == count("both", "_reduce_scatter_base_") == units
+
+
+CUTS = ["--train.gather_once=true", "--train.reduce_once=true", "--train.dtype=bf16"]
+STEPS = ["--train.max_steps=4", "--train.save_every=2", "--train.lr=3e-3", "--train.global_batch=6"]
+
+
+def test_resume_with_the_cuts_is_bitwise(tmp_path):
+    run_train(1, tmp_path / "whole", *STEPS, *CUTS)
+    # the same run stopped after its step-2 checkpoint: its later checkpoint and final model removed
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    proc = run_train(1, tmp_path / "resumed", *STEPS, *CUTS)
+    assert "resumed from" in proc.stdout + proc.stderr and "step_00000002" in proc.stdout + proc.stderr
+    run_train(1, tmp_path / "plain", *STEPS, "--train.dtype=bf16")  # FSDP2, both cuts off
+    last = "checkpoints/step_00000004"
+    whole, resumed, plain = (
+        checkpoint_tensors(tmp_path / run / last, tmp_path / run) for run in ("whole", "resumed", "plain")
+    )
+    assert whole["model"].keys() == resumed["model"].keys() == plain["model"].keys()
+    for name in whole["model"]:
+        assert torch.equal(resumed["model"][name], whole["model"][name]), name
+        assert torch.equal(plain["model"][name], whole["model"][name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed["optim"]["state"][name][key], whole["optim"]["state"][name][key])
+    assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [r["loss"] for r in metrics(tmp_path / "whole")]
+
+
+def test_the_cuts_in_the_step_report(tmp_path):
+    before = run_report(tmp_path, name="before")
+    after = run_report(tmp_path, "--train.gather_once=true", "--train.reduce_once=true", name="after")
+    assert after["loss"] == before["loss"]
+    # one rank: no FSDP at all, one cast of each parameter per step
+    assert after["families"]["fsdp copies"]["ops"] == 0 and before["families"]["fsdp copies"]["ops"] > 0
+    assert after["overhead_bytes_per_param"] <= before["overhead_bytes_per_param"] / 3
+    assert after["aten_ops"] < before["aten_ops"]
+
+
+def test_the_planner_counts_what_the_cuts_keep():
+    """gather_once keeps every block gathered in the compute dtype through the forward (FSDP2 frees each
+    after its forward otherwise); reduce_once keeps every gradient unsharded in fp32 until the step's end."""
+    from c2a.config import LlamaConfig
+    from c2a.plan.memory import Workload, block_params, plan_memory
+
+    m = LlamaConfig.from_name("llama2-7b")
+    base = dict(micro_batch=1, seq_len=2048, ranks=8, accumulation=4)
+    plain, gather, reduce = (
+        plan_memory(Workload(m, **base, **cut)) for cut in ({}, {"gather_once": True}, {"reduce_once": True})
+    )
+    blocks_bf16 = m.n_layers * block_params(m) * 2
+    assert gather.peak - plain.peak >= 0.9 * (blocks_bf16 - 2 * block_params(m) * 2)
+    assert gather.fsdp >= blocks_bf16
+    # fp32 gradients of all 6.7B parameters (27 GB) instead of an eighth of them
+    assert reduce.peak - plain.peak >= 0.9 * 4 * m.num_params * 7 / 8
+    # one rank: nothing is sharded, so accumulating unsharded costs nothing more
+    one = dict(base, ranks=1)
+    assert plan_memory(Workload(m, **one, reduce_once=True)).peak == plan_memory(Workload(m, **one)).peak
