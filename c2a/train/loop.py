@@ -144,9 +144,8 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     """Collective: final/ exported, the demo's exact match after training, the summary (filled on rank 0)."""
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
-    final = export_final(
-        s.model, s.model_cfg, s.data.tokenizer_path, s.out, resolve_dtype(cfg.train.dtype, d.device), d, template
-    )
+    dtype, base = resolve_dtype(cfg.train.dtype, d.device), cfg.model.checkpoint or cfg.model.preset
+    final = export_final(s.model, s.model_cfg, s.data.tokenizer_path, s.out, dtype, d, template, s.lora, base)
     summary: dict[str, Any] = {
         "steps": s.step,
         "out_dir": str(s.out),

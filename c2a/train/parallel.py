@@ -26,7 +26,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from c2a.config import LlamaConfig, TrainSection, resolve_dtype
+from c2a.model.adapter import AdapterSpec
 from c2a.model.llama import Llama, init_parameter
+from c2a.model.lora import apply_lora, is_lora_parameter
 from c2a.model.weights import CheckpointReader
 
 log = logging.getLogger(__name__)
@@ -106,11 +108,17 @@ def _checkpointed(forward: Callable) -> Callable:
     return run
 
 
-def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama:
-    """The model on the meta device with activation checkpointing, compile and FSDP2 applied, then given
-    (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist, lora: AdapterSpec | None = None) -> Llama:
+    """The model on the meta device with LoRA (`lora`), activation checkpointing, compile and FSDP2 applied,
+    then given (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+    dtype = resolve_dtype(train.dtype, d.device)
     with torch.device("meta"):
         model = Llama(cfg)
+    if lora is not None:
+        # 0. LoRA: adapters on the target linears, everything else frozen and stored in the compute dtype (the
+        #    frozen base needs no fp32 master: 2 bytes a parameter in bf16 instead of 4 + AdamW's 8 + grad's 4)
+        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.rslora)
+        model._apply(lambda t: t if t.requires_grad else t.to(dtype))
     # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
@@ -132,8 +140,7 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
             block.compile()
     # 3. FSDP2: one unit per block, plus the root for embedding, final norm and output head. Parameters are
     #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
-    #    in fp32.
-    dtype = resolve_dtype(train.dtype, d.device)
+    #    in fp32. With LoRA, frozen and trained parameters share the units: only the adapters get gradients.
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
@@ -158,15 +165,20 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
 
 
 @torch.no_grad()
-def materialize(model: Llama, reader: CheckpointReader | None, seed: int) -> None:
+def materialize(
+    model: Llama, reader: CheckpointReader | None, seed: int, adapter: dict[str, torch.Tensor] | None = None
+) -> None:
     """Fills every shard: from `reader` (pretrained), or with the init rule drawn from a per-parameter seed.
 
     Either way each rank computes the full tensor of one parameter at a time and keeps its own slice
     (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication), so the result is
-    identical for any number of ranks and no rank ever holds the whole model.
+    identical for any number of ranks and no rank ever holds the whole model. LoRA's A and B come from
+    `adapter` (lora.init_adapter's, in c2a's names) or, without one, from the init rule (PEFT's).
     """
     for name, p in model.named_parameters():
-        if reader is not None:
+        if adapter is not None and name in adapter:
+            full = adapter[name]
+        elif reader is not None and not is_lora_parameter(name):
             full = reader.get(name)
         else:
             full = torch.empty(p.shape, dtype=torch.float32)
