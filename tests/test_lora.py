@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from c2a.config import LlamaConfig, build_config
@@ -230,8 +231,51 @@ def test_adapter_for_another_base_is_refused(base_dir, tmp_path):
     with pytest.raises(
         AdapterError,
         match=r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 64\), "
-        r"the base 32-dim model needs \(4, 32\)",
+        r"but the base model \(dim 32, ffn 96\) needs \(4, 32\)",
     ):
         read_adapter(tmp_path / "a", other)
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         read_adapter(tmp_path / "nothing", CFG)
+
+
+def test_generate_with_adapter_equals_merged_model(tmp_path, capsys):
+    """A PEFT-saved adapter: `c2a.generate --adapter` answers as the model `convert --merge-adapter` writes, and
+    that model's weights are PEFT's merge_and_unload; an adapter for another base is one line naming key and
+    both shapes."""
+    from c2a.data.demo import DEMO_TOKENIZER
+    from c2a.generate import main as generate
+    from c2a.model.convert import main as convert
+
+    base = tmp_path / "base"
+    hf_llama(CFG.replace(vocab_size=520)).save_pretrained(base)
+    (base / "tokenizer.model").write_bytes(DEMO_TOKENIZER.read_bytes())
+    peft_model = peft.get_peft_model(
+        transformers.LlamaForCausalLM.from_pretrained(base),
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged_ref = peft_model.merge_and_unload().state_dict()
+    assert convert([str(base), str(tmp_path / "merged"), "--merge-adapter", str(tmp_path / "adapter")]) == 0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    for key, value in merged.items():
+        torch.testing.assert_close(value, merged_ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    answers = []
+    for args in (["--model", str(base), "--adapter", str(tmp_path / "adapter")], ["--model", str(tmp_path / "merged")]):
+        capsys.readouterr()
+        assert generate([*args, "--prompt", "reverse: a b c", "--max-new-tokens", "12"]) == 0
+        answers.append(capsys.readouterr().out)
+    capsys.readouterr()
+    assert generate(["--model", str(base), "--prompt", "reverse: a b c", "--max-new-tokens", "12"]) == 0
+    plain = capsys.readouterr().out
+    assert answers[0] == answers[1] and answers[0] != plain  # the adapter changes the answer
+    other = tmp_path / "other"
+    hf_llama(CFG.replace(vocab_size=520, ffn_hidden_dim=80)).save_pretrained(other)
+    (other / "tokenizer.model").write_bytes(DEMO_TOKENIZER.read_bytes())
+    capsys.readouterr()
+    assert generate(["--model", str(other), "--adapter", str(tmp_path / "adapter"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "mlp.down_proj.lora_A.weight has shape (4, 96)" in err and "(4, 80)" in err, err

@@ -196,7 +196,8 @@ def read_adapter(path: str | Path, cfg: LlamaConfig) -> tuple[AdapterSpec, dict[
             hf_shape = tuple(t.shape)
             if hf_shape != expected[name]:
                 raise AdapterError(
-                    f"{file}: {key} has shape {hf_shape}, the base {cfg.dim}-dim model needs {expected[name]}"
+                    f"{file}: {key} has shape {hf_shape}, but the base model (dim {cfg.dim}, ffn {cfg.ffn_hidden_dim}) "
+                    f"needs {expected[name]}: an adapter for another model"
                 )
             tensors[name] = from_peft(name, t.float(), cfg)
     missing = sorted(set(expected) - set(tensors))
@@ -232,9 +233,15 @@ def merged_tensors(
 @torch.no_grad()
 def merge_adapter(model: Llama, path: str | Path) -> Llama:
     """In place: the PEFT adapter at `path` merged into a loaded (plain) Llama's weights."""
+    spec, tensors = read_adapter(path, model.cfg)
+    return merge_adapter_tensors(model, spec, tensors)
+
+
+@torch.no_grad()
+def merge_adapter_tensors(model: Llama, spec: AdapterSpec, tensors: dict[str, torch.Tensor]) -> Llama:
+    """In place: W + s·B·A for every adapted weight of a plain Llama (`read_adapter`'s tensors)."""
     if lora_layers(model):
         raise AdapterError("merge_adapter: the model already holds LoRA layers")
-    spec, tensors = read_adapter(path, model.cfg)
     params = dict(model.named_parameters())
     for name, w in merged_tensors(((n, params[n]) for n in list(params)), spec, tensors):
         params[name].copy_(w)
