@@ -279,3 +279,20 @@ def test_generate_with_adapter_equals_merged_model(tmp_path, capsys):
     assert generate(["--model", str(other), "--adapter", str(tmp_path / "adapter"), "--prompt", "x"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "mlp.down_proj.lora_A.weight has shape (4, 96)" in err and "(4, 80)" in err, err
+
+
+def test_lora_recipe_keeps_the_cards_data_and_batch():
+    from pathlib import Path
+
+    import tomllib
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    card = build_config(tomllib.loads((configs / "claude2-alpaca-7b.toml").read_text()))
+    lora = build_config(tomllib.loads((configs / "claude2-alpaca-7b-lora.toml").read_text()))
+    assert lora.data == card.data and lora.eval == card.eval
+    keep = ("epochs", "global_batch", "warmup_ratio", "min_lr_ratio", "weight_decay", "beta2", "grad_clip", "dtype")
+    assert all(getattr(lora.train, k) == getattr(card.train, k) for k in keep)
+    assert (lora.lora.rank, lora.lora.lora_alpha, lora.lora.target_modules(), lora.train.lr) == (
+        16, 32.0, ("w1", "w2", "w3", "wk", "wo", "wq", "wv"), 2e-4,
+    )  # fmt: skip
+    assert not card.lora.enabled  # the card's recipes stay full fine-tunes
