@@ -169,6 +169,12 @@ def _model_config(cfg: TrainConfig, reader: CheckpointReader | None, data: RunDa
 def _log_start(s: Session, origin: str, batch_desc: str) -> None:
     t, m = s.cfg.train, s.model_cfg
     log.info("model: %s, %.1fM parameters; %s", _model_desc(s.cfg, m), m.num_params / 1e6, origin)
+    if s.lora is not None:
+        trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)  # DTensor numel: the full tensor's
+        log.info(
+            "LoRA: rank %d, alpha %g%s, on %s; %.2fM parameters trained, the rest frozen",
+            s.lora.rank, s.lora.alpha, " (rslora)" if s.lora.rslora else "", ",".join(s.lora.targets), trained / 1e6,
+        )  # fmt: skip
     log.info("data: %d examples, %s", s.loader.num_examples, batch_desc)
     log.info(
         "schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
