@@ -10,7 +10,8 @@ start / train_loop / finish on WORK/alpaca.jsonl:
   it was read from and that a tied head is still the embedding (WORK/VARIANT/frozen.json);
 - `resumed/`: a copy of full/ cut back to its step-3 checkpoint, resumed to the end;
 - `changed/`: the same cut-back copy resumed on another base (the next variant's, or a copy of this base
-  with another norm_eps), which must be refused, its message written to WORK/VARIANT/changed.txt.
+  with another norm_eps), which must be refused, its message written to WORK/VARIANT/changed.txt;
+and the first variant once more as HSDP (train.replicas = 2: two replicas of one shard) in `hsdp/`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from c2a.train.session import claim, start
 STEPS = 6
 
 
-def config(work: Path, variant: str, out: str, base: Path):
+def config(work: Path, variant: str, out: str, base: Path, **more: str):
     return build_config(
         {},
-        {
+        more
+        | {
             "out_dir": str(work / variant / out),
             "model.checkpoint": str(base),
             "data.path": str(work / "alpaca.jsonl"),
@@ -127,6 +129,9 @@ def main(work: Path, variants: list[str]) -> None:
         if d.is_main:
             (work / variant / "changed.txt").write_text(message)
         dist.barrier()
+    # HSDP: the first variant again on a (2 replicas x 1 shard) mesh, to the end
+    hsdp = init_distributed(replicas=2)
+    train(config(work, variants[0], "hsdp", work / variants[0] / "base", **{"train.replicas": "2"}), hsdp)
     shutdown_and_exit(0)
 
 

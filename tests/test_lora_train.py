@@ -177,3 +177,13 @@ def test_export_loads_in_peft_and_equals_merge(work, variant):
     exported = load_file(final / "model.safetensors")
     for key, value in exported.items():
         torch.testing.assert_close(value, merged[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_hsdp_trains_as_fsdp(work):
+    """train.replicas = 2 (each rank a full replica, gradients all-reduced): the same losses and adapters as FSDP."""
+    fsdp, hsdp = work / "untied" / "full", work / "untied" / "hsdp"
+    assert [r["loss"] for r in metrics(hsdp)] == pytest.approx([r["loss"] for r in metrics(fsdp)], rel=1e-5)
+    a = load_file(fsdp / "final/adapter/adapter_model.safetensors")
+    b = load_file(hsdp / "final/adapter/adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
