@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from c2a.config import LlamaConfig, TrainConfig
-from c2a.model.flops import attention_flops, matmul_flops_per_token
+from c2a.model.flops import attention_flops, lora_matmul_flops_per_token, matmul_flops_per_token
 from c2a.plan.memory import MemoryPlan, Workload, block_params, lora_block_params, plan_memory
 from c2a.plan.workload import (
     RESERVED_GIB,
@@ -92,7 +92,7 @@ def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
     lora = Workload(model, 1, 1, **lora_fields(cfg))
     per_token = matmul_flops_per_token(model)
     if lora.lora:  # frozen weights: forward and dX only (4 of the 6 FLOPs a weight); the adapters all 6
-        per_token = per_token // 6 * 4 + 6 * model.n_layers * lora_block_params(lora)
+        per_token = lora_matmul_flops_per_token(model, model.n_layers * lora_block_params(lora))
     flops = epochs * (data.tokens * per_token + attention)
     # activation checkpointing runs the checkpointed blocks' forward again: a third more of their work (their
     # forward is 2 of the 6 FLOPs a weight and 1 of the attention's 3 passes), not counted in MFU's model FLOPs

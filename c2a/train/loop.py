@@ -65,6 +65,7 @@ def train_loop(s: Session) -> None:
         tensorboard=t.tensorboard,
         progress=t.progress,
         predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
+        flops_per_token=s.lora_flops_per_token(),
     )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()

@@ -199,12 +199,14 @@ class StepLog:
         tensorboard: bool,
         progress: bool,
         predicted_peak_mb: float,
+        flops_per_token: int | None = None,
     ) -> None:
         self.d, self.model_cfg, self.predicted_peak_mb = d, model_cfg, predicted_peak_mb
         self.writer = MetricsWriter(out, tensorboard, after_step=step) if d.is_main else None
         self.bar = progress_bar(total_steps, step, progress and d.is_main)
         self.peak = peak_flops(d.device)
-        self.flops_per_token = matmul_flops_per_token(model_cfg)
+        # MFU's model FLOPs: 6 per weight per token, or what a LoRA run does (lora_matmul_flops_per_token)
+        self.flops_per_token = flops_per_token or matmul_flops_per_token(model_cfg)
         self.window: list[StepResult] = []
         self.restart_clock()
 

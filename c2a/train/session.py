@@ -18,6 +18,7 @@ import torch.distributed as dist
 from c2a.config import LlamaConfig, TrainConfig, config_to_toml
 from c2a.data.batching import MicroBatchLoader
 from c2a.model.adapter import AdapterSpec
+from c2a.model.flops import lora_matmul_flops_per_token
 from c2a.model.llama import Llama
 from c2a.model.weights import CheckpointReader, with_tokenizer_ids
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point
@@ -59,6 +60,13 @@ class Session:
     @property
     def total_steps(self) -> int:
         return self.schedule["total_steps"]
+
+    def lora_flops_per_token(self) -> int | None:
+        """A LoRA run's matmul FLOPs per token (for MFU); None for full fine-tuning."""
+        if self.lora is None:
+            return None
+        adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # DTensor: the full numel
+        return lora_matmul_flops_per_token(self.model_cfg, adapters)
 
     def trainer_state(self, val_loss: float | None) -> dict[str, Any]:
         """What a checkpoint holds besides the tensors (trainer_state.json)."""
