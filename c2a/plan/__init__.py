@@ -13,6 +13,7 @@ from c2a.config import LlamaConfig, TrainConfig, resolve_dtype
 from c2a.data.batching import MicroBatchLoader
 from c2a.kernels import backend
 from c2a.plan.memory import MemoryPlan, Workload, plan_memory
+from c2a.plan.workload import lora_fields
 
 __all__ = ["MemoryPlan", "Workload", "plan_memory", "predicted_peak_mb"]
 
@@ -43,6 +44,7 @@ def predicted_peak_mb(
         ac_every=t.ac_every,
         accumulation=loader.accum_steps,
         cpu_offload=t.cpu_offload,
+        **lora_fields(cfg),
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)
