@@ -225,7 +225,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+def run_c2a(s: Setup, data: SyntheticAlpaca, lora: Any = None) -> tuple[list[StepStats], dict[str, Any]]:
+    """`lora`: an AdapterSpec for a LoRA run (benchmarks/lora_throughput.py), None for full fine-tuning."""
     from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
     from c2a.train.optim import build_optimizer
     from c2a.train.parallel import build_sharded_model, init_distributed, materialize
@@ -255,7 +256,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str,
         max_seq_len=max(4096, s.seq_len),
     )
     loader, desc = make_loader(cfg, data, d)
-    model = build_sharded_model(model_cfg, cfg.train, d)
+    model = build_sharded_model(model_cfg, cfg.train, d, lora)
     materialize(model, None, s.seed)
     optimizer = build_optimizer(model, cfg, d.device)
     model.train()

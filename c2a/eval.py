@@ -124,6 +124,11 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     if args.tasks or args.suite:
+        if args.adapter:
+            raise ValueError(
+                "--adapter with --tasks/--suite: write the merged model first (python -m c2a.model.convert "
+                "BASE OUT --merge-adapter ADAPTER) and evaluate OUT"
+            )
         try:
             from c2a.inference.lm_eval import (
                 run_lm_eval,
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     demo = args.data == "demo"
     tok = load_tokenizer(args.model, args.tokenizer)
     fmt = prompt_format(args.template, tok) if demo or args.alpaca_eval_output else None  # before the weights are read
-    model = load_model(args.model, tok, args.device, args.dtype)
+    model = load_model(args.model, tok, args.device, args.dtype, args.adapter)
     max_new = args.max_new_tokens or (DEMO_MAX_NEW_TOKENS if demo else DEFAULT_MAX_NEW_TOKENS)
     result = {"model": str(args.model), "data": described, "examples": len(records), "max_len": args.max_len}
     result |= evaluate_records(
@@ -176,7 +181,7 @@ def alpaca_eval_answers(args: argparse.Namespace) -> dict[str, Any]:
     records = load_alpaca_eval_prompts(args.alpaca_eval_prompts, args.limit)
     tok = load_tokenizer(args.model, args.tokenizer)
     fmt = prompt_format(args.template, tok)
-    model = load_model(args.model, tok, args.device, args.dtype)
+    model = load_model(args.model, tok, args.device, args.dtype, args.adapter)
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     start = time.perf_counter()
     responses = answers(model, tok, records, max_new, args.batch_size, fmt)

@@ -3,6 +3,7 @@
     python -m c2a.generate --model DIR --prompt "Give three tips for staying healthy." [--input "..."]
     python -m c2a.generate --model DIR < instructions.txt     # one instruction per line, until EOF
     python -m c2a.generate --model DIR --template auto --prompt "..."   # the template DIR was trained with
+    python -m c2a.generate --model BASE --adapter ADAPTER --prompt "..."  # a PEFT LoRA adapter, merged at load
 
 DIR is an HF or Meta checkpoint directory (what `c2a.model.load_pretrained` reads, e.g. a run's
 out_dir/final); its tokenizer.model is used unless --tokenizer names another. Greedy by default;
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         tok = load_tokenizer(args.model, args.tokenizer)
         fmt = prompt_format(args.template, tok)  # a template error before the weights are read
-        model = load_model(args.model, tok, args.device, args.dtype)
+        model = load_model(args.model, tok, args.device, args.dtype, args.adapter)
         options = dict(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, fmt=fmt
         )

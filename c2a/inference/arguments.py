@@ -20,5 +20,9 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
         "--tokenizer",
         help="SentencePiece tokenizer.model or HF tokenizer.json (default: DIR/tokenizer.model, else DIR/tokenizer.json)",
     )
+    ap.add_argument(
+        "--adapter",
+        help="a PEFT LoRA adapter directory made for DIR (c2a's final/adapter or any PEFT Llama adapter), merged at load",
+    )
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")

@@ -9,6 +9,7 @@ import torch
 from c2a.config import resolve_dtype
 from c2a.data.tokenizer import Tokenizer, find_tokenizer
 from c2a.model import Llama, load_pretrained
+from c2a.model.adapter import merge_adapter_tensors, read_adapter
 from c2a.model.weights import CheckpointReader
 
 
@@ -40,11 +41,21 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None) -
     return Tokenizer(tokenizer_path(model_dir, tokenizer))
 
 
-def load_model(model_dir: str | Path, tok: Tokenizer, device: str | None = None, dtype: str = "auto") -> Llama:
+def load_model(
+    model_dir: str | Path,
+    tok: Tokenizer,
+    device: str | None = None,
+    dtype: str = "auto",
+    adapter: str | Path | None = None,
+) -> Llama:
     """The checkpoint in eval mode on `device` (default: CUDA if present, else CPU); `dtype` "auto" is bf16 on
-    CUDA and fp32 on CPU."""
+    CUDA and fp32 on CPU. `adapter`, a PEFT LoRA adapter directory, is checked against the checkpoint's config
+    before its weights are read, then merged into them (W + s·B·A, summed in fp32)."""
     device, torch_dtype = resolve_device(device, dtype)
+    lora = read_adapter(adapter, CheckpointReader(model_dir).config) if adapter else None
     model = load_pretrained(model_dir, dtype=torch_dtype, device=device).eval()
+    if lora is not None:
+        merge_adapter_tensors(model, *lora)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(
             f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model in {model_dir} has vocab_size "

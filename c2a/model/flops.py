@@ -44,6 +44,12 @@ def matmul_flops_per_token(cfg: LlamaConfig) -> int:
     return 6 * (cfg.num_params - cfg.vocab_size * cfg.dim)
 
 
+def lora_matmul_flops_per_token(cfg: LlamaConfig, adapter_params: int) -> int:
+    """With LoRA: 4 FLOPs per frozen weight (forward and dX; frozen weights get no dW GEMM) and 6 per adapter
+    weight (`adapter_params` in all), the embedding lookup excluded."""
+    return 4 * (cfg.num_params - cfg.vocab_size * cfg.dim) + 6 * adapter_params
+
+
 def attention_flops(cfg: LlamaConfig, doc_lengths_sq_sum: int) -> int:
     """Forward + backward FLOPs of causal attention, counted per document: q·kᵀ and p·v are 2·L·L·D
     each per layer, halved by the causal mask, and the backward costs twice the forward."""

@@ -275,12 +275,26 @@ def init_parameter(
 ) -> None:
     """Norm weights 1; other weights Normal(0, std), the two residual-branch outputs (wo, w2) with std
     scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
-    if name.endswith("norm.weight"):
+    if name.endswith(("lora_A", "lora_B")):
+        init_lora_parameter(p, name, generator)
+    elif name.endswith("norm.weight"):
         p.fill_(1.0)
     elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         p.normal_(0.0, std / math.sqrt(2 * cfg.n_layers), generator=generator)
     else:
         p.normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def init_lora_parameter(p: torch.Tensor, name: str, generator: torch.Generator | None = None) -> None:
+    """LoRA's adapters (c2a.model.lora) as PEFT initialises them: lora_A [r, in] kaiming_uniform_(a=√5), i.e.
+    U(-1/√in, 1/√in); lora_B zeros, so the adapted model starts as the base."""
+    if name.endswith("lora_A"):
+        nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
+    elif name.endswith("lora_B"):
+        p.zero_()
+    else:
+        raise ValueError(f"init_lora_parameter: {name!r} is not a LoRA parameter")
 
 
 def _trained_rows(h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

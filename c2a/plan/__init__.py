@@ -13,6 +13,7 @@ from c2a.config import DTYPES, LlamaConfig, TrainConfig, compute_dtype
 from c2a.data.batching import MicroBatchLoader
 from c2a.kernels import backend
 from c2a.plan.memory import MemoryPlan, Workload, plan_memory
+from c2a.plan.workload import lora_fields
 
 __all__ = ["MemoryPlan", "Workload", "plan_memory", "predicted_peak_mb"]
 
@@ -48,6 +49,7 @@ def predicted_peak_mb(
         gather_once=t.gather_once,
         reduce_once=t.reduce_once,
         fp8=t.fp8,
+        **lora_fields(cfg),
     )
     plan = plan_memory(w)
     return round((plan.peak_combined if device.type == "cpu" else plan.peak) / 2**20, 1)

@@ -17,6 +17,11 @@ storage to, so the planner can be checked against it (tests/test_plan.py does, o
               saved part, which `activations` holds)
   peak        the largest sum at any point of the step, from a walk through forward and backward
 
+With LoRA (Workload.lora_rank > 0) the base is frozen: its shards are in the compute dtype (c bytes a
+parameter) with no gradient or optimizer state, and no weight-gradient transients (a frozen head computes no
+dW); the adapters (r·(in + out) a target linear) have fp32 masters, gradients and AdamW state, and add their
+r-wide intermediates (and with dropout, the dropped inputs) to the saved activations.
+
 The saved activations are counted tensor by tensor from the code (c2a/model/llama.py and the ops of the
 backend that runs it, see `block_saved_bytes`), not fitted. train.gather_once keeps every block gathered
 until its backward (fsdp grows to the whole model in the compute dtype); train.reduce_once keeps every
@@ -68,6 +73,14 @@ class Workload:
     gather_once: bool = False  # train.gather_once: the blocks stay gathered (compute dtype) across the step
     reduce_once: bool = False  # train.reduce_once: unsharded fp32 gradients accumulate across the step
     fp8: bool = False  # train.fp8: the block linears save float8 copies of their inputs and weights
+    # LoRA: the base frozen in the compute dtype, rank-r adapters (fp32, AdamW) on these linears (wq ... w3)
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_dropout: bool = False
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
 
     @property
     def shard(self) -> int:
@@ -153,6 +166,29 @@ def block_params(m: LlamaConfig) -> int:
     return 2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * m.ffn_hidden_dim + 2 * m.dim
 
 
+def lora_shapes(m: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear LoRA may adapt."""
+    D, F, kd = m.dim, m.ffn_hidden_dim, m.n_kv_heads * m.head_dim
+    return {"wq": (D, D), "wk": (D, kd), "wv": (D, kd), "wo": (D, D), "w1": (D, F), "w2": (F, D), "w3": (D, F)}
+
+
+def lora_block_params(w: Workload) -> int:
+    """A block's adapter parameters: r·(in + out) per target linear."""
+    shapes = lora_shapes(w.model)
+    return sum(w.lora_rank * sum(shapes[t]) for t in w.lora_targets)
+
+
+def lora_saved_bytes(w: Workload) -> int:
+    """Per token, what a block's adapters add to its saved tensors: each target's r-wide A·x (B's input), and
+    with dropout each target's dropped input (in·c, A's input) and its mask (in bytes). The base linear's input
+    is saved already (the adapter's A reads the same tensor when there is no dropout)."""
+    shapes, c = lora_shapes(w.model), w.compute_bytes
+    per = sum(w.lora_rank * c for _ in w.lora_targets)
+    if w.lora_dropout:
+        per += sum(shapes[t][0] * (c + 1) for t in w.lora_targets)
+    return per
+
+
 def root_params(m: LlamaConfig) -> int:
     return head_matrices(m) * m.vocab_size * m.dim + m.dim  # embedding, output head (unless tied), final norm
 
@@ -191,7 +227,8 @@ def block_saved_bytes(w: Workload) -> int:
         return block_saved_bytes(dataclasses.replace(w, fp8=False)) - 2 * D * c - F * c + fp8_inputs
     if w.backend == "triton":
         return 6 * D * c + 2 * kd * c + 3 * F * c + 4 * (2 + H)
-    per = (6 * D * c + 2 * 4 * D) + 2 * kd * c + 4 * F * c + 4 * m.head_dim + 4 * (2 + H)
+    # the norms' x·rstd is what their weight gradient reads: a frozen norm (LoRA) saves none
+    per = (6 * D * c + (0 if w.lora else 2 * 4 * D)) + 2 * kd * c + 4 * F * c + 4 * m.head_dim + 4 * (2 + H)
     if c != 4:
         per += 2 * 4 * D
     if w.packed:
@@ -210,10 +247,10 @@ def head_saved_bytes(w: Workload) -> int:
     RMSNorm's input, x·rstd (fp32), the normed rows, rstd and the label (int64). Off CUDA the rows are the
     trained ones, gathered into a copy (the norm's input); on CUDA the last block's output is the input."""
     m, c, rows = w.model, w.compute_bytes, head_rows(w)
-    dw = 4 * m.vocab_size * m.dim
+    dw = 0 if w.lora else 4 * m.vocab_size * m.dim  # a frozen head (LoRA) gets no dW
     if w.backend == "triton":
         return dw + rows * (2 * m.dim * c + 4)
-    return dw + rows * (2 * m.dim * c + 4 * m.dim + 4 + 8)
+    return dw + rows * (2 * m.dim * c + (0 if w.lora else 4 * m.dim) + 4 + 8)  # frozen norm: no x·rstd
 
 
 def head_transient_bytes(w: Workload) -> int:
@@ -225,7 +262,9 @@ def head_transient_bytes(w: Workload) -> int:
         chunk = min(rows, max(256, min(1 << (chunk.bit_length() - 1), 8192)))
         return chunk * m.vocab_size * (4 + (c if c != 4 else 0))
     chunk = max(1, min(rows, TORCH_CHUNK_LOGITS_BYTES // (4 * m.vocab_size)))
-    return 2 * chunk * m.vocab_size * 4  # logits and their softmax gradient, fp32
+    # logits and their softmax gradient, fp32; a frozen head (LoRA): the logits only (FSDPMemTracker's peak on
+    # 2 gloo ranks leaves room for no more, tests/test_plan.py)
+    return (1 if w.lora else 2) * chunk * m.vocab_size * 4
 
 
 def backward_temp_bytes(w: Workload) -> int:
@@ -254,21 +293,35 @@ def root_backward_bytes(w: Workload) -> int:
     return max(embedding_backward, post_backward)
 
 
+def _state_bytes(w: Workload, n_shard: int, n_lora: int) -> tuple[int, int, int, int]:
+    """A rank's parameter, gradient and optimizer-state bytes, and the parameters a block has gradients for."""
+    m, S, c = w.model, w.shard, w.compute_bytes
+    scale = w.master_bytes / PARAM_BYTES  # the stored dtype: fp32, or bf16 pure (train.master_dtype)
+    if w.lora:  # the base's shards in the compute dtype; the adapters' fp32 masters, gradients and AdamW state
+        n_trained = m.n_layers * _padded(n_lora, S)
+        params, grads = c * n_shard + PARAM_BYTES * n_trained, GRAD_BYTES * n_trained
+        opt = ADAM_BYTES * n_trained + 4 * 2 * len(w.lora_targets) * m.n_layers  # + AdamW's step counters
+        n_block_grads = n_lora
+    else:  # the shards, their gradients and AdamW's two moments, all in the stored dtype
+        params, grads = int(PARAM_BYTES * scale) * n_shard, int(GRAD_BYTES * scale) * n_shard
+        if w.optimizer == "adamw8bit":
+            opt = optimizer_bytes(w)
+        else:  # + AdamW's step counter, one fp32 scalar per parameter tensor
+            opt = int(ADAM_BYTES * scale) * n_shard + 4 * (9 * m.n_layers + 1 + head_matrices(m))
+        n_block_grads = block_params(m)
+    return params, grads, opt, n_block_grads
+
+
 def plan_memory(w: Workload) -> MemoryPlan:
     """Per-rank bytes of one optimizer step of `w`, its last micro-batch (the one with the most state
     alive): the static state, then a walk over the points where memory can peak (the head's forward, each
     block's backward from the last, the root's post-backward), keeping the largest."""
     m, S, c = w.model, w.shard, w.compute_bytes
-    n_block, n_root = block_params(m), root_params(m)
+    n_block, n_root, n_lora = block_params(m), root_params(m), lora_block_params(w)
     n_shard = m.n_layers * _padded(n_block, S) + _padded(n_root, S)
-    # the shards, their gradients and AdamW's two moments are all in the stored dtype (fp32, or bf16 pure)
+    params, grads, opt, n_block_grads = _state_bytes(w, n_shard, n_lora)
     scale = w.master_bytes / PARAM_BYTES
-    params, grads = int(PARAM_BYTES * scale) * n_shard, int(GRAD_BYTES * scale) * n_shard
-    if w.optimizer == "adamw8bit":
-        opt = optimizer_bytes(w)
-    else:  # + AdamW's step counter, one fp32 scalar per parameter tensor
-        opt = int(ADAM_BYTES * scale) * n_shard + 4 * (9 * m.n_layers + 1 + head_matrices(m))
-    block_grad_shard = int(GRAD_BYTES * scale) * _padded(n_block, S)
+    block_grad_shard = int(GRAD_BYTES * scale) * _padded(n_block_grads, S)
     # state that lives on the device, or on the host with cpu_offload; gradient shards appear as blocks
     # finish their backward (all of them from the start with accumulation: earlier micro-batches made them)
     static = params + opt + (grads if w.accumulation > 1 else 0)
@@ -277,18 +330,25 @@ def plan_memory(w: Workload) -> MemoryPlan:
         # (instead of as shards): every parameter's, on every rank
         static += GRAD_BYTES * (m.n_layers * n_block + n_root) - grads
 
-    root, block = n_root * c, n_block * c
+    root, block = n_root * c, (n_block + n_lora) * c
     gathered = 2 if S > 1 else 1  # the block running, and (sharded) the next one prefetched
     T = w.tokens
-    per_block = block_saved_bytes(w) * T
+    per_block = (block_saved_bytes(w) + (lora_saved_bytes(w) if w.lora else 0)) * T
     saved_input = m.dim * c * T  # what a checkpointed block keeps: its input
     saved = [saved_input if w.checkpointed(i) else per_block for i in range(m.n_layers)]
+    if w.lora and w.backend == "torch" and not w.checkpointed(0):
+        saved[0] -= m.dim * c * T  # a frozen embedding's output needs no gradient: the first block keeps no input
     head_saved = head_saved_bytes(w)
-    head_rows_saved = head_saved - 4 * m.vocab_size * m.dim
+    head_rows_saved = head_saved - (0 if w.lora else 4 * m.vocab_size * m.dim)
     activations = sum(saved) + head_saved
 
     # (device bytes, host bytes, fsdp bytes) at each point of the step where memory can peak
     phases: dict[str, tuple[int, int, int]] = {}
+    if w.lora and S > 1:
+        # the forward's first all-gathers: the root's and the first block's unsharded parameters with their
+        # all-gather buffers still alive (FSDPMemTracker, 2 gloo ranks); with LoRA's small state and
+        # activations this can be the step's peak
+        phases["first all-gathers"] = (2 * (root + block), static, 2 * (root + block))
     # forward: the head runs last, with every block's saved tensors alive and the blocks resharded
     # (train.gather_once: every block stays gathered from its forward to its backward, or in a group of one
     # the compute-dtype copy of the whole model stays allocated)
@@ -296,7 +356,7 @@ def plan_memory(w: Workload) -> MemoryPlan:
     phases["head forward"] = (root + every_block + activations + head_transient_bytes(w), static, root + every_block)
     # backward, last layer first. The head's dW is now the output weight's unsharded gradient (fp32 on the
     # torch path, in the compute dtype on CUDA), kept until the root's reduce-scatter at the end.
-    head_grad = m.vocab_size * m.dim * (4 if w.backend == "torch" else c) + head_rows_saved
+    head_grad = (0 if w.lora else m.vocab_size * m.dim * (4 if w.backend == "torch" else c)) + head_rows_saved
     alive = sum(saved)
     for i in reversed(range(m.n_layers)):
         recompute = per_block - saved_input if w.checkpointed(i) else 0
@@ -306,11 +366,11 @@ def plan_memory(w: Workload) -> MemoryPlan:
         fsdp = root + ((i + 1 if S > 1 else m.n_layers) * block if w.gather_once else gathered * block)
         inside = alive + recompute + backward_temp_bytes(w) * T
         # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
-        after = alive - saved[i] + block + (w.reduce_bytes * n_block if S > 1 else 0)
+        after = alive - saved[i] + n_block_grads * c + (w.reduce_bytes * n_block_grads if S > 1 else 0)
         phases[f"backward of layer {i}"] = (fsdp + head_grad + max(inside, after), static + done, fsdp)
         alive -= saved[i]
     phases["root backward"] = (
-        root_backward_bytes(w),
+        root if w.lora else root_backward_bytes(w),  # a frozen root (LoRA) has no backward of its own
         static + m.n_layers * block_grad_shard * (w.accumulation == 1),
         0,
     )

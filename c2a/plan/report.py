@@ -7,9 +7,19 @@ import dataclasses
 from typing import Any
 
 from c2a.config import LlamaConfig, TrainConfig
-from c2a.model.flops import attention_flops, matmul_flops_per_token
-from c2a.plan.memory import MemoryPlan, Workload, block_params, plan_memory
-from c2a.plan.workload import RESERVED_GIB, DataShape, GiB, Machine, accumulation, resolve_data, resolve_model, workload
+from c2a.model.flops import attention_flops, lora_matmul_flops_per_token, matmul_flops_per_token
+from c2a.plan.memory import MemoryPlan, Workload, block_params, lora_block_params, plan_memory
+from c2a.plan.workload import (
+    RESERVED_GIB,
+    DataShape,
+    GiB,
+    Machine,
+    accumulation,
+    lora_fields,
+    resolve_data,
+    resolve_model,
+    workload,
+)
 
 
 def usable_bytes(machine: Machine) -> float:
@@ -25,7 +35,7 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
     micro-batches first; and with plain FSDP, HSDP replicas (one per node) when they fit."""
     out = []
     t = cfg.train
-    for offload in (False, True):
+    for offload in (False,) if cfg.lora.enabled else (False, True):  # LoRA does not offload (config.py)
         for ac in ("none", "selective", "full"):
             for mb in sorted({t.micro_batch, *[m for m in (8, 4, 2, 1) if m < t.micro_batch]}, reverse=True):
                 w = workload(
@@ -71,14 +81,19 @@ def min_gpus(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
 
 
 def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Machine) -> dict[str, Any]:
-    """Hours of the whole run: FLOPs of every position trained on (6 per weight per token, plus causal
+    """Hours of the whole run: FLOPs of every position trained on (6 per weight per token; with LoRA 4 per frozen
+    weight, no dW, and 6 per adapter weight; plus causal
     attention per document, as c2a.train.metrics counts them), plus activation checkpointing's recompute,
     / (MFU x peak x GPUs). With cpu_offload, plus the host<->GPU copies and the host's AdamW step, which the
     GPU waits for (see `offload_seconds`)."""
     epochs = cfg.train.epochs
     mean = data.tokens / data.examples
     attention = attention_flops(model, round(data.examples * mean * mean))
-    flops = epochs * (data.tokens * matmul_flops_per_token(model) + attention)
+    lora = Workload(model, 1, 1, **lora_fields(cfg))
+    per_token = matmul_flops_per_token(model)
+    if lora.lora:  # frozen weights: forward and dX only (4 of the 6 FLOPs a weight); the adapters all 6
+        per_token = lora_matmul_flops_per_token(model, model.n_layers * lora_block_params(lora))
+    flops = epochs * (data.tokens * per_token + attention)
     # activation checkpointing runs the checkpointed blocks' forward again: a third more of their work (their
     # forward is 2 of the 6 FLOPs a weight and 1 of the attention's 3 passes), not counted in MFU's model FLOPs
     w = Workload(
@@ -89,7 +104,8 @@ def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         ac_every=cfg.train.ac_every,
     )
     checkpointed = sum(w.checkpointed(i) for i in range(model.n_layers)) / model.n_layers
-    recompute = epochs * checkpointed * (data.tokens * 2 * model.n_layers * block_params(model) + attention / 3)
+    block = block_params(model) + lora_block_params(lora)
+    recompute = epochs * checkpointed * (data.tokens * 2 * model.n_layers * block + attention / 3)
     seconds = (flops + recompute) / (machine.mfu * machine.peak_flops * machine.gpus)
     result = {
         "epochs": epochs,
@@ -178,10 +194,20 @@ def table(result: dict[str, Any]) -> str:
         f"{w['activation_checkpointing']}, cpu_offload {w['cpu_offload']}, shards {w['ranks'] // w['replicas']}",
         "",
         "per rank",
-        f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else ""),
-        f"  gradients ({m} shard)        {g(p['grads'])}" + ("  (host)" if w["cpu_offload"] else ""),
+        (
+            f"  {'parameters (base + adapters)':<30}{g(p['params'])}   frozen base in the compute dtype, "
+            f"fp32 rank-{w['lora_rank']} adapters"
+            if w["lora_rank"]
+            else f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else "")
+        ),
+        f"  {'gradients (adapters, fp32)' if w['lora_rank'] else f'gradients ({m} shard)':<30}{g(p['grads'])}"
+        + ("  (host)" if w["cpu_offload"] else ""),
         "  "
-        + ("optimizer (AdamW, 8-bit)" if w["optimizer"] == "adamw8bit" else f"optimizer (AdamW, {m})").ljust(30)
+        + (
+            "optimizer (AdamW, 8-bit)"
+            if w["optimizer"] == "adamw8bit"
+            else f"optimizer (AdamW, {'fp32' if w['lora_rank'] else m})"
+        ).ljust(30)
         + g(p["optimizer"])
         + ("  (host)" if w["cpu_offload"] else ""),
         f"  FSDP gathered at the peak     {g(p['fsdp'])}",

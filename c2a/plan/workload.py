@@ -18,13 +18,15 @@ from typing import Any
 from c2a.config import LlamaConfig, TrainConfig
 from c2a.data import TokenizedDataset, Tokenizer
 from c2a.data.sources import demo_dataset, resolve_tokenizer, tokenize_records_file
+from c2a.model.adapter import read_adapter_spec
 from c2a.model.weights import config_from_hf, config_from_meta
 from c2a.plan.memory import Workload
 
 GiB = 2**30
 # Dense bf16 peaks (FLOP/s, no sparsity) and memory of the cards the planner knows: vendors' datasheets
-# (H100 SXM 989 TFLOP/s 80 GB, H200 989 TFLOP/s 141 GB, A100 SXM 312 TFLOP/s 80 GB).
-GPUS = {"h100": (989e12, 80.0), "h200": (989e12, 141.0), "a100": (312e12, 80.0)}
+# (H100 SXM 989 TFLOP/s 80 GB, H200 989 TFLOP/s 141 GB, A100 SXM 312 TFLOP/s 80 GB, GeForce RTX 4090 165 TFLOP/s
+# 24 GB: one GPU for LoRA).
+GPUS = {"h100": (989e12, 80.0), "h200": (989e12, 141.0), "a100": (312e12, 80.0), "rtx4090": (165e12, 24.0)}
 # What a GPU holds besides the tensors the planner counts: CUDA context and kernels (~0.5-1 GB), NCCL's
 # buffers, the caching allocator's fragmentation. An assumption, not a measurement.
 RESERVED_GIB = 4.0
@@ -186,11 +188,23 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         gather_once=t.gather_once,
         reduce_once=t.reduce_once,
         fp8=t.fp8,
+        **lora_fields(cfg),
     )
     base.update(changes)
     if "micro_batch" in changes and "accumulation" not in changes:
         base["accumulation"] = accumulation(cfg, data, ranks, changes["micro_batch"])
     return Workload(model, **base)
+
+
+def lora_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """[lora] as the Workload counts it (the rank and targets of lora.init_adapter's config where it has one)."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return {}
+    if lo.init_adapter:
+        spec = read_adapter_spec(lo.init_adapter)
+        return dict(lora_rank=spec.rank, lora_targets=spec.targets, lora_dropout=lo.dropout > 0)
+    return dict(lora_rank=lo.rank, lora_targets=lo.target_modules(), lora_dropout=lo.dropout > 0)
 
 
 def accumulation(cfg: TrainConfig, data: DataShape, ranks: int, micro_batch: int) -> int:

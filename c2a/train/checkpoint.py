@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -190,7 +191,7 @@ def _checkpoint_bytes(out_dir: str | Path, model: torch.nn.Module) -> int:
     previous = latest_checkpoint(out_dir)
     if previous is not None:
         return sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
-    return sum(3 * 4 * p.numel() for p in model.parameters())  # DTensor numel is the full tensor's
+    return sum(3 * 4 * p.numel() for p in model.parameters() if p.requires_grad)  # DTensor numel: the full tensor's
 
 
 def _gb(n: float) -> str:
@@ -227,7 +228,7 @@ def save_checkpoint(
     dist.barrier()
     failure: BaseException | None = None
     try:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state = {"model": _model_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.save(state, checkpoint_id=tmp)
         torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
@@ -256,6 +257,15 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint holds of the model: the parameters that train (with LoRA, the adapters only: the
+    frozen base is re-read from model.checkpoint on resume)."""
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    # a tied head's second name (output.weight) slips through ignore_frozen_params (torch 2.13): drop it too
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -290,9 +300,10 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: loads model and optimizer shards (resharding to this world size) and returns the
     trainer state. RNG states are restored when the world size matches the one that saved them."""
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": _model_state(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+    frozen = any(not p.requires_grad for p in model.parameters())
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not frozen))
     set_optimizer_state_dict(model, optimizer, state["optim"])
     trainer_state = read_trainer_state(path)
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,8 +15,11 @@ import torch.distributed as dist
 from c2a.config import LlamaConfig
 from c2a.data import chat
 from c2a.data.tokenizer import CHAT_TEMPLATE_FILE, export_tokenizer
+from c2a.model.adapter import AdapterSpec, save_adapter
 from c2a.model.llama import Llama
+from c2a.model.lora import lora_layers
 from c2a.model.weights import save_hf
+from c2a.train.lora_run import merged_stream
 from c2a.train.parallel import Dist, full_parameters
 from c2a.train.run_data import RunData
 
@@ -31,10 +35,22 @@ def gather_model(model: Llama, model_cfg: LlamaConfig, dtype: torch.dtype, devic
         copy = copy.to(dtype).to_empty(device=device)
     params = dict(copy.named_parameters()) if copy is not None else {}
     with torch.no_grad():
-        for name, full in full_parameters(model, dtype):
+        for name, full in plain_parameters(model, dtype, {}):
             if copy is not None:
                 params[name].copy_(full)
     return copy
+
+
+def plain_parameters(
+    model: Llama, dtype: torch.dtype, adapter: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Collective: `full_parameters` as a plain Llama's, in `dtype`: with LoRA, each adapted weight merged
+    (W + s·B·A) and the adapters themselves put into `adapter` (rank 0)."""
+    layers = lora_layers(model)
+    if not layers:
+        return full_parameters(model, dtype)
+    scale = next(iter(layers.values())).scale
+    return merged_stream(full_parameters(model), set(layers), scale, dtype, adapter)
 
 
 def trained_template(data: RunData, template: str) -> str | None:
@@ -70,17 +86,23 @@ def export_final(
     dtype: torch.dtype,
     d: Dist,
     chat_template: str | None = None,
+    lora: AdapterSpec | None = None,
+    base_model: str = "",
 ) -> Path:
     """Collective: out_dir/final/ as an HF directory (safetensors, config.json, the tokenizer's files), written
     beside it and renamed into place, streaming one parameter at a time through rank 0. `chat_template` (the
     one the run trained with, `trained_template`) goes into final/chat_template.jinja, where transformers'
-    apply_chat_template and `python -m c2a.generate --template auto` find it before tokenizer_config.json's."""
+    apply_chat_template and `python -m c2a.generate --template auto` find it before tokenizer_config.json's.
+    With LoRA (`lora`), final/ holds the merged model and final/adapter/ the PEFT adapter made for `base_model`."""
     final, tmp = out / "final", out / "final.tmp"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-    tensors = full_parameters(model, dtype)
+    adapter: dict[str, torch.Tensor] = {}
+    tensors = plain_parameters(model, dtype, adapter)
     if d.is_main:
         save_hf(model_cfg, tensors, tmp)
+        if lora is not None:
+            save_adapter(lora, model_cfg, adapter.items(), tmp / "adapter", base_model)
         export_tokenizer(tokenizer_path, tmp)  # tokenizer.model, or tokenizer.json with its config files
         if chat_template is not None:
             (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")

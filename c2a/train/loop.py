@@ -78,6 +78,7 @@ def train_loop(s: Session) -> None:
         predicted_peak_mb=predicted_peak_mb(s.cfg, s.model_cfg, d.world_size, d.device, s.loader),
         extra=_mix_counts(s),
         sink=s.tracker.log if s.tracker is not None else None,
+        flops_per_token=s.lora_flops_per_token(),
     )
     control = StopControl(t.save_every_minutes, d.is_main)
     control.install()
@@ -171,9 +172,8 @@ def finish(s: Session, demo: bool, run_start: float) -> dict[str, Any]:
     cfg, d, c = s.cfg, s.d, s.counters
     template = trained_template(s.data, cfg.data.template) if d.is_main else None
     best = restore_best(cfg.out_dir, s.model, s.optimizer, s.step) if cfg.train.early_stop_patience else {}
-    final = export_final(
-        s.model, s.model_cfg, s.data.tokenizer_path, s.out, compute_dtype(cfg.train, d.device), d, template
-    )
+    dtype, base = compute_dtype(cfg.train, d.device), cfg.model.checkpoint or cfg.model.preset
+    final = export_final(s.model, s.model_cfg, s.data.tokenizer_path, s.out, dtype, d, template, s.lora, base)
     summary: dict[str, Any] = {
         "steps": s.step,
         "out_dir": str(s.out),

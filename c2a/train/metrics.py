@@ -204,6 +204,7 @@ class StepLog:
         predicted_peak_mb: float,
         extra: Callable[[], dict[str, Any]] | None = None,
         sink: Callable[[dict[str, Any]], None] | None = None,
+        flops_per_token: int | None = None,
     ) -> None:
         self.d, self.model_cfg, self.predicted_peak_mb = d, model_cfg, predicted_peak_mb
         self.extra = extra  # more fields for each record, asked on rank 0 (the mix's examples_by_source)
@@ -211,7 +212,8 @@ class StepLog:
         self.writer = MetricsWriter(out, tensorboard, after_step=step) if d.is_main else None
         self.bar = progress_bar(total_steps, step, progress and d.is_main)
         self.peak = peak_flops(d.device)
-        self.flops_per_token = matmul_flops_per_token(model_cfg)
+        # MFU's model FLOPs: 6 per weight per token, or what a LoRA run does (lora_matmul_flops_per_token)
+        self.flops_per_token = flops_per_token or matmul_flops_per_token(model_cfg)
         self.window: list[StepResult] = []
         self.restart_clock()
 

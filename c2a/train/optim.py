@@ -23,8 +23,9 @@ from c2a.train.errors import TrainingError
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # norm weights
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]  # norm weights
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "adamw8bit":
         from c2a.train.adamw8bit import build_adamw8bit  # torchao: an optional extra, imported only when asked for

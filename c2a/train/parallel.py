@@ -27,7 +27,9 @@ from torch.utils.checkpoint import checkpoint
 
 from c2a.config import DTYPES, LlamaConfig, TrainSection, compute_dtype
 from c2a.kernels.fp8_linear import to_float8
+from c2a.model.adapter import AdapterSpec
 from c2a.model.llama import Llama, init_parameter
+from c2a.model.lora import apply_lora, is_lora_parameter
 from c2a.model.weights import CheckpointReader
 from c2a.train.compute_copies import compute_copies
 from c2a.train.errors import TrainingError
@@ -114,26 +116,19 @@ def _checkpointed(forward: Callable) -> Callable:
     return run
 
 
-def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama:
-    """The model on the meta device with activation checkpointing, compile and FSDP2 applied, then given
-    (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist, lora: AdapterSpec | None = None) -> Llama:
+    """The model on the meta device with LoRA (`lora`), activation checkpointing, compile and FSDP2 applied,
+    then given (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+    dtype = compute_dtype(train, d.device)
     with torch.device("meta"):
         model = Llama(cfg)
-    # 0. train.fp8: the blocks' linears run their matmuls in float8 (the same parameters and names)
-    if train.fp8:
-        if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
-            raise TrainingError(
-                f"train.fp8 needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
-                f"{torch.cuda.get_device_name(d.device)} has {torch.cuda.get_device_capability(d.device)}"
-            )
-        for block in model.layers:
-            for linear in (
-                *_attention_linears(block),
-                block.feed_forward.w1,
-                block.feed_forward.w2,
-                block.feed_forward.w3,
-            ):
-                to_float8(linear)
+    if train.fp8:  # 0. the blocks' linears run their matmuls in float8 (the same parameters and names)
+        _float8_blocks(model, d)
+    if lora is not None:
+        # 0. LoRA: adapters on the target linears, everything else frozen and stored in the compute dtype (the
+        #    frozen base needs no fp32 master: 2 bytes a parameter in bf16 instead of 4 + AdamW's 8 + grad's 4)
+        apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.rslora)
+        model._apply(lambda t: t if t.requires_grad else t.to(dtype))
     # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
@@ -157,15 +152,39 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
     #    stored (and optimised) in fp32; forward/backward run in the compute dtype; gradients are reduced
     #    in fp32. train.master_dtype = "bf16" stores them (and so AdamW's state) in bf16 with no fp32 copy;
     #    train.reduce_dtype = "bf16" reduces the gradients in bf16 (the released claude2-alpaca model did both).
+    #    With LoRA, frozen and trained parameters share the units: only the adapters get gradients.
     if train.master_dtype == "bf16":
         model = model.to(torch.bfloat16)
-    dtype = compute_dtype(train, d.device)
     if train.gather_once and d.mesh.size() == 1 and not train.cpu_offload:
         # a group of one has nothing to gather or reduce: the same numbers without FSDP's copies
         model.to_empty(device=d.device)
         if dtype != model.tok_embeddings.weight.dtype:
             compute_copies(model, list(model.layers), dtype)
         return model
+    _fully_shard(model, train, d, dtype)
+    model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host
+    return model
+
+
+def _float8_blocks(model: Llama, d: Dist) -> None:
+    """train.fp8: every block's seven linears run their matmuls in float8 (c2a.kernels.fp8_linear)."""
+    if d.device.type == "cuda" and torch.cuda.get_device_capability(d.device) < (8, 9):
+        raise TrainingError(
+            f"train.fp8 needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(d.device)} has {torch.cuda.get_device_capability(d.device)}"
+        )
+    for block in model.layers:
+        for linear in (
+            *_attention_linears(block),
+            block.feed_forward.w1,
+            block.feed_forward.w2,
+            block.feed_forward.w3,
+        ):
+            to_float8(linear)
+
+
+def _fully_shard(model: Llama, train: TrainSection, d: Dist, dtype: torch.dtype) -> None:
+    """FSDP2 on `model` (step 3 of build_sharded_model): the block units, then the root."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=DTYPES[train.reduce_dtype])
     # train.cpu_offload: the fp32 shards, their gradients and (since the optimizer steps them where they
     # are) AdamW's state live in host memory; each unit's all-gather copies its shards to the device first.
@@ -192,20 +211,23 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist) -> Llama
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # per FSDP unit: the setting does not recurse
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host
-    return model
 
 
 @torch.no_grad()
-def materialize(model: Llama, reader: CheckpointReader | None, seed: int) -> None:
+def materialize(
+    model: Llama, reader: CheckpointReader | None, seed: int, adapter: dict[str, torch.Tensor] | None = None
+) -> None:
     """Fills every shard: from `reader` (pretrained), or with the init rule drawn from a per-parameter seed.
 
     Either way each rank computes the full tensor of one parameter at a time and keeps its own slice
     (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication), so the result is
-    identical for any number of ranks and no rank ever holds the whole model.
+    identical for any number of ranks and no rank ever holds the whole model. LoRA's A and B come from
+    `adapter` (lora.init_adapter's, in c2a's names) or, without one, from the init rule (PEFT's).
     """
     for name, p in model.named_parameters():
-        if reader is not None:
+        if adapter is not None and name in adapter:
+            full = adapter[name]
+        elif reader is not None and not is_lora_parameter(name):
             full = reader.get(name)
         else:
             full = torch.empty(p.shape, dtype=torch.float32)

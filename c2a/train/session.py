@@ -4,6 +4,7 @@ checkpoint or the pretrained weights (or a seeded init). `Session` holds all of 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -16,12 +17,15 @@ import torch.distributed as dist
 
 from c2a.config import LlamaConfig, TrainConfig, config_to_toml
 from c2a.data.batching import MicroBatchLoader
+from c2a.model.adapter import AdapterSpec
+from c2a.model.flops import lora_matmul_flops_per_token
 from c2a.model.llama import Llama
 from c2a.model.vocab import AddedRowsReader
 from c2a.model.weights import CheckpointReader, with_tokenizer_ids
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point
 from c2a.train.errors import TrainingError
 from c2a.train.lifecycle import claim_out_dir
+from c2a.train.lora_run import base_digest, check_base, initial_adapter, lora_spec
 from c2a.train.metrics import Counters
 from c2a.train.optim import build_optimizer, build_scheduler, check_schedule, schedule_of
 from c2a.train.parallel import Dist, build_sharded_model, materialize
@@ -49,6 +53,8 @@ class Session:
     counters: Counters
     step: int
     tracker: Tracker | None = None  # rank 0 with train.mlflow / train.wandb
+    lora: AdapterSpec | None = None
+    base: dict[str, Any] | None = None  # the frozen base's digest (LoRA), checked on resume
 
     @property
     def out(self) -> Path:
@@ -58,6 +64,13 @@ class Session:
     def total_steps(self) -> int:
         return self.schedule["total_steps"]
 
+    def lora_flops_per_token(self) -> int | None:
+        """A LoRA run's matmul FLOPs per token (for MFU); None for full fine-tuning."""
+        if self.lora is None:
+            return None
+        adapters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # DTensor: the full numel
+        return lora_matmul_flops_per_token(self.model_cfg, adapters)
+
     def trainer_state(self, val_loss: float | None) -> dict[str, Any]:
         """What a checkpoint holds besides the tensors (trainer_state.json)."""
         return {
@@ -66,7 +79,7 @@ class Session:
             "counters": self.counters.__dict__,
             "schedule": self.schedule,
             "val_loss": val_loss,
-        }
+        } | ({"base": self.base, "lora": dataclasses.asdict(self.lora)} if self.lora else {})
 
 
 def claim(cfg: TrainConfig, d: Dist) -> None:
@@ -90,6 +103,7 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     out_dir holds a finished run (its final/ written)."""
     out, t = Path(cfg.out_dir), cfg.train
     torch.manual_seed(t.seed)
+    lora = lora_spec(cfg.lora)  # an init_adapter's config is read (and refused) before anything else
     data = build_data(cfg, d)
     validation, train_set = Validation.start(cfg, data, d)  # with data.val_fraction, the examples not held out
     data = data.with_train(train_set)
@@ -97,19 +111,22 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     if reader is not None and cfg.model.add_pad_token:
         reader = AddedRowsReader(reader)  # vocab + 1, the new rows the mean of the others
     model_cfg = _model_config(cfg, reader, data)
+    adapter = initial_adapter(cfg.lora, model_cfg) if lora else None  # checked against the base's shapes
+    base = base_digest(cfg, model_cfg) if lora else None
     resume, saved = resume_point(out) or (None, None)  # the newest checkpoint that validates
     loader, batch_desc = make_loader(cfg, data.train, d, rows=saved["data"]["global_batch_rows"] if saved else None)
     total_steps = loader.total_steps(t.epochs) if not t.max_steps else min(loader.total_steps(t.epochs), t.max_steps)
     schedule = schedule_of(cfg, total_steps)
     if saved is not None:
         check_schedule(resume, saved, schedule)
+        check_base(resume, saved, base, lora)
         finished = saved["step"] >= total_steps or saved["counters"].get("early_stopped", False)
         if finished and (out / "final").is_dir():
             return saved["step"]
     if d.is_main:
         _write_config(out, cfg)  # only now that the run is known to start
 
-    model = build_sharded_model(model_cfg, t, d)
+    model = build_sharded_model(model_cfg, t, d, lora)
     optimizer = build_optimizer(model, cfg, d.device)
     s = Session(
         cfg,
@@ -124,7 +141,11 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         build_scheduler(optimizer, schedule),
         Counters(),
         0,
+        lora,
+        base,
     )
+    if resume is not None and lora is not None:  # the checkpoint holds the adapters only: the base first
+        materialize(model, reader, t.seed)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
         s.step = state["step"]
@@ -133,7 +154,7 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         s.counters = Counters(**state["counters"])
         log.info("resumed from %s (step %d of %d, saved by %d ranks)", resume, s.step, total_steps, state["world_size"])
     else:
-        materialize(model, reader, t.seed)
+        materialize(model, reader, t.seed, adapter)
     if d.is_main and (t.mlflow or t.wandb):
         s.tracker = Tracker(cfg)  # the run ids of a resumed run come from out_dir/tracking.json
     origin = (
@@ -169,6 +190,12 @@ def _model_config(cfg: TrainConfig, reader: CheckpointReader | None, data: RunDa
 def _log_start(s: Session, origin: str, batch_desc: str) -> None:
     t, m = s.cfg.train, s.model_cfg
     log.info("model: %s, %.1fM parameters; %s", _model_desc(s.cfg, m), m.num_params / 1e6, origin)
+    if s.lora is not None:
+        trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)  # DTensor numel: the full tensor's
+        log.info(
+            "LoRA: rank %d, alpha %g%s, on %s; %.2fM parameters trained, the rest frozen",
+            s.lora.rank, s.lora.alpha, " (rslora)" if s.lora.rslora else "", ",".join(s.lora.targets), trained / 1e6,
+        )  # fmt: skip
     log.info("data: %d examples, %s", s.loader.num_examples, batch_desc)
     log.info(
         "schedule: %d optimizer steps (%d epochs x %d steps%s), warmup %d, cosine to %g x lr %g",
