@@ -141,8 +141,8 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         build_scheduler(optimizer, schedule),
         Counters(),
         0,
-        lora,
-        base,
+        lora=lora,
+        base=base,
     )
     if resume is not None and lora is not None:  # the checkpoint holds the adapters only: the base first
         materialize(model, reader, t.seed)
