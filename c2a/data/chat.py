@@ -80,23 +80,9 @@ LLAMA2_CHAT_TEMPLATE = (
 # the *instruction* is non-empty, so an example without an input gets "### Input:" over an empty line; the
 # no-input prompt only for an empty instruction. As ALPACA_TEMPLATE otherwise (a system message is the input).
 ALPACA_RELEASED = "alpaca-claude2-released"
-ALPACA_RELEASED_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}"
-    "{% if m['content'] != '' %}"
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{{ m['content'] }}\n\n### Input:\n{{ system }}\n\n### Response:"
-    "{% else %}"
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{{ m['content'] }}\n\n### Response:"
-    "{% endif %}"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% if not loop.last %}\n\n{% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-)
+# The one difference from ALPACA_TEMPLATE: the with-input prompt is chosen by the instruction, not the input.
+ALPACA_RELEASED_TEMPLATE = ALPACA_TEMPLATE.replace("{% if system %}", "{% if m['content'] != '' %}", 1)
+assert ALPACA_RELEASED_TEMPLATE != ALPACA_TEMPLATE
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     "alpaca": ALPACA_TEMPLATE,
