@@ -397,6 +397,8 @@ def record_launches(kernel: str, model: dict[str, int], tokens: int, dtype: torc
                 labels = torch.empty(N, dtype=torch.int64, device=meta)
                 linear_cross_entropy(h, W, labels).backward()
                 linear_cross_entropy(h.detach(), W.detach(), labels)
+                weights = torch.empty(N, dtype=torch.float32, device=meta)  # train.loss_weighting = "example"
+                linear_cross_entropy(h, W, labels, weights=weights).backward()
     finally:
         rmsnorm._bwd_programs, rmsnorm._sm_count = bwd_programs, sm_count
     return launches
