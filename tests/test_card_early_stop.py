@@ -123,6 +123,11 @@ def test_base_model_only_for_hub_ids_and_the_adapter_card(tmp_path):
     meta, adapter = (front_matter((p / "README.md").read_text()) for p in (final, final / "adapter"))
     assert "base_model" not in meta and meta["datasets"] == ["tatsu-lab/alpaca"]
     assert adapter["library_name"] == "peft" and meta["library_name"] == "transformers"
+    assert "lora" not in meta["tags"]
+    lora = build_config({}, {"model.checkpoint": str(ckpt), "lora.rank": "16"})
+    write_cards(final, lora, summary, "1 x H100")
+    card = (final / "README.md").read_text()
+    assert "lora" in front_matter(card)["tags"] and "LoRA rank" in card and "| 16 |" in card
 
 
 def test_early_stop_config():

@@ -91,9 +91,8 @@ def _yaml(meta: dict[str, Any]) -> str:
 
 
 def lora_rank(cfg: TrainConfig) -> int:
-    """The run's LoRA rank (0: a full fine-tune, or a config without a [lora] section)."""
-    lora = getattr(cfg, "lora", None)
-    return int(getattr(lora, "rank", 0) or 0)
+    """The run's LoRA rank (0: a full fine-tune)."""
+    return cfg.lora.rank
 
 
 def hardware(device: torch.device, world_size: int) -> str:
