@@ -14,7 +14,8 @@ start / train_loop / finish on WORK/alpaca.jsonl:
 and the first variant once more as HSDP (train.replicas = 2: two replicas of one shard) in `hsdp/`; with
 validation (data.val_fraction, eval.every = 2) uninterrupted in `val/` and in `stopped/` stopped by a real
 SIGTERM (raised on rank 1 after step 3's optimizer step: every rank stops at step 4 with a checkpoint; the
-RunStopped's step and checkpoint are written to WORK/VARIANT/stopped.json) and resumed to the end.
+RunStopped's step and checkpoint are written to WORK/VARIANT/stopped.json) and resumed to the end; and with
+train.cpu_offload in `offload/`.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def main(work: Path, variants: list[str]) -> None:
         dist.barrier()
     train(config(work, variants[0], "val", work / variants[0] / "base", **VAL), d)
     stop_and_resume(work, variants[0], d)
+    train(config(work, variants[0], "offload", work / variants[0] / "base", **{"train.cpu_offload": "true"}), d)
     # HSDP: the first variant again on a (2 replicas x 1 shard) mesh, to the end
     hsdp = init_distributed(replicas=2)
     train(config(work, variants[0], "hsdp", work / variants[0] / "base", **{"train.replicas": "2"}), hsdp)

@@ -9,7 +9,7 @@ to the uninterrupted run; a resume on another base refused naming what changed; 
 adapters; final/adapter/ loads in PEFT with c2a's logits and final/ equals PEFT's merge_and_unload; with
 validation (data.val_fraction, eval.every), finite validation losses, and a real SIGTERM stopping every rank
 at one step with a checkpoint, the resumed run ending with the uninterrupted run's losses, validation losses
-and adapters (bitwise).
+and adapters (bitwise); train.cpu_offload with the same losses, gradient norms and adapters as without.
 """
 
 from __future__ import annotations
@@ -210,3 +210,18 @@ def test_validation_and_sigterm_stop_resume_as_uninterrupted(work):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the held-out quarter is not trained on: fewer rows than full/ saw, so other losses
     assert [r["loss"] for r in metrics(val)] != [r["loss"] for r in metrics(work / "untied" / "full")]
+
+
+def test_cpu_offload_trains_as_without(work):
+    """train.cpu_offload (FSDP2's CPUOffloadPolicy: compute-dtype frozen shards, fp32 adapters, their gradients
+    and AdamW state on the host): the same per-step losses, gradient norms and adapters as without it."""
+    plain, offload = work / "untied" / "full", work / "untied" / "offload"
+    assert [r["step"] for r in metrics(offload)] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in metrics(plain)], [r[key] for r in metrics(offload)]
+        assert b == pytest.approx(a, rel=1e-6), (key, a, b)
+    a = load_file(plain / "final/adapter/adapter_model.safetensors")
+    b = load_file(offload / "final/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
