@@ -510,10 +510,6 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
     # what LoRA does not (yet) run with: refused here, before any model is loaded
     if t.compile:
         problems.append("lora with train.compile is not supported (untested); set train.compile = false")
-    if t.cpu_offload:
-        problems.append(
-            "lora with train.cpu_offload is not supported: LoRA's state fits on the GPU (python -m c2a.plan); set train.cpu_offload = false"
-        )
     # settings that landed beside LoRA and are not yet tested with it: refused rather than trusted
     untested = {
         "train.fp8 = true": t.fp8,

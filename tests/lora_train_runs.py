@@ -11,7 +11,11 @@ start / train_loop / finish on WORK/alpaca.jsonl:
 - `resumed/`: a copy of full/ cut back to its step-3 checkpoint, resumed to the end;
 - `changed/`: the same cut-back copy resumed on another base (the next variant's, or a copy of this base
   with another norm_eps), which must be refused, its message written to WORK/VARIANT/changed.txt;
-and the first variant once more as HSDP (train.replicas = 2: two replicas of one shard) in `hsdp/`.
+and the first variant once more as HSDP (train.replicas = 2: two replicas of one shard) in `hsdp/`; with
+validation (data.val_fraction, eval.every = 2) uninterrupted in `val/` and in `stopped/` stopped by a real
+SIGTERM (raised on rank 1 after step 3's optimizer step: every rank stops at step 4 with a checkpoint; the
+RunStopped's step and checkpoint are written to WORK/VARIANT/stopped.json) and resumed to the end; and with
+train.cpu_offload in `offload/`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from c2a.config import build_config
 from c2a.errors import UserError
 from c2a.model.weights import CheckpointReader
+from c2a.train.lifecycle import RunStopped, _held
 from c2a.train.loop import finish, train_loop
 from c2a.train.parallel import init_distributed, shutdown_and_exit
 from c2a.train.session import claim, start
@@ -68,6 +74,32 @@ def train(cfg, d):
     train_loop(s)
     finish(s, demo=False, run_start=time.perf_counter())
     return s
+
+
+VAL = {"data.val_fraction": "0.25", "eval.every": "2"}
+
+
+def stop_and_resume(work: Path, variant: str, d) -> None:
+    """stopped/: a real SIGTERM on rank 1 after step 3's optimizer step, then the same config resumed."""
+    cfg = config(work, variant, "stopped", work / variant / "base", **VAL)
+    claim(cfg, d)
+    s = start(cfg, d)
+    if d.rank == 1:
+        session = s  # s.step counts the finished steps: 2 while step 3 runs
+        s.optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: signal.raise_signal(signal.SIGTERM) if session.step == 2 else None
+        )
+    try:
+        train_loop(s)
+        report = {"stopped": None}
+    except RunStopped as e:
+        report = {"stopped": e.step, "checkpoint": str(e.checkpoint)}
+    if d.is_main:
+        (work / variant / "stopped.json").write_text(json.dumps(report))
+        _held.pop().release()  # the out_dir lock, as the stopped process's exit would drop it
+    del s
+    dist.barrier()
+    train(config(work, variant, "stopped", work / variant / "base", **VAL), d)
 
 
 def check_frozen(s, base: Path, into: Path, is_main: bool) -> None:
@@ -129,6 +161,9 @@ def main(work: Path, variants: list[str]) -> None:
         if d.is_main:
             (work / variant / "changed.txt").write_text(message)
         dist.barrier()
+    train(config(work, variants[0], "val", work / variants[0] / "base", **VAL), d)
+    stop_and_resume(work, variants[0], d)
+    train(config(work, variants[0], "offload", work / variants[0] / "base", **{"train.cpu_offload": "true"}), d)
     # HSDP: the first variant again on a (2 replicas x 1 shard) mesh, to the end
     hsdp = init_distributed(replicas=2)
     train(config(work, variants[0], "hsdp", work / variants[0] / "base", **{"train.replicas": "2"}), hsdp)

@@ -141,6 +141,7 @@ def test_init_scale_and_config_names():
     rs = build_config({}, {"lora.rank": "16", "lora.alpha": "8", "lora.rslora": "true"})
     assert rs.lora.scale == 2.0  # 8 / sqrt(16)
     assert build_config({}).lora.enabled is False  # the default: full fine-tuning
+    assert build_config({}, {"lora.rank": "8", "train.cpu_offload": "true"}).train.cpu_offload  # accepted
 
 
 @pytest.mark.parametrize(
@@ -149,7 +150,6 @@ def test_init_scale_and_config_names():
         ({"lora.rank": "-1"}, "lora.rank must be >= 0"),
         ({"lora.rank": "8", "lora.targets": "q_proj,lm_head"}, "unknown target 'lm_head'"),
         ({"lora.rank": "8", "train.compile": "true"}, "lora with train.compile is not supported"),
-        ({"lora.rank": "8", "train.cpu_offload": "true"}, "lora with train.cpu_offload is not supported"),
         ({"lora.dropout": "1"}, r"lora.dropout must be in \[0, 1\)"),
         ({"lora.rank": "8", "train.fp8": "true"}, "lora with train.fp8 = true is not supported yet"),
         ({"lora.rank": "8", "train.gather_once": "true"}, "lora with train.gather_once = true is not"),

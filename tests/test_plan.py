@@ -443,3 +443,14 @@ def test_plan_cli_lora_recipe_on_one_24gb_gpu(plan_cli) -> None:
     attention = 3 * 32 * 2 * 1000 * 500**2 * 4096
     flops = 5 * (1000 * 500 * (4 * (LLAMA2_7B - 32000 * 4096) + 6 * n_lora) + attention)
     assert t["flops"] == flops and t["hours"] == pytest.approx(flops / (0.5 * 989e12) / 3600, rel=1e-9)
+    # cpu_offload: every fp32 adapter moves as in full fine-tuning (12 bytes a micro-batch, 28 a step on the
+    # host), the frozen bf16 base only to the GPU, twice a micro-batch (2 x 2 bytes); 25 GB/s and 10 GB/s
+    o = plan_cli(
+        "--config", "configs/claude2-alpaca-7b-lora.toml", "--gpus", "1", "--gpu-memory", "24",
+        "--examples", "1000", "--mean-tokens", "500", "--train.cpu_offload=true",
+    )  # fmt: skip
+    micro_batches = 5 * 1000 * 500 / 2048  # packed 2048-token rows, micro-batch 1, one GPU
+    steps = micro_batches / o["workload"]["accumulation"]
+    seconds = micro_batches * (4 * LLAMA2_7B + 12 * n_lora) / 25e9 + steps * 28 * n_lora / 10e9
+    assert o["time"]["offload_hours"] == pytest.approx(seconds / 3600, rel=1e-9)
+    assert o["per_rank_bytes"]["host"] == p["params"] + p["grads"] + p["optimizer"]

@@ -35,7 +35,7 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
     micro-batches first; and with plain FSDP, HSDP replicas (one per node) when they fit."""
     out = []
     t = cfg.train
-    for offload in (False,) if cfg.lora.enabled else (False, True):  # LoRA does not offload (config.py)
+    for offload in (False, True):
         for ac in ("none", "selective", "full"):
             for mb in sorted({t.micro_batch, *[m for m in (8, 4, 2, 1) if m < t.micro_batch]}, reverse=True):
                 w = workload(
@@ -134,12 +134,17 @@ def offload_seconds(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machi
     """cpu_offload's time: each micro-batch copies every fp32 shard to the GPU twice (the blocks are gathered
     again for the backward) and the fp32 gradient shards back (12 bytes a parameter of the shard); each
     optimizer step reads and writes the shard's weights, gradients and two moments on the host (about 28 bytes
-    a parameter: 16 read, 12 written)."""
-    shard = model.num_params / (machine.gpus // cfg.train.replicas)
+    a parameter: 16 read, 12 written). With LoRA only the fp32 adapters move so; the frozen base's shards (in
+    the compute dtype, c bytes a parameter) are copied to the GPU twice a micro-batch and nothing comes back."""
+    w = workload(cfg, model, data, machine)
+    trained = model.n_layers * lora_block_params(w) if w.lora else model.num_params
+    frozen_bytes = 2 * w.compute_bytes * model.num_params if w.lora else 0
+    shards = machine.gpus // cfg.train.replicas
     rows = data.tokens / cfg.data.max_len if cfg.data.packing else data.examples
     micro_batches = cfg.train.epochs * rows / (cfg.train.micro_batch * machine.gpus)
     steps = micro_batches / accumulation(cfg, data, machine.gpus, cfg.train.micro_batch)
-    return micro_batches * 12 * shard / PCIE_BYTES_PER_S + steps * 28 * shard / HOST_ADAM_BYTES_PER_S
+    per_micro_batch = (12 * trained + frozen_bytes) / shards
+    return micro_batches * per_micro_batch / PCIE_BYTES_PER_S + steps * 28 * trained / shards / HOST_ADAM_BYTES_PER_S
 
 
 def plan(
@@ -196,7 +201,7 @@ def table(result: dict[str, Any]) -> str:
         "per rank",
         (
             f"  {'parameters (base + adapters)':<30}{g(p['params'])}   frozen base in the compute dtype, "
-            f"fp32 rank-{w['lora_rank']} adapters"
+            f"fp32 rank-{w['lora_rank']} adapters" + ("  (host)" if w["cpu_offload"] else "")
             if w["lora_rank"]
             else f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else "")
         ),
