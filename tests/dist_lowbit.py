@@ -148,7 +148,10 @@ def main(out_dir: Path) -> None:
         torch.distributed.all_gather_object(measured, measure(PLAN_SPEC, d))
         if d.is_main:
             (out_dir / "plan.json").write_text(json.dumps(measured))
-    torch.distributed.destroy_process_group()
+    # No destroy_process_group(), as in the project's other torchrun scripts: with it, a rank aborted in gloo's
+    # teardown about one launch in six ("terminate called without an active exception", SIGABRT, after its
+    # last collective); the processes exit and torchrun reaps them.
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":
