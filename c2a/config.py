@@ -373,6 +373,10 @@ class LoraSection:
         "",
         "a PEFT LoRA adapter directory to continue training ('' = new adapters); its r, alpha, targets and rslora win",
     )
+    quantize: str = _f(
+        "none",
+        "the frozen base's block linears: none (compute dtype) or nf4 (QLoRA: 4-bit NF4, blocks of 64, double quant)",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -505,7 +509,14 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
         lo.target_modules()
     except ValueError as e:
         problems.append(str(e))
+    if lo.quantize not in ("none", "nf4"):
+        problems.append(f"lora.quantize must be none or nf4, got {lo.quantize!r}")
     if not lo.enabled:
+        if lo.quantize == "nf4":
+            problems.append(
+                "lora.quantize = nf4 freezes a 4-bit base around adapters: it needs lora.rank > 0 (or lora.init_adapter); "
+                "lora.rank = 0 is full fine-tuning, which trains every weight"
+            )
         return problems
     # what LoRA does not (yet) run with: refused here, before any model is loaded
     if t.compile:
@@ -521,6 +532,13 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
         "train.early_stop_patience": t.early_stop_patience > 0,
     }
     problems += [f"lora with {what} is not supported yet" for what, on in untested.items() if on]
+    # what QLoRA's NF4 base is not tested with (README "One GPU" lists them)
+    nf4_untested = {
+        "train.cpu_offload = true": t.cpu_offload,
+        "train.replicas > 1 (HSDP)": t.replicas > 1,
+    }
+    if lo.quantize == "nf4":
+        problems += [f"lora.quantize = nf4 with {what} is not supported yet" for what, on in nf4_untested.items() if on]
     return problems
 
 

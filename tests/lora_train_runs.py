@@ -16,6 +16,11 @@ validation (data.val_fraction, eval.every = 2) uninterrupted in `val/` and in `s
 SIGTERM (raised on rank 1 after step 3's optimizer step: every rank stops at step 4 with a checkpoint; the
 RunStopped's step and checkpoint are written to WORK/VARIANT/stopped.json) and resumed to the end; and with
 train.cpu_offload in `offload/`.
+
+The variant named `qlora` (given last) runs with lora.quantize = nf4 instead: `full/` (its check writes
+WORK/qlora/frozen.json: the unquantized frozen parameters bit-equal to the base, and per NF4 base whether
+each rank holds only a slice of its codes and whether the gathered codes are those of the base's weight),
+`resumed/` from step 3, and `changed/`, the same checkpoint resumed with lora.quantize = none, refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from c2a.config import build_config
 from c2a.errors import UserError
+from c2a.model.qlora import nf4_bases
 from c2a.model.weights import CheckpointReader
 from c2a.train.lifecycle import RunStopped, _held
 from c2a.train.loop import finish, train_loop
@@ -66,6 +72,10 @@ def config(work: Path, variant: str, out: str, base: Path, **more: str):
             "lora.init_adapter": str(work / variant / "init_adapter"),
         },
     )
+
+
+def qlora_config(work: Path, out: str, **more: str):
+    return config(work, "qlora", out, work / "qlora" / "base", **({"lora.quantize": "nf4"} | more))
 
 
 def train(cfg, d):
@@ -106,8 +116,12 @@ def check_frozen(s, base: Path, into: Path, is_main: bool) -> None:
     """Every frozen parameter gathered and compared bitwise with the base checkpoint's tensor."""
     reader = CheckpointReader(base) if is_main else None
     report = {"frozen": 0, "changed": [], "tied": s.model.output.weight is s.model.tok_embeddings.weight}
+    bases = nf4_bases(s.model)
+    if bases:
+        report |= check_nf4(bases, reader, is_main)
+    nf4 = {id(t) for b in bases.values() for t in (b.codes, b.qabsmax)}
     for name, p in s.model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad or id(p) in nf4:
             continue
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
         if is_main:
@@ -116,6 +130,21 @@ def check_frozen(s, base: Path, into: Path, is_main: bool) -> None:
                 report["changed"].append(name)
     if is_main:
         into.write_text(json.dumps(report))
+
+
+def check_nf4(bases: dict, reader, is_main: bool) -> dict:
+    """Per NF4 base: every rank holds a strict slice of its codes (all-reduced), and the gathered codes and
+    absmaxes are those of the base's weight quantized (rank 0)."""
+    sliced = torch.tensor([sum(b.codes.to_local().numel() < b.codes.numel() for b in bases.values())])
+    dist.all_reduce(sliced, op=dist.ReduceOp.MIN)
+    report = {"nf4": len(bases), "nf4_sliced_on_every_rank": int(sliced), "nf4_changed": []}
+    for name, b in bases.items():
+        codes, qabsmax = b.codes.full_tensor(), b.qabsmax.full_tensor()
+        if is_main:
+            q = b.quantize(reader.get(name), name)
+            if not (torch.equal(codes, q.codes) and torch.equal(qabsmax, q.qabsmax)):
+                report["nf4_changed"].append(name)
+    return report
 
 
 def cut_back(work: Path, variant: str, name: str, d) -> None:
@@ -141,9 +170,32 @@ def changed_base(work: Path, variant: str, others: list[str], d) -> Path:
     return changed
 
 
+def qlora_runs(work: Path, d) -> None:
+    """The QLoRA variant: full/, resumed/ from step 3, and changed/ (the checkpoint resumed unquantized)."""
+    s = train(qlora_config(work, "full"), d)
+    check_frozen(s, work / "qlora" / "base", work / "qlora" / "frozen.json", d.is_main)
+    del s
+    cut_back(work, "qlora", "resumed", d)
+    train(qlora_config(work, "resumed"), d)
+    cut_back(work, "qlora", "changed", d)
+    try:
+        train(qlora_config(work, "changed", **{"lora.quantize": "none"}), d)
+        message = "resumed without an error"
+    except (UserError, ValueError) as e:
+        message = str(e)
+    if d.is_main:
+        (work / "qlora" / "changed.txt").write_text(message)
+    dist.barrier()
+
+
 def main(work: Path, variants: list[str]) -> None:
     d = init_distributed()
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="[c2a] %(message)s")
+    if variants[-1] == "qlora":
+        qlora_runs(work, d)
+        variants = variants[:-1]
+    if not variants:
+        shutdown_and_exit(0)
     for i, variant in enumerate(variants):
         base = work / variant / "base"
         s = train(config(work, variant, "full", base), d)

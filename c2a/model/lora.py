@@ -43,16 +43,22 @@ class LoRALinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter, rank: int, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
-        out_features, in_features = weight.shape
         weight.requires_grad_(False)
         self.weight = weight
+        self._add_adapters(weight.shape, weight.device, rank, scale, dropout)
+
+    def _add_adapters(
+        self, shape: tuple[int, int], device: torch.device, rank: int, scale: float, dropout: float
+    ) -> None:
+        """A and B after the base, so that named_parameters yields the base first (the export merges in order)."""
+        out_features, in_features = shape
         # fp32 masters whatever the base's dtype (bf16 on GPU): the optimizer steps these
-        kw = {"device": weight.device, "dtype": torch.float32}
+        kw = {"device": device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if weight.device.type != "meta":
+        if device.type != "meta":
             init_lora_parameter(self.lora_A, "lora_A")
             init_lora_parameter(self.lora_B, "lora_B")
 
@@ -60,8 +66,12 @@ class LoRALinear(nn.Module):
         """The frozen weight as the forward uses it (QLoRA's quantised base overrides this one method)."""
         return self.weight
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x · Wᵀ with the frozen base (QLoRA's quantised base overrides it to save only its codes)."""
+        return F.linear(x, self.base_weight())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base_weight())
+        y = self.base_forward(x)
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., r]
         return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
 
@@ -71,7 +81,7 @@ class LoRALinear(nn.Module):
         return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     def extra_repr(self) -> str:
-        (out_features, in_features), r = self.weight.shape, self.lora_A.shape[0]
+        (out_features, in_features), r = self.lora_B.shape[0], self.lora_A.shape[1], self.lora_A.shape[0]
         return f"in={in_features}, out={out_features}, r={r}, scale={self.scale:g}"
 
 

@@ -261,10 +261,12 @@ def save_checkpoint(
 
 def _model_state(model: torch.nn.Module) -> dict[str, Any]:
     """What a checkpoint holds of the model: the parameters that train (with LoRA, the adapters only: the
-    frozen base is re-read from model.checkpoint on resume)."""
+    frozen base is re-read from model.checkpoint on resume; with QLoRA also re-quantized, so neither its codes
+    nor its scale buffers are saved)."""
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     # a tied head's second name (output.weight) slips through ignore_frozen_params (torch 2.13): drop it too
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen |= {n for n, _ in model.named_buffers()}  # only QLoRA's NF4 scales are buffers: derived from the base
     return {k: v for k, v in state.items() if k not in frozen}
 
 

@@ -18,8 +18,9 @@ from c2a.data.tokenizer import CHAT_TEMPLATE_FILE, export_tokenizer
 from c2a.model.adapter import AdapterSpec, save_adapter
 from c2a.model.llama import Llama
 from c2a.model.lora import lora_layers
+from c2a.model.qlora import nf4_bases, write_quantization
 from c2a.model.weights import save_hf
-from c2a.train.lora_run import merged_stream
+from c2a.train.lora_run import dequantized_stream, merged_stream
 from c2a.train.parallel import Dist, full_parameters
 from c2a.train.run_data import RunData
 
@@ -50,7 +51,10 @@ def plain_parameters(
     if not layers:
         return full_parameters(model, dtype)
     scale = next(iter(layers.values())).scale
-    return merged_stream(full_parameters(model), set(layers), scale, dtype, adapter)
+    tensors, bases = full_parameters(model), nf4_bases(model)
+    if bases:  # QLoRA: W is the dequantized NF4 base, in the compute dtype the run trained with
+        tensors = dequantized_stream(tensors, bases, dtype)
+    return merged_stream(tensors, set(layers), scale, dtype, adapter)
 
 
 def trained_template(data: RunData, template: str) -> str | None:
@@ -93,7 +97,9 @@ def export_final(
     beside it and renamed into place, streaming one parameter at a time through rank 0. `chat_template` (the
     one the run trained with, `trained_template`) goes into final/chat_template.jinja, where transformers'
     apply_chat_template and `python -m c2a.generate --template auto` find it before tokenizer_config.json's.
-    With LoRA (`lora`), final/ holds the merged model and final/adapter/ the PEFT adapter made for `base_model`."""
+    With LoRA (`lora`), final/ holds the merged model and final/adapter/ the PEFT adapter made for `base_model`;
+    with QLoRA, final/ merges into the dequantized NF4 base and final/adapter/quantization.json records the
+    quantization the adapter was trained against."""
     final, tmp = out / "final", out / "final.tmp"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +109,8 @@ def export_final(
         save_hf(model_cfg, tensors, tmp)
         if lora is not None:
             save_adapter(lora, model_cfg, adapter.items(), tmp / "adapter", base_model)
+            if nf4_bases(model):
+                write_quantization(tmp / "adapter", dtype, lora.targets)
         export_tokenizer(tokenizer_path, tmp)  # tokenizer.model, or tokenizer.json with its config files
         if chat_template is not None:
             (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")

@@ -1,6 +1,7 @@
 """A LoRA run's own parts: its adapter settings (from [lora], or the adapter lora.init_adapter continues), the
 digest of the base it trains on (checked on resume), and its export: final/ merged, final/adapter/ in PEFT's
-format.
+format. With lora.quantize = nf4 (QLoRA) the base is re-quantized from model.checkpoint on resume, and the
+export merges into the dequantized base (what the adapters trained against), never into the original weights.
 
 A LoRA checkpoint holds only what trains (the adapters), the optimizer, schedule and data position; resume
 re-reads the frozen base from model.checkpoint (or re-draws the seeded init), so the base must be the one the
@@ -21,6 +22,7 @@ import torch
 from c2a.config import LlamaConfig, LoraSection, TrainConfig
 from c2a.model.adapter import AdapterSpec, read_adapter, read_adapter_spec
 from c2a.model.lora import lora_delta
+from c2a.model.quantized import NF4Linear
 from c2a.train.errors import TrainingError
 
 _WEIGHT_FILES = ("*.safetensors", "*.pth", "*.bin")
@@ -68,6 +70,8 @@ def base_digest(cfg: TrainConfig, model_cfg: LlamaConfig) -> dict[str, Any]:
         digest["files"] = {f.name: f.stat().st_size for f in files}
     else:
         digest["init"] = {"preset": cfg.model.preset, "seed": cfg.train.seed}
+    if cfg.lora.quantize != "none":  # absent for an unquantized base, as in checkpoints written before QLoRA
+        digest["quantization"] = {"format": cfg.lora.quantize}
     return digest
 
 
@@ -88,9 +92,10 @@ def check_base(resume: Path, saved: dict[str, Any], digest: dict[str, Any] | Non
         for k in sorted(set(old) | set(new)):
             if old.get(k) != new.get(k):
                 changed.append(f"{key}.{k} {old.get(k)} -> {new.get(k)}")
+    what = "lora.quantize" if before.get("quantization") != digest.get("quantization") else "model.checkpoint"
     raise TrainingError(
         f"{resume} trained adapters on another base model ({'; '.join(changed[:6])}); resume with the "
-        "model.checkpoint the run started with, or start a new out_dir"
+        f"{what} the run started with, or start a new out_dir"
     )
 
 
@@ -119,3 +124,32 @@ def merged_stream(
                     f"{stem}.weight",
                     (held.pop(stem).float() + lora_delta(adapter[f"{stem}.lora_A"], t, scale)).to(dtype),
                 )
+
+
+def dequantized_stream(
+    tensors: Iterable[tuple[str, torch.Tensor | None]], bases: dict[str, NF4Linear], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """QLoRA: the gathered parameters with each NF4 base's codes and absmaxes (`stem.base.codes`,
+    `stem.base.qabsmax`) replaced by the weight they hold, `stem.weight`, dequantized to `dtype` (the compute
+    dtype: the weight the adapters trained against), and the stem's lora_A, lora_B (a module's own parameters
+    come before its submodule's) held back until after it, the order `merged_stream` reads. None (ranks other
+    than 0) passes through."""
+    held: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
+    for name, t in tensors:
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith(".base") and f"{stem.removesuffix('.base')}.weight" in bases:
+            stem = stem.removesuffix(".base")
+        weight = f"{stem}.weight"
+        if weight not in bases:
+            yield name, t
+        elif leaf in ("lora_A", "lora_B", "codes"):
+            held.setdefault(stem, []).append((name, t))
+        else:  # qabsmax, the base's last parameter
+            (_, codes), *adapters = sorted(held.pop(stem), key=lambda kv: not kv[0].endswith(".codes"))
+            if t is None or codes is None:
+                yield weight, None
+            else:
+                base = bases[weight]
+                device = base.absmax2.device
+                yield weight, base.dequantize(codes.to(device), t.to(device), dtype).cpu()
+            yield from adapters

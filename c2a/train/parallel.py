@@ -30,6 +30,7 @@ from c2a.kernels.fp8_linear import to_float8
 from c2a.model.adapter import AdapterSpec
 from c2a.model.llama import Llama, init_parameter
 from c2a.model.lora import apply_lora, is_lora_parameter
+from c2a.model.qlora import nf4_bases, quantize_lora_bases
 from c2a.model.weights import CheckpointReader
 from c2a.train.compute_copies import compute_copies
 from c2a.train.errors import TrainingError
@@ -116,9 +117,12 @@ def _checkpointed(forward: Callable) -> Callable:
     return run
 
 
-def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist, lora: AdapterSpec | None = None) -> Llama:
-    """The model on the meta device with LoRA (`lora`), activation checkpointing, compile and FSDP2 applied,
-    then given (uninitialised) storage on this rank's device. Fill it with `materialize`."""
+def build_sharded_model(
+    cfg: LlamaConfig, train: TrainSection, d: Dist, lora: AdapterSpec | None = None, quantize: str = "none"
+) -> Llama:
+    """The model on the meta device with LoRA (`lora`; with `quantize` = "nf4" around NF4 bases), activation
+    checkpointing, compile and FSDP2 applied, then given (uninitialised) storage on this rank's device. Fill it
+    with `materialize`."""
     dtype = compute_dtype(train, d.device)
     with torch.device("meta"):
         model = Llama(cfg)
@@ -129,6 +133,9 @@ def build_sharded_model(cfg: LlamaConfig, train: TrainSection, d: Dist, lora: Ad
         #    frozen base needs no fp32 master: 2 bytes a parameter in bf16 instead of 4 + AdamW's 8 + grad's 4)
         apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.rslora)
         model._apply(lambda t: t if t.requires_grad else t.to(dtype))
+        if quantize == "nf4":
+            # QLoRA: each adapted linear's base as NF4 codes (uint8, block-major: FSDP2 shards whole blocks)
+            quantize_lora_bases(model)
     # 1. activation checkpointing: recompute a block's activations in the backward. The block's forward is
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
@@ -224,20 +231,43 @@ def materialize(
     identical for any number of ranks and no rank ever holds the whole model. LoRA's A and B come from
     `adapter` (lora.init_adapter's, in c2a's names) or, without one, from the init rule (PEFT's).
     """
+    bases = nf4_bases(model)  # QLoRA: weight name -> its NF4Linear
+    nf4 = {id(t) for base in bases.values() for t in (base.codes, base.qabsmax)}
     for name, p in model.named_parameters():
+        if id(p) in nf4:
+            continue  # filled below, from the weight they quantize
         if adapter is not None and name in adapter:
             full = adapter[name]
-        elif reader is not None and not is_lora_parameter(name):
-            full = reader.get(name)
         else:
-            full = torch.empty(p.shape, dtype=torch.float32)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            init_parameter(full, name, model.cfg, generator=g)
-        full = full.to(device=p.device, dtype=p.dtype)
-        if isinstance(p, DTensor):
-            p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
-        else:
-            p.copy_(full)
+            full = _initial_weight(model, name, p.shape, reader, seed)
+        _fill(p, full.to(device=p.device, dtype=p.dtype))
+    for name, base in bases.items():
+        # the base weight as read (or drawn), quantized whole on every rank: each keeps its own blocks
+        q = base.quantize(_initial_weight(model, name, base.shape, reader, seed), name)
+        for p, full in ((base.codes, q.codes), (base.qabsmax, q.qabsmax)):
+            _fill(p, full.to(p.device))
+        base.absmax2.copy_(q.absmax2)
+        base.offset.copy_(q.offset)
+
+
+def _initial_weight(
+    model: Llama, name: str, shape: torch.Size, reader: CheckpointReader | None, seed: int
+) -> torch.Tensor:
+    """The full tensor `name` starts from: the checkpoint's, else the init rule's from a per-name seed."""
+    if reader is not None and not is_lora_parameter(name):
+        return reader.get(name)
+    full = torch.empty(shape, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    init_parameter(full, name, model.cfg, generator=g)
+    return full
+
+
+def _fill(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copies `full` into `p`, or this rank's slice of it when `p` is a shard (sliced locally, no communication)."""
+    if isinstance(p, DTensor):
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+    else:
+        p.copy_(full)
 
 
 def full_parameters(

@@ -126,7 +126,7 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     if d.is_main:
         _write_config(out, cfg)  # only now that the run is known to start
 
-    model = build_sharded_model(model_cfg, t, d, lora)
+    model = build_sharded_model(model_cfg, t, d, lora, cfg.lora.quantize)
     optimizer = build_optimizer(model, cfg, d.device)
     s = Session(
         cfg,
@@ -193,8 +193,9 @@ def _log_start(s: Session, origin: str, batch_desc: str) -> None:
     if s.lora is not None:
         trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)  # DTensor numel: the full tensor's
         log.info(
-            "LoRA: rank %d, alpha %g%s, on %s; %.2fM parameters trained, the rest frozen",
+            "LoRA: rank %d, alpha %g%s, on %s; %.2fM parameters trained, the rest frozen%s",
             s.lora.rank, s.lora.alpha, " (rslora)" if s.lora.rslora else "", ",".join(s.lora.targets), trained / 1e6,
+            " (the adapted linears' base in NF4: QLoRA)" if s.cfg.lora.quantize == "nf4" else "",
         )  # fmt: skip
     log.info("data: %d examples, %s", s.loader.num_examples, batch_desc)
     log.info(
