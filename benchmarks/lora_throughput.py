@@ -1,7 +1,7 @@
-"""LoRA training throughput and memory: c2a's LoRA against PEFT + transformers, and against c2a's own full
-fine-tune, side by side in one run.
+"""LoRA and QLoRA training throughput and memory: c2a's LoRA and QLoRA against PEFT + transformers (QLoRA: with
+bitsandbytes), and against c2a's own full fine-tune, side by side in one run.
 
-    python benchmarks/lora_throughput.py [--out DIR] [--rank 16] [--repeats R] [--smoke]
+    python benchmarks/lora_throughput.py [--out DIR] [--rank 16] [--repeats R] [--smoke] [--sides A,B,...]
 
   c2a-lora  c2a's LoRA path as the trainer runs it: the model built by `build_sharded_model` with rank-r adapters
             (alpha 2r) on all seven linears of every block, the base frozen, AdamW over the adapters, packed rows,
@@ -11,6 +11,10 @@ fine-tune, side by side in one run.
             packing: position_ids restart per document and transformers builds the block-diagonal mask from
             them, use_cache=False), the loss from full logits, torch AdamW, clipping at 1.0.
   c2a-full  c2a's full fine-tune of the same model on the same rows (every weight trained).
+  c2a-qlora c2a-lora with lora.quantize = "nf4": every adapted linear's base in NF4, dequantized in its forward
+            and backward.
+  peft-qlora  peft with every block linear a bitsandbytes Linear4bit (nf4, blocksize 64, double quant, compute
+            dtype the run's), as PEFT + bitsandbytes QLoRA runs; bitsandbytes 0.50 runs it on CPU tensors.
 
 Data, model and step sizes are train_throughput.py's (synthetic Alpaca-like examples, CPU: dim 256, 4 layers,
 vocab 32000, rows of 2048, 32 examples a step); each side runs in its own fresh process and reports trained
@@ -52,11 +56,40 @@ from benchmarks.train_throughput import (  # noqa: E402
     sync,
 )
 
-SIDES = ("c2a-lora", "peft", "c2a-full")
+SIDES = ("c2a-qlora", "peft-qlora", "c2a-lora", "peft", "c2a-full")
+# each ratio: (c2a side, the side it is compared with), where both ran
+RATIOS = (("c2a-qlora", "peft-qlora"), ("c2a-qlora", "c2a-lora"), ("c2a-qlora", "c2a-full"))
+RATIOS += (("c2a-lora", "peft"), ("c2a-lora", "c2a-full"))
+
+
+@torch.no_grad()
+def bnb_nf4_blocks(model: Any, compute_dtype: torch.dtype) -> None:
+    """In place: every linear of every block of a transformers Llama becomes a bitsandbytes Linear4bit holding
+    its weight in NF4 (blocksize 64, double quantization), as BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) loads it."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
+                    compress_statistics=True, quant_type="nf4",
+                )  # fmt: skip
+                q.weight = bnb.nn.Params4bit(
+                    linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+                )
+                setattr(parent, name, q.to(linear.weight.device))
+
+
 TARGETS = ("w1", "w2", "w3", "wk", "wo", "wq", "wv")
 
 
-def run_peft(s: Setup, data: SyntheticAlpaca, rank: int) -> tuple[list[StepStats], dict[str, Any]]:
+def run_peft(
+    s: Setup, data: SyntheticAlpaca, rank: int, quantize: bool = False
+) -> tuple[list[StepStats], dict[str, Any]]:
     import peft
     import transformers
 
@@ -79,6 +112,8 @@ def run_peft(s: Setup, data: SyntheticAlpaca, rank: int) -> tuple[list[StepStats
     )
     with device:
         base = transformers.LlamaForCausalLM(hf_cfg)
+    if quantize:
+        bnb_nf4_blocks(base, torch.bfloat16 if s.dtype == "bf16" else torch.float32)
     lora_cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
     model = peft.get_peft_model(base, lora_cfg)
     model.train()
@@ -140,13 +175,13 @@ def side_main(side: str, s: Setup, rank: int, out: Path) -> None:
         torch.set_num_threads(s.threads)
     data = SyntheticAlpaca(s)
     cpu_start = time.process_time()
-    if side == "peft":
-        stats, info = run_peft(s, data, rank)
+    if side.startswith("peft"):
+        stats, info = run_peft(s, data, rank, quantize=side == "peft-qlora")
     else:
         from c2a.model.adapter import AdapterSpec
 
-        lora = AdapterSpec(rank, 2.0 * rank, 0.0, TARGETS) if side == "c2a-lora" else None
-        stats, info = run_c2a(s, data, lora)
+        lora = AdapterSpec(rank, 2.0 * rank, 0.0, TARGETS) if side != "c2a-full" else None
+        stats, info = run_c2a(s, data, lora, "nf4" if side == "c2a-qlora" else "none")
     cpu_seconds = time.process_time() - cpu_start
     timed = stats[s.warmup :]
     seconds = sum(t.seconds for t in timed)
@@ -189,6 +224,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 steps: checks every side runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {','.join(SIDES)}")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
@@ -204,8 +240,9 @@ def main() -> None:
     s = Setup(**values)
     print(f"setup: {asdict(s)}, rank {args.rank}", flush=True)
     summary: dict[str, Any] = {"environment": environment(), "setup": asdict(s), "rank": args.rank, "runs": {}}
+    sides = [x for x in SIDES if x in args.sides.split(",")]
     for _ in range(args.repeats):
-        for side in SIDES:  # alternating, so a busy spell on a shared machine does not hit one side only
+        for side in sides:  # alternating, so a busy spell on a shared machine does not hit one side only
             r = run_side(side, s, args.rank)
             summary["runs"].setdefault(side, []).append(r)
             print(
@@ -216,22 +253,22 @@ def main() -> None:
     best = {side: max(runs, key=lambda r: r["trained_tokens_per_s"]) for side, runs in summary["runs"].items()}
     peak = {side: max(r["peak_memory_mib"] for r in runs) for side, runs in summary["runs"].items()}
     cpu = {side: max(r["trained_tokens_per_cpu_s"] for r in runs) for side, runs in summary["runs"].items()}
-    lora = best["c2a-lora"]
     summary["ratios"] = {
-        f"c2a-lora / {other}": {
-            "trained_tokens_per_s": lora["trained_tokens_per_s"] / best[other]["trained_tokens_per_s"],
-            "trained_tokens_per_cpu_s": cpu["c2a-lora"] / cpu[other],
-            "peak_memory_mib": peak["c2a-lora"] / peak[other],
+        f"{ours} / {other}": {
+            "trained_tokens_per_s": best[ours]["trained_tokens_per_s"] / best[other]["trained_tokens_per_s"],
+            "trained_tokens_per_cpu_s": cpu[ours] / cpu[other],
+            "peak_memory_mib": peak[ours] / peak[other],
         }
-        for other in ("peft", "c2a-full")
+        for ours, other in RATIOS
+        if ours in best and other in best
     }
     summary["environment"]["load_average_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lora_throughput.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"{'':<24}" + "".join(f"{side:>14}" for side in SIDES))
-    print(f"{'trained tokens/s':<24}" + "".join(f"{best[x]['trained_tokens_per_s']:>14,.0f}" for x in SIDES))
-    print(f"{'trained tokens/CPU-s':<24}" + "".join(f"{cpu[x]:>14,.0f}" for x in SIDES))
-    print(f"{'peak memory (MiB)':<24}" + "".join(f"{peak[x]:>14,.0f}" for x in SIDES))
+    print(f"{'':<24}" + "".join(f"{side:>14}" for side in sides))
+    print(f"{'trained tokens/s':<24}" + "".join(f"{best[x]['trained_tokens_per_s']:>14,.0f}" for x in sides))
+    print(f"{'trained tokens/CPU-s':<24}" + "".join(f"{cpu[x]:>14,.0f}" for x in sides))
+    print(f"{'peak memory (MiB)':<24}" + "".join(f"{peak[x]:>14,.0f}" for x in sides))
     for name, r in summary["ratios"].items():
         print(
             f"{name}: {r['trained_tokens_per_s']:.2f}x the speed ({r['trained_tokens_per_cpu_s']:.2f}x per CPU-second) "

@@ -225,8 +225,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_c2a(s: Setup, data: SyntheticAlpaca, lora: Any = None) -> tuple[list[StepStats], dict[str, Any]]:
-    """`lora`: an AdapterSpec for a LoRA run (benchmarks/lora_throughput.py), None for full fine-tuning."""
+def run_c2a(
+    s: Setup, data: SyntheticAlpaca, lora: Any = None, quantize: str = "none"
+) -> tuple[list[StepStats], dict[str, Any]]:
+    """`lora`: an AdapterSpec for a LoRA run (benchmarks/lora_throughput.py), None for full fine-tuning;
+    `quantize` = "nf4" holds its base in NF4 (QLoRA)."""
     from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
     from c2a.train.optim import build_optimizer
     from c2a.train.parallel import build_sharded_model, init_distributed, materialize
@@ -256,7 +259,7 @@ def run_c2a(s: Setup, data: SyntheticAlpaca, lora: Any = None) -> tuple[list[Ste
         max_seq_len=max(4096, s.seq_len),
     )
     loader, desc = make_loader(cfg, data, d)
-    model = build_sharded_model(model_cfg, cfg.train, d, lora)
+    model = build_sharded_model(model_cfg, cfg.train, d, lora, quantize)
     materialize(model, None, s.seed)
     optimizer = build_optimizer(model, cfg, d.device)
     model.train()

@@ -7,10 +7,11 @@ The measuring half of this file runs under torchrun:
 
     torchrun --nproc_per_node=R tests/test_plan.py OUT.json SPEC [SPEC ...]
 
-SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload[:tied][:triton][:adamw8bit][:lora]
+SPEC = name:dim:layers:heads:kv_heads:vocab:micro_batch:seq_len:packed|padded:none|full|selective:accum:offload[:tied][:triton][:adamw8bit][:lora][:qlora]
 (triton: the model on c2a's Triton kernels, run by Triton's interpreter, as CUDA runs them save for the dtype;
 adamw8bit: train.optimizer = "adamw8bit", measured by tests/dist_lowbit.py where torchao is installed;
-lora: rank-8 adapters on all seven linears of every block, the rest frozen; within 5%, not 10%)
+lora: rank-8 adapters on all seven linears of every block, the rest frozen; within 5%, not 10%;
+qlora: the same around NF4 bases, lora.quantize = "nf4", also within 5%)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ SPECS = {
         "tied-v32k:256:4:8:8:32000:1:96:padded:none:1:0:tied",
         "triton-tiny:64:2:4:2:1000:2:64:packed:none:1:0:triton",
         "lora-small:256:4:8:2:4000:2:64:packed:none:1:0:lora",
+        "qlora-small:256:4:8:2:4000:2:64:packed:none:1:0:qlora",
     ],
     2: [
         "tiny-packed:64:2:4:2:1000:2:64:packed:none:1:0",
@@ -45,6 +47,7 @@ SPECS = {
         "small-offload:128:8:4:4:1000:2:64:packed:none:1:1",
         "tied-small:128:2:4:2:8000:2:64:packed:full:1:0:tied",
         "lora-tied-accum:128:4:4:2:8000:2:64:packed:selective:2:0:tied:lora",
+        "qlora-full:256:4:8:2:4000:2:64:packed:full:1:0:qlora",
     ],
 }
 TOLERANCE = 0.10
@@ -70,7 +73,8 @@ def parse(spec: str) -> dict:
         tied="tied" in flags,
         backend="triton" if "triton" in flags else "torch",
         optimizer="adamw8bit" if "adamw8bit" in flags else "adamw",
-        lora="lora" in flags,
+        lora="lora" in flags or "qlora" in flags,
+        nf4="qlora" in flags,
     )
 
 
@@ -147,7 +151,7 @@ def measure(spec: str, d) -> dict:
         },
     )
     lora = AdapterSpec(8, 16.0, 0.0, LORA_TARGETS) if s["lora"] else None
-    model = build_sharded_model(model_config(s), cfg.train, d, lora)
+    model = build_sharded_model(model_config(s), cfg.train, d, lora, "nf4" if s["nf4"] else "none")
     materialize(model, None, seed=0)
     # every FSDP unit's parameters under CPUOffloadPolicy or none (on CPU the memory is the same either way)
     units = [mod._get_fsdp_state()._fsdp_param_group for mod in model.modules() if isinstance(mod, FSDPModule)]
@@ -229,7 +233,7 @@ def predicted(spec: str, ranks: int):
         accumulation=s["accum"],
         cpu_offload=s["offload"],
         optimizer=s["optimizer"],
-        **(dict(lora_rank=8, lora_targets=LORA_TARGETS) if s["lora"] else {}),
+        **(dict(lora_rank=8, lora_targets=LORA_TARGETS, lora_nf4=s["nf4"]) if s["lora"] else {}),
     )
     return plan_memory(w)
 

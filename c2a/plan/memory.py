@@ -20,7 +20,10 @@ storage to, so the planner can be checked against it (tests/test_plan.py does, o
 With LoRA (Workload.lora_rank > 0) the base is frozen: its shards are in the compute dtype (c bytes a
 parameter) with no gradient or optimizer state, and no weight-gradient transients (a frozen head computes no
 dW); the adapters (r·(in + out) a target linear) have fp32 masters, gradients and AdamW state, and add their
-r-wide intermediates (and with dropout, the dropped inputs) to the saved activations.
+r-wide intermediates (and with dropout, the dropped inputs) to the saved activations. With QLoRA
+(Workload.lora_nf4) the target linears' bases are NF4 instead (`nf4_bytes`: 0.5 bytes a weight + 1 per 64,
+sharded and gathered as uint8; the second-level scales are unsharded buffers on every rank), and each linear's
+forward and backward dequantizes its weight into a transient (`nf4_dequant_bytes`).
 
 The saved activations are counted tensor by tensor from the code (c2a/model/llama.py and the ops of the
 backend that runs it, see `block_saved_bytes`), not fitted. train.gather_once keeps every block gathered
@@ -77,6 +80,7 @@ class Workload:
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
     lora_dropout: bool = False
+    lora_nf4: bool = False  # lora.quantize = "nf4" (QLoRA): the target linears' base weights held in NF4
 
     @property
     def lora(self) -> bool:
@@ -189,6 +193,34 @@ def lora_saved_bytes(w: Workload) -> int:
     return per
 
 
+def nf4_linears(w: Workload) -> list[int]:
+    """QLoRA: the values of each NF4 base of a block (its target linears), [] without nf4."""
+    shapes = lora_shapes(w.model)
+    return [shapes[t][0] * shapes[t][1] for t in w.lora_targets] if w.lora_nf4 else []
+
+
+def nf4_shard_bytes(w: Workload) -> tuple[int, int, int]:
+    """QLoRA, one block: (the rank's shard of its NF4 codes and absmaxes, FSDP2 splitting [blocks, 32] and
+    [blocks] by whole blocks; the same gathered; the unsharded second-level scale buffers)."""
+    shard = gathered = buffers = 0
+    for n in nf4_linears(w):
+        blocks = -(-n // NF4_BLOCK)
+        shard += _padded(blocks, w.shard) * (NF4_BLOCK // 2 + 1)
+        gathered += blocks * (NF4_BLOCK // 2 + 1)
+        buffers += nf4_bytes(n) - blocks * (NF4_BLOCK // 2 + 1)
+    return shard, gathered, buffers
+
+
+def nf4_dequant_bytes(w: Workload) -> int:
+    """QLoRA: the largest base's dequantization transient, alive while its linear multiplies by it: the
+    weight in the compute dtype (Triton); the torch reference's fp32 lookups [n] and their product with the
+    absmaxes (8 bytes a weight), then the compute-dtype copy when below fp32."""
+    n = max(nf4_linears(w), default=0)
+    if w.backend == "triton":
+        return n * w.compute_bytes
+    return n * (8 + (w.compute_bytes if w.compute_bytes != 4 else 0))
+
+
 def root_params(m: LlamaConfig) -> int:
     return head_matrices(m) * m.vocab_size * m.dim + m.dim  # embedding, output head (unless tied), final norm
 
@@ -299,7 +331,11 @@ def _state_bytes(w: Workload, n_shard: int, n_lora: int) -> tuple[int, int, int,
     scale = w.master_bytes / PARAM_BYTES  # the stored dtype: fp32, or bf16 pure (train.master_dtype)
     if w.lora:  # the base's shards in the compute dtype; the adapters' fp32 masters, gradients and AdamW state
         n_trained = m.n_layers * _padded(n_lora, S)
-        params, grads = c * n_shard + PARAM_BYTES * n_trained, GRAD_BYTES * n_trained
+        base = c * n_shard
+        if w.lora_nf4:  # QLoRA: the target linears' shards in NF4 instead
+            base = c * (m.n_layers * _padded(block_params(m) - sum(nf4_linears(w)), S) + _padded(root_params(m), S))
+            base += m.n_layers * nf4_shard_bytes(w)[0]
+        params, grads = base + PARAM_BYTES * n_trained, GRAD_BYTES * n_trained
         opt = ADAM_BYTES * n_trained + 4 * 2 * len(w.lora_targets) * m.n_layers  # + AdamW's step counters
         n_block_grads = n_lora
     else:  # the shards, their gradients and AdamW's two moments, all in the stored dtype
@@ -331,6 +367,10 @@ def plan_memory(w: Workload) -> MemoryPlan:
         static += GRAD_BYTES * (m.n_layers * n_block + n_root) - grads
 
     root, block = n_root * c, (n_block + n_lora) * c
+    if w.lora_nf4:  # a gathered block: its NF4 bases as codes and absmaxes, the rest in the compute dtype
+        _, nf4_gathered, nf4_buffers = nf4_shard_bytes(w)
+        block = (n_block - sum(nf4_linears(w)) + n_lora) * c + nf4_gathered
+        static += m.n_layers * nf4_buffers
     gathered = 2 if S > 1 else 1  # the block running, and (sharded) the next one prefetched
     T = w.tokens
     per_block = (block_saved_bytes(w) + (lora_saved_bytes(w) if w.lora else 0)) * T
@@ -364,7 +404,7 @@ def plan_memory(w: Workload) -> MemoryPlan:
         # gather_once: the blocks not yet through this micro-batch's backward are still gathered (in a group
         # of one the compute copies of every block stay allocated)
         fsdp = root + ((i + 1 if S > 1 else m.n_layers) * block if w.gather_once else gathered * block)
-        inside = alive + recompute + backward_temp_bytes(w) * T
+        inside = alive + recompute + backward_temp_bytes(w) * T + nf4_dequant_bytes(w)
         # after the block's compute: its activations freed, its unsharded grads and the fp32 reduce-scatter input
         after = alive - saved[i] + n_block_grads * c + (w.reduce_bytes * n_block_grads if S > 1 else 0)
         phases[f"backward of layer {i}"] = (fsdp + head_grad + max(inside, after), static + done, fsdp)

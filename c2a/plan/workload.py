@@ -201,10 +201,11 @@ def lora_fields(cfg: TrainConfig) -> dict[str, Any]:
     lo = cfg.lora
     if not lo.enabled:
         return {}
+    nf4 = lo.quantize == "nf4"
     if lo.init_adapter:
         spec = read_adapter_spec(lo.init_adapter)
-        return dict(lora_rank=spec.rank, lora_targets=spec.targets, lora_dropout=lo.dropout > 0)
-    return dict(lora_rank=lo.rank, lora_targets=lo.target_modules(), lora_dropout=lo.dropout > 0)
+        return dict(lora_rank=spec.rank, lora_targets=spec.targets, lora_dropout=lo.dropout > 0, lora_nf4=nf4)
+    return dict(lora_rank=lo.rank, lora_targets=lo.target_modules(), lora_dropout=lo.dropout > 0, lora_nf4=nf4)
 
 
 def accumulation(cfg: TrainConfig, data: DataShape, ranks: int, micro_batch: int) -> int:
