@@ -35,7 +35,8 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
     micro-batches first; and with plain FSDP, HSDP replicas (one per node) when they fit."""
     out = []
     t = cfg.train
-    for offload in (False, True):
+    qlora = cfg.lora.quantize == "nf4"  # QLoRA is not supported with cpu_offload nor HSDP: not suggested
+    for offload in (False,) if qlora else (False, True):
         for ac in ("none", "selective", "full"):
             for mb in sorted({t.micro_batch, *[m for m in (8, 4, 2, 1) if m < t.micro_batch]}, reverse=True):
                 w = workload(
@@ -57,7 +58,7 @@ def suggestions(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: 
                         }
                     )
                     break
-    if machine.nodes > 1 and t.replicas == 1:
+    if machine.nodes > 1 and t.replicas == 1 and not qlora:
         w = workload(cfg, model, data, machine, replicas=machine.nodes)
         p = plan_memory(w)
         if fits(p, machine):
@@ -200,8 +201,10 @@ def table(result: dict[str, Any]) -> str:
         "",
         "per rank",
         (
-            f"  {'parameters (base + adapters)':<30}{g(p['params'])}   frozen base in the compute dtype, "
-            f"fp32 rank-{w['lora_rank']} adapters" + ("  (host)" if w["cpu_offload"] else "")
+            f"  {'parameters (base + adapters)':<30}{g(p['params'])}   frozen base "
+            + ("with NF4 block linears (QLoRA)" if w.get("lora_nf4") else "in the compute dtype")
+            + f", fp32 rank-{w['lora_rank']} adapters"
+            + ("  (host)" if w["cpu_offload"] else "")
             if w["lora_rank"]
             else f"  parameters ({m} shard)       {g(p['params'])}" + ("  (host)" if w["cpu_offload"] else "")
         ),
