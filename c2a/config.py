@@ -242,6 +242,17 @@ class DataSection:
         return self.path == "demo" and not self.mix
 
 
+AC_MODES = ("none", "full", "selective", "first", "auto")
+
+
+def checkpointed_block(mode: str, layer: int, ac_every: int, ac_blocks: int) -> bool:
+    """Whether train.activation_checkpointing = `mode` recomputes block `layer` (0-based) in the backward;
+    "auto" is resolved to "first" before a model is built (c2a.plan.auto)."""
+    if mode == "auto":
+        raise ValueError("train.activation_checkpointing = auto must be resolved first (c2a.plan.auto)")
+    return mode == "full" or (mode == "selective" and layer % ac_every == 0) or (mode == "first" and layer < ac_blocks)
+
+
 @dataclass(frozen=True)
 class TrainSection:
     epochs: int = _f(3, "passes over the training data")
@@ -253,6 +264,10 @@ class TrainSection:
     )
     micro_batch: int = _f(
         3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)"
+    )
+    micro_batch_auto: bool = _f(
+        False,
+        "on CUDA, the largest micro-batch the planner says fits among those that split the step's rows (as train.micro_batch gives them) evenly over the ranks: the same rows, steps and schedule, only fewer, larger forwards; train.micro_batch elsewhere; a resumed run keeps the value its checkpoint recorded",
     )
     lr: float = _f(2e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
@@ -285,8 +300,12 @@ class TrainSection:
         "parameters and AdamW state: fp32 (master weights), or bf16 (pure bf16, no fp32 copy, as the released claude2-alpaca model; compute in bf16)",
     )
     reduce_dtype: str = _f("fp32", "dtype of the gradient reduce-scatter across ranks: fp32 or bf16")
-    activation_checkpointing: str = _f("none", "none | full | selective (every ac_every-th block)")
+    activation_checkpointing: str = _f(
+        "none",
+        "none | full | selective (every ac_every-th block) | first (the first ac_blocks blocks) | auto (on CUDA, the fewest first blocks the planner says make the run fit; none elsewhere)",
+    )
     ac_every: int = _f(2, "with selective checkpointing, checkpoint every k-th block")
+    ac_blocks: int = _f(0, "with activation_checkpointing = first, checkpoint this many blocks, from the first")
     compile: bool = _f(False, "torch.compile each transformer block")
     fp8: bool = _f(
         False,
@@ -427,8 +446,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         t = self.train
         checks = {
-            "train.activation_checkpointing must be none, full or selective": t.activation_checkpointing
-            in ("none", "full", "selective"),
+            "train.activation_checkpointing must be none, full, selective, first or auto": t.activation_checkpointing
+            in AC_MODES,
+            "train.ac_blocks must be >= 0": t.ac_blocks >= 0,
             "train.dtype must be auto, bf16 or fp32": t.dtype in ("auto", "bf16", "fp32"),
             "train.optimizer must be adamw or adamw8bit": t.optimizer in ("adamw", "adamw8bit"),
             "train.optimizer = adamw8bit keeps fp32 master weights: train.master_dtype must be fp32": t.optimizer

@@ -48,8 +48,10 @@ EFFECTS: dict[str, str] = {
 NOT_THE_MODEL = (
     "out_dir",
     "train.micro_batch",
+    "train.micro_batch_auto",
     "train.activation_checkpointing",
     "train.ac_every",
+    "train.ac_blocks",
     "train.compile",
     "train.deterministic",
     "train.replicas",

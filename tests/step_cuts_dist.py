@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=R tests/step_cuts_dist.py OUT.json DTYPE
 
-For every variant (train.gather_once, train.reduce_once: off/off, on/off, off/on, on/on) and accumulation
+For every variant (train.gather_once, train.reduce_once: off/off, on/off, off/on, on/on; the first two blocks
+activation-checkpointed) and accumulation
 (1 and 3 micro-batches per rank), a fresh demo-shaped model (seeded init) takes STEPS optimizer steps on the
 same global rows: GLOBAL_ROWS rows of 64 positions a step, drawn from a generator seeded by the step and
 split over the ranks and micro-batches. Rank 0 writes each run's per-step losses and gradient norms, a
@@ -25,7 +26,15 @@ from c2a.train.step import StepWork, train_step
 from c2a.train.step_report import report_step
 
 GLOBAL_ROWS, SEQ, STEPS = 6, 64, 3
-VARIANTS = {"default": (False, False), "gather_once": (True, False), "reduce_once": (False, True), "both": (True, True)}
+# each variant's train settings; ac_first: the first 2 of the demo model's 4 blocks checkpointed, what
+# train.activation_checkpointing = "auto" resolves to when the planner asks for 2
+VARIANTS = {
+    "default": {},
+    "gather_once": {"train.gather_once": "true"},
+    "reduce_once": {"train.reduce_once": "true"},
+    "both": {"train.gather_once": "true", "train.reduce_once": "true"},
+    "ac_first": {"train.activation_checkpointing": "first", "train.ac_blocks": "2"},
+}
 
 
 def rows_of_step(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,15 +58,8 @@ def micro_batches(step: int, vocab: int, rank: int, world: int, accum: int) -> l
     return out
 
 
-def run(d, dtype: str, gather_once: bool, reduce_once: bool, accum: int) -> dict:
-    cfg = build_config(
-        {},
-        {
-            "train.dtype": dtype,
-            "train.gather_once": str(gather_once).lower(),
-            "train.reduce_once": str(reduce_once).lower(),
-        },
-    )
+def run(d, dtype: str, settings: dict[str, str], accum: int) -> dict:
+    cfg = build_config({}, {"train.dtype": dtype, **settings})
     model_cfg = LlamaConfig.from_name("demo")
     model = build_sharded_model(model_cfg, cfg.train, d)
     materialize(model, None, seed=0)
@@ -83,6 +85,8 @@ def run(d, dtype: str, gather_once: bool, reduce_once: bool, accum: int) -> dict
         "grad_norms": norms,
         "checksum": checksum,
         "fsdp": hasattr(model, "reshard"),
+        # a checkpointed block's forward is replaced by a function (c2a.train.parallel), no longer its method
+        "checkpointed": sum(getattr(b.forward, "__self__", None) is not b for b in model.layers),
         "collectives": collectives,  # of the last step, by op
     }
 
@@ -90,9 +94,9 @@ def run(d, dtype: str, gather_once: bool, reduce_once: bool, accum: int) -> dict
 def main(out: str, dtype: str) -> None:
     d = init_distributed()
     results = {}
-    for name, (gather, reduce) in VARIANTS.items():
-        for accum in (1, 3):
-            results[f"{name}/accum{accum}"] = run(d, dtype, gather, reduce, accum)
+    for name, settings in VARIANTS.items():
+        for accum in (1, 3) if name != "ac_first" else (3,):  # checkpointing does not meet accumulation
+            results[f"{name}/accum{accum}"] = run(d, dtype, settings, accum)
     if d.rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

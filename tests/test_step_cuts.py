@@ -1,9 +1,11 @@
 """train.gather_once and train.reduce_once: the same training, less work outside the matmuls.
 
 Losses: one torchrun per world size (1 and 2 ranks, gloo, bf16 compute) runs every on/off combination of the
-two settings at accumulation 1 and 3 (tests/step_cuts_dist.py); each agrees with both off. Resume: a run
+two settings, and activation checkpointing of the first 2 blocks (what train.activation_checkpointing = "auto"
+resolves to; at accumulation 3 only), at accumulation 1 and 3 (tests/step_cuts_dist.py); each agrees with all off. Resume: a run
 with both on, stopped at its step-2 checkpoint and resumed, ends bitwise where the uninterrupted one does,
-and where the same run with both off does. Work: the step report of the trainer's step on one rank."""
+and where the same run with both off does; resumed with train.micro_batch_auto and another
+train.micro_batch, it keeps the micro-batch its checkpoint recorded. Work: the step report of the trainer's step on one rank."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_step_report import run_report
-from train_runs import checkpoint_tensors, metrics, run_train
+from train_runs import checkpoint_tensors, metrics, run_train, trainer_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,16 +40,19 @@ def test_each_cut_keeps_the_losses(tmp_path, world):
     runs = json.loads(out.read_text())
     for accum in (1, 3):
         base = runs[f"default/accum{accum}"]
-        for variant in ("gather_once", "reduce_once", "both"):
+        for variant in ("gather_once", "reduce_once", "both") + (("ac_first",) if accum == 3 else ()):
             run = runs[f"{variant}/accum{accum}"]
             key = f"{variant}/accum{accum}"
             # fp32 tolerance: the only change of order is where the fp32 gradient sums are formed
             assert run["losses"] == pytest.approx(base["losses"], rel=1e-6, abs=0), key
             assert run["grad_norms"] == pytest.approx(base["grad_norms"], rel=1e-6, abs=0), key
             assert run["checksum"] == pytest.approx(base["checksum"], rel=1e-9), key
-            if variant == "gather_once" or world == 1:
+            if variant in ("gather_once", "ac_first") or world == 1:
                 # the same casts and the same sums in the same order: bitwise (one rank: no FSDP at all)
                 assert run["losses"] == base["losses"] and run["checksum"] == base["checksum"], key
+        # train.activation_checkpointing = "first" with ac_blocks 2: blocks 0 and 1 recomputed, 2 and 3 not
+        if accum == 3:
+            assert runs["ac_first/accum3"]["checkpointed"] == 2 and base["checkpointed"] == 0
         # in a group of one, gather_once drops FSDP; on two ranks every variant is sharded
         assert runs[f"gather_once/accum{accum}"]["fsdp"] == (world > 1)
         assert runs[f"reduce_once/accum{accum}"]["fsdp"]
@@ -66,7 +71,8 @@ def test_each_cut_keeps_the_losses(tmp_path, world):
             assert count("reduce_once", "_reduce_scatter_base_") == count("both", "_reduce_scatter_base_") == units
 
 
-CUTS = ["--train.gather_once=true", "--train.reduce_once=true", "--train.dtype=bf16"]
+# train.micro_batch_auto keeps train.micro_batch on CPU; the resumed run below is configured with another one
+CUTS = ["--train.gather_once=true", "--train.reduce_once=true", "--train.dtype=bf16", "--train.micro_batch_auto=true"]
 STEPS = ["--train.max_steps=4", "--train.save_every=2", "--train.lr=3e-3", "--train.global_batch=6"]
 
 
@@ -76,8 +82,11 @@ def test_resume_with_the_cuts_is_bitwise(tmp_path):
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000004")
     shutil.rmtree(tmp_path / "resumed" / "final")
-    proc = run_train(1, tmp_path / "resumed", *STEPS, *CUTS)
+    proc = run_train(1, tmp_path / "resumed", *STEPS, *CUTS, "--train.micro_batch=2")
     assert "resumed from" in proc.stdout + proc.stderr and "step_00000002" in proc.stdout + proc.stderr
+    # a resumed run with train.micro_batch_auto keeps the micro-batch its checkpoint recorded (1, not 2)
+    assert "train.micro_batch_auto: 1, as the checkpoint resumed from recorded" in proc.stdout + proc.stderr
+    assert trainer_state(tmp_path / "resumed" / "checkpoints" / "step_00000004")["data"]["micro_batch_size"] == 1
     run_train(1, tmp_path / "plain", *STEPS, "--train.dtype=bf16")  # FSDP2, both cuts off
     last = "checkpoints/step_00000004"
     whole, resumed, plain = (

@@ -304,7 +304,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         parse_args(["--train.grad_clip=-1"])
     with pytest.raises(ValueError, match="config key train.max_steps expects int, got 'ten'"):
         parse_args(["--train.max_steps", "ten"])
-    with pytest.raises(ValueError, match="train.activation_checkpointing must be none, full or selective"):
+    with pytest.raises(ValueError, match="train.activation_checkpointing must be none, full, selective, first or auto"):
         parse_args(["--train.activation_checkpointing=some"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlr = 1e-5\nbatch = 3\n")

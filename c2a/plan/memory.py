@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from c2a.config import LlamaConfig
+from c2a.config import LlamaConfig, checkpointed_block
 
 # fp32 master weights, fp32 gradients (MixedPrecisionPolicy(reduce_dtype=fp32)), AdamW's two fp32 moments
 PARAM_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
@@ -66,8 +66,9 @@ class Workload:
     compute_bytes: int = 2  # 2 for bf16, 4 for fp32 (FSDP2's param_dtype: the unsharded weights' dtype)
     backend: str = "triton"  # "triton" (CUDA) or "torch" (the reference ops, what CPU runs)
     cuda: bool = True  # off CUDA the head runs only the trained rows (llama._trained_rows), whatever the backend
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: str = "none"  # none | full | selective | first (auto is resolved before: c2a.plan.auto)
     ac_every: int = 2
+    ac_blocks: int = 0  # with "first": the blocks checkpointed, from the first
     accumulation: int = 1  # micro-batches per optimizer step on this rank
     cpu_offload: bool = False
     master_bytes: int = PARAM_BYTES  # the stored parameters' dtype (train.master_dtype): their grads and Adam's too
@@ -95,8 +96,7 @@ class Workload:
         return self.micro_batch * self.seq_len
 
     def checkpointed(self, layer: int) -> bool:
-        ac = self.activation_checkpointing
-        return ac == "full" or (ac == "selective" and layer % self.ac_every == 0)
+        return checkpointed_block(self.activation_checkpointing, layer, self.ac_every, self.ac_blocks)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from c2a.config import LlamaConfig, TrainConfig
 from c2a.model.flops import attention_flops, lora_matmul_flops_per_token, matmul_flops_per_token
+from c2a.plan.auto import resolve_for_machine
 from c2a.plan.memory import MemoryPlan, Workload, block_params, lora_block_params, plan_memory
 from c2a.plan.workload import (
     RESERVED_GIB,
@@ -103,6 +104,7 @@ def run_time(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         cfg.data.max_len,
         activation_checkpointing=cfg.train.activation_checkpointing,
         ac_every=cfg.train.ac_every,
+        ac_blocks=cfg.train.ac_blocks,
     )
     checkpointed = sum(w.checkpointed(i) for i in range(model.n_layers)) / model.n_layers
     block = block_params(model) + lora_block_params(lora)
@@ -158,7 +160,8 @@ def plan(
     """Everything the CLI prints, as a dict (its --json output)."""
     model, model_source = resolve_model(cfg)
     data = resolve_data(cfg, examples, mean_tokens, trained_fraction)
-    w = workload(cfg, model, data, machine)
+    cfg, same_rows, chosen = resolve_for_machine(cfg, model, data, machine)
+    w = workload(cfg, model, data, machine, **same_rows)
     p = plan_memory(w)
     variants, saved = {}, {}
     for ac in ("none", "selective", "full"):
@@ -181,6 +184,7 @@ def plan(
         "usable_gib": round(usable_bytes(machine) / GiB, 1),
         "fits": fits(p, machine),
         "host_gib_per_node": round(p.host * machine.gpus / machine.nodes / GiB, 1),
+        "auto": chosen,
         "fitting_settings": suggestions(cfg, model, data, machine),
         "min_gpus_as_configured": min_gpus(cfg, model, data, machine),
         "time": run_time(cfg, model, data, machine),
@@ -230,6 +234,7 @@ def table(result: dict[str, Any]) -> str:
         f"  fits in {result['usable_gib']} GiB usable ({RESERVED_GIB:g} GiB kept for CUDA context, NCCL, fragmentation): "
         + ("yes" if result["fits"] else "NO"),
     ]
+    lines += [f"  {line}" for line in result.get("auto", [])]
     if w["cpu_offload"]:
         lines.append(f"  host memory for offloaded state: {result['host_gib_per_node']} GiB per node (pinned)")
     if not result["fits"]:

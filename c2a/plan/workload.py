@@ -180,6 +180,7 @@ def workload(cfg: TrainConfig, model: LlamaConfig, data: DataShape, machine: Mac
         backend="triton",
         activation_checkpointing=t.activation_checkpointing,
         ac_every=t.ac_every,
+        ac_blocks=t.ac_blocks,
         accumulation=accumulation(cfg, data, ranks, t.micro_batch),
         cpu_offload=t.cpu_offload,
         master_bytes=4 if t.master_dtype == "fp32" else 2,

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from c2a.config import DTYPES, LlamaConfig, TrainSection, compute_dtype
+from c2a.config import DTYPES, LlamaConfig, TrainSection, checkpointed_block, compute_dtype
 from c2a.kernels.fp8_linear import to_float8
 from c2a.model.adapter import AdapterSpec
 from c2a.model.llama import Llama, init_parameter
@@ -140,9 +140,7 @@ def build_sharded_model(
     #    replaced in place (not wrapped in another module) so parameter names, and with them checkpoints
     #    and exports, stay Meta's.
     for i, block in enumerate(model.layers):
-        if train.activation_checkpointing == "full" or (
-            train.activation_checkpointing == "selective" and i % train.ac_every == 0
-        ):
+        if checkpointed_block(train.activation_checkpointing, i, train.ac_every, train.ac_blocks):
             block.forward = _checkpointed(block.forward)
     # 2. compile each block separately: one graph reused by every layer, and graph breaks stay local.
     if train.compile:

@@ -107,27 +107,34 @@ def _report_lengths(ds: ExampleDataset, cfg: TrainConfig) -> ExampleDataset:
     return ds
 
 
+def step_rows(cfg: TrainConfig, dataset: ExampleDataset, world_size: int) -> tuple[int, float]:
+    """The rows of an optimizer step, and the examples a row holds on average (1 padded).
+
+    `train.global_batch` counts examples, as the model card does. Padded, a step is that many rows; packed,
+    it is the nearest whole number of (micro-batch x ranks) rows that holds about as many examples."""
+    t = cfg.train
+    if not cfg.data.packing:
+        return t.global_batch, 1.0
+    probe = MicroBatchLoader(
+        dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed
+    )
+    examples_per_row = probe.num_examples / probe.rows_in_epoch(0)
+    unit = t.micro_batch * world_size
+    return max(1, round(t.global_batch / examples_per_row / unit)) * unit, examples_per_row
+
+
 def make_loader(
     cfg: TrainConfig, dataset: ExampleDataset, d: Dist, rows: int | None = None
 ) -> tuple[MicroBatchLoader, str]:
-    """The micro-batch loader and a line describing the batch.
-
-    `train.global_batch` counts examples, as the model card does. Padded, a step is that many rows;
-    packed, it is the nearest whole number of (micro-batch x ranks) rows that holds about as many examples.
-    `rows` (from a checkpoint) fixes the rows per step instead, so a run resumes with the same steps on
-    any number of ranks that divides them.
-    """
+    """The micro-batch loader and a line describing the batch: `step_rows` rows a step, or `rows` (from a
+    checkpoint, or chosen with train.micro_batch_auto) so that a run resumes with the same steps on any
+    number of ranks that divides them, split into micro-batches of train.micro_batch rows."""
     t = cfg.train
     unit = t.micro_batch * d.world_size
     mode = "packed" if cfg.data.packing else "padded"
-    examples_per_row = 1.0
-    if mode == "packed":
-        probe = MicroBatchLoader(
-            dataset, seq_len=cfg.data.max_len, micro_batch_size=1, global_batch_rows=1, mode="packed", seed=t.seed
-        )
-        examples_per_row = probe.num_examples / probe.rows_in_epoch(0)
+    configured, examples_per_row = step_rows(cfg, dataset, d.world_size)
     if rows is None:
-        rows = t.global_batch if mode == "padded" else max(1, round(t.global_batch / examples_per_row / unit)) * unit
+        rows = configured
     if rows % unit:
         what = f"{'the checkpoint' if rows != t.global_batch else 'train.global_batch'}'s {rows} {'rows' if mode == 'packed' else 'examples'} per step"
         fits = [m for m in range(1, t.micro_batch + 1) if rows % (m * d.world_size) == 0]

@@ -22,6 +22,7 @@ from c2a.model.flops import lora_matmul_flops_per_token
 from c2a.model.llama import Llama
 from c2a.model.vocab import AddedRowsReader
 from c2a.model.weights import CheckpointReader, with_tokenizer_ids
+from c2a.train.auto_settings import resolve_run_settings
 from c2a.train.checkpoint import load_checkpoint, remove_partial_checkpoints, resume_point
 from c2a.train.errors import TrainingError
 from c2a.train.lifecycle import claim_out_dir
@@ -29,7 +30,7 @@ from c2a.train.lora_run import base_digest, check_base, initial_adapter, lora_sp
 from c2a.train.metrics import Counters
 from c2a.train.optim import build_optimizer, build_scheduler, check_schedule, schedule_of
 from c2a.train.parallel import Dist, build_sharded_model, materialize
-from c2a.train.run_data import RunData, build_data, make_loader
+from c2a.train.run_data import RunData, build_data, make_loader, step_rows
 from c2a.train.tracking import Tracker, check_extras
 from c2a.train.validation import Validation
 
@@ -114,7 +115,12 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
     adapter = initial_adapter(cfg.lora, model_cfg) if lora else None  # checked against the base's shapes
     base = base_digest(cfg, model_cfg) if lora else None
     resume, saved = resume_point(out) or (None, None)  # the newest checkpoint that validates
-    loader, batch_desc = make_loader(cfg, data.train, d, rows=saved["data"]["global_batch_rows"] if saved else None)
+    # the step's rows as train.micro_batch gives them (or as the checkpoint recorded); "auto" settings only
+    # split them differently
+    rows = saved["data"]["global_batch_rows"] if saved else step_rows(cfg, data.train, d.world_size)[0]
+    configured, cfg = cfg, resolve_run_settings(cfg, model_cfg, d, data.train, rows, saved)
+    t = cfg.train
+    loader, batch_desc = make_loader(cfg, data.train, d, rows=rows)
     total_steps = loader.total_steps(t.epochs) if not t.max_steps else min(loader.total_steps(t.epochs), t.max_steps)
     schedule = schedule_of(cfg, total_steps)
     if saved is not None:
@@ -124,7 +130,7 @@ def start(cfg: TrainConfig, d: Dist) -> Session | int:
         if finished and (out / "final").is_dir():
             return saved["step"]
     if d.is_main:
-        _write_config(out, cfg)  # only now that the run is known to start
+        _write_config(out, configured)  # only now that the run is known to start; as given, "auto" unresolved
 
     model = build_sharded_model(model_cfg, t, d, lora, cfg.lora.quantize)
     optimizer = build_optimizer(model, cfg, d.device)
