@@ -27,6 +27,7 @@ from c2a.model.adapter import (
     to_peft,
 )
 from c2a.model.lora import LoRALinear, apply_lora, lora_layers, merge_lora
+from c2a.model.qlora import QLoRALinear
 from c2a.model.weights import hf_name, to_hf_rotary
 
 try:
@@ -192,6 +193,32 @@ def test_frozen_linear_has_no_weight_gradient_gemm():
         layer(x).sum().backward()
     assert counter.get_total_flops() == 4 * N * d_in * d_out + 6 * N * r * (d_in + d_out)
     assert layer.weight.grad is None and layer.lora_A.grad is not None
+
+
+def test_qlora_layer_saves_codes_not_the_weight_and_trains_as_lora_on_its_dequantized_base():
+    """QLoRALinear: output and every gradient equal a LoRALinear's around the dequantized base; between forward
+    and backward it keeps the uint8 codes, no [out, in] weight in a float dtype; the base gets no gradient."""
+    torch.manual_seed(0)
+    d_in, d_out, r = 128, 192, 4
+    q = QLoRALinear(torch.randn(d_out, d_in), rank=r, scale=2.0, hf_rotary_heads=4)
+    torch.nn.init.normal_(q.lora_B)
+    ref = LoRALinear(torch.nn.Parameter(q.base_weight(torch.float32)), rank=r, scale=2.0)
+    ref.lora_A.data.copy_(q.lora_A)
+    ref.lora_B.data.copy_(q.lora_B)
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= d_in * d_out], [t.shape for t in saved]
+    assert any(t.dtype == torch.uint8 and t.numel() == d_in * d_out // 2 for t in saved)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, q.lora_A, q.lora_B), g)
+    x2 = x.detach().requires_grad_(True)
+    y2 = ref(x2)
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(grads, torch.autograd.grad(y2, (x2, ref.lora_A, ref.lora_B), g)):
+        torch.testing.assert_close(a, b)
+    assert not any(p.requires_grad for p in q.base.parameters())
 
 
 def test_tied_embedding_stays_frozen_and_tied(tmp_path):
