@@ -103,13 +103,17 @@ class Row:
 # ------------------------------------------------------------------------------------------------ timing
 
 
+# milliseconds do_bench spends timing each case (after 25 ms of warm-up): --rep-ms (gpu_check uses 40)
+REP_MS = 100
+
+
 def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor]) -> float:
     """Mean milliseconds per call: triton.testing.do_bench on CUDA (L2 flushed between calls), else a
     wall clock over a few calls (the interpreter's time, not the kernel's)."""
     if CUDA:
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none)
+        return triton.testing.do_bench(fn, warmup=25, rep=REP_MS, grad_to_none=grad_to_none)
     fn()  # trace once
     start = time.perf_counter()
     fn()
@@ -658,6 +662,7 @@ def main() -> None:
         help="only time the alternative tiles, writing DIR/attention_sweep.json after each one",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes only (forced without CUDA)")
+    parser.add_argument("--rep-ms", type=int, default=100, help="milliseconds do_bench times each case (CUDA)")
     parser.add_argument(
         "--compile-only",
         action="store_true",
@@ -670,6 +675,8 @@ def main() -> None:
         help="with --compile-only: Llama-2 sizes whose heads are built (7b 32:32, 13b 40:40, 70b 64:8)",
     )
     args = parser.parse_args()
+    global REP_MS
+    REP_MS = args.rep_ms
     torch.manual_seed(0)
 
     if args.compile_only:

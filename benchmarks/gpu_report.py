@@ -115,13 +115,17 @@ report["gpu_path"] = pytest_stage("gpu_path", "End-to-end GPU path (tests/test_g
 train = load(work / "train" / "train_throughput.json")
 report["train"] = train
 md += ["", "## Training throughput (benchmarks/train_throughput.py)"]
-if train and "ratios" in train:
-    c2a, base, s = train["sides"]["c2a"], train["sides"]["baseline"], train["setup"]
+sides = (train or {}).get("sides") or {}
+if sides:
+    s = train["setup"]
     md.append(
         f"dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, vocab {s['vocab_size']}, rows of {s['seq_len']}, "
-        f"{s['global_batch']} examples/step, {s['dtype']}"
+        f"{s['global_batch']} examples/step, {s['dtype']}; sides: c2a (defaults), c2a-new (gather_once, reduce_once, "
+        "micro_batch_auto, activation_checkpointing auto), c2a-fp8 (c2a-new + fp8), baseline (HF + Alpaca's "
+        "padding), peer (transformers + Liger-Kernel + packed rows + torch.compile)"
     )
-    md += ["", "| | c2a | HF baseline | c2a / baseline |", "|---|---:|---:|---:|"]
+    names = list(sides)
+    md += ["", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, key, fmt in (
         ("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"),
         ("all tokens/s", "tokens_per_s", "{:,.0f}"),
@@ -132,26 +136,58 @@ if train and "ratios" in train:
         ("model TFLOP/s", "model_tflops_per_s", "{:.1f}"),
         ("MFU", "mfu", "{:.1%}"),
     ):
-        if c2a.get(key) is not None and base.get(key):
-            md.append(f"| {label} | {fmt.format(c2a[key])} | {fmt.format(base[key])} | {c2a[key] / base[key]:.2f}x |")
+        if any(r.get(key) is not None for r in sides.values()):
+            md.append(f"| {label} | " + " | ".join(f(sides[n].get(key), fmt[2:-1]) for n in names) + " |")
+    for name, r in sides.items():  # each side's step: what it dispatches besides the matmuls
+        rep = r.get("step_report")
+        if rep:
+            md.append(
+                f"- {name} step report: {rep['aten_ops']:,} aten ops, {rep['triton_launches']:,} Triton launches, "
+                f"FSDP copies + casts {rep['overhead_bytes_per_param']:.1f} bytes/parameter"
+                + (f"; settings {r['settings']}" if r.get("settings") else "")
+            )
+    for name, why in (train.get("skipped") or {}).items():
+        md.append(f"- {name}: {why}")
+    for name, r in (train.get("failed") or {}).items():
+        md.append(f"- {name}: FAILED ({r.get('error')})")
+    comp = train.get("comparisons") or {}
+    md += [f"- {k}: " + ", ".join(f"{m} {v:.2f}x" for m, v in ratios.items()) for k, ratios in comp.items()]
     if mode == "gpu":
-        mfu, speed = c2a.get("mfu"), train["ratios"]["trained_tokens_per_s"]
+        new, fp8, peer = (sides.get(n) or {} for n in ("c2a-new", "c2a-fp8", "peer"))
+
+        def goal(ok, text):
+            return f"{text}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}".replace(" ()", "")
+
+        mfu = new.get("mfu")
+        fp8_ratio = (comp.get("c2a-fp8 / c2a-new") or {}).get("trained_tokens_per_s")
+        peer_ratio = comp.get("c2a-new / peer") or {}
+        speed, memory = peer_ratio.get("trained_tokens_per_s"), peer_ratio.get("peak_memory_mib")
         md.append(
-            f"\nGoals (issue 7): MFU >= 50%: {'met' if mfu and mfu >= 0.5 else 'NOT met'} ({mfu if mfu is None else f'{mfu:.1%}'}); "
-            f">= 2x baseline trained tokens/s: {'met' if speed >= 2 else 'NOT met'} ({speed:.2f}x)"
+            "\nGoals (issue 24): "
+            + "; ".join(
+                (
+                    goal(None if mfu is None else mfu >= 0.55, f"c2a-new MFU >= 55% ({f(mfu, '.1%')})"),
+                    goal(
+                        None if fp8_ratio is None else fp8_ratio >= 1.3,
+                        f"fp8 >= 1.3x bf16 ({f(fp8_ratio, '.2f') and f(fp8_ratio, '.2f') + 'x'})",
+                    ),
+                    goal(
+                        None if speed is None else speed >= 1.5 and memory <= 1.0,
+                        ">= 1.5x the peer's trained tokens/s at <= its peak memory"
+                        + (f" ({speed:.2f}x, memory {memory:.2f}x)" if speed is not None else ""),
+                    ),
+                )
+            )
         )
-else:  # a side failed or ran out of time: what was measured, and the log
-    for side, r in ((train or {}).get("sides") or {}).items():
-        md.append(
-            f"- {side}: {f(r.get('trained_tokens_per_s'), ',.0f')} trained tokens/s, "
-            f"peak {f(r.get('peak_memory_mib'), ',.0f')} MiB, MFU {r.get('mfu')}"
-        )
+if not sides or train.get("failed"):  # a side failed or ran out of time: the log
     md += ["```", tail("train"), "```"]
-prof = (((train or {}).get("sides") or {}).get("c2a") or {}).get("profile")
-if prof:  # where one c2a step's device time goes
+for name, r in sides.items():  # where one step's device time goes, for each side profiled
+    prof = r.get("profile")
+    if not prof:
+        continue
     md += [
         "",
-        f"c2a, one profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels",
+        f"{name}, one profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels",
         "",
         "| kernel family | ms | share of kernel time |",
         "|---|---:|---:|",
@@ -159,7 +195,7 @@ if prof:  # where one c2a step's device time goes
     busy = prof["device_busy_ms"] or 1.0
     md += [f"| {k} | {v:.1f} | {v / busy:.1%} |" for k, v in prof["families_ms"].items()]
     md += ["", "| kernel | calls | ms |", "|---|---:|---:|"]
-    md += [f"| `{k['name'][:90]}` | {k['calls']} | {k['ms']:.2f} |" for k in prof["top_kernels"]]
+    md += [f"| `{k['name'][:90]}` | {k['calls']} | {k['ms']:.2f} |" for k in prof["top_kernels"][:12]]
 
 # attention
 att = load(work / "attention" / "attention.json")

@@ -88,12 +88,16 @@ class Row:
 # ------------------------------------------------------------------------------------------------ timing
 
 
+# milliseconds do_bench spends timing each case (its default 100): --rep-ms (gpu_check uses 40)
+REP_MS = 100
+
+
 def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
     """Median milliseconds per call: do_bench on CUDA (leaf grads reset between calls, so gradient
     accumulation is not timed); a wall clock over 3 calls under the interpreter."""
     fn()  # warm-up: Triton's JIT, torch.compile's compilation, the allocator's caches
     if CUDA:
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+        return triton.testing.do_bench(fn, rep=REP_MS, grad_to_none=grad_to_none, return_mode="median")
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -603,6 +607,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="4096,16384", help="tokens per case (comma-separated)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes only (forced without CUDA)")
+    parser.add_argument("--rep-ms", type=int, default=100, help="milliseconds do_bench times each case (CUDA)")
     parser.add_argument(
         "--compile-only",
         action="store_true",
@@ -617,6 +622,8 @@ def main() -> None:
         help="also time the RMSNorm backward's programs per SM and warps (7B width, the largest --tokens)",
     )
     args = parser.parse_args()
+    global REP_MS
+    REP_MS = args.rep_ms
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:

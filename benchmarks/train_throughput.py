@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -97,6 +99,20 @@ class Setup:
     def n_examples(self) -> int:
         # enough examples that neither side runs out (c2a rows are formed over the whole set)
         return max(512, 3 * self.global_batch * (self.steps + self.warmup))
+
+
+# The c2a sides: train settings on top of the defaults (and of --c2a-set). "c2a" is the default path; "c2a-new"
+# the step's cuts and the planner's choices (issue 24): parameters gathered and cast once per step, gradients
+# reduced once per step, the largest micro-batch that fits, as little activation checkpointing as fits;
+# "c2a-fp8" the same with the block linears in float8.
+NEW = ("gather_once=true", "reduce_once=true", "micro_batch_auto=true", "activation_checkpointing=auto")
+C2A_SIDES: dict[str, tuple[str, ...]] = {"c2a": (), "c2a-new": NEW, "c2a-fp8": (*NEW, "fp8=true")}
+SIDES = (*C2A_SIDES, "baseline", "peer")
+PEER_MISSING = "liger-kernel wheel not found"
+# Seconds each side's process may take on a GPU, start to end (model built, warm-up with Triton's and
+# torch.compile's compilation, timed steps, the step report, the profiled step): together 145 s, inside
+# gpu_check's 150 s train stage. A side past its budget is reported as timed out and the others still run.
+SIDE_BUDGET_S = {"c2a": 30, "c2a-new": 25, "c2a-fp8": 20, "baseline": 30, "peer": 40}
 
 
 def default_setup(smoke: bool, device: str) -> dict[str, Any]:
@@ -225,15 +241,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def setting(text: str) -> tuple[str, Any]:
+    """KEY=VALUE as a train setting: true/false a bool, digits an int, anything else a string."""
+    key, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    return key, int(value) if value.isdigit() else value
+
+
 def run_c2a(
-    s: Setup, data: SyntheticAlpaca, lora: Any = None, quantize: str = "none"
+    s: Setup, data: SyntheticAlpaca, lora: Any = None, quantize: str = "none", settings: tuple[str, ...] = ()
 ) -> tuple[list[StepStats], dict[str, Any]]:
     """`lora`: an AdapterSpec for a LoRA run (benchmarks/lora_throughput.py), None for full fine-tuning;
-    `quantize` = "nf4" holds its base in NF4 (QLoRA)."""
+    `quantize` = "nf4" holds its base in NF4 (QLoRA). `settings`: the side's train settings (C2A_SIDES),
+    after the Setup's own c2a_set."""
     from c2a.config import DataSection, LlamaConfig, TrainConfig, TrainSection
+    from c2a.train.auto_settings import resolve_run_settings
     from c2a.train.optim import build_optimizer
     from c2a.train.parallel import build_sharded_model, init_distributed, materialize
-    from c2a.train.run_data import make_loader
+    from c2a.train.run_data import make_loader, step_rows
     from c2a.train.step import StepWork, train_step
 
     d = init_distributed()
@@ -247,7 +273,7 @@ def run_c2a(
             dtype=s.dtype,
             seed=s.seed,
             progress=False,
-            **{k: v.lower() == "true" for k, v in (kv.split("=", 1) for kv in s.c2a_set)},
+            **dict(map(setting, (*s.c2a_set, *settings))),
         ),
     )
     model_cfg = LlamaConfig(
@@ -258,7 +284,10 @@ def run_c2a(
         vocab_size=s.vocab_size,
         max_seq_len=max(4096, s.seq_len),
     )
-    loader, desc = make_loader(cfg, data, d)
+    # train.micro_batch_auto / activation_checkpointing = auto: chosen for this device, as the trainer does
+    rows = step_rows(cfg, data, d.world_size)[0]
+    cfg = resolve_run_settings(cfg, model_cfg, d, data, rows, None)
+    loader, desc = make_loader(cfg, data, d, rows=rows)
     model = build_sharded_model(model_cfg, cfg.train, d, lora, quantize)
     materialize(model, None, s.seed)
     optimizer = build_optimizer(model, cfg, d.device)
@@ -285,8 +314,15 @@ def run_c2a(
                 result.attn_sq,
             )
         )
+    t = cfg.train
     info = {
         "batching": desc,
+        "settings": {
+            "micro_batch": t.micro_batch,
+            "activation_checkpointing": t.activation_checkpointing,
+            "ac_blocks": t.ac_blocks,
+            **{k: getattr(t, k) for k in ("gather_once", "reduce_once", "fp8", "dtype")},
+        },
         "parameters": model_cfg.num_params,
         "final_loss": loss,
         "kernels": os.environ.get("C2A_KERNELS") or ("triton" if d.device.type == "cuda" else "torch"),
@@ -379,10 +415,11 @@ def profile_step(step, device: torch.device) -> dict[str, Any]:
     }
 
 
-def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+def hf_model(s: Setup, device: torch.device) -> Any:
+    """transformers' LlamaForCausalLM with the Setup's dimensions, fp32 master weights (as HF Trainer keeps
+    them), initialised where it trains (1.9B parameters initialised on the CPU would take minutes)."""
     import transformers
 
-    device = torch.device(s.device)
     torch.manual_seed(s.seed)
     hf_cfg = transformers.LlamaConfig(
         hidden_size=s.dim,
@@ -398,30 +435,60 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
         eos_token_id=EOS,
         pad_token_id=PAD,
     )
-    with device:  # initialised where it trains (1.9B parameters initialised on the CPU would take minutes)
-        model = transformers.LlamaForCausalLM(hf_cfg)  # fp32 master weights, as HF Trainer keeps them
+    with device:
+        model = transformers.LlamaForCausalLM(hf_cfg)
     model.train()
+    return model
+
+
+def timed_steps(s: Setup, device: torch.device, step: Any, name: str) -> tuple[list[StepStats], float]:
+    """`step()` (one optimizer step: (loss tensor, StepStats without seconds)) warmup + steps times, timed."""
+    stats, loss = [], math.nan
+    for _ in range(s.warmup + s.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss_t, st = step()
+        loss = float(loss_t)
+        sync(device)
+        st.seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite loss {loss}")
+        stats.append(st)
+    return stats, loss
+
+
+def hf_step_report(s: Setup, step: Any, optimizer: Any, parameters: int) -> dict[str, Any]:
+    """One more optimizer step of an HF-stack side under c2a's step report (aten ops and bytes by family,
+    Triton launches), as the c2a sides get it."""
+    from c2a.train.step_report import report_step
+
+    report, (_, st) = report_step(step, optimizer, parameters)
+    report.trained_tokens = st.trained_tokens
+    return {"step_report": report.as_dict(), "step_report_table": report.table()}
+
+
+def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+    import transformers
+
+    device = torch.device(s.device)
+    model = hf_model(s, device)
     # HF Trainer's default optimizer: torch AdamW, fused on CUDA since transformers' default for torch >= 2.8
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, fused=device.type == "cuda")
     order = np.random.default_rng(s.seed + 1).permutation(len(data))  # HF Trainer's RandomSampler
     accum = s.global_batch // s.micro_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.dtype == "bf16")
-    stats, cursor = [], 0
-    for _ in range(s.warmup + s.steps):
-        sync(device)
-        start = time.perf_counter()
-        trained = tokens = positions = attn_sq = 0
-        losses = []
+    cursor = 0
+
+    def step() -> tuple[torch.Tensor, StepStats]:
+        nonlocal cursor
+        st, losses = StepStats(0.0, s.global_batch, 0, 0, 0, 0), []
         for _ in range(accum):
             ids, labels, mask = alpaca_collate(data, order[cursor : cursor + s.micro_batch])
             cursor += s.micro_batch
             lengths = mask.sum(dim=1).tolist()  # counted on the host, before the copy: no device sync
-            trained += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t is trained on token t + 1
-            tokens, positions, attn_sq = (
-                tokens + sum(lengths),
-                positions + ids.numel(),
-                attn_sq + sum(n * n for n in lengths),
-            )
+            st.trained_tokens += int((labels[:, 1:] != IGNORE).sum())  # HF shifts: position t learns token t+1
+            st.tokens, st.positions = st.tokens + sum(lengths), st.positions + ids.numel()
+            st.attn_sq += sum(n * n for n in lengths)
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             with autocast:
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / accum
@@ -430,19 +497,97 @@ def run_baseline(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # HF Trainer's max_grad_norm default
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(sum(losses))
-        sync(device)
-        seconds = time.perf_counter() - start
-        if not math.isfinite(loss):
-            raise RuntimeError(f"baseline: non-finite loss {loss}")
-        stats.append(StepStats(seconds, s.global_batch, trained, tokens, positions, attn_sq))
+        return sum(losses), st
+
+    stats, loss = timed_steps(s, device, step, "baseline")
+    parameters = sum(p.numel() for p in model.parameters())
     info = {
         "batching": f"{s.global_batch} examples = micro-batch {s.micro_batch} x accumulation {accum}, each padded to its longest",
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "final_loss": loss,
         "attention": model.config._attn_implementation,
         "transformers": transformers.__version__,
     }
+    if s.report:
+        info.update(hf_step_report(s, step, optimizer, parameters))
+    return stats, info
+
+
+def run_peer(s: Setup, data: SyntheticAlpaca) -> tuple[list[StepStats], dict[str, Any]]:
+    """The stack a user would pick today: transformers' LlamaForCausalLM with Liger-Kernel's fused RMSNorm,
+    SwiGLU, RoPE and linear cross-entropy (the logits never materialised), fed padding-free: whole examples
+    packed into rows with position_ids restarting at each (transformers detects the packed documents from
+    them and masks attention per document; TRL's SFT packing does the same), and torch.compile of the model.
+    fp32 master weights under bf16 autocast and fused AdamW, as HF Trainer's --bf16. The rows are c2a's
+    loader's (the same packing as the c2a sides, so both train on the same rows): the peer stack is the
+    model and its kernels, not the data order. Off CUDA (smoke mode) Liger's Triton kernels are not applied
+    (Triton's interpreter stops in Liger's RMSNorm kernel) and nothing is compiled: the rest of the path runs."""
+    import transformers
+    from liger_kernel.transformers import apply_liger_kernel_to_llama  # ImportError: side_main skips the side
+
+    from c2a.config import DataSection, TrainConfig, TrainSection
+    from c2a.train.parallel import Dist
+    from c2a.train.run_data import make_loader
+
+    device = torch.device(s.device)
+    cuda = device.type == "cuda"
+    if cuda:  # patches transformers' Llama classes: before the model is built
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+    model = hf_model(s, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, fused=cuda)
+    forward = torch.compile(model) if cuda else model
+    cfg = TrainConfig(
+        out_dir=tempfile.mkdtemp(prefix="c2a-bench-"),
+        data=DataSection(max_len=s.seq_len, packing=True),
+        train=TrainSection(global_batch=s.global_batch, micro_batch=s.rows_per_micro, seed=s.seed),
+    )
+    loader, desc = make_loader(cfg, data, Dist(0, 1, 0, device, None))
+    batches = iter(loader)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.dtype == "bf16")
+
+    def step() -> tuple[torch.Tensor, StepStats]:
+        micro = [next(batches) for _ in range(loader.accum_steps)]
+        st = StepStats(0.0, sum(b.num_examples for b in micro), 0, 0, 0, 0)
+        losses = []
+        for b in micro:
+            st.trained_tokens += b.num_trained
+            st.tokens, st.positions = st.tokens + b.num_tokens, st.positions + b.input_ids.numel()
+            st.attn_sq += b.sum_len_sq
+            b = b.to(device, non_blocking=True)
+            # the labels are already shifted (position t's target): transformers' and Liger's losses take them as
+            # shift_labels (and compute a loss only when `labels` is given too; it is then not read). No KV cache:
+            # transformers 5.25 looks for packed documents in position_ids only without one (with it, the rows'
+            # documents attend to each other: 0.5 max logit difference on a tiny model, 1.5e-7 without)
+            with autocast:
+                out = forward(
+                    input_ids=b.input_ids,
+                    position_ids=b.position_ids,
+                    labels=b.labels,
+                    shift_labels=b.labels,
+                    use_cache=False,
+                )
+            loss = out.loss / len(micro)
+            loss.backward()
+            losses.append(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(losses), st
+
+    stats, loss = timed_steps(s, device, step, "peer")  # warmup steps include the compilation
+    parameters = sum(p.numel() for p in model.parameters())
+    info = {
+        "batching": desc,
+        "parameters": parameters,
+        "final_loss": loss,
+        "attention": model.config._attn_implementation,
+        "transformers": transformers.__version__,
+        "liger_kernel": importlib.metadata.version("liger-kernel"),
+        "liger_kernels_applied": cuda,
+        "compiled": cuda,
+    }
+    if s.report:
+        info.update(hf_step_report(s, step, optimizer, parameters))
     return stats, info
 
 
@@ -483,8 +628,16 @@ def side_main(side: str, s: Setup, out: Path) -> None:
         torch.set_num_threads(s.threads)
     data = SyntheticAlpaca(s)
     rss_before = peak_memory_mib(torch.device("cpu"))
-    runner = run_c2a if side == "c2a" else run_baseline
-    stats, info = runner(s, data)
+    if side in C2A_SIDES:
+        stats, info = run_c2a(s, data, settings=C2A_SIDES[side])
+    elif side == "peer":
+        try:
+            stats, info = run_peer(s, data)
+        except ImportError as e:  # no Liger-Kernel on this machine: said so, not a failure
+            out.write_text(json.dumps({"side": side, "skipped": f"peer stack skipped: {PEER_MISSING} ({e})"}))
+            return
+    else:
+        stats, info = run_baseline(s, data)
     timed = stats[s.warmup :]
     seconds = sum(t.seconds for t in timed)
     summary: dict[str, Any] = {
@@ -524,7 +677,9 @@ def side_main(side: str, s: Setup, out: Path) -> None:
 # -------------------------------------------------------------------------------------------- the run
 
 
-def run_side(side: str, s: Setup, env: dict[str, str]) -> dict[str, Any]:
+def run_side(side: str, s: Setup, env: dict[str, str], budget: float | None = None) -> dict[str, Any]:
+    """One side in a fresh process: its summary, or {"side", "error"} when it failed or ran past `budget`
+    seconds, or {"side", "skipped"}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
         cmd = [
@@ -537,11 +692,18 @@ def run_side(side: str, s: Setup, env: dict[str, str]) -> dict[str, Any]:
             "--side-out",
             str(out),
         ]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=budget)
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stderr or b"")[-3000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            return {"side": side, "error": f"timed out after its budget of {budget:.0f} s", "log_tail": tail}
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"the {side} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-            )
+            return {
+                "side": side,
+                "error": f"exit {proc.returncode}",
+                "log_tail": proc.stdout[-2000:] + "\n" + proc.stderr[-4000:],
+            }
         return json.loads(out.read_text())
 
 
@@ -557,18 +719,39 @@ ROWS = [  # (label, key, format)
 ]
 
 
-def table(c2a: dict[str, Any], base: dict[str, Any], ratios: dict[str, float], memory_kind: str) -> str:
-    lines = [f"{'':<22} {'c2a':>14} {'baseline (HF)':>14} {'c2a / baseline':>15}"]
+def table(results: dict[str, dict[str, Any]], memory_kind: str) -> str:
+    """Each measured side's numbers, and c2a / baseline where both were measured."""
+    names = list(results)
+    ratio = "c2a" in results and "baseline" in results
+    lines = [f"{'':<22}" + "".join(f"{n:>14}" for n in names) + (f" {'c2a / baseline':>15}" if ratio else "")]
     for label, key, fmt in ROWS:
-        if c2a.get(key) is None or base.get(key) is None:
+        if all(results[n].get(key) is None for n in names):
             continue
-        ratio = f"{c2a[key] / base[key]:.2f}x" if base[key] else ""
+        cells = "".join(f"{fmt.format(results[n][key]) if results[n].get(key) is not None else '-':>14}" for n in names)
+        if ratio and results["c2a"].get(key) is not None and results["baseline"].get(key):
+            cells += f" {results['c2a'][key] / results['baseline'][key]:>14.2f}x"
         name = f"peak {memory_kind} (MiB)" if key == "peak_memory_mib" else label
-        lines.append(f"{name:<22} {fmt.format(c2a[key]):>14} {fmt.format(base[key]):>14} {ratio:>15}")
+        lines.append(f"{name:<22}{cells}")
     return "\n".join(lines)
 
 
-def plot(c2a: dict[str, Any], base: dict[str, Any], s: Setup, path: Path, smoke: bool, memory_kind: str) -> None:
+# side A / side B, when both were measured: the issue's goals read from these
+COMPARISONS = [("c2a-new", "c2a"), ("c2a-fp8", "c2a-new"), ("c2a-new", "peer"), ("c2a-new", "baseline")]
+
+
+def comparisons(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for a, b in COMPARISONS:
+        if a in results and b in results:
+            out[f"{a} / {b}"] = {
+                key: results[a][key] / results[b][key]
+                for _, key, _ in ROWS
+                if results[a].get(key) is not None and results[b].get(key)
+            }
+    return out
+
+
+def plot(results: dict[str, dict[str, Any]], s: Setup, path: Path, smoke: bool, memory_kind: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -580,11 +763,14 @@ def plot(c2a: dict[str, Any], base: dict[str, Any], s: Setup, path: Path, smoke:
         (f"peak {memory_kind} (MiB)", "peak_memory_mib"),
         ("padding fraction", "padding_fraction"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+    names = list(results)
+    colors = {"baseline": "tab:gray", "peer": "tab:orange"}
+    fig, axes = plt.subplots(1, 4, figsize=(4 + 3 * len(names), 4.2))
     for ax, (label, key) in zip(axes, panels):
-        values = [c2a[key], base[key]]
-        bars = ax.bar(["c2a", "HF baseline"], values, color=["tab:blue", "tab:gray"])
-        ax.set_title(label + (f"  ({c2a[key] / base[key]:.2f}x)" if base[key] else ""))
+        values = [results[n][key] for n in names]
+        bars = ax.bar(names, values, color=[colors.get(n, "tab:blue") for n in names])
+        ax.set_title(label)
+        ax.tick_params(axis="x", labelsize=8)
         ax.bar_label(bars, [f"{v:.1%}" if key == "padding_fraction" else f"{v:,.0f}" for v in values], fontsize=8)
     where = "smoke run (tiny model)" if smoke else f"{s.device}"
     fig.suptitle(
@@ -639,7 +825,17 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, dest=name, help="override the default for the machine")
     ap.add_argument("--threads", type=int, help="torch intra-op threads on both sides (default: torch's)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"))
-    ap.add_argument("--sides", default="c2a,baseline", help="which sides to run (comma-separated)")
+    ap.add_argument(
+        "--sides",
+        default="c2a,baseline",
+        help=f"which sides to run, comma-separated, of {', '.join(SIDES)} (gpu_check runs all)",
+    )
+    ap.add_argument(
+        "--budgets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold each side to its SIDE_BUDGET_S seconds (default: on CUDA)",
+    )
     ap.add_argument(
         "--repeats", type=int, default=1, help="runs per side, alternating; each side reports its fastest run"
     )
@@ -647,22 +843,22 @@ def main() -> None:
         "--profile",
         action="store_true",
         default=None,
-        help="c2a side: profile one more step (device time by kernel family)",
+        help="c2a sides: profile one more step (device time by kernel family)",
     )
     ap.add_argument(
         "--report",
         action="store_true",
         default=None,
-        help="c2a side: one more step under the step report (aten ops and bytes by family, Triton launches)",
+        help="every side: one more step under the step report (aten ops and bytes by family, Triton launches)",
     )
     ap.add_argument(
         "--c2a-set",
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="c2a side: a boolean train setting, e.g. gather_once=true (repeatable)",
+        help="c2a sides: a train setting, e.g. gather_once=true (repeatable)",
     )
-    ap.add_argument("--side", choices=("c2a", "baseline"), help=argparse.SUPPRESS)  # internal: one side, this process
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, this process
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -682,34 +878,42 @@ def main() -> None:
     if s.global_batch % s.micro_batch:
         ap.error(f"--global-batch ({s.global_batch}) must be a multiple of --micro-batch ({s.micro_batch})")
     sides = args.sides.split(",")
+    unknown = [x for x in sides if x not in SIDES]
+    if unknown:
+        ap.error(f"unknown side {unknown[0]!r}; valid: {', '.join(SIDES)}")
+    budgets = args.budgets if args.budgets is not None else s.device.startswith("cuda")
+    sys.exit(run_all(s, sides, args.repeats, args.out, args.smoke, budgets))
+
+
+def run_all(s: Setup, sides: list[str], repeats: int, out: Path, smoke: bool, budgets: bool) -> int:
+    """Every side `repeats` times, alternating; the table, JSON and plot. 1 when a side failed (the others'
+    numbers are written all the same)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     memory_kind = "max allocated" if s.device.startswith("cuda") else "RSS"
     print(f"setup: {asdict(s)}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "train_throughput.json"
-    summary: dict[str, Any] = {"environment": environment(), "setup": asdict(s), "smoke": args.smoke, "sides": {}}
-    results = summary["sides"]
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "train_throughput.json"
+    summary: dict[str, Any] = {"environment": environment(), "setup": asdict(s), "smoke": smoke, "sides": {}}
+    results, failed = summary["sides"], summary.setdefault("failed", {})
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     summary["runs"] = runs
-    for _repeat in range(args.repeats):
+    for _repeat in range(repeats):
         for side in sides:  # alternating, so that a busy spell on a shared machine does not hit one side only
             start = time.perf_counter()
-            runs[side].append(run_side(side, s, env))
-            r = runs[side][-1]
-            print(
-                f"{side}: {r['trained_tokens_per_s']:,.0f} trained tokens/s (best step {r['best_step_trained_tokens_per_s']:,.0f}), "
-                f"{r['peak_memory_mib']:,.0f} MiB peak ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-            if "step_report_table" in r:
-                print(r["step_report_table"], flush=True)
-            if "profile" in r:
-                prof = r["profile"]
-                print(
-                    f"{side} profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels: "
-                    + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()),
-                    flush=True,
-                )
+            if side == "peer" and importlib.util.find_spec("liger_kernel") is None:  # not worth a process
+                r = {"side": side, "skipped": f"peer stack skipped: {PEER_MISSING} (liger_kernel is not importable)"}
+            else:
+                r = run_side(side, s, env, SIDE_BUDGET_S[side] if budgets else None)
+            if "error" in r or "skipped" in r:
+                print(f"{side}: {r.get('skipped') or 'FAILED: ' + r['error']}\n{r.get('log_tail', '')}", flush=True)
+                if "error" in r:
+                    failed[side] = r
+                else:
+                    summary.setdefault("skipped", {})[side] = r["skipped"]
+                json_path.write_text(json.dumps(summary, indent=1) + "\n")
+                continue
+            runs[side].append(r)
+            print_side(side, r, time.perf_counter() - start)
             # the side's result: its fastest run (the least disturbed), with the highest peak of all its runs
             results[side] = {
                 **max(runs[side], key=lambda x: x["trained_tokens_per_s"]),
@@ -723,10 +927,33 @@ def main() -> None:
         summary["ratios"] = {
             key: c2a[key] / base[key] for _, key, _ in ROWS if c2a.get(key) is not None and base.get(key)
         }
-        json_path.write_text(json.dumps(summary, indent=1) + "\n")
-        print(table(c2a, base, summary["ratios"], memory_kind))
-        plot(c2a, base, s, args.out / "train_throughput.png", args.smoke, memory_kind)
-    print(f"wrote {json_path}" + (f" and {args.out / 'train_throughput.png'}" if "ratios" in summary else ""))
+    summary["comparisons"] = comparisons(results)
+    json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    if results:
+        print(table(results, memory_kind))
+        for name, ratios in summary["comparisons"].items():
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        plot(results, s, out / "train_throughput.png", smoke, memory_kind)
+    print(f"wrote {json_path}" + (f" and {out / 'train_throughput.png'}" if results else ""))
+    return 1 if failed else 0
+
+
+def print_side(side: str, r: dict[str, Any], seconds: float) -> None:
+    print(
+        f"{side}: {r['trained_tokens_per_s']:,.0f} trained tokens/s (best step {r['best_step_trained_tokens_per_s']:,.0f}), "
+        f"{r['peak_memory_mib']:,.0f} MiB peak ({seconds:.0f} s)"
+        + (f"; settings {r['settings']}" if "settings" in r else ""),
+        flush=True,
+    )
+    if "step_report_table" in r:
+        print(r["step_report_table"], flush=True)
+    if "profile" in r:
+        prof = r["profile"]
+        print(
+            f"{side} profiled step: {prof['wall_ms']:.1f} ms wall, {prof['device_busy_ms']:.1f} ms of kernels: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

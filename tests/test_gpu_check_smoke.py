@@ -49,6 +49,19 @@ def test_gpu_check_smoke(tmp_path):
     assert "tests collected" in report["tests"]["collected"]
     assert "tests collected" in report["gpu_path"]["collected"]  # the end-to-end suite imports and collects
     assert set(report["train"]["ratios"]) >= {"trained_tokens_per_s", "peak_memory_mib"}
+    # the train stage's sides: c2a's defaults, the new settings, fp8, the HF baseline, and the peer stack, which
+    # runs where the liger-kernel wheel was carried (here without Liger's kernels: CPU) and is skipped, said so,
+    # where it was not
+    train, md = report["train"], (tmp_path / "gpu_check.md").read_text()
+    assert set(train["sides"]) - {"peer"} == {"c2a", "c2a-new", "c2a-fp8", "baseline"} and not train["failed"]
+    wheel = list((ROOT / "benchmarks" / "wheels").glob("liger_kernel-*.whl"))
+    if wheel:
+        assert train["sides"]["peer"]["liger_kernel"] and not train["sides"]["peer"]["liger_kernels_applied"]
+    else:
+        assert "peer stack skipped: liger-kernel wheel not found" in train["skipped"]["peer"]
+        assert "- peer: peer stack skipped: liger-kernel wheel not found" in md
+    assert all(r["step_report"]["aten_ops"] > 0 for r in train["sides"].values())
+    assert train["sides"]["c2a-new"]["settings"]["gather_once"] and train["sides"]["c2a-fp8"]["settings"]["fp8"]
     assert report["attention"]["rows"] and report["kernels"]["rows"]
     assert {r["kernel"] for r in report["sweep"]} == {"_fwd_blocks", "_bwd_dkdv_blocks", "_bwd_dq_blocks"}
     assert any(r["provider"] == "c2a-deterministic" and r["mode"] == "fwd+bwd" for r in report["attention"]["rows"])
