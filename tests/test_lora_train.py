@@ -300,3 +300,6 @@ def test_qlora_export_is_the_dequantized_base_plus_adapter(work):
     assert sorted(record["quantized_modules"]) == sorted(ALL_LINEARS)
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert not any("quant" in key for key in config), config
+    assert "(QLoRA, 6 optimizer steps)" in (final / "README.md").read_text()  # the model cards say which is which
+    assert "this model is that dequantized base plus the adapter" in (final / "README.md").read_text()
+    assert "not into the original weights" in (final / "adapter" / "README.md").read_text()

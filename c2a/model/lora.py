@@ -50,7 +50,8 @@ class LoRALinear(nn.Module):
     def _add_adapters(
         self, shape: tuple[int, int], device: torch.device, rank: int, scale: float, dropout: float
     ) -> None:
-        """A and B after the base, so that named_parameters yields the base first (the export merges in order)."""
+        """A and B, registered after the base weight, so that named_parameters yields the base first (the export
+        merges in that order; QLoRA's export reorders its own, c2a.train.lora_run.dequantized_stream)."""
         out_features, in_features = shape
         # fp32 masters whatever the base's dtype (bf16 on GPU): the optimizer steps these
         kw = {"device": device, "dtype": torch.float32}
@@ -63,7 +64,7 @@ class LoRALinear(nn.Module):
             init_lora_parameter(self.lora_B, "lora_B")
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as the forward uses it (QLoRA's quantised base overrides this one method)."""
+        """The frozen weight as the forward uses it (QLoRA's quantised base overrides it and `base_forward`)."""
         return self.weight
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:

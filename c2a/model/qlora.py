@@ -7,7 +7,7 @@ x's dtype (the compute dtype); the backward dequantizes W again for dX, so only 
 not the compute dtype's 2) are held between the two. Embedding, norms and head stay in the compute dtype.
 
 The codes are bitsandbytes' (`quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)`),
-so deq(W) is bit-equal to what PEFT + bitsandbytes trains against; `QUANTIZATION` is the record of that
+so deq(W) is bit-equal to what PEFT + bitsandbytes trains against; `quantization_record` is the record of that
 format that a QLoRA export writes beside its adapter (`QUANTIZATION_FILE`).
 """
 

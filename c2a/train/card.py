@@ -112,7 +112,8 @@ def card_text(cfg: TrainConfig, summary: dict[str, Any], hw: str, library: str =
     if datasets:
         meta["datasets"] = datasets
     meta["library_name"] = library
-    meta["tags"] = ["c2a", "llama", "sft"] + (["lora"] if rank else [])
+    qlora = cfg.lora.quantize == "nf4"
+    meta["tags"] = ["c2a", "llama", "sft"] + (["lora"] if rank else []) + (["qlora"] if qlora else [])
     license_ = base_license(cfg.model.checkpoint)
     if license_:
         meta["license"] = license_
@@ -127,7 +128,19 @@ def card_text(cfg: TrainConfig, summary: dict[str, Any], hw: str, library: str =
         f"# {name}",
         "",
         f"Fine-tuned {'from ' + (base or cfg.model.checkpoint) if cfg.model.checkpoint else 'from a random init'}"
-        f" with c2a ({'LoRA' if rank else 'full fine-tune'}, {summary['steps']} optimizer steps).",
+        f" with c2a ({'QLoRA' if qlora else 'LoRA' if rank else 'full fine-tune'}, {summary['steps']} optimizer steps)."
+        + (
+            " The base's block linears were held in NF4 (blocksize 64, double quantization): "
+            + (
+                "this adapter was trained against them (quantization.json, beside it, records how); merge it into"
+                " that dequantized base, not into the original weights."
+                if library == "peft"
+                else "this model is that dequantized base plus the adapter (adapter/quantization.json records the"
+                " quantization)."
+            )
+            if qlora
+            else ""
+        ),
         "",
         "## Recipe",
         "",
