@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import tomllib
 import torch
 
-from c2a.config import LlamaConfig, build_config
+from c2a.config import LlamaConfig, build_config, config_to_toml
 from c2a.data import Tokenizer
 from c2a.data.sources import demo_dataset, resolve_tokenizer
+from c2a.options import parse_args
 from c2a.plan.auto import fewest_checkpointed_blocks, micro_batch_sizes, resolve_auto
 from c2a.plan.memory import Workload, plan_memory
 from c2a.train.auto_settings import resolve_run_settings
@@ -148,3 +150,12 @@ def test_the_planner_cli_shows_the_choice():
         "train.micro_batch_auto",
     ]
     assert result["auto"][1] in table(result)
+
+
+def test_micro_batch_auto_as_a_value():
+    """train.micro_batch = "auto" (TOML or --train.micro_batch=auto): micro_batch_auto on the step of micro-batch 1."""
+    toml = build_config({"train": {"micro_batch": "auto", "global_batch": 16}})
+    flag = parse_args(["--train.micro_batch=auto", "--train.global_batch=16"])
+    spelled = build_config({}, {"train.micro_batch": "1", "train.micro_batch_auto": "true", "train.global_batch": "16"})
+    assert toml == flag == spelled and spelled.train.micro_batch == 1 and spelled.train.micro_batch_auto
+    assert build_config(tomllib.loads(config_to_toml(toml))) == toml  # config.toml spells it out
