@@ -142,7 +142,7 @@ fi
 SIDES=c2a,c2a-new,c2a-fp8,baseline,peer
 stage train env PYTHONPATH="$TRAIN_PATH" "$PY" benchmarks/train_throughput.py --out "$WORK/train" --sides "$SIDES" \
     "${TRAIN_ARGS[@]}" --profile --report "${SMOKE[@]}"
-# the planner's peak for that run beside its torch.cuda.max_memory_allocated: train/plan_vs_measured.json, a line in train.log
+# the planner's peak for each c2a side beside its torch.cuda.max_memory_allocated: train/plan_vs_measured.json, lines in train.log
 [[ -f "$WORK/train/train_throughput.json" ]] && "$PY" benchmarks/plan_vs_measured.py \
     "$WORK/train/train_throughput.json" >>"$WORK/train.log" 2>&1 && echo "   $(tail -n 1 "$WORK/train.log" | cut -c1-150)"
 stage attention "$PY" benchmarks/attention.py --out "$WORK/attention" --seqlens 1024,4096,16384 --head-dims 128 \

@@ -22,10 +22,20 @@ log = logging.getLogger("c2a.plan")
 
 
 def compare_benchmark(path: str | Path) -> dict[str, Any]:
-    """The planner's peak for the benchmark's c2a side (one rank, packed rows) against the peak it measured:
-    torch.cuda.max_memory_allocated on CUDA, RSS on CPU (not comparable: the runtime is in it)."""
+    """The planner's peak for each of the benchmark's c2a sides (one rank, packed rows, with the settings the
+    side ran: its micro-batch, gather_once, reduce_once, fp8, activation checkpointing) against the peak it
+    measured: torch.cuda.max_memory_allocated on CUDA, RSS on CPU (not comparable: the runtime is in it).
+    Writes plan_vs_measured.json beside the benchmark's JSON: {side: comparison}; returns the c2a side's."""
     bench = json.loads(Path(path).read_text())
-    s, side = bench["setup"], bench["sides"]["c2a"]
+    results = {
+        name: compare_side(bench["setup"], side) for name, side in bench["sides"].items() if name.startswith("c2a")
+    }
+    out = Path(path).with_name("plan_vs_measured.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return results.get("c2a") or next(iter(results.values()), {})
+
+
+def compare_side(s: dict[str, Any], side: dict[str, Any]) -> dict[str, Any]:
     model = LlamaConfig(
         dim=s["dim"],
         n_layers=s["n_layers"],
@@ -36,9 +46,10 @@ def compare_benchmark(path: str | Path) -> dict[str, Any]:
     )
     cuda = s["device"].startswith("cuda")
     accum = re.search(r"accumulation (\d+)", side["batching"])
+    ran = side.get("settings", {})  # the side's train settings as resolved (older JSON: the defaults)
     w = Workload(
         model,
-        s["rows_per_micro"],
+        ran.get("micro_batch", s["rows_per_micro"]),
         s["seq_len"],
         trained_fraction=0.5,
         packed=True,
@@ -46,7 +57,12 @@ def compare_benchmark(path: str | Path) -> dict[str, Any]:
         compute_bytes=2 if s["dtype"] == "bf16" else 4,
         backend=side.get("kernels", "triton" if cuda else "torch"),
         cuda=cuda,
+        activation_checkpointing=ran.get("activation_checkpointing", "none"),
+        ac_blocks=ran.get("ac_blocks", 0),
         accumulation=int(accum.group(1)) if accum else 1,
+        gather_once=ran.get("gather_once", False),
+        reduce_once=ran.get("reduce_once", False),
+        fp8=ran.get("fp8", False),
     )
     p = plan_memory(w)
     predicted = (p.peak if cuda else p.peak_combined) / 2**20
@@ -58,10 +74,9 @@ def compare_benchmark(path: str | Path) -> dict[str, Any]:
         "peak_phase": p.peak_phase,
         "per_rank_bytes": p.as_dict(),
     }
-    out = Path(path).with_name("plan_vs_measured.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
     log.info(
-        "c2a.plan: predicted peak %.0f MiB, measured %.0f MiB (%s): ratio %.3f",
+        "c2a.plan, %s: predicted peak %.0f MiB, measured %.0f MiB (%s): ratio %.3f",
+        side.get("side", "c2a"),
         predicted,
         side["peak_memory_mib"],
         result["measured"],

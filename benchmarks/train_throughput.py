@@ -1,12 +1,17 @@
-"""End-to-end training throughput: c2a against the stack the original recipe used, side by side.
+"""End-to-end training throughput: c2a against the stack the original recipe used and a peer stack, side by side.
 
-    python benchmarks/train_throughput.py [--out DIR] [--steps N] [--smoke]
+    python benchmarks/train_throughput.py [--out DIR] [--steps N] [--smoke] [--sides c2a,c2a-new,c2a-fp8,baseline,peer]
 
   c2a       c2a's default path for the machine: packed rows (`c2a.train.run_data.make_loader`, which packs with
             MicroBatchLoader(mode="packed") and turns the global batch in examples into rows), the c2a Llama
             built sharded by FSDP2 in a process group of one (`build_sharded_model` + `materialize`), the
             kernel switch's default (Triton on CUDA, torch elsewhere), AdamW (`build_optimizer`), and one
             `train_step` per optimizer step.
+  c2a-new   the same with train.gather_once, reduce_once, micro_batch_auto and activation_checkpointing = auto
+            (resolved for the device as the trainer does: on CPU the configured micro-batch and no checkpointing)
+  c2a-fp8   c2a-new with train.fp8
+  peer      transformers with Liger-Kernel's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy, packed rows
+            without padding, torch.compile (see `run_peer`); skipped, said so, without liger_kernel
   baseline  Stanford Alpaca's stack: HF transformers' LlamaForCausalLM with the same dimensions (its default
             attention, SDPA), each micro-batch padded to its longest example with labels -100 on prompt and
             padding and an attention mask (Alpaca's DataCollatorForSupervisedDataset), examples in random
@@ -14,10 +19,10 @@
             torch AdamW (fused on CUDA, as HF Trainer's default for torch >= 2.8); bf16 autocast on CUDA as HF
             Trainer's --bf16 does.
 
-Both sides train on the same synthetic Alpaca-like examples: prompt lengths log-uniform in 20..150 tokens
+All sides train on the same synthetic Alpaca-like examples: prompt lengths log-uniform in 20..150 tokens
 (template included), responses log-uniform in 10..600 (EOS included), token ids uniform over the real
-32000-piece vocabulary; loss on the response and EOS only. Both take `--global-batch` examples per optimizer
-step: the baseline as micro-batches of `--micro-batch` examples; c2a as packed rows of `--seq-len` tokens,
+32000-piece vocabulary; loss on the response and EOS only. All take `--global-batch` examples per optimizer
+step: the baseline as micro-batches of `--micro-batch` examples; c2a and the peer as packed rows of `--seq-len` tokens,
 as many whole rows as hold that many examples on average (the trainer's rule), `--rows-per-micro` per
 forward. Each side runs in its own fresh process, so the peak memories are separate: RSS on CPU, max
 allocated on CUDA. The first `--warmup` steps are not timed.
@@ -25,8 +30,11 @@ allocated on CUDA. The first `--warmup` steps are not timed.
 Reported per side: trained tokens/s (targets that are not -100), all tokens/s (non-padding positions),
 padding fraction, seconds per optimizer step, examples per step, peak memory, MFU on CUDA (6 FLOPs per
 parameter per real token for every matmul, head included, plus causal attention per document, over the
-card's dense bf16 peak); and c2a / baseline ratios. Prints a table; writes DIR/train_throughput.json and
-DIR/train_throughput.png. Never asserts a time.
+card's dense bf16 peak); with --report each side's step report; and the ratios c2a / baseline, c2a-new /
+c2a, c2a-fp8 / c2a-new, c2a-new / peer, c2a-new / baseline. Prints a table; writes DIR/train_throughput.json
+and DIR/train_throughput.png. Never asserts a time. On CUDA each side's process is held to SIDE_BUDGET_S
+(--no-budgets to lift it); a side that fails or runs out of time is reported, the others still run, and the
+exit status is 1.
 
 On a shared 2-core CPU the numbers depend on the load and the thread count: `--threads N` sets torch's
 intra-op threads on both sides (default: torch's, 2 here); `--repeats R` runs each side R times, alternating,

@@ -263,7 +263,8 @@ class TrainSection:
         64, "sequences per optimizer step (padded: examples; packed: the equivalent number of packed rows)"
     )
     micro_batch: int = _f(
-        3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)"
+        3,
+        "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks); auto = 1 with micro_batch_auto = true",
     )
     micro_batch_auto: bool = _f(
         False,
@@ -626,6 +627,12 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, from_text: bool) -> Any:
     return value
 
 
+# train.micro_batch = "auto" is short for micro_batch_auto = true on the finest step: rows sized as micro-batch 1
+# gives them (every whole number of rows a step, so the most micro-batch sizes to choose from), and micro-batch
+# 1 where there is nothing to plan for (CPU)
+MICRO_BATCH_AUTO = {"train.micro_batch": 1, "train.micro_batch_auto": True}
+
+
 def build_config(
     values: dict[str, Any], overrides: dict[str, str] | None = None, source: str = "config"
 ) -> TrainConfig:
@@ -644,6 +651,9 @@ def build_config(
             key = prefix + k
             if key not in keys:
                 raise _unknown_key(f"{source}: unknown key {key!r}", key, keys)
+            if key == "train.micro_batch" and v == "auto":
+                flat.update(MICRO_BATCH_AUTO)
+                continue
             try:
                 flat[key] = _coerce(key, keys[key], v, from_text=False)
             except ValueError as e:
@@ -653,6 +663,9 @@ def build_config(
     for key, text in (overrides or {}).items():
         if key not in keys:
             raise _unknown_key(f"unknown option --{key}", key, keys)
+        if key == "train.micro_batch" and text == "auto":
+            flat.update(MICRO_BATCH_AUTO)
+            continue
         flat[key] = _coerce(key, keys[key], text, from_text=True)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}

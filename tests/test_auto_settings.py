@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import tomllib
 import torch
 
-from c2a.config import LlamaConfig, build_config
+from c2a.config import LlamaConfig, build_config, config_to_toml
 from c2a.data import Tokenizer
 from c2a.data.sources import demo_dataset, resolve_tokenizer
+from c2a.options import parse_args
 from c2a.plan.auto import fewest_checkpointed_blocks, micro_batch_sizes, resolve_auto
 from c2a.plan.memory import Workload, plan_memory
 from c2a.train.auto_settings import resolve_run_settings
@@ -118,3 +120,42 @@ def test_auto_never_changes_the_rows_steps_or_schedule():
         a = torch.cat([next(iter(plain)).input_ids for _ in range(plain.accum_steps)])
         b = torch.cat([next(iter(chosen)).input_ids for _ in range(chosen.accum_steps)])
         assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+
+
+def test_the_planner_cli_shows_the_choice():
+    """python -m c2a.plan resolves the "auto" settings as the trainer would on that card, and plans the run so."""
+    from c2a.plan.report import plan, table
+    from c2a.plan.workload import GPUS, Machine
+
+    cfg = build_config(
+        {},
+        {
+            "model.preset": "llama2-7b",
+            "data.max_len": "2048",
+            "train.global_batch": "128",
+            "train.micro_batch": "1",
+            "train.micro_batch_auto": "true",
+            "train.activation_checkpointing": "auto",
+        },
+    )
+    flops, memory = GPUS["h100"]
+    result = plan(cfg, Machine(8, 1, "H100", memory, flops, 0.4, "given"), 52002, 400, 0.6)
+    w = result["workload"]
+    # the step's rows as micro-batch 1 makes them, split by the micro-batch chosen
+    rows = 8 * round(128 / (2048 / 400) / 8)
+    assert w["micro_batch"] * w["accumulation"] * 8 == rows and w["micro_batch"] in micro_batch_sizes(rows, 8)
+    assert w["activation_checkpointing"] in ("none", "first", "full") and result["fits"]
+    assert [line.split(":")[0] for line in result["auto"]] == [
+        "train.activation_checkpointing = auto",
+        "train.micro_batch_auto",
+    ]
+    assert result["auto"][1] in table(result)
+
+
+def test_micro_batch_auto_as_a_value():
+    """train.micro_batch = "auto" (TOML or --train.micro_batch=auto): micro_batch_auto on the step of micro-batch 1."""
+    toml = build_config({"train": {"micro_batch": "auto", "global_batch": 16}})
+    flag = parse_args(["--train.micro_batch=auto", "--train.global_batch=16"])
+    spelled = build_config({}, {"train.micro_batch": "1", "train.micro_batch_auto": "true", "train.global_batch": "16"})
+    assert toml == flag == spelled and spelled.train.micro_batch == 1 and spelled.train.micro_batch_auto
+    assert build_config(tomllib.loads(config_to_toml(toml))) == toml  # config.toml spells it out
