@@ -27,6 +27,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+# several minutes of Triton's compiler: deselected by default (pyproject's addopts), run with -m gpu_build
+pytestmark = pytest.mark.gpu_build
+
 # issue 11's bar for a default attention tile at 7B/13B shapes on sm_90a
 MAX_MMA_RATIO = 1.10
 
