@@ -548,7 +548,6 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
         "train.gather_once = true": t.gather_once,
         "train.reduce_once = true": t.reduce_once,
         "train.master_dtype = bf16 (the adapters keep fp32 masters)": t.master_dtype != "fp32",
-        "train.optimizer = adamw8bit (the adapters' AdamW state is small)": t.optimizer != "adamw",
         "model.add_pad_token = true (the new rows would have to train)": cfg.model.add_pad_token,
         "train.early_stop_patience": t.early_stop_patience > 0,
     }

@@ -156,7 +156,6 @@ def test_init_scale_and_config_names():
         ({"lora.rank": "8", "train.gather_once": "true"}, "lora with train.gather_once = true is not"),
         ({"lora.rank": "8", "train.reduce_once": "true"}, "lora with train.reduce_once = true is not"),
         ({"lora.rank": "8", "train.master_dtype": "bf16"}, "lora with train.master_dtype = bf16"),
-        ({"lora.rank": "8", "train.optimizer": "adamw8bit"}, "lora with train.optimizer = adamw8bit"),
         ({"lora.rank": "8", "model.add_pad_token": "true"}, "lora with model.add_pad_token = true"),
         (
             {"lora.rank": "8", "train.early_stop_patience": "2", "eval.every": "5", "data.val_fraction": "0.1"},

@@ -157,9 +157,10 @@ def shard_numels(shape: tuple[int, ...], shard: int) -> list[int]:
 
 
 def optimizer_bytes(w: Workload) -> int:
-    """The optimizer state of the rank that holds the most: AdamW's or AdamW8bit's."""
+    """The optimizer state of the rank that holds the most: AdamW's or AdamW8bit's, over every parameter (full
+    fine-tuning) or the adapters only (LoRA)."""
     per_rank = [0] * w.shard
-    for shape in parameter_shapes(w.model):
+    for shape in lora_adapter_shapes(w) if w.lora else parameter_shapes(w.model):
         for r, n in enumerate(shard_numels(shape, w.shard)):
             per_rank[r] += adamw8bit_state_bytes(n) if w.optimizer == "adamw8bit" else ADAM_BYTES * n + 4
     return max(per_rank)
@@ -174,6 +175,13 @@ def lora_shapes(m: LlamaConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear LoRA may adapt."""
     D, F, kd = m.dim, m.ffn_hidden_dim, m.n_kv_heads * m.head_dim
     return {"wq": (D, D), "wk": (D, kd), "wv": (D, kd), "wo": (D, D), "w1": (D, F), "w2": (F, D), "w3": (D, F)}
+
+
+def lora_adapter_shapes(w: Workload) -> list[tuple[int, int]]:
+    """Every adapter tensor's shape: lora_A [r, in] and lora_B [out, r] of each target linear of each block."""
+    shapes = lora_shapes(w.model)
+    block = [s for t in w.lora_targets for s in ((w.lora_rank, shapes[t][0]), (shapes[t][1], w.lora_rank))]
+    return block * w.model.n_layers
 
 
 def lora_block_params(w: Workload) -> int:
@@ -336,7 +344,10 @@ def _state_bytes(w: Workload, n_shard: int, n_lora: int) -> tuple[int, int, int,
             base = c * (m.n_layers * _padded(block_params(m) - sum(nf4_linears(w)), S) + _padded(root_params(m), S))
             base += m.n_layers * nf4_shard_bytes(w)[0]
         params, grads = base + PARAM_BYTES * n_trained, GRAD_BYTES * n_trained
-        opt = ADAM_BYTES * n_trained + 4 * 2 * len(w.lora_targets) * m.n_layers  # + AdamW's step counters
+        if w.optimizer == "adamw8bit":
+            opt = optimizer_bytes(w)
+        else:  # + AdamW's step counters
+            opt = ADAM_BYTES * n_trained + 4 * 2 * len(w.lora_targets) * m.n_layers
         n_block_grads = n_lora
     else:  # the shards, their gradients and AdamW's two moments, all in the stored dtype
         params, grads = int(PARAM_BYTES * scale) * n_shard, int(GRAD_BYTES * scale) * n_shard
