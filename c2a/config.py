@@ -224,7 +224,7 @@ class DataSection:
         "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept), drop them, or right (keep the first max_len+1 tokens, EOS lost, as HF's truncation=True); counted either way",
     )
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
-    demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
+    demo_train_size: int = _f(38500, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
     val_path: str = _f(
         "", "validation set: a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name ('' = none)"
@@ -254,7 +254,7 @@ class TrainSection:
     micro_batch: int = _f(
         3, "sequences per forward/backward on one rank; accumulation = global_batch / (micro_batch * ranks)"
     )
-    lr: float = _f(2e-3, "peak learning rate")
+    lr: float = _f(1e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
     warmup_rounding: str = _f("ceil", "warmup steps = warmup_ratio x steps rounded: ceil (HF Trainer) or floor (int())")
