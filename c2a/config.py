@@ -224,7 +224,7 @@ class DataSection:
         "examples longer than max_len: truncate (the prompt's middle first, then the response's tail; EOS kept), drop them, or right (keep the first max_len+1 tokens, EOS lost, as HF's truncation=True); counted either way",
     )
     workers: int = _f(0, "processes for tokenizing a data file (0 = one per CPU core)")
-    demo_train_size: int = _f(40000, "examples generated for the demo task's training split")
+    demo_train_size: int = _f(38500, "examples generated for the demo task's training split")
     demo_heldout_size: int = _f(500, "examples generated for the demo task's held-out split")
     val_path: str = _f(
         "", "validation set: a .json/.jsonl/.parquet file, a prepared cache dir, or a hub dataset name ('' = none)"
@@ -270,7 +270,7 @@ class TrainSection:
         False,
         "on CUDA, the largest micro-batch the planner says fits among those that split the step's rows (as train.micro_batch gives them) evenly over the ranks: the same rows, steps and schedule, only fewer, larger forwards; train.micro_batch elsewhere; a resumed run keeps the value its checkpoint recorded",
     )
-    lr: float = _f(2e-3, "peak learning rate")
+    lr: float = _f(1e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (cosine decay)")
     warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent in linear warmup")
     warmup_rounding: str = _f("ceil", "warmup steps = warmup_ratio x steps rounded: ceil (HF Trainer) or floor (int())")
