@@ -41,7 +41,9 @@ SHAPES = [(576, 576), (96, 200), (7, 13), (3, 16453)]
 
 @pytest.fixture
 def bnb():
-    functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (pip install -e '.[bitsandbytes]')")
+    functional = pytest.importorskip(
+        "bitsandbytes.functional", reason="bitsandbytes (pip install -e '.[bitsandbytes]')"
+    )
     # bitsandbytes dequantizes odd last dims through torch.compile'd code: eager is the same arithmetic,
     # without a compile per shape (seconds each on 2 cores)
     with torch._dynamo.config.patch(disable=True):
