@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_plan import LLAMA2_7B, plan_cli  # noqa: F401  (a fixture)
+from train_runs import run_train
 
 from c2a.config import LlamaConfig, build_config
 from c2a.model import Llama
@@ -170,7 +171,6 @@ def test_trainer_runs_and_checkpoints_with_adamw8bit(torchao, tmp_path):
     optimizer, the schedule drives it, the checkpoint (with the scheduler's JSON state) and final/ are written."""
     out = tmp_path / "run"
     args = [
-        f"--out_dir={out}",
         "--train.optimizer=adamw8bit",
         "--train.max_steps=2",
         "--train.log_every=1",
@@ -179,15 +179,7 @@ def test_trainer_runs_and_checkpoints_with_adamw8bit(torchao, tmp_path):
         "--data.demo_heldout_size=8",
         "--eval.demo_accuracy=false",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "c2a.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(1, out, *args, tiny=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["lr"] > 0 for r in steps)
@@ -253,16 +245,7 @@ def test_lora_trainer_with_adamw8bit_resumes_bitwise(torchao, tmp_path):
     ]
 
     def train(out: Path) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "c2a.train", f"--out_dir={out}", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc.stderr
+        return run_train(1, out, *args, tiny=False).stderr
 
     def losses(out: Path) -> dict[int, float]:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -273,7 +256,7 @@ def test_lora_trainer_with_adamw8bit_resumes_bitwise(torchao, tmp_path):
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x).get("step", 0) <= 2))
     assert "step_00000002 (step 2 of 4" in train(resumed)  # "resumed from ...": not a fresh start
-    assert losses(resumed) == losses(straight) and sorted(losses(straight)) != [] and len(losses(straight)) == 4
+    assert len(losses(straight)) == 4 and losses(resumed) == losses(straight)
     a = load_file(straight / "final" / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
