@@ -58,7 +58,9 @@ class ComputeCopies:
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        """The one cast per optimizer step: each copy whose master changed since it was cast."""
+        """The one cast per optimizer step: each copy whose master changed since it was cast, all in one
+        foreach copy (one multi-tensor launch on a GPU, one dispatch instead of one a parameter)."""
+        stale: list[nn.Parameter] = []
         for p in self.masters:
             c = self.copies.get(id(p))
             if c is None:
@@ -66,7 +68,10 @@ class ComputeCopies:
                 c.register_post_accumulate_grad_hook(functools.partial(_accumulate, p))
             elif self.versions[id(p)] == p._version:
                 continue
-            c.copy_(p)
+            stale.append(p)
+        if stale:
+            torch._foreach_copy_([self.copies[id(p)] for p in stale], stale)
+        for p in stale:
             self.versions[id(p)] = p._version
 
     def enter(self) -> None:

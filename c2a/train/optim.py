@@ -31,8 +31,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         from c2a.train.adamw8bit import build_adamw8bit  # torchao: an optional extra, imported only when asked for
 
         return build_adamw8bit(groups, t.lr, (t.beta1, t.beta2), t.eps)
-    # fused: one kernel for all parameters on CUDA; foreach (the CPU default) otherwise
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+    # fused on CUDA: one kernel for all parameters. Elsewhere foreach, asked for: torch picks it by default
+    # only on CUDA, and the per-tensor loop it picks on CPU dispatches 9 ops a parameter (351 a step for a
+    # 4-layer model, against 94). Same arithmetic in the same order as the loop, bit for bit.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused, foreach=not fused)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):

@@ -40,7 +40,7 @@ FAMILIES = ("matmul", "fsdp copies", "collectives", "casts", "optimizer", "eleme
 
 _MATMUL = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear", "matmul", "convolution")
 _MATMUL_PARTS = ("scaled_dot_product", "linear_cross_entropy", "_flash_attention", "_efficient_attention")
-_FSDP = ("chunk_cat", "split_with_sizes_copy", "_foreach_copy", "fsdp::")
+_FSDP = ("chunk_cat", "split_with_sizes_copy", "fsdp::")  # by name; FSDP2's foreach copy-out by its scope
 _COPIES = ("copy", "copy_", "_to_copy", "clone", "_foreach_copy_", "contiguous", "to")
 _ARITHMETIC = ("add", "add_", "div", "div_", "mul", "mul_", "sub", "sub_", "_foreach_add_", "_foreach_div_")
 _ALLOCATIONS = ("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "resize_")
