@@ -33,13 +33,14 @@ def test_bytes_and_families_of_single_ops():
         torch.empty(1000)  # an allocation: no bytes
         y = x * 2  # elementwise: reads 100, writes 100
         y.add_(x)  # in place: reads y and x, writes y
+        torch.mul(x, x, out=y)  # into an out= tensor: reads x (once: the same tensor twice), writes y
         opt.step()
     counter.close()
     f = report.families
     assert (f["casts"].ops, f["casts"].read, f["casts"].written) == (1, 400, 200)
     assert (f["matmul"].ops, f["matmul"].read, f["matmul"].written) == (1, (32 + 128) * 4, 64 * 4)
     assert report.views == 1
-    assert (f["elementwise"].read, f["elementwise"].written) == (400 + 800, 400 + 400)
+    assert (f["elementwise"].read, f["elementwise"].written) == (400 + 800 + 400, 400 + 400 + 400)
     assert f["optimizer"].ops >= 1 and f["optimizer"].written >= 40  # the parameter is rewritten
     assert f["fsdp copies"].ops == 0
     d = report.as_dict()

@@ -141,14 +141,16 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
 
-def _mutated(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensor arguments the op writes in place (its schema's `Tensor(a!)` arguments)."""
-    out = []
+def _mutated(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensor arguments the op writes in place (its schema's `Tensor(a!)` arguments), and those of them
+    that are `out=` arguments (written without being read)."""
+    written, out = [], []
     for i, a in enumerate(func._schema.arguments):
         if a.alias_info is not None and a.alias_info.is_write:
-            value = args[i] if i < len(args) else kwargs.get(a.name)
-            out += _tensors(value)
-    return out
+            value = _tensors(args[i] if i < len(args) else kwargs.get(a.name))
+            written += value
+            out += value if a.is_out else []
+    return written, out
 
 
 def family_of(name: str, args: tuple, out: list[torch.Tensor], scopes: list[str]) -> str:
@@ -202,10 +204,11 @@ class StepCounter(TorchDispatchMode):
         family = "optimizer" if self._in_optimizer else family_of(name, args, outs, self._scopes)
         read = written = 0
         if name.split("::")[-1].split(".")[0] not in _ALLOCATIONS:  # an allocation moves nothing
-            mutated = _mutated(func, args, kwargs) if isinstance(func, torch._ops.OpOverload) else []
+            mutated, out_args = _mutated(func, args, kwargs) if isinstance(func, torch._ops.OpOverload) else ([], [])
             written = _nbytes(outs + mutated)
-            # a copy reads only its source; any other in-place op reads what it overwrites too
-            skip = {id(t) for t in mutated} if "copy" in name else set()
+            # a copy reads only its source, an op into an `out=` tensor does not read it; any other in-place
+            # op reads what it overwrites too
+            skip = {id(t) for t in (mutated if "copy" in name else out_args)}
             read = _nbytes([t for t in _tensors((args, kwargs)) if id(t) not in skip])
         f = self.report.families[family]
         f.ops += 1
