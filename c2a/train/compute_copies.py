@@ -7,10 +7,11 @@ flat fp32 reduce-scatter buffer (chunk_cat), out of it again and into the fp32 g
 
   - the model's parameters stay the fp32 master weights: the optimizer, clipping, checkpoints and exports
     see exactly what they see under FSDP2 in a group of one (whole fp32 tensors, fp32 gradients);
-  - a compute-dtype leaf per parameter is cast from it when the master changed (its version counter moved,
-    so once per optimizer step) and swapped into the modules while the model runs: for a step's whole set
-    of micro-batches (`held`, around their forwards and backwards, so that activation checkpointing
-    recomputes with them), or for one forward (validation, generation);
+  - a compute-dtype leaf per parameter is cast from it when the master changed (the optimizer stepped it,
+    `masters_stepped`, or its version counter moved: once per optimizer step) and swapped into the modules
+    while the model runs: for a step's whole set of micro-batches (`held`, around their forwards and
+    backwards, so that activation checkpointing recomputes with them), or for one forward (validation,
+    generation);
   - each leaf's gradient is added to its master's fp32 gradient as autograd finishes it (a post-accumulate
     hook), the leaf's own freed: fp32(g0) + fp32(g1) + ..., the sums FSDP2 forms;
   - floating-point inputs of the root and of every block are cast to the compute dtype, as
@@ -66,7 +67,7 @@ class ComputeCopies:
             if c is None:
                 c = self.copies[id(p)] = nn.Parameter(torch.empty_like(p, dtype=self.dtype))
                 c.register_post_accumulate_grad_hook(functools.partial(_accumulate, p))
-            elif self.versions[id(p)] == p._version:
+            elif self.versions.get(id(p)) == p._version:
                 continue
             stale.append(p)
         if stale:
@@ -109,6 +110,15 @@ def compute_copies(model: nn.Module, units: list[nn.Module], dtype: torch.dtype)
     """Gives `model` (its parameters fp32, with storage) compute-dtype copies; `units` are the modules
     whose floating-point inputs are cast as FSDP2's units' are (the blocks)."""
     return ComputeCopies(model, units, dtype)
+
+
+def masters_stepped(model: nn.Module) -> None:
+    """Marks every compute copy of `model` stale: the optimizer has just stepped the masters. The version
+    counters catch any other in-place change (a checkpoint load), but not this one everywhere: under a
+    TorchDispatchMode (the step report's) torch 2.13's foreach and fused in-place ops leave them unchanged."""
+    copies = _OF_MODEL.get(model)
+    if copies is not None:
+        copies.versions.clear()
 
 
 def held(model: nn.Module) -> contextlib.AbstractContextManager[Any]:

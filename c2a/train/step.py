@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from c2a.config import TrainSection
 from c2a.data.batching import MicroBatch
 from c2a.model.llama import Llama
-from c2a.train.compute_copies import held
+from c2a.train.compute_copies import held, masters_stepped
 from c2a.train.lifecycle import StopControl
 from c2a.train.weighting import step_weights
 
@@ -128,6 +128,7 @@ def train_step(
     ).tolist()
     if finite and has_targets:
         optimizer.step()
+        masters_stepped(model)
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.num_tokens for b in batches)
     positions = sum(b.input_ids.numel() for b in batches)
