@@ -324,7 +324,10 @@ class TrainSection:
         False,
         "bitwise-reproducible steps on GPU: torch.use_deterministic_algorithms(True), so the attention backward computes dQ in its own pass instead of with fp32 atomics (about 7/5 of its matmul work)",
     )
-    replicas: int = _f(1, "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP")
+    replicas: int = _f(
+        1,
+        "HSDP: replicate groups (ranks / replicas shard each copy); 1 = plain FSDP. As many as ranks, with gather_once: every rank holds a whole fp32 copy without FSDP (no all-gathers, no FSDP copies) and the gradients are all-reduced once per step; `python -m c2a.plan` says whether it fits",
+    )
     cpu_offload: bool = _f(
         False,
         "keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy, pinned on CUDA); the GPU holds only what a step gathers and computes. `python -m c2a.plan` says when it is needed",

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=R tests/step_cuts_dist.py OUT.json DTYPE
 
 For every variant (train.gather_once, train.reduce_once: off/off, on/off, off/on, on/on; the first two blocks
-activation-checkpointed) and accumulation
+activation-checkpointed; both on with train.replicas = ranks, every rank a whole copy) and accumulation
 (1 and 3 micro-batches per rank), a fresh demo-shaped model (seeded init) takes STEPS optimizer steps on the
 same global rows: GLOBAL_ROWS rows of 64 positions a step, drawn from a generator seeded by the step and
 split over the ranks and micro-batches. Rank 0 writes each run's per-step losses and gradient norms, a
@@ -34,6 +34,8 @@ VARIANTS = {
     "reduce_once": {"train.reduce_once": "true"},
     "both": {"train.gather_once": "true", "train.reduce_once": "true"},
     "ac_first": {"train.activation_checkpointing": "first", "train.ac_blocks": "2"},
+    # HSDP with as many replicas as ranks: a shard group of one, every rank a whole copy, no FSDP
+    "replicated": {"train.replicas": "WORLD", "train.gather_once": "true", "train.reduce_once": "true"},
 }
 
 
@@ -59,7 +61,9 @@ def micro_batches(step: int, vocab: int, rank: int, world: int, accum: int) -> l
 
 
 def run(d, dtype: str, settings: dict[str, str], accum: int) -> dict:
+    settings = {k: str(d.world_size) if v == "WORLD" else v for k, v in settings.items()}
     cfg = build_config({}, {"train.dtype": dtype, **settings})
+    d = init_distributed(cfg.train.replicas)  # the same process group; the mesh of this variant
     model_cfg = LlamaConfig.from_name("demo")
     model = build_sharded_model(model_cfg, cfg.train, d)
     materialize(model, None, seed=0)

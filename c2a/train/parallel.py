@@ -160,8 +160,12 @@ def build_sharded_model(
     #    With LoRA, frozen and trained parameters share the units: only the adapters get gradients.
     if train.master_dtype == "bf16":
         model = model.to(torch.bfloat16)
-    if train.gather_once and d.mesh.size() == 1 and not train.cpu_offload:
-        # a group of one has nothing to gather or reduce: the same numbers without FSDP's copies
+    if train.gather_once and shard_group_size(d) == 1 and not train.cpu_offload:
+        # a shard group of one has nothing to gather: the same numbers without FSDP's copies. On one rank
+        # there is nothing to reduce either; with HSDP's train.replicas = ranks every rank holds the whole
+        # model, and c2a.train.step sums the gradients over the ranks once per step (StepWork.after_backward)
+        if d.world_size > 1:
+            _check_replicated(train)
         model.to_empty(device=d.device)
         if dtype != model.tok_embeddings.weight.dtype:
             compute_copies(model, list(model.layers), dtype)
@@ -169,6 +173,26 @@ def build_sharded_model(
     _fully_shard(model, train, d, dtype)
     model.to_empty(device="cpu" if train.cpu_offload else d.device)  # offloaded shards are born on the host
     return model
+
+
+def shard_group_size(d: Dist) -> int:
+    """The ranks that share one copy of the model (the mesh's shard dimension; all of them without HSDP)."""
+    return d.mesh.shape[-1]
+
+
+def _check_replicated(train: TrainSection) -> None:
+    """What whole copies on several ranks (train.replicas = ranks with gather_once) do not run with yet."""
+    untested = {
+        "train.master_dtype = bf16": train.master_dtype != "fp32",
+        "train.reduce_dtype = bf16": train.reduce_dtype != "fp32",
+    }
+    problems = [what for what, on in untested.items() if on]
+    if problems:
+        raise TrainingError(
+            f"train.replicas = the number of ranks with train.gather_once (every rank a whole fp32 copy, gradients "
+            f"all-reduced in fp32) does not support {', '.join(problems)} yet; use fewer replicas (FSDP2 shards "
+            f"each copy) or the fp32 defaults"
+        )
 
 
 def _float8_blocks(model: Llama, d: Dist) -> None:

@@ -94,6 +94,7 @@ def forward_backward(
             )
             loss.backward()
             loss_sum += loss.detach()
+    _sum_replicated_gradients(model)
     if flags is None:
         dist.all_reduce(loss_sum)
         return loss_sum, targets
@@ -101,6 +102,21 @@ def forward_backward(
     dist.all_reduce(reduced)
     flags.copy_(reduced[1:])
     return reduced[0], targets
+
+
+def _sum_replicated_gradients(model: torch.nn.Module) -> None:
+    """Without FSDP on several ranks (a shard group of one: train.replicas = ranks with gather_once), every
+    rank holds the whole model: the step's fp32 gradients are summed over the ranks here, once, in place (FSDP's
+    reduce-scatter sums too: the loss is already divided by the global count of targets). A parameter
+    without a gradient on this rank joins with zeros, so that every rank makes the same collectives."""
+    if isinstance(model, FSDPModule) or dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for p in params:
+        dist.all_reduce(p.grad)
 
 
 def train_step(
