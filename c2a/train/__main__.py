@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -22,6 +23,9 @@ log = logging.getLogger("c2a")
 # only rank 0 prints them. The others (a data file rank 0 alone tokenizes, a rank's own I/O) are printed
 # where raised.
 COLLECTIVE_ERRORS = (ConfigError, TrainingError, RunLocked, OutDirUnusable, CheckpointUnusable, CheckpointSaveError)
+# torchrun stops every rank as soon as one exits with an error: the ranks that stay silent about a collective
+# error wait this long first, so that rank 0 (which raised it too, at about the same point) has said it
+COLLECTIVE_ERROR_GRACE_S = 10.0
 
 
 def _setup_logging(rank: int) -> None:
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if d.is_main or not isinstance(e, COLLECTIVE_ERRORS):
             log.error("error: %s", message(e))
+        else:
+            time.sleep(COLLECTIVE_ERROR_GRACE_S)
         return EXIT_USER_ERROR
     if d.is_main and "already_finished" not in summary:  # a finished run re-run: run() has said so
         _print_summary(summary)
