@@ -29,7 +29,6 @@ from c2a.kernels import (
     silu_mul,
 )
 from c2a.kernels.attention import Documents
-from c2a.kernels.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -83,10 +82,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = rope_scaling(cfg)
-        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, documents: Documents | None, cache: LayerKV | None = None
@@ -113,9 +112,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.w1 = Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate
-        self.w2 = Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down
-        self.w3 = Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # up
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(silu_mul(self.w1(x), self.w3(x)))
@@ -153,7 +152,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if self.output.weight.device.type != "meta":

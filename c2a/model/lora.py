@@ -18,8 +18,8 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from c2a.kernels.linear import Linear, linear
 from c2a.model.llama import Llama, init_lora_parameter
 
 # the linears LoRA may adapt, by their module path inside a TransformerBlock
@@ -69,12 +69,12 @@ class LoRALinear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x · Wᵀ with the frozen base (QLoRA's quantised base overrides it to save only its codes)."""
-        return linear(x, self.base_weight())
+        return F.linear(x, self.base_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
-        a = linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., r]
-        return y + linear(a, self.lora_B.to(x.dtype)) * self.scale
+        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # [..., r]
+        return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -129,7 +129,7 @@ def merge_lora(model: Llama) -> Llama:
     for name, layer in lora_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
         w = layer.weight
-        merged = Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        merged = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         merged.weight.copy_((w.float() + layer.delta_weight()).to(w.dtype))
         setattr(model.get_submodule(parent_name), attr, merged)
     for p in model.parameters():
