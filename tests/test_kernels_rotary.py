@@ -202,3 +202,44 @@ def test_rotary_rejects_bad_scaling():
         apply_rotary(
             q, q, torch.zeros(1, 2, dtype=torch.long, device=DEVICE), THETA, SCALING._replace(high_freq_factor=0.5)
         )
+
+
+def rotary_by_selection(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+    """The reference as it was written before it took the Rotation tables: x0 and x1 selected, rotated by the
+    module docstring's formula in fp32, stacked back."""
+    cos, sin = (t[:, :, None, :] for t in rotary_angles(position_ids, q.shape[-1], THETA))
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        pairs = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B, T, H, K, Hd", [(1, 1, 4, 4, 16), (2, 37, 6, 2, 80), (3, 43, 4, 1, 8)], ids=str)
+def test_rotary_reference_is_the_selecting_formula_bit_for_bit(B, T, H, K, Hd, dtype):
+    """The reference's two products and one sum over the pairs give what selecting, rotating and stacking
+    gives, outputs and gradients, to the bit (CPU: the torch path the trainer runs there)."""
+    torch.manual_seed(3)
+    q, k = torch.randn(B, T, H, Hd).to(dtype), torch.randn(B, T, K, Hd).to(dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    pos = packed_positions(B, T).cpu()
+    ours = run(lambda q, k, p: rotary_reference(q, k, rotary.Rotation(p), THETA), q, k, pos, dq, dk)
+    spec = run(rotary_by_selection, q, k, pos, dq, dk)
+    for name, a, b in zip(("q", "k", "dq", "dk"), ours, spec):
+        assert torch.equal(a, b), f"{name}: max difference {(a.float() - b.float()).abs().max()}"
+
+
+def test_one_forward_computes_the_rotary_tables_once(monkeypatch):
+    """Every layer of a forward, and the recompute of a checkpointed block, reuse the first layer's cos/sin."""
+    from c2a.model.llama import Llama, LlamaConfig
+
+    calls = []
+    angles = rotary.rotary_angles
+    monkeypatch.setattr(rotary, "rotary_angles", lambda *a, **kw: calls.append(1) or angles(*a, **kw))
+    model = Llama(LlamaConfig(dim=32, n_layers=3, n_heads=2, n_kv_heads=2, vocab_size=64))
+    ids = torch.randint(0, 64, (2, 9))
+    model(ids).sum().backward()
+    assert len(calls) == 1

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._triton import HAS_TRITON
-from .rotary import RopeScaling
+from .rotary import RopeScaling, Rotation
 
 if TYPE_CHECKING:
     from . import attention
@@ -90,13 +90,18 @@ def add_rms_norm(
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor | Rotation,
+    theta: float,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k); `scaling`: Llama-3.1's."""
+    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k); `scaling`: Llama-3.1's. The
+    model passes a `rotary.Rotation` built once per forward, so layers share the torch path's cos/sin."""
     if backend(q.device) == "triton":
         from .rotary import apply_rotary as triton_apply_rotary
 
-        return triton_apply_rotary(q, k, position_ids, theta, scaling)
+        return triton_apply_rotary(q, k, Rotation.of(position_ids).position_ids, theta, scaling)
     from .rotary import rotary_reference
 
     return rotary_reference(q, k, position_ids, theta, scaling)

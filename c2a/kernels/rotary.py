@@ -70,20 +70,54 @@ def rotary_angles(
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+class Rotation:
+    """The position_ids [B, T] of one model forward, shared by its layers (as attention's Documents is): the
+    torch path's cos/sin tables are computed by the first layer that asks and reused by the others and by
+    activation-checkpoint recompute, instead of once per layer and again per recompute. The Triton path
+    reads only `position_ids` (its kernel computes the angles per token)."""
+
+    def __init__(self, position_ids: torch.Tensor) -> None:
+        self.position_ids = position_ids
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def of(position_ids: torch.Tensor | Rotation) -> Rotation:
+        return position_ids if isinstance(position_ids, Rotation) else Rotation(position_ids)
+
+    def tables(
+        self, head_dim: int, theta: float, scaling: RopeScaling | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([cos, cos], [−sin, sin]) per pair, fp32 [B, T, 1, Hd/2, 2] (broadcast over heads), for `_rotate`."""
+        key = (head_dim, float(theta), scaling)
+        if key not in self._tables:
+            cos, sin = rotary_angles(self.position_ids, head_dim, theta, scaling)  # [B, T, Hd/2]
+            self._tables[key] = (
+                torch.stack((cos, cos), dim=-1)[:, :, None],
+                torch.stack((-sin, sin), dim=-1)[:, :, None],
+            )
+        return self._tables[key]
+
+
+def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """(x0, x1) -> (x0·cos + x1·(−sin), x1·cos + x0·sin): the module docstring's rotation to the bit (a
+    negated product and a commuted sum round alike), as two products and one sum over the pairs instead of
+    selecting x0 and x1 and stacking, which autograd would undo with zero-filled gradient buffers."""
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, Hd/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, heads, Hd/2, 2]
-    return out.flatten(-2).to(x.dtype)
+    out = pairs * cos2 + pairs.flip(-1) * sin2  # pairs.flip(-1) = (x1, x0)
+    return out.flatten(-2).to(x.dtype)  # [B, T, heads, Hd]
 
 
 def rotary_reference(
-    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float, scaling: RopeScaling | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_ids: torch.Tensor | Rotation,
+    theta: float,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] -> rotated (q, k) in their dtypes."""
-    cos, sin = rotary_angles(position_ids, q.shape[-1], theta, scaling)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, Hd/2], broadcast over heads
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """q [B, T, H, Hd], k [B, T, K, Hd], position_ids [B, T] (or their Rotation) -> rotated (q, k) in their
+    dtypes."""
+    cos2, sin2 = Rotation.of(position_ids).tables(q.shape[-1], theta, scaling)
+    return _rotate(q, cos2, sin2), _rotate(k, cos2, sin2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from c2a.kernels import (
     silu_mul,
 )
 from c2a.kernels.attention import Documents
+from c2a.kernels.rotary import Rotation
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +89,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, documents: Documents | None, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | Rotation,
+        documents: Documents | None,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
@@ -129,7 +134,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, documents: Documents | None, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | Rotation,
+        documents: Documents | None,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
         # h = x + attention(...) and ffn_norm(h) in one op: one pass over the residual stream instead of two
         attn = self.attention(self.attention_norm(x), position_ids, documents, cache)
@@ -195,6 +204,7 @@ class Llama(nn.Module):
         documents: Documents | None = Documents(position_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        rotation = Rotation(position_ids)  # the same way: the torch path's cos/sin, once per forward
         layer_caches: list[LayerKV | None] = [None] * len(self.layers)
         if cache is not None:
             documents = None
@@ -203,7 +213,7 @@ class Llama(nn.Module):
             ]
         h = self.tok_embeddings(input_ids)  # [B, T, D]
         for layer, layer_cache in zip(self.layers, layer_caches):
-            h = layer(h, position_ids, documents, layer_cache)
+            h = layer(h, rotation, documents, layer_cache)
         if cache is not None:
             cache.length += T
             h = h[:, -1:]  # [B, 1, D]
