@@ -204,7 +204,7 @@ class Llama(nn.Module):
         documents: Documents | None = Documents(position_ids)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        rotation = Rotation(position_ids)  # the same way: the torch path's cos/sin, once per forward
+        rotation = Rotation(position_ids)  # likewise: the torch path's cos/sin tables, built by the first layer
         layer_caches: list[LayerKV | None] = [None] * len(self.layers)
         if cache is not None:
             documents = None

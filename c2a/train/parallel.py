@@ -163,7 +163,7 @@ def build_sharded_model(
     if train.gather_once and shard_group_size(d) == 1 and not train.cpu_offload:
         # a shard group of one has nothing to gather: the same numbers without FSDP's copies. On one rank
         # there is nothing to reduce either; with HSDP's train.replicas = ranks every rank holds the whole
-        # model, and c2a.train.step sums the gradients over the ranks once per step (StepWork.after_backward)
+        # model, and c2a.train.step sums the gradients over the ranks once per step (after the last backward)
         if d.world_size > 1:
             _check_replicated(train)
         model.to_empty(device=d.device)
