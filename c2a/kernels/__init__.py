@@ -101,7 +101,8 @@ def apply_rotary(
     if backend(q.device) == "triton":
         from .rotary import apply_rotary as triton_apply_rotary
 
-        return triton_apply_rotary(q, k, Rotation.of(position_ids).position_ids, theta, scaling)
+        ids = position_ids.position_ids if isinstance(position_ids, Rotation) else position_ids
+        return triton_apply_rotary(q, k, ids, theta, scaling)  # the kernel computes the angles per token
     from .rotary import rotary_reference
 
     return rotary_reference(q, k, position_ids, theta, scaling)
